@@ -1,1 +1,13 @@
-pub fn _x(){}
+//! Chapter 1: a complete GPT-2 trainer on one device.
+//!
+//! [`train::train`] is the whole chapter as a function: it trains from a [`train::TrainConfig`]
+//! and returns a [`train::TrainReport`]. The binary (`main.rs`) is a thin command line around it,
+//! and later chapters and the cross-chapter tests call it directly.
+
+pub mod config;
+pub mod model;
+pub mod params;
+pub mod checkpoint;
+pub mod data;
+pub mod schedule;
+pub mod tokenizer;

@@ -1,0 +1,374 @@
+//! GPT-2: pre-LayerNorm transformer blocks, learned position embeddings, an output projection
+//! tied to the token embedding. Forward is a loop over blocks; backward is the same loop
+//! reversed, accumulating into gradient buffers of the parameters' layout. No autograd.
+
+use crate::config::ModelConfig;
+use crate::params::{BlockParams, GptParams, ParamLayout};
+use kernels::ops::attention::{attention_backward, attention_forward};
+use kernels::ops::embedding::{embedding_backward, embedding_forward};
+use kernels::ops::gelu::{gelu_backward, gelu_forward};
+use kernels::ops::layernorm::{layernorm_backward, layernorm_forward};
+use kernels::ops::matmul::{MatMut, MatRef, gemm, linear_backward, linear_forward};
+use kernels::ops::residual::residual_forward;
+use kernels::ops::softmax_cross_entropy::{softmax_cross_entropy_backward, softmax_cross_entropy_forward};
+use kernels::{Category, MemoryLedger, Rng, Tensor};
+
+/// Fresh parameters, GPT-2's initialisation: weights N(0, 0.02²), the two projections that write
+/// into the residual stream N(0, (0.02/sqrt(2·n_layer))²) so the stream's variance does not grow
+/// with depth, biases 0, LayerNorm gains 1. The embedding's padding rows stay 0 (and, receiving
+/// no gradient, stay 0 forever).
+pub fn init_params(cfg: &ModelConfig, layout: &ParamLayout, seed: u64, out: &mut [f32]) {
+    let mut rng = Rng::derive(seed, "init");
+    let residual_std = 0.02 / (2.0 * cfg.n_layer as f32).sqrt();
+    for spec in &layout.specs {
+        let buf = &mut out[spec.range()];
+        if spec.name.ends_with("ln_1.weight") || spec.name.ends_with("ln_2.weight") || spec.name == "ln_f.weight" {
+            buf.fill(1.0);
+        } else if spec.name.ends_with(".bias") {
+            buf.fill(0.0);
+        } else if spec.name == "wte.weight" {
+            let real_rows = cfg.vocab_size * cfg.n_embd;
+            rng.fill_normal(&mut buf[..real_rows], 0.02);
+            buf[real_rows..].fill(0.0);
+        } else if spec.name.ends_with("c_proj.weight") {
+            rng.fill_normal(buf, residual_std);
+        } else {
+            rng.fill_normal(buf, 0.02);
+        }
+    }
+}
+
+/// What one block's forward saves for its backward. Every buffer is sized for the capacity
+/// (B, T) it was made with; a pass over a smaller batch or sequence uses a prefix.
+pub struct BlockActivations {
+    pub ln_1: Tensor,      // [B, T, C]
+    pub ln_1_mean: Tensor, // [B, T]
+    pub ln_1_rstd: Tensor, // [B, T]
+    pub qkv: Tensor,       // [B, T, 3C]
+    pub att: Tensor,       // [B, H, T, T]
+    pub att_y: Tensor,     // [B, T, C]   attention output, before its projection
+    pub res_2: Tensor,     // [B, T, C]   residual stream after the attention branch
+    pub ln_2: Tensor,      // [B, T, C]
+    pub ln_2_mean: Tensor, // [B, T]
+    pub ln_2_rstd: Tensor, // [B, T]
+    pub fc: Tensor,        // [B, T, 4C]
+    pub fc_gelu: Tensor,   // [B, T, 4C]
+    pub out: Tensor,       // [B, T, C]   residual stream after the MLP branch: the block's output
+}
+
+/// Everything forward saves, for a batch of up to `batch` sequences of up to `seq` tokens.
+pub struct Activations {
+    pub batch: usize,
+    pub seq: usize,
+    pub embedded: Tensor, // [B, T, C]   the first residual stream
+    pub blocks: Vec<BlockActivations>,
+    pub ln_f: Tensor,      // [B, T, C]
+    pub ln_f_mean: Tensor, // [B, T]
+    pub ln_f_rstd: Tensor, // [B, T]
+    /// [B, T, Vp]: logits after forward, probabilities after the loss, dlogits after backward.
+    pub logits: Tensor,
+    pub losses: Tensor, // [B, T]
+    /// A projection's output before it joins the residual stream. Not needed by backward, so
+    /// one buffer serves every block.
+    pub proj: Tensor, // [B, T, C]
+}
+
+/// Backward's working buffers: gradients with respect to activations. One set serves every
+/// block, since block l's are dead once block l-1's backward starts.
+pub struct Gradients {
+    /// [B, T, C] each, used in turn: dL/d(block output) in one, dL/d(block input) out the other.
+    pub d_res: [Tensor; 2],
+    pub block: BlockGradients,
+}
+
+/// The activation gradients inside one block's backward.
+pub struct BlockGradients {
+    pub d_res_2: Tensor,    // [B, T, C]
+    pub d_ln: Tensor,       // [B, T, C]
+    pub d_att_y: Tensor,    // [B, T, C]
+    pub d_qkv: Tensor,      // [B, T, 3C]
+    pub d_fc: Tensor,       // [B, T, 4C]
+    pub d_fc_gelu: Tensor,  // [B, T, 4C]
+}
+
+impl Activations {
+    pub fn new(cfg: &ModelConfig, batch: usize, seq: usize, ledger: &MemoryLedger) -> Activations {
+        let (bt, c, h) = (batch * seq, cfg.n_embd, cfg.n_head);
+        let t = |shape: &[usize]| Tensor::zeros_in(shape, Category::Activations, ledger);
+        let blocks = (0..cfg.n_layer)
+            .map(|_| BlockActivations {
+                ln_1: t(&[bt, c]),
+                ln_1_mean: t(&[bt]),
+                ln_1_rstd: t(&[bt]),
+                qkv: t(&[bt, 3 * c]),
+                att: t(&[batch, h, seq, seq]),
+                att_y: t(&[bt, c]),
+                res_2: t(&[bt, c]),
+                ln_2: t(&[bt, c]),
+                ln_2_mean: t(&[bt]),
+                ln_2_rstd: t(&[bt]),
+                fc: t(&[bt, 4 * c]),
+                fc_gelu: t(&[bt, 4 * c]),
+                out: t(&[bt, c]),
+            })
+            .collect();
+        Activations {
+            batch,
+            seq,
+            embedded: t(&[bt, c]),
+            blocks,
+            ln_f: t(&[bt, c]),
+            ln_f_mean: t(&[bt]),
+            ln_f_rstd: t(&[bt]),
+            logits: t(&[bt, cfg.padded_vocab_size()]),
+            losses: t(&[bt]),
+            proj: Tensor::zeros_in(&[bt, c], Category::Other, ledger),
+        }
+    }
+
+    /// Floats saved per (B, T) by the formula the book derives; the ledger must agree.
+    pub fn floats_per_token(cfg: &ModelConfig, seq: usize) -> usize {
+        let (c, h, l) = (cfg.n_embd, cfg.n_head, cfg.n_layer);
+        let per_block = 4 * c + 2 + 2 + 3 * c + h * seq + 2 * 4 * c + c;
+        c + l * per_block + c + 2 + cfg.padded_vocab_size() + 1
+    }
+}
+
+impl Gradients {
+    pub fn new(cfg: &ModelConfig, batch: usize, seq: usize, ledger: &MemoryLedger) -> Gradients {
+        let (bt, c) = (batch * seq, cfg.n_embd);
+        let t = |shape: &[usize]| Tensor::zeros_in(shape, Category::Other, ledger);
+        Gradients {
+            d_res: [t(&[bt, c]), t(&[bt, c])],
+            block: BlockGradients {
+                d_res_2: t(&[bt, c]),
+                d_ln: t(&[bt, c]),
+                d_att_y: t(&[bt, c]),
+                d_qkv: t(&[bt, 3 * c]),
+                d_fc: t(&[bt, 4 * c]),
+                d_fc_gelu: t(&[bt, 4 * c]),
+            },
+        }
+    }
+}
+
+/// The sizes one pass runs at.
+#[derive(Clone, Copy, Debug)]
+pub struct Dims {
+    pub b: usize,
+    pub t: usize,
+    pub c: usize,
+    pub n_head: usize,
+}
+
+impl Dims {
+    pub fn bt(&self) -> usize {
+        self.b * self.t
+    }
+}
+
+// ANCHOR: block_forward
+impl BlockParams<&[f32]> {
+    /// x [B, T, C] -> acts.out [B, T, C]:
+    ///   res_2 = x + attn_proj(attention(c_attn(ln_1(x))))
+    ///   out   = res_2 + mlp_proj(gelu(c_fc(ln_2(res_2))))
+    pub fn forward(&self, x: &[f32], acts: &mut BlockActivations, proj: &mut [f32], d: Dims) {
+        let (bt, c) = (d.bt(), d.c);
+        let ln_1 = &mut acts.ln_1.as_mut_slice()[..bt * c];
+        let (mean, rstd) = (&mut acts.ln_1_mean.as_mut_slice()[..bt], &mut acts.ln_1_rstd.as_mut_slice()[..bt]);
+        layernorm_forward(ln_1, mean, rstd, x, self.ln_1_weight, self.ln_1_bias, c);
+        let qkv = &mut acts.qkv.as_mut_slice()[..bt * 3 * c];
+        linear_forward(qkv, ln_1, self.attn_c_attn_weight, Some(self.attn_c_attn_bias), bt, c, 3 * c);
+        let att_y = &mut acts.att_y.as_mut_slice()[..bt * c];
+        let att = &mut acts.att.as_mut_slice()[..d.b * d.n_head * d.t * d.t];
+        attention_forward(att_y, att, qkv, d.t, c, d.n_head);
+        linear_forward(proj, att_y, self.attn_c_proj_weight, Some(self.attn_c_proj_bias), bt, c, c);
+        let res_2 = &mut acts.res_2.as_mut_slice()[..bt * c];
+        residual_forward(res_2, x, proj);
+
+        let ln_2 = &mut acts.ln_2.as_mut_slice()[..bt * c];
+        let (mean, rstd) = (&mut acts.ln_2_mean.as_mut_slice()[..bt], &mut acts.ln_2_rstd.as_mut_slice()[..bt]);
+        layernorm_forward(ln_2, mean, rstd, res_2, self.ln_2_weight, self.ln_2_bias, c);
+        let fc = &mut acts.fc.as_mut_slice()[..bt * 4 * c];
+        linear_forward(fc, ln_2, self.mlp_c_fc_weight, Some(self.mlp_c_fc_bias), bt, c, 4 * c);
+        let fc_gelu = &mut acts.fc_gelu.as_mut_slice()[..bt * 4 * c];
+        gelu_forward(fc_gelu, fc);
+        linear_forward(proj, fc_gelu, self.mlp_c_proj_weight, Some(self.mlp_c_proj_bias), bt, 4 * c, c);
+        residual_forward(&mut acts.out.as_mut_slice()[..bt * c], res_2, proj);
+    }
+}
+// ANCHOR_END: block_forward
+
+/// The first `n` elements of a tensor: a pass over a batch smaller than the buffers' capacity.
+fn s(t: &Tensor, n: usize) -> &[f32] {
+    &t.as_slice()[..n]
+}
+
+// ANCHOR: block_backward
+impl BlockParams<&[f32]> {
+    /// Given d_out = dL/d(out), accumulates the block's parameter gradients into `grads` and
+    /// writes dL/dx into `d_x`: the forward above, read bottom to top.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        grads: &mut BlockParams<&mut [f32]>,
+        d_out: &[f32],
+        x: &[f32],
+        acts: &BlockActivations,
+        g: &mut BlockGradients,
+        d_x: &mut [f32],
+        d: Dims,
+    ) {
+        let (bt, c) = (d.bt(), d.c);
+
+        // out = res_2 + mlp(res_2). A sum passes its gradient to both inputs unchanged
+        // (residual_backward): d_out flows straight into d_res_2 through the skip, and is the
+        // gradient of the MLP's output, whose backward then adds its share into d_res_2.
+        let d_res_2 = &mut g.d_res_2.as_mut_slice()[..bt * c];
+        d_res_2.copy_from_slice(d_out);
+        let d_fc_gelu = &mut g.d_fc_gelu.as_mut_slice()[..bt * 4 * c];
+        d_fc_gelu.fill(0.0);
+        linear_backward(
+            Some(d_fc_gelu),
+            grads.mlp_c_proj_weight,
+            Some(grads.mlp_c_proj_bias),
+            d_out,
+            s(&acts.fc_gelu, bt * 4 * c),
+            self.mlp_c_proj_weight,
+            bt,
+            4 * c,
+            c,
+        );
+        let d_fc = &mut g.d_fc.as_mut_slice()[..bt * 4 * c];
+        d_fc.fill(0.0);
+        gelu_backward(d_fc, s(&acts.fc, bt * 4 * c), d_fc_gelu);
+        let d_ln = &mut g.d_ln.as_mut_slice()[..bt * c];
+        d_ln.fill(0.0);
+        linear_backward(Some(d_ln), grads.mlp_c_fc_weight, Some(grads.mlp_c_fc_bias), d_fc, s(&acts.ln_2, bt * c), self.mlp_c_fc_weight, bt, c, 4 * c);
+        layernorm_backward(
+            d_res_2,
+            grads.ln_2_weight,
+            grads.ln_2_bias,
+            d_ln,
+            s(&acts.res_2, bt * c),
+            self.ln_2_weight,
+            s(&acts.ln_2_mean, bt),
+            s(&acts.ln_2_rstd, bt),
+            c,
+        );
+
+        // res_2 = x + attn(x): the same again for the attention branch.
+        d_x.copy_from_slice(d_res_2);
+        let d_att_y = &mut g.d_att_y.as_mut_slice()[..bt * c];
+        d_att_y.fill(0.0);
+        linear_backward(Some(d_att_y), grads.attn_c_proj_weight, Some(grads.attn_c_proj_bias), d_res_2, s(&acts.att_y, bt * c), self.attn_c_proj_weight, bt, c, c);
+        let d_qkv = &mut g.d_qkv.as_mut_slice()[..bt * 3 * c];
+        d_qkv.fill(0.0);
+        attention_backward(d_qkv, d_att_y, s(&acts.qkv, bt * 3 * c), s(&acts.att, d.b * d.n_head * d.t * d.t), d.t, c, d.n_head);
+        d_ln.fill(0.0);
+        linear_backward(Some(d_ln), grads.attn_c_attn_weight, Some(grads.attn_c_attn_bias), d_qkv, s(&acts.ln_1, bt * c), self.attn_c_attn_weight, bt, c, 3 * c);
+        layernorm_backward(d_x, grads.ln_1_weight, grads.ln_1_bias, d_ln, x, self.ln_1_weight, s(&acts.ln_1_mean, bt), s(&acts.ln_1_rstd, bt), c);
+    }
+}
+// ANCHOR_END: block_backward
+
+// ANCHOR: lm_head
+/// logits [BT, Vp] = x [BT, C] @ wte^T. The output projection is the token embedding itself,
+/// transposed (tied weights): the vector a token is read in as is also the one it is scored by.
+fn lm_head_forward(logits: &mut [f32], x: &[f32], wte: &[f32], bt: usize, c: usize, vp: usize) {
+    gemm(MatMut::row_major(logits, bt, vp), MatRef::row_major(x, bt, c), MatRef::row_major(wte, vp, c).t(), false);
+}
+
+/// dx = dlogits @ wte [BT, C];  dwte += dlogits^T @ x [Vp, C] (added to the embedding's own
+/// gradient: one tensor, two uses, one sum).
+fn lm_head_backward(dx: &mut [f32], dwte: &mut [f32], dlogits: &[f32], x: &[f32], wte: &[f32], bt: usize, c: usize, vp: usize) {
+    let dlogits = MatRef::row_major(dlogits, bt, vp);
+    gemm(MatMut::row_major(dx, bt, c), dlogits, MatRef::row_major(wte, vp, c), false);
+    gemm(MatMut::row_major(dwte, vp, c), dlogits.t(), MatRef::row_major(x, bt, c), true);
+}
+// ANCHOR_END: lm_head
+
+// ANCHOR: model_forward
+/// tokens [B, T] -> logits [B, T, Vp] in `acts.logits`. With targets [B, T], also returns the
+/// mean loss, and `acts.logits` then holds the probabilities that backward needs.
+pub fn forward(
+    p: &GptParams<&[f32]>,
+    cfg: &ModelConfig,
+    acts: &mut Activations,
+    tokens: &[u32],
+    targets: Option<&[u32]>,
+    b: usize,
+    t: usize,
+) -> Option<f32> {
+    assert!(b <= acts.batch && t <= acts.seq && t <= cfg.block_size, "pass larger than its buffers");
+    assert_eq!(tokens.len(), b * t);
+    let d = Dims { b, t, c: cfg.n_embd, n_head: cfg.n_head };
+    let (bt, c, vp) = (b * t, cfg.n_embd, cfg.padded_vocab_size());
+
+    embedding_forward(&mut acts.embedded.as_mut_slice()[..bt * c], tokens, p.wte, p.wpe, t, c);
+    let proj = &mut acts.proj.as_mut_slice()[..bt * c];
+    for (l, block) in p.blocks.iter().enumerate() {
+        let (done, todo) = acts.blocks.split_at_mut(l);
+        let x = match done.last() {
+            Some(prev) => &prev.out.as_slice()[..bt * c],
+            None => &acts.embedded.as_slice()[..bt * c],
+        };
+        block.forward(x, &mut todo[0], proj, d);
+    }
+    let last = acts.blocks.last().map_or(&acts.embedded, |b| &b.out);
+    let ln_f = &mut acts.ln_f.as_mut_slice()[..bt * c];
+    let (mean, rstd) = (&mut acts.ln_f_mean.as_mut_slice()[..bt], &mut acts.ln_f_rstd.as_mut_slice()[..bt]);
+    layernorm_forward(ln_f, mean, rstd, &last.as_slice()[..bt * c], p.ln_f_weight, p.ln_f_bias, c);
+    let logits = &mut acts.logits.as_mut_slice()[..bt * vp];
+    lm_head_forward(logits, ln_f, p.wte, bt, c, vp);
+
+    let targets = targets?;
+    let losses = &mut acts.losses.as_mut_slice()[..bt];
+    softmax_cross_entropy_forward(logits, losses, targets, cfg.vocab_size, vp);
+    Some((losses.iter().map(|&l| l as f64).sum::<f64>() / bt as f64) as f32)
+}
+// ANCHOR_END: model_forward
+
+// ANCHOR: model_backward
+/// Accumulates dL/dθ into `grads` for L = dloss * (sum of the token losses of the last
+/// `forward`, which must have been given targets). dloss = 1/(tokens in the step) makes L the
+/// step's mean loss.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    p: &GptParams<&[f32]>,
+    grads: &mut GptParams<&mut [f32]>,
+    cfg: &ModelConfig,
+    acts: &mut Activations,
+    g: &mut Gradients,
+    tokens: &[u32],
+    targets: &[u32],
+    dloss: f32,
+    b: usize,
+    t: usize,
+) {
+    let d = Dims { b, t, c: cfg.n_embd, n_head: cfg.n_head };
+    let (bt, c, vp) = (b * t, cfg.n_embd, cfg.padded_vocab_size());
+
+    let dlogits = &mut acts.logits.as_mut_slice()[..bt * vp];
+    softmax_cross_entropy_backward(dlogits, targets, dloss, vp);
+    let d_ln_f = &mut g.block.d_ln.as_mut_slice()[..bt * c];
+    lm_head_backward(d_ln_f, grads.wte, dlogits, &acts.ln_f.as_slice()[..bt * c], p.wte, bt, c, vp);
+
+    let [d_a, d_b] = &mut g.d_res;
+    let (mut d_out, mut d_in) = (&mut d_a.as_mut_slice()[..bt * c], &mut d_b.as_mut_slice()[..bt * c]);
+    let last = acts.blocks.last().map_or(&acts.embedded, |b| &b.out);
+    d_out.fill(0.0);
+    let (mean, rstd) = (&acts.ln_f_mean.as_slice()[..bt], &acts.ln_f_rstd.as_slice()[..bt]);
+    layernorm_backward(d_out, grads.ln_f_weight, grads.ln_f_bias, d_ln_f, &last.as_slice()[..bt * c], p.ln_f_weight, mean, rstd, c);
+
+    for l in (0..cfg.n_layer).rev() {
+        let x = match l {
+            0 => &acts.embedded.as_slice()[..bt * c],
+            _ => &acts.blocks[l - 1].out.as_slice()[..bt * c],
+        };
+        p.blocks[l].backward(&mut grads.blocks[l], d_out, x, &acts.blocks[l], &mut g.block, d_in, d);
+        std::mem::swap(&mut d_out, &mut d_in);
+    }
+    embedding_backward(grads.wte, grads.wpe, d_out, tokens, t, c);
+}
+// ANCHOR_END: model_backward
