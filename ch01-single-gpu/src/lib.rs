@@ -11,3 +11,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod schedule;
 pub mod tokenizer;
+pub mod sample;
+pub mod train;
+
+pub use train::{DataSource, TrainConfig, TrainError, TrainReport, train};

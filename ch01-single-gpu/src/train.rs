@@ -1,0 +1,498 @@
+//! The training loop: the whole chapter as one function, [`train`].
+
+use crate::checkpoint::{self, CheckpointContents, CheckpointError, RunShape, TrainerState};
+use crate::config::{ConfigError, ModelConfig};
+use crate::data::{BatchSampler, DataError, DataOrder, Dataset, SHAKESPEARE, sequential_batch};
+use crate::model::{Activations, Gradients, backward, forward};
+use crate::params::ParamLayout;
+use crate::sample::{SampleConfig, generate};
+use crate::schedule::{LrSchedule, learning_rate};
+use crate::tokenizer::{Tokenizer, TokenizerKind};
+use indicatif::{ProgressBar, ProgressStyle};
+use kernels::device::DeviceRequest;
+use kernels::ops::adamw::{AdamWConfig, adamw_update};
+use kernels::ops::grad_norm::clip_grad_norm;
+use kernels::{Category, DeviceError, MemoryLedger, MemoryReport, Tensor, Trace};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Where the training text comes from.
+#[derive(Clone, Debug)]
+pub enum DataSource {
+    /// The Shakespeare corpus compiled into the binary.
+    Embedded,
+    /// Any UTF-8 text file.
+    File(PathBuf),
+    /// Text in memory (tests).
+    Text(String),
+}
+
+/// Everything a run needs. `Default` is what `cargo run -p ch01-single-gpu` does.
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    /// A preset name: tiny, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl.
+    pub model: String,
+    pub n_layer: Option<usize>,
+    pub n_head: Option<usize>,
+    pub n_embd: Option<usize>,
+    pub block_size: Option<usize>,
+    pub tokenizer: TokenizerKind,
+    pub data: DataSource,
+    pub data_order: DataOrder,
+    /// Total optimizer steps (a resumed run continues up to this number).
+    pub steps: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Tokens per sequence; `None` means the model's block size.
+    pub seq_len: Option<usize>,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub lr: f32,
+    pub lr_schedule: LrSchedule,
+    pub warmup_steps: u64,
+    pub weight_decay: f32,
+    pub grad_clip: f32,
+    pub adam: AdamWConfig,
+    pub seed: u64,
+    /// Evaluate every this many steps (and after the last); 0 means only after the last.
+    pub eval_every: u64,
+    pub val_batches: usize,
+    pub save: Option<PathBuf>,
+    /// Also save every this many steps (0: only at the end).
+    pub save_every: u64,
+    pub init: Option<PathBuf>,
+    pub resume: Option<PathBuf>,
+    pub metrics: Option<PathBuf>,
+    pub trace: Option<PathBuf>,
+    pub sample_tokens: usize,
+    pub temperature: f32,
+    pub top_k: usize,
+    pub prompt: String,
+    pub device: DeviceRequest,
+    /// Show a progress bar and evaluation lines on stderr.
+    pub progress: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: "small".into(),
+            n_layer: None,
+            n_head: None,
+            n_embd: None,
+            block_size: None,
+            tokenizer: TokenizerKind::Byte,
+            data: DataSource::Embedded,
+            data_order: DataOrder::Random,
+            steps: 1500,
+            batch_size: 16,
+            seq_len: None,
+            grad_accum: 1,
+            lr: 3e-3,
+            lr_schedule: LrSchedule::Cosine,
+            warmup_steps: 100,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            adam: AdamWConfig::default(),
+            seed: 1337,
+            eval_every: 250,
+            val_batches: 20,
+            save: None,
+            save_every: 0,
+            init: None,
+            resume: None,
+            metrics: None,
+            trace: None,
+            sample_tokens: 0,
+            temperature: 0.8,
+            top_k: 40,
+            prompt: "\n".into(),
+            device: DeviceRequest::Auto,
+            progress: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+    #[error("seq_len {seq_len} exceeds the model's block size {block_size}")]
+    SeqLenTooLong { seq_len: usize, block_size: usize },
+    #[error("cannot read data file {path}: {source}")]
+    DataFile { path: PathBuf, source: std::io::Error },
+    #[error("data file {0} is empty")]
+    EmptyDataFile(PathBuf),
+    #[error("--init and --resume cannot be used together (--resume already restores the weights)")]
+    InitAndResume,
+    #[error("cannot resume from {path}: {reason}")]
+    Resume { path: PathBuf, reason: String },
+    #[error("loss is {loss} at step {step}: training stopped{}", match .last_checkpoint {
+        Some((dir, at)) => format!(" (the last good checkpoint, from step {at}, is in {})", dir.display()),
+        None => String::new(),
+    })]
+    NonFiniteLoss { step: u64, loss: f32, last_checkpoint: Option<(PathBuf, u64)> },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// One optimizer step, as written to `--metrics` (one JSON object per line).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StepRecord {
+    /// 1-based: the number of optimizer steps completed.
+    pub step: u64,
+    pub loss: f32,
+    pub lr: f32,
+    pub grad_norm: f32,
+    pub tokens_per_sec: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f32>,
+}
+
+/// What a run did.
+pub struct TrainReport {
+    pub model: ModelConfig,
+    pub tokenizer: TokenizerKind,
+    pub device: String,
+    /// Parameters of the model (the vocabulary padding not counted).
+    pub n_params: usize,
+    /// The steps this call ran (a resumed run starts after the checkpoint's step).
+    pub steps: Vec<StepRecord>,
+    /// (step, validation loss) at each evaluation.
+    pub val_losses: Vec<(u64, f32)>,
+    /// Tokens per second over the training steps (evaluation excluded).
+    pub tokens_per_sec: f64,
+    pub memory: MemoryReport,
+    pub sample: Option<String>,
+    pub layout: ParamLayout,
+    /// The final parameters in our flat layout (see [`TrainReport::params_by_name`]).
+    pub params: Vec<f32>,
+}
+
+impl TrainReport {
+    pub fn losses(&self) -> Vec<f32> {
+        self.steps.iter().map(|s| s.loss).collect()
+    }
+
+    pub fn final_val_loss(&self) -> Option<f32> {
+        self.val_losses.last().map(|v| v.1)
+    }
+
+    /// The final parameters by Hugging Face name, in Hugging Face shape (no vocabulary padding).
+    pub fn params_by_name(&self) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+        self.layout
+            .specs
+            .iter()
+            .map(|spec| {
+                let mut shape = spec.shape.clone();
+                if spec.name == "wte.weight" {
+                    shape[0] = self.model.vocab_size;
+                }
+                let n: usize = shape.iter().product();
+                (spec.name.clone(), (shape, self.params[spec.offset..spec.offset + n].to_vec()))
+            })
+            .collect()
+    }
+}
+
+/// The model shape a config asks for: the preset, then the overrides.
+pub fn model_config(cfg: &TrainConfig, vocab_size: usize) -> Result<ModelConfig, TrainError> {
+    let mut model = ModelConfig::preset(&cfg.model, vocab_size)?;
+    model.n_layer = cfg.n_layer.unwrap_or(model.n_layer);
+    model.n_head = cfg.n_head.unwrap_or(model.n_head);
+    model.n_embd = cfg.n_embd.unwrap_or(model.n_embd);
+    model.block_size = cfg.block_size.unwrap_or(model.block_size);
+    model.validate()?;
+    Ok(model)
+}
+
+/// Reads and tokenizes the corpus, split 90/10.
+pub fn load_dataset(source: &DataSource, tokenizer: &Tokenizer) -> Result<Dataset, TrainError> {
+    let text = match source {
+        DataSource::Embedded => SHAKESPEARE.to_string(),
+        DataSource::Text(text) => text.clone(),
+        DataSource::File(path) => {
+            let bytes = std::fs::read(path).map_err(|source| TrainError::DataFile { path: path.clone(), source })?;
+            if bytes.is_empty() {
+                return Err(TrainError::EmptyDataFile(path.clone()));
+            }
+            String::from_utf8(bytes).map_err(|e| TrainError::DataFile {
+                path: path.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not UTF-8 text ({e})")),
+            })?
+        }
+    };
+    Ok(Dataset::new(tokenizer.encode(&text))?)
+}
+
+// ANCHOR: evaluate
+/// Mean token loss over the first `batches` batches of consecutive windows from the start of
+/// the validation split (the protocol in `data.rs`).
+pub fn evaluate(
+    params: &[f32],
+    layout: &ParamLayout,
+    model: &ModelConfig,
+    acts: &mut Activations,
+    val: &[u32],
+    batches: usize,
+    b: usize,
+    t: usize,
+) -> f32 {
+    let p = layout.views(params);
+    let mut total = 0.0f64;
+    for k in 0..batches {
+        let batch = sequential_batch(val, k as u64, b, t);
+        total += forward(&p, model, acts, &batch.inputs, Some(&batch.targets), b, t).unwrap_or(f32::NAN) as f64;
+    }
+    (total / batches as f64) as f32
+}
+// ANCHOR_END: evaluate
+
+/// Consecutive tensors that share a weight-decay setting, merged into one AdamW call each.
+fn decay_groups(layout: &ParamLayout, weight_decay: f32) -> Vec<(Range<usize>, f32)> {
+    let mut groups: Vec<(Range<usize>, f32)> = Vec::new();
+    for spec in &layout.specs {
+        let wd = if spec.weight_decay { weight_decay } else { 0.0 };
+        match groups.last_mut() {
+            Some((range, last_wd)) if *last_wd == wd && range.end == spec.offset => range.end = spec.range().end,
+            _ => groups.push((spec.range(), wd)),
+        }
+    }
+    groups
+}
+
+fn check_config(cfg: &TrainConfig, model: &ModelConfig) -> Result<usize, TrainError> {
+    for (value, name) in [(cfg.batch_size, "batch size"), (cfg.grad_accum, "grad_accum"), (cfg.val_batches, "val_batches")] {
+        if value == 0 {
+            return Err(TrainError::Zero(name));
+        }
+    }
+    if cfg.steps == 0 {
+        return Err(TrainError::Zero("steps"));
+    }
+    let seq_len = cfg.seq_len.unwrap_or(model.block_size);
+    if seq_len == 0 {
+        return Err(TrainError::Zero("seq_len"));
+    }
+    if seq_len > model.block_size {
+        return Err(TrainError::SeqLenTooLong { seq_len, block_size: model.block_size });
+    }
+    if cfg.init.is_some() && cfg.resume.is_some() {
+        return Err(TrainError::InitAndResume);
+    }
+    Ok(seq_len)
+}
+
+fn progress_bar(cfg: &TrainConfig, start: u64) -> ProgressBar {
+    if !cfg.progress {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(cfg.steps).with_position(start);
+    if let Ok(style) = ProgressStyle::with_template("{elapsed_precise} [{bar:30.cyan/blue}] {pos}/{len} {msg}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+/// Prints a line above the progress bar (or plainly when it is hidden or stderr is a file).
+fn say(bar: &ProgressBar, progress: bool, line: &str) {
+    if progress {
+        bar.suspend(|| eprintln!("{line}"));
+    }
+}
+
+// ANCHOR: train
+/// Trains a GPT-2 as `cfg` says and reports what happened.
+pub fn train(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
+    let device = cfg.device.resolve()?;
+    let tokenizer = Tokenizer::new(cfg.tokenizer);
+    let model = model_config(cfg, tokenizer.vocab_size())?;
+    let seq_len = check_config(cfg, &model)?;
+    let (b, t, accum) = (cfg.batch_size, seq_len, cfg.grad_accum);
+    let dataset = load_dataset(&cfg.data, &tokenizer)?;
+    dataset.check_seq_len(t)?;
+    let run = RunShape {
+        model: model.clone(),
+        tokenizer: cfg.tokenizer,
+        batch_size: b,
+        seq_len: t,
+        grad_accum: accum,
+        data_order: cfg.data_order,
+        seed: cfg.seed,
+    };
+
+    // Parameters, their gradients and AdamW's two moments: four buffers of one layout.
+    let ledger = MemoryLedger::new();
+    let layout = ParamLayout::new(&model);
+    let mut params = Tensor::zeros_in(&[layout.total], Category::Parameters, &ledger);
+    let mut grads = Tensor::zeros_in(&[layout.total], Category::Gradients, &ledger);
+    let mut adam_m = Tensor::zeros_in(&[layout.total], Category::OptimizerState, &ledger);
+    let mut adam_v = Tensor::zeros_in(&[layout.total], Category::OptimizerState, &ledger);
+    let mut sampler = BatchSampler::new(cfg.data_order, cfg.seed);
+    let mut start_step = 0;
+    if let Some(dir) = &cfg.resume {
+        let state = checkpoint::read_trainer_state(dir)?;
+        if state.run != run {
+            let reason = format!("it was written by a different run ({:?}); resume with the same flags as that run", state.run);
+            return Err(TrainError::Resume { path: dir.clone(), reason });
+        }
+        if state.step >= cfg.steps {
+            let reason = format!("it is already at step {}; pass --steps above that", state.step);
+            return Err(TrainError::Resume { path: dir.clone(), reason });
+        }
+        checkpoint::load_weights(dir, &model, &layout, params.as_mut_slice())?;
+        checkpoint::load_optimizer(dir, &layout, adam_m.as_mut_slice(), adam_v.as_mut_slice())?;
+        (start_step, sampler) = (state.step, state.sampler);
+    } else if let Some(dir) = &cfg.init {
+        checkpoint::load_weights(dir, &model, &layout, params.as_mut_slice())?;
+    } else {
+        crate::model::init_params(&model, &layout, cfg.seed, params.as_mut_slice());
+    }
+
+    let mut acts = Activations::new(&model, b, t, &ledger);
+    let mut scratch = Gradients::new(&model, b, t, &ledger);
+    let groups = decay_groups(&layout, cfg.weight_decay);
+    let trace = if cfg.trace.is_some() { Trace::enabled() } else { Trace::disabled() };
+    let mut metrics = match &cfg.metrics {
+        Some(path) => Some(std::fs::File::create(path).map_err(|source| TrainError::Io { path: path.clone(), source })?),
+        None => None,
+    };
+    let bar = progress_bar(cfg, start_step);
+    let n_params = layout.total - (model.padded_vocab_size() - model.vocab_size) * model.n_embd;
+    say(&bar, cfg.progress, &format!(
+        "device: {device} | model: {} layers, {} heads, {} dims, {:.2}M parameters | tokenizer: {:?} ({} tokens: {} train, {} val)",
+        model.n_layer, model.n_head, model.n_embd, n_params as f64 / 1e6, cfg.tokenizer,
+        dataset.train.len() + dataset.val.len(), dataset.train.len(), dataset.val.len()
+    ));
+
+    let mut steps = Vec::new();
+    let mut val_losses = Vec::new();
+    let mut train_seconds = 0.0f64;
+    let mut last_checkpoint: Option<(PathBuf, u64)> = None;
+    let dloss = 1.0 / (b * t * accum) as f32;
+    for step in start_step..cfg.steps {
+        let started = Instant::now();
+        let step_span = trace.span("step");
+        grads.fill(0.0);
+        let mut loss_sum = 0.0f64;
+        for _ in 0..accum {
+            let batch = sampler.next_batch(&dataset.train, b, t);
+            let p = layout.views(params.as_slice());
+            let span = trace.span("forward");
+            let loss = forward(&p, &model, &mut acts, &batch.inputs, Some(&batch.targets), b, t).unwrap_or(f32::NAN);
+            drop(span);
+            loss_sum += loss as f64;
+            let _span = trace.span("backward");
+            let mut g = layout.views_mut(grads.as_mut_slice());
+            backward(&p, &mut g, &model, &mut acts, &mut scratch, &batch.inputs, &batch.targets, dloss, b, t);
+        }
+        let loss = (loss_sum / accum as f64) as f32;
+        if !loss.is_finite() {
+            bar.abandon();
+            return Err(TrainError::NonFiniteLoss { step: step + 1, loss, last_checkpoint });
+        }
+        let optimizer_span = trace.span("optimizer");
+        let grad_norm = clip_grad_norm(grads.as_mut_slice(), cfg.grad_clip);
+        let lr = learning_rate(cfg.lr_schedule, cfg.lr, step, cfg.steps, cfg.warmup_steps);
+        for (range, wd) in &groups {
+            let (p, g) = (&mut params.as_mut_slice()[range.clone()], &grads.as_slice()[range.clone()]);
+            let (m, v) = (&mut adam_m.as_mut_slice()[range.clone()], &mut adam_v.as_mut_slice()[range.clone()]);
+            adamw_update(p, g, m, v, cfg.adam, lr, *wd, step + 1);
+        }
+        drop(optimizer_span);
+        drop(step_span);
+        let seconds = started.elapsed().as_secs_f64();
+        train_seconds += seconds;
+        let done = step + 1;
+        let mut record = StepRecord { step: done, loss, lr, grad_norm, tokens_per_sec: (b * t * accum) as f64 / seconds, val_loss: None };
+
+        if done == cfg.steps || (cfg.eval_every > 0 && done % cfg.eval_every == 0) {
+            let _span = trace.span("eval");
+            let val = evaluate(params.as_slice(), &layout, &model, &mut acts, &dataset.val, cfg.val_batches, b, t);
+            record.val_loss = Some(val);
+            val_losses.push((done, val));
+            say(&bar, cfg.progress, &format!("step {done:>6}: train loss {loss:.4}, val loss {val:.4}"));
+        }
+        if let Some(file) = metrics.as_mut() {
+            let line = serde_json::to_string(&record).unwrap_or_default();
+            writeln!(file, "{line}").map_err(|source| TrainError::Io { path: cfg.metrics.clone().unwrap_or_default(), source })?;
+        }
+        bar.set_message(format!("loss {loss:.4} | lr {lr:.2e} | {:.0} tok/s", record.tokens_per_sec));
+        bar.inc(1);
+        steps.push(record);
+
+        if let Some(dir) = &cfg.save {
+            if done == cfg.steps || (cfg.save_every > 0 && done % cfg.save_every == 0) {
+                let _span = trace.span("save");
+                let state = TrainerState { step: done, sampler: sampler.clone(), run: run.clone() };
+                let contents = CheckpointContents {
+                    cfg: &model,
+                    layout: &layout,
+                    params: params.as_slice(),
+                    optimizer: Some((adam_m.as_slice(), adam_v.as_slice(), &state)),
+                };
+                checkpoint::save(dir, &contents)?;
+                last_checkpoint = Some((dir.clone(), done));
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let memory = ledger.report();
+    drop((acts, scratch, grads, adam_m, adam_v));
+
+    let sample = (cfg.sample_tokens > 0).then(|| {
+        let prompt = tokenizer.encode(&cfg.prompt);
+        let sample_cfg = SampleConfig { tokens: cfg.sample_tokens, temperature: cfg.temperature, top_k: cfg.top_k, seed: cfg.seed };
+        let tokens = generate(&layout.views(params.as_slice()), &model, &prompt, sample_cfg);
+        cfg.prompt.clone() + &tokenizer.decode(&tokens)
+    });
+    if let Some(path) = &cfg.trace {
+        write_trace(&trace, path)?;
+    }
+    let tokens = (steps.len() * b * t * accum) as f64;
+    Ok(TrainReport {
+        model,
+        tokenizer: cfg.tokenizer,
+        device: device.to_string(),
+        n_params,
+        steps,
+        val_losses,
+        tokens_per_sec: if train_seconds > 0.0 { tokens / train_seconds } else { 0.0 },
+        memory,
+        sample,
+        layout,
+        params: params.as_slice().to_vec(),
+    })
+}
+// ANCHOR_END: train
+
+fn write_trace(trace: &Trace, path: &Path) -> Result<(), TrainError> {
+    trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decay_groups_merge_neighbours() {
+        let model = ModelConfig::preset("tiny", 256).unwrap();
+        let layout = ParamLayout::new(&model);
+        let groups = decay_groups(&layout, 0.1);
+        assert_eq!(groups.iter().map(|g| g.0.len()).sum::<usize>(), layout.total);
+        assert_eq!(groups[0], (0..layout.get("h.0.ln_1.weight").unwrap().offset, 0.1), "wte and wpe together");
+        assert!(groups.windows(2).all(|w| w[0].1 != w[1].1 && w[0].0.end == w[1].0.start));
+    }
+}
