@@ -107,6 +107,7 @@ impl HfConfig {
     }
 }
 
+// ANCHOR: trainer_state
 /// The run a checkpoint belongs to: `--resume` refuses a checkpoint whose run differs in any
 /// way that would change the batches or the model.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +128,7 @@ pub struct TrainerState {
     pub sampler: BatchSampler,
     pub run: RunShape,
 }
+// ANCHOR_END: trainer_state
 
 /// A tensor to write: shape + f32 data, little-endian on disk.
 struct F32View<'a> {
@@ -251,6 +253,7 @@ fn sync_dir_and_files(dir: &Path) -> Result<(), CheckpointError> {
     sync_path(dir)
 }
 
+// ANCHOR: swap_dirs
 /// Exchanges two directories in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); where that
 /// is unavailable, two renames (a crash between them leaves the old checkpoint at `dir.old`).
 fn swap_dirs(a: &Path, b: &Path) -> Result<(), CheckpointError> {
@@ -271,6 +274,7 @@ fn swap_dirs(a: &Path, b: &Path) -> Result<(), CheckpointError> {
     fs::rename(a, b).map_err(io(b))?;
     fs::rename(&old, a).map_err(io(a))
 }
+// ANCHOR_END: swap_dirs
 
 fn read_bytes(path: &Path) -> Result<Vec<u8>, CheckpointError> {
     fs::read(path).map_err(io(path))

@@ -24,6 +24,7 @@ pub struct ModelConfig {
     pub vocab_size: usize,
 }
 
+// ANCHOR: presets
 /// (name, n_layer, n_head, n_embd, block_size)
 pub const PRESETS: [(&str, usize, usize, usize, usize); 6] = [
     ("tiny", 2, 4, 64, 64),
@@ -33,6 +34,7 @@ pub const PRESETS: [(&str, usize, usize, usize, usize); 6] = [
     ("gpt2-large", 36, 20, 1280, 1024),
     ("gpt2-xl", 48, 25, 1600, 1024),
 ];
+// ANCHOR_END: presets
 
 impl ModelConfig {
     pub fn preset(name: &str, vocab_size: usize) -> Result<ModelConfig, ConfigError> {
@@ -63,10 +65,12 @@ impl ModelConfig {
         self.n_embd / self.n_head
     }
 
+    // ANCHOR: padded_vocab_size
     /// The vocabulary rounded up to a multiple of 128 (50257 -> 50304 for GPT-2's BPE).
     pub fn padded_vocab_size(&self) -> usize {
         self.vocab_size.div_ceil(128) * 128
     }
+    // ANCHOR_END: padded_vocab_size
 }
 
 #[cfg(test)]

@@ -42,6 +42,7 @@ pub struct Batch {
     pub targets: Vec<u32>,
 }
 
+// ANCHOR: dataset_split
 impl Dataset {
     pub fn new(tokens: Vec<u32>) -> Result<Dataset, DataError> {
         if tokens.is_empty() {
@@ -53,6 +54,7 @@ impl Dataset {
         train.truncate(split);
         Ok(Dataset { train, val })
     }
+    // ANCHOR_END: dataset_split
 
     /// Both splits must hold at least one full window (T inputs plus the last target).
     pub fn check_seq_len(&self, seq_len: usize) -> Result<(), DataError> {
@@ -65,6 +67,7 @@ impl Dataset {
     }
 }
 
+// ANCHOR: sequential_batch
 /// Appends the window starting at `start` (wrapping at the end of `split`) to `batch`.
 fn push_window(batch: &mut Batch, split: &[u32], start: usize, t: usize) {
     let n = split.len();
@@ -81,6 +84,7 @@ pub fn sequential_batch(split: &[u32], k: u64, b: usize, t: usize) -> Batch {
     }
     batch
 }
+// ANCHOR_END: sequential_batch
 
 /// Hands out the training micro-batches in order; its state is all a resumed run needs to see
 /// the same batches as an uninterrupted one.
@@ -97,6 +101,7 @@ impl BatchSampler {
         BatchSampler { order, next: 0, rng: Rng::derive(seed, "data") }
     }
 
+    // ANCHOR: next_batch
     pub fn next_batch(&mut self, train: &[u32], b: usize, t: usize) -> Batch {
         let batch = match self.order {
             DataOrder::Sequential => sequential_batch(train, self.next, b, t),
@@ -112,6 +117,7 @@ impl BatchSampler {
         self.next += 1;
         batch
     }
+    // ANCHOR_END: next_batch
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use kernels::ops::residual::residual_forward;
 use kernels::ops::softmax_cross_entropy::{softmax_cross_entropy_backward, softmax_cross_entropy_forward};
 use kernels::{Category, MemoryLedger, Rng, Tensor};
 
+// ANCHOR: init_params
 /// Fresh parameters, GPT-2's initialisation: weights N(0, 0.02²), the two projections that write
 /// into the residual stream N(0, (0.02/sqrt(2·n_layer))²) so the stream's variance does not grow
 /// with depth, biases 0, LayerNorm gains 1. The embedding's padding rows stay 0 (and, receiving
@@ -37,7 +38,9 @@ pub fn init_params(cfg: &ModelConfig, layout: &ParamLayout, seed: u64, out: &mut
         }
     }
 }
+// ANCHOR_END: init_params
 
+// ANCHOR: activations
 /// What one block's forward saves for its backward. Every buffer is sized for the capacity
 /// (B, T) it was made with; a pass over a smaller batch or sequence uses a prefix.
 pub struct BlockActivations {
@@ -72,7 +75,9 @@ pub struct Activations {
     /// one buffer serves every block.
     pub proj: Tensor, // [B, T, C]
 }
+// ANCHOR_END: activations
 
+// ANCHOR: gradients_scratch
 /// Backward's working buffers: gradients with respect to activations. One set serves every
 /// block, since block l's are dead once block l-1's backward starts.
 pub struct Gradients {
@@ -90,6 +95,7 @@ pub struct BlockGradients {
     pub d_fc: Tensor,       // [B, T, 4C]
     pub d_fc_gelu: Tensor,  // [B, T, 4C]
 }
+// ANCHOR_END: gradients_scratch
 
 impl Activations {
     pub fn new(cfg: &ModelConfig, batch: usize, seq: usize, ledger: &MemoryLedger) -> Activations {
@@ -126,12 +132,14 @@ impl Activations {
         }
     }
 
+    // ANCHOR: floats_per_token
     /// Floats saved per (B, T) by the formula the book derives; the ledger must agree.
     pub fn floats_per_token(cfg: &ModelConfig, seq: usize) -> usize {
         let (c, h, l) = (cfg.n_embd, cfg.n_head, cfg.n_layer);
         let per_block = 4 * c + 2 + 2 + 3 * c + h * seq + 2 * 4 * c + c;
         c + l * per_block + c + 2 + cfg.padded_vocab_size() + 1
     }
+    // ANCHOR_END: floats_per_token
 }
 
 impl Gradients {
@@ -397,6 +405,7 @@ mod tests {
         forward(&layout.views(params), cfg, &mut acts, tokens, Some(targets), b, t).unwrap()
     }
 
+    // ANCHOR: whole_model_gradient_check
     #[test]
     fn whole_model_gradient_matches_finite_differences() {
         let (cfg, layout, params) = tiny();
@@ -442,6 +451,7 @@ mod tests {
         let pad = layout.get("wte.weight").unwrap().offset + cfg.vocab_size * cfg.n_embd;
         assert!(grads[pad..pad + (cfg.padded_vocab_size() - cfg.vocab_size) * cfg.n_embd].iter().all(|&g| g == 0.0));
     }
+    // ANCHOR_END: whole_model_gradient_check
 
     #[test]
     fn loss_at_initialisation_is_ln_vocab() {
@@ -455,6 +465,7 @@ mod tests {
         assert!((l - 256f32.ln()).abs() < 0.05, "loss {l} vs ln 256 = {}", 256f32.ln());
     }
 
+    // ANCHOR: activation_ledger_test
     #[test]
     fn activation_ledger_matches_the_formula() {
         let cfg = ModelConfig::preset("small", 256).unwrap();
@@ -464,4 +475,5 @@ mod tests {
         let counted = ledger.report().current[&Category::Activations];
         assert_eq!(counted, (4 * b * t * Activations::floats_per_token(&cfg, t)) as u64);
     }
+    // ANCHOR_END: activation_ledger_test
 }

@@ -59,6 +59,7 @@ pub struct GptParams<T> {
     pub ln_f_bias: T,
 }
 
+// ANCHOR: block_tensors
 /// (suffix, shape as a function of C, decayed?) for the tensors of one block, in order.
 fn block_tensors(c: usize) -> [(&'static str, Vec<usize>, bool); 12] {
     [
@@ -76,6 +77,7 @@ fn block_tensors(c: usize) -> [(&'static str, Vec<usize>, bool); 12] {
         ("mlp.c_proj.bias", vec![c], false),
     ]
 }
+// ANCHOR_END: block_tensors
 
 /// Where each named tensor lives in the flat buffer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,6 +87,7 @@ pub struct ParamLayout {
     pub n_layer: usize,
 }
 
+// ANCHOR: param_layout
 impl ParamLayout {
     pub fn new(cfg: &ModelConfig) -> ParamLayout {
         let c = cfg.n_embd;
@@ -111,6 +114,7 @@ impl ParamLayout {
             .collect();
         ParamLayout { specs, total: offset, n_layer: cfg.n_layer }
     }
+    // ANCHOR_END: param_layout
 
     pub fn get(&self, name: &str) -> Option<&ParamSpec> {
         self.specs.iter().find(|s| s.name == name)
@@ -128,6 +132,7 @@ impl ParamLayout {
         GptParams::from_pieces(pieces, self.n_layer)
     }
 
+    // ANCHOR: views_mut
     /// Named writable views into `buf` (each tensor a disjoint `&mut` slice).
     pub fn views_mut<'a>(&self, buf: &'a mut [f32]) -> GptParams<&'a mut [f32]> {
         assert_eq!(buf.len(), self.total, "buffer does not match the layout");
@@ -139,6 +144,7 @@ impl ParamLayout {
         });
         GptParams::from_pieces(pieces, self.n_layer)
     }
+    // ANCHOR_END: views_mut
 }
 
 impl<T> GptParams<T> {

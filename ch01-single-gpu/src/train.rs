@@ -11,7 +11,7 @@ use crate::tokenizer::{Tokenizer, TokenizerKind};
 use indicatif::{ProgressBar, ProgressStyle};
 use kernels::device::DeviceRequest;
 use kernels::ops::adamw::{AdamWConfig, adamw_update};
-use kernels::ops::grad_norm::clip_grad_norm;
+use kernels::ops::grad_norm::{clip_scale, global_norm};
 use kernels::{Category, DeviceError, MemoryLedger, MemoryReport, Tensor, Trace};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -260,6 +260,7 @@ pub fn evaluate(
 }
 // ANCHOR_END: evaluate
 
+// ANCHOR: decay_groups
 /// Consecutive tensors that share a weight-decay setting, merged into one AdamW call each.
 fn decay_groups(layout: &ParamLayout, weight_decay: f32) -> Vec<(Range<usize>, f32)> {
     let mut groups: Vec<(Range<usize>, f32)> = Vec::new();
@@ -272,6 +273,7 @@ fn decay_groups(layout: &ParamLayout, weight_decay: f32) -> Vec<(Range<usize>, f
     }
     groups
 }
+// ANCHOR_END: decay_groups
 
 fn check_config(cfg: &TrainConfig, model: &ModelConfig) -> Result<usize, TrainError> {
     for (value, name) in [(cfg.batch_size, "batch size"), (cfg.grad_accum, "grad_accum"), (cfg.val_batches, "val_batches")] {
@@ -333,6 +335,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
         seed: cfg.seed,
     };
 
+    // ANCHOR: four_buffers
     // Parameters, their gradients and AdamW's two moments: four buffers of one layout.
     let ledger = MemoryLedger::new();
     let layout = ParamLayout::new(&model);
@@ -340,6 +343,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
     let mut grads = Tensor::zeros_in(&[layout.total], Category::Gradients, &ledger);
     let mut adam_m = Tensor::zeros_in(&[layout.total], Category::OptimizerState, &ledger);
     let mut adam_v = Tensor::zeros_in(&[layout.total], Category::OptimizerState, &ledger);
+    // ANCHOR_END: four_buffers
     let mut sampler = BatchSampler::new(cfg.data_order, cfg.seed);
     let mut start_step = 0;
     if let Some(dir) = &cfg.resume {
@@ -381,6 +385,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
     let mut val_losses = Vec::new();
     let mut train_seconds = 0.0f64;
     let mut last_checkpoint: Option<(PathBuf, u64)> = None;
+    // ANCHOR: training_step
     let dloss = 1.0 / (b * t * accum) as f32;
     for step in start_step..cfg.steps {
         let started = Instant::now();
@@ -404,13 +409,15 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
             return Err(TrainError::NonFiniteLoss { step: step + 1, loss, last_checkpoint });
         }
         let optimizer_span = trace.span("optimizer");
-        let grad_norm = clip_grad_norm(grads.as_mut_slice(), cfg.grad_clip);
+        let grad_norm = global_norm(grads.as_slice());
+        let scale = clip_scale(grad_norm, cfg.grad_clip);
         let lr = learning_rate(cfg.lr_schedule, cfg.lr, step, cfg.steps, cfg.warmup_steps);
         for (range, wd) in &groups {
             let (p, g) = (&mut params.as_mut_slice()[range.clone()], &grads.as_slice()[range.clone()]);
             let (m, v) = (&mut adam_m.as_mut_slice()[range.clone()], &mut adam_v.as_mut_slice()[range.clone()]);
-            adamw_update(p, g, m, v, cfg.adam, lr, *wd, step + 1);
+            adamw_update(p, g, m, v, cfg.adam, lr, *wd, scale, step + 1);
         }
+        // ANCHOR_END: training_step
         drop(optimizer_span);
         drop(step_span);
         let seconds = started.elapsed().as_secs_f64();

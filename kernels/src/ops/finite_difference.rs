@@ -8,6 +8,7 @@ pub fn random(n: usize, seed: u64) -> Vec<f32> {
     out
 }
 
+// ANCHOR: check_gradient
 /// L(x) = sum_i dout[i] * f(x)[i], accumulated in f64. Its gradient with respect to x is what
 /// a backward pass given `dout` must return; check each element of `analytic` against
 /// (L(x + h e_i) - L(x - h e_i)) / 2h.
@@ -41,3 +42,4 @@ pub fn check_gradient(x: &[f32], analytic: &[f32], dout: &[f32], f: impl Fn(&[f3
     let largest = analytic.iter().fold(0.0f32, |m, g| m.max(g.abs()));
     assert!(largest > 1e-3, "gradient is (almost) all zeros: the check would prove nothing");
 }
+// ANCHOR_END: check_gradient

@@ -1,5 +1,6 @@
 //! Layer normalisation over the last dimension.
 
+use super::math::sum;
 use super::{ROWS_PER_TASK, reduce_rows};
 use rayon::prelude::*;
 
@@ -17,8 +18,8 @@ pub fn layernorm_forward(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], in
         .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
         .with_min_len(ROWS_PER_TASK)
         .for_each(|((out, x), (mean, rstd))| {
-            let m = x.iter().sum::<f32>() / c as f32;
-            let var = x.iter().map(|xi| (xi - m) * (xi - m)).sum::<f32>() / c as f32;
+            let m = sum(x) / c as f32;
+            let var = x.iter().map(|xi| (xi - m) * (xi - m)).fold(0.0, |acc, d| acc + d) / c as f32;
             let s = 1.0 / (var + EPS).sqrt();
             for i in 0..c {
                 out[i] = (x[i] - m) * s * weight[i] + bias[i];

@@ -30,6 +30,40 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc[0] + sum
 }
 
+/// `sum_i x[i]` with 16 independent partial sums (LLVM will not vectorise a plain `iter().sum()`
+/// of floats: that would reorder the additions, which changes the rounding).
+#[inline]
+pub fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (x16, tail) = x.split_at(x.len() - x.len() % 16);
+    for chunk in x16.chunks_exact(16) {
+        for j in 0..16 {
+            acc[j] += chunk[j];
+        }
+    }
+    let mut width = 8;
+    while width > 0 {
+        for j in 0..width {
+            acc[j] += acc[j + width];
+        }
+        width /= 2;
+    }
+    acc[0] + tail.iter().sum::<f32>()
+}
+
+/// `max_i x[i]` (negative infinity for an empty slice), vectorised the same way.
+#[inline]
+pub fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let (x16, tail) = x.split_at(x.len() - x.len() % 16);
+    for chunk in x16.chunks_exact(16) {
+        for j in 0..16 {
+            acc[j] = acc[j].max(chunk[j]);
+        }
+    }
+    acc.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
 /// `y += alpha * x`.
 #[inline]
 pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
@@ -42,22 +76,27 @@ pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 ///
 /// Range reduction: x = n·ln2 + r with |r| ≤ ln2/2, so exp(x) = 2ⁿ·exp(r); exp(r) is its Taylor
 /// polynomial of degree 7 (truncation error below 2e-8 relative); 2ⁿ is built in the exponent
-/// bits directly.
+/// bits directly. n comes from the "shifter" trick rather than a float-to-int cast, because
+/// Rust's saturating `as i32` does not vectorise: adding 1.5·2²³ rounds x·log₂e to an integer
+/// and leaves that integer in the low mantissa bits.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split in two so that n·LN2_HI is exact for |n| < 2^9.
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
+    const SHIFTER: f32 = 12_582_912.0; // 1.5 · 2²³
     let x = x.clamp(-87.0, 88.0); // clamp keeps NaN
-    let n = (x * LOG2_E).round();
+    let shifted = x * LOG2_E + SHIFTER;
+    let n = shifted - SHIFTER; // x·log₂e rounded to the nearest integer
+    let n_bits = shifted.to_bits().wrapping_sub(SHIFTER.to_bits()); // n as a two's-complement integer
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
     p * scale
 }
 
@@ -93,6 +132,14 @@ mod tests {
             assert!((tanh(x) as f64 - (x as f64).tanh()).abs() < 2e-7, "x = {x}");
             x += 0.0031;
         }
+    }
+
+    #[test]
+    fn sum_and_max_match_naive() {
+        let x: Vec<f32> = (0..37).map(|i| ((i * 7919) % 101) as f32 - 50.0).collect();
+        assert_eq!(sum(&x), x.iter().sum::<f32>());
+        assert_eq!(max(&x), 50.0);
+        assert_eq!(max(&[]), f32::NEG_INFINITY);
     }
 
     #[test]

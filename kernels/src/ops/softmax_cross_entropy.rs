@@ -4,7 +4,7 @@
 //! for GPT-2 at B=4, T=64): forward turns them into probabilities in place, backward turns the
 //! probabilities into dlogits in place, and no second buffer of that size ever exists.
 
-use super::math::exp;
+use super::math::{self, exp};
 use rayon::prelude::*;
 
 // ANCHOR: softmax_cross_entropy_forward
@@ -16,13 +16,12 @@ use rayon::prelude::*;
 pub fn softmax_cross_entropy_forward(logits_to_probs: &mut [f32], losses: &mut [f32], targets: &[u32], v: usize, vp: usize) {
     logits_to_probs.par_chunks_mut(vp).zip(losses.par_iter_mut()).zip(targets.par_iter()).for_each(
         |((row, loss), &target)| {
-            let max = row[..v].iter().fold(f32::NEG_INFINITY, |m, &z| m.max(z));
+            let max = math::max(&row[..v]);
             let target_logit = row[target as usize] - max;
-            let mut sum = 0.0f32;
             for z in &mut row[..v] {
                 *z = exp(*z - max);
-                sum += *z;
             }
+            let sum = math::sum(&row[..v]);
             let inv = 1.0 / sum;
             for p in &mut row[..v] {
                 *p *= inv;
