@@ -315,175 +315,273 @@ fn say(bar: &ProgressBar, progress: bool, line: &str) {
     }
 }
 
+/// A run in progress: the model, its optimizer state, the data, and the buffers a step needs.
+/// [`train`] drives it; benchmarks and later chapters can step it themselves.
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub model: ModelConfig,
+    pub layout: ParamLayout,
+    pub tokenizer: Tokenizer,
+    pub device: kernels::Device,
+    pub dataset: Dataset,
+    run: RunShape,
+    /// Parameters, their gradients and AdamW's two moments: four buffers of one layout.
+    params: Tensor,
+    grads: Tensor,
+    adam_m: Tensor,
+    adam_v: Tensor,
+    acts: Activations,
+    scratch: Gradients,
+    sampler: BatchSampler,
+    decay_groups: Vec<(Range<usize>, f32)>,
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Sequences per micro-batch and tokens per sequence.
+    b: usize,
+    t: usize,
+    pub ledger: MemoryLedger,
+    pub trace: Trace,
+}
+
+impl Trainer {
+    /// Checks the config, loads the corpus, and initialises (or loads) the model.
+    pub fn new(cfg: &TrainConfig) -> Result<Trainer, TrainError> {
+        let device = cfg.device.resolve()?;
+        let tokenizer = Tokenizer::new(cfg.tokenizer);
+        let model = model_config(cfg, tokenizer.vocab_size())?;
+        let seq_len = check_config(cfg, &model)?;
+        let (b, t) = (cfg.batch_size, seq_len);
+        let dataset = load_dataset(&cfg.data, &tokenizer)?;
+        dataset.check_seq_len(t)?;
+        let run = RunShape {
+            model: model.clone(),
+            tokenizer: cfg.tokenizer,
+            batch_size: b,
+            seq_len: t,
+            grad_accum: cfg.grad_accum,
+            data_order: cfg.data_order,
+            seed: cfg.seed,
+        };
+
+        let ledger = MemoryLedger::new();
+        let layout = ParamLayout::new(&model);
+        let mut params = Tensor::zeros_in(&[layout.total], Category::Parameters, &ledger);
+        let grads = Tensor::zeros_in(&[layout.total], Category::Gradients, &ledger);
+        let mut adam_m = Tensor::zeros_in(&[layout.total], Category::OptimizerState, &ledger);
+        let mut adam_v = Tensor::zeros_in(&[layout.total], Category::OptimizerState, &ledger);
+        let mut sampler = BatchSampler::new(cfg.data_order, cfg.seed);
+        let mut step = 0;
+        if let Some(dir) = &cfg.resume {
+            let state = checkpoint::read_trainer_state(dir)?;
+            if state.run != run {
+                let reason = format!("it was written by a different run ({:?}); resume with the same flags as that run", state.run);
+                return Err(TrainError::Resume { path: dir.clone(), reason });
+            }
+            if state.step >= cfg.steps {
+                let reason = format!("it is already at step {}; pass --steps above that", state.step);
+                return Err(TrainError::Resume { path: dir.clone(), reason });
+            }
+            checkpoint::load_weights(dir, &model, &layout, params.as_mut_slice())?;
+            checkpoint::load_optimizer(dir, &layout, adam_m.as_mut_slice(), adam_v.as_mut_slice())?;
+            (step, sampler) = (state.step, state.sampler);
+        } else if let Some(dir) = &cfg.init {
+            checkpoint::load_weights(dir, &model, &layout, params.as_mut_slice())?;
+        } else {
+            crate::model::init_params(&model, &layout, cfg.seed, params.as_mut_slice());
+        }
+
+        let acts = Activations::new(&model, b, t, &ledger);
+        let scratch = Gradients::new(&model, b, t, &ledger);
+        let decay_groups = decay_groups(&layout, cfg.weight_decay);
+        let trace = if cfg.trace.is_some() { Trace::enabled() } else { Trace::disabled() };
+        Ok(Trainer {
+            cfg: cfg.clone(),
+            model,
+            layout,
+            tokenizer,
+            device,
+            dataset,
+            run,
+            params,
+            grads,
+            adam_m,
+            adam_v,
+            acts,
+            scratch,
+            sampler,
+            decay_groups,
+            step,
+            b,
+            t,
+            ledger,
+            trace,
+        })
+    }
+
+    /// Parameters of the model (the vocabulary padding not counted).
+    pub fn n_params(&self) -> usize {
+        self.layout.total - (self.model.padded_vocab_size() - self.model.vocab_size) * self.model.n_embd
+    }
+
+    pub fn params(&self) -> &[f32] {
+        self.params.as_slice()
+    }
+
+    // ANCHOR: train_step
+    /// One optimizer step: forward and backward over `grad_accum` micro-batches, then clip and
+    /// update. Returns the step's record (without validation loss).
+    pub fn step(&mut self) -> Result<StepRecord, TrainError> {
+        let started = Instant::now();
+        let (b, t, accum) = (self.b, self.t, self.cfg.grad_accum);
+        let step_span = self.trace.span("step");
+        self.grads.fill(0.0);
+        let p = self.layout.views(self.params.as_slice());
+        // Each micro-batch's loss is a mean over its B·T tokens; scaling its gradient by
+        // 1/(B·T·accum) makes the summed gradient that of the mean over the whole step.
+        let dloss = 1.0 / (b * t * accum) as f32;
+        let mut loss_sum = 0.0f64;
+        for _ in 0..accum {
+            let batch = self.sampler.next_batch(&self.dataset.train, b, t);
+            let span = self.trace.span("forward");
+            let loss = forward(&p, &self.model, &mut self.acts, &batch.inputs, Some(&batch.targets), b, t);
+            drop(span);
+            loss_sum += loss.unwrap_or(f32::NAN) as f64;
+            let _span = self.trace.span("backward");
+            let mut g = self.layout.views_mut(self.grads.as_mut_slice());
+            backward(&p, &mut g, &self.model, &mut self.acts, &mut self.scratch, &batch.inputs, &batch.targets, dloss, b, t);
+        }
+        let loss = (loss_sum / accum as f64) as f32;
+        if !loss.is_finite() {
+            return Err(TrainError::NonFiniteLoss { step: self.step + 1, loss, last_checkpoint: None });
+        }
+
+        let _span = self.trace.span("optimizer");
+        let grad_norm = global_norm(self.grads.as_slice());
+        let scale = clip_scale(grad_norm, self.cfg.grad_clip);
+        let cfg = &self.cfg;
+        let lr = learning_rate(cfg.lr_schedule, cfg.lr, self.step, cfg.steps, cfg.warmup_steps);
+        for (range, wd) in &self.decay_groups {
+            let p = &mut self.params.as_mut_slice()[range.clone()];
+            let g = &self.grads.as_slice()[range.clone()];
+            let (m, v) = (&mut self.adam_m.as_mut_slice()[range.clone()], &mut self.adam_v.as_mut_slice()[range.clone()]);
+            adamw_update(p, g, m, v, cfg.adam, lr, *wd, scale, self.step + 1);
+        }
+        drop(step_span);
+        self.step += 1;
+        let tokens_per_sec = (b * t * accum) as f64 / started.elapsed().as_secs_f64();
+        Ok(StepRecord { step: self.step, loss, lr, grad_norm, tokens_per_sec, val_loss: None })
+    }
+    // ANCHOR_END: train_step
+
+    /// The validation loss of the current parameters (see [`evaluate`]).
+    pub fn evaluate(&mut self) -> f32 {
+        let _span = self.trace.span("eval");
+        let (params, val) = (self.params.as_slice(), &self.dataset.val);
+        evaluate(params, &self.layout, &self.model, &mut self.acts, val, self.cfg.val_batches, self.b, self.t)
+    }
+
+    /// Writes a full checkpoint (weights, optimizer, data position) into `dir`, atomically.
+    pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
+        let _span = self.trace.span("save");
+        let state = TrainerState { step: self.step, sampler: self.sampler.clone(), run: self.run.clone() };
+        let contents = CheckpointContents {
+            cfg: &self.model,
+            layout: &self.layout,
+            params: self.params.as_slice(),
+            optimizer: Some((self.adam_m.as_slice(), self.adam_v.as_slice(), &state)),
+        };
+        Ok(checkpoint::save(dir, &contents)?)
+    }
+
+    /// Generates text from the prompt with the current parameters.
+    pub fn sample(&self, prompt: &str, cfg: SampleConfig) -> String {
+        let tokens = generate(&self.layout.views(self.params.as_slice()), &self.model, &self.tokenizer.encode(prompt), cfg);
+        prompt.to_string() + &self.tokenizer.decode(&tokens)
+    }
+}
+
 // ANCHOR: train
 /// Trains a GPT-2 as `cfg` says and reports what happened.
 pub fn train(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
-    let device = cfg.device.resolve()?;
-    let tokenizer = Tokenizer::new(cfg.tokenizer);
-    let model = model_config(cfg, tokenizer.vocab_size())?;
-    let seq_len = check_config(cfg, &model)?;
-    let (b, t, accum) = (cfg.batch_size, seq_len, cfg.grad_accum);
-    let dataset = load_dataset(&cfg.data, &tokenizer)?;
-    dataset.check_seq_len(t)?;
-    let run = RunShape {
-        model: model.clone(),
-        tokenizer: cfg.tokenizer,
-        batch_size: b,
-        seq_len: t,
-        grad_accum: accum,
-        data_order: cfg.data_order,
-        seed: cfg.seed,
-    };
-
-    // ANCHOR: four_buffers
-    // Parameters, their gradients and AdamW's two moments: four buffers of one layout.
-    let ledger = MemoryLedger::new();
-    let layout = ParamLayout::new(&model);
-    let mut params = Tensor::zeros_in(&[layout.total], Category::Parameters, &ledger);
-    let mut grads = Tensor::zeros_in(&[layout.total], Category::Gradients, &ledger);
-    let mut adam_m = Tensor::zeros_in(&[layout.total], Category::OptimizerState, &ledger);
-    let mut adam_v = Tensor::zeros_in(&[layout.total], Category::OptimizerState, &ledger);
-    // ANCHOR_END: four_buffers
-    let mut sampler = BatchSampler::new(cfg.data_order, cfg.seed);
-    let mut start_step = 0;
-    if let Some(dir) = &cfg.resume {
-        let state = checkpoint::read_trainer_state(dir)?;
-        if state.run != run {
-            let reason = format!("it was written by a different run ({:?}); resume with the same flags as that run", state.run);
-            return Err(TrainError::Resume { path: dir.clone(), reason });
-        }
-        if state.step >= cfg.steps {
-            let reason = format!("it is already at step {}; pass --steps above that", state.step);
-            return Err(TrainError::Resume { path: dir.clone(), reason });
-        }
-        checkpoint::load_weights(dir, &model, &layout, params.as_mut_slice())?;
-        checkpoint::load_optimizer(dir, &layout, adam_m.as_mut_slice(), adam_v.as_mut_slice())?;
-        (start_step, sampler) = (state.step, state.sampler);
-    } else if let Some(dir) = &cfg.init {
-        checkpoint::load_weights(dir, &model, &layout, params.as_mut_slice())?;
-    } else {
-        crate::model::init_params(&model, &layout, cfg.seed, params.as_mut_slice());
-    }
-
-    let mut acts = Activations::new(&model, b, t, &ledger);
-    let mut scratch = Gradients::new(&model, b, t, &ledger);
-    let groups = decay_groups(&layout, cfg.weight_decay);
-    let trace = if cfg.trace.is_some() { Trace::enabled() } else { Trace::disabled() };
+    let mut trainer = Trainer::new(cfg)?;
     let mut metrics = match &cfg.metrics {
         Some(path) => Some(std::fs::File::create(path).map_err(|source| TrainError::Io { path: path.clone(), source })?),
         None => None,
     };
-    let bar = progress_bar(cfg, start_step);
-    let n_params = layout.total - (model.padded_vocab_size() - model.vocab_size) * model.n_embd;
+    let bar = progress_bar(cfg, trainer.step);
+    let ds = &trainer.dataset;
+    let m = &trainer.model;
     say(&bar, cfg.progress, &format!(
-        "device: {device} | model: {} layers, {} heads, {} dims, {:.2}M parameters | tokenizer: {:?} ({} tokens: {} train, {} val)",
-        model.n_layer, model.n_head, model.n_embd, n_params as f64 / 1e6, cfg.tokenizer,
-        dataset.train.len() + dataset.val.len(), dataset.train.len(), dataset.val.len()
+        "device: {} | model: {} layers, {} heads, {} dims, {:.2}M parameters | tokenizer: {:?} ({} tokens: {} train, {} val)",
+        trainer.device, m.n_layer, m.n_head, m.n_embd, trainer.n_params() as f64 / 1e6, cfg.tokenizer,
+        ds.train.len() + ds.val.len(), ds.train.len(), ds.val.len()
     ));
 
     let mut steps = Vec::new();
     let mut val_losses = Vec::new();
     let mut train_seconds = 0.0f64;
     let mut last_checkpoint: Option<(PathBuf, u64)> = None;
-    // ANCHOR: training_step
-    let dloss = 1.0 / (b * t * accum) as f32;
-    for step in start_step..cfg.steps {
-        let started = Instant::now();
-        let step_span = trace.span("step");
-        grads.fill(0.0);
-        let mut loss_sum = 0.0f64;
-        for _ in 0..accum {
-            let batch = sampler.next_batch(&dataset.train, b, t);
-            let p = layout.views(params.as_slice());
-            let span = trace.span("forward");
-            let loss = forward(&p, &model, &mut acts, &batch.inputs, Some(&batch.targets), b, t).unwrap_or(f32::NAN);
-            drop(span);
-            loss_sum += loss as f64;
-            let _span = trace.span("backward");
-            let mut g = layout.views_mut(grads.as_mut_slice());
-            backward(&p, &mut g, &model, &mut acts, &mut scratch, &batch.inputs, &batch.targets, dloss, b, t);
-        }
-        let loss = (loss_sum / accum as f64) as f32;
-        if !loss.is_finite() {
-            bar.abandon();
-            return Err(TrainError::NonFiniteLoss { step: step + 1, loss, last_checkpoint });
-        }
-        let optimizer_span = trace.span("optimizer");
-        let grad_norm = global_norm(grads.as_slice());
-        let scale = clip_scale(grad_norm, cfg.grad_clip);
-        let lr = learning_rate(cfg.lr_schedule, cfg.lr, step, cfg.steps, cfg.warmup_steps);
-        for (range, wd) in &groups {
-            let (p, g) = (&mut params.as_mut_slice()[range.clone()], &grads.as_slice()[range.clone()]);
-            let (m, v) = (&mut adam_m.as_mut_slice()[range.clone()], &mut adam_v.as_mut_slice()[range.clone()]);
-            adamw_update(p, g, m, v, cfg.adam, lr, *wd, scale, step + 1);
-        }
-        // ANCHOR_END: training_step
-        drop(optimizer_span);
-        drop(step_span);
-        let seconds = started.elapsed().as_secs_f64();
-        train_seconds += seconds;
-        let done = step + 1;
-        let mut record = StepRecord { step: done, loss, lr, grad_norm, tokens_per_sec: (b * t * accum) as f64 / seconds, val_loss: None };
-
+    while trainer.step < cfg.steps {
+        let mut record = match trainer.step() {
+            Ok(record) => record,
+            Err(TrainError::NonFiniteLoss { step, loss, .. }) => {
+                bar.abandon();
+                return Err(TrainError::NonFiniteLoss { step, loss, last_checkpoint });
+            }
+            Err(e) => return Err(e),
+        };
+        train_seconds += trainer.tokens_per_step() as f64 / record.tokens_per_sec;
+        let done = record.step;
         if done == cfg.steps || (cfg.eval_every > 0 && done % cfg.eval_every == 0) {
-            let _span = trace.span("eval");
-            let val = evaluate(params.as_slice(), &layout, &model, &mut acts, &dataset.val, cfg.val_batches, b, t);
+            let val = trainer.evaluate();
             record.val_loss = Some(val);
             val_losses.push((done, val));
-            say(&bar, cfg.progress, &format!("step {done:>6}: train loss {loss:.4}, val loss {val:.4}"));
+            say(&bar, cfg.progress, &format!("step {done:>6}: train loss {:.4}, val loss {val:.4}", record.loss));
         }
         if let Some(file) = metrics.as_mut() {
             let line = serde_json::to_string(&record).unwrap_or_default();
             writeln!(file, "{line}").map_err(|source| TrainError::Io { path: cfg.metrics.clone().unwrap_or_default(), source })?;
         }
-        bar.set_message(format!("loss {loss:.4} | lr {lr:.2e} | {:.0} tok/s", record.tokens_per_sec));
+        bar.set_message(format!("loss {:.4} | lr {:.2e} | {:.0} tok/s", record.loss, record.lr, record.tokens_per_sec));
         bar.inc(1);
         steps.push(record);
-
         if let Some(dir) = &cfg.save {
             if done == cfg.steps || (cfg.save_every > 0 && done % cfg.save_every == 0) {
-                let _span = trace.span("save");
-                let state = TrainerState { step: done, sampler: sampler.clone(), run: run.clone() };
-                let contents = CheckpointContents {
-                    cfg: &model,
-                    layout: &layout,
-                    params: params.as_slice(),
-                    optimizer: Some((adam_m.as_slice(), adam_v.as_slice(), &state)),
-                };
-                checkpoint::save(dir, &contents)?;
+                trainer.save(dir)?;
                 last_checkpoint = Some((dir.clone(), done));
             }
         }
     }
     bar.finish_and_clear();
-    let memory = ledger.report();
-    drop((acts, scratch, grads, adam_m, adam_v));
 
-    let sample = (cfg.sample_tokens > 0).then(|| {
-        let prompt = tokenizer.encode(&cfg.prompt);
-        let sample_cfg = SampleConfig { tokens: cfg.sample_tokens, temperature: cfg.temperature, top_k: cfg.top_k, seed: cfg.seed };
-        let tokens = generate(&layout.views(params.as_slice()), &model, &prompt, sample_cfg);
-        cfg.prompt.clone() + &tokenizer.decode(&tokens)
-    });
+    let sample_cfg = SampleConfig { tokens: cfg.sample_tokens, temperature: cfg.temperature, top_k: cfg.top_k, seed: cfg.seed };
+    let sample = (cfg.sample_tokens > 0).then(|| trainer.sample(&cfg.prompt, sample_cfg));
     if let Some(path) = &cfg.trace {
-        write_trace(&trace, path)?;
+        write_trace(&trainer.trace, path)?;
     }
-    let tokens = (steps.len() * b * t * accum) as f64;
+    let tokens = (steps.len() * trainer.tokens_per_step()) as f64;
     Ok(TrainReport {
-        model,
-        tokenizer: cfg.tokenizer,
-        device: device.to_string(),
-        n_params,
+        memory: trainer.ledger.report(),
+        device: trainer.device.to_string(),
+        n_params: trainer.n_params(),
+        tokens_per_sec: if train_seconds > 0.0 { tokens / train_seconds } else { 0.0 },
         steps,
         val_losses,
-        tokens_per_sec: if train_seconds > 0.0 { tokens / train_seconds } else { 0.0 },
-        memory,
         sample,
-        layout,
-        params: params.as_slice().to_vec(),
+        tokenizer: cfg.tokenizer,
+        params: trainer.params.as_slice().to_vec(),
+        model: trainer.model,
+        layout: trainer.layout,
     })
 }
 // ANCHOR_END: train
+
+impl Trainer {
+    /// Tokens each optimizer step trains on: B · T · grad_accum.
+    pub fn tokens_per_step(&self) -> usize {
+        self.b * self.t * self.cfg.grad_accum
+    }
+}
 
 fn write_trace(trace: &Trace, path: &Path) -> Result<(), TrainError> {
     trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })
