@@ -38,6 +38,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
     move |source| CheckpointError::Io { path: path.to_path_buf(), source }
 }
 
+const LAYER_NORM_EPSILON: f64 = 1e-5;
+const _: () = assert!(LAYER_NORM_EPSILON as f32 == kernels::ops::layernorm::EPS);
+
 /// `config.json` as Hugging Face writes it for GPT-2.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HfConfig {
@@ -84,7 +87,8 @@ impl HfConfig {
             n_embd: cfg.n_embd,
             n_layer: cfg.n_layer,
             n_head: cfg.n_head,
-            layer_norm_epsilon: kernels::ops::layernorm::EPS as f64,
+            // GPT-2's 1e-5, written as such (the f32 EPS widened would print 9.999999747e-6).
+            layer_norm_epsilon: LAYER_NORM_EPSILON,
             activation_function: "gelu_new".into(), // the tanh approximation
             resid_pdrop: 0.0,
             embd_pdrop: 0.0,
