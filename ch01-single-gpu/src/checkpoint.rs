@@ -168,7 +168,8 @@ fn write_safetensors(path: &Path, tensors: Vec<(String, F32View<'_>)>) -> Result
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<(), CheckpointError> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| CheckpointError::Json { path: path.to_path_buf(), reason: e.to_string() })?;
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| CheckpointError::Json { path: path.to_path_buf(), reason: e.to_string() })?;
     fs::write(path, text + "\n").map_err(io(path))
 }
 
@@ -204,7 +205,10 @@ fn write_files(dir: &Path, c: &CheckpointContents<'_>) -> Result<(), CheckpointE
         let mut moments = Vec::new();
         for spec in &c.layout.specs {
             for (prefix, buf) in [("exp_avg", m), ("exp_avg_sq", v)] {
-                moments.push((format!("{prefix}.{}", spec.name), F32View { shape: spec.shape.clone(), data: &buf[spec.range()] }));
+                moments.push((
+                    format!("{prefix}.{}", spec.name),
+                    F32View { shape: spec.shape.clone(), data: &buf[spec.range()] },
+                ));
             }
         }
         write_safetensors(&dir.join("optimizer.safetensors"), moments)?;
@@ -215,7 +219,10 @@ fn write_files(dir: &Path, c: &CheckpointContents<'_>) -> Result<(), CheckpointE
 
 /// Runs `write` into a fresh staging directory next to `dir`, flushes it to disk, then swaps it
 /// in for `dir`. If `write` fails (or the process dies), `dir` is untouched.
-pub fn save_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<(), CheckpointError>) -> Result<(), CheckpointError> {
+pub fn save_atomically(
+    dir: &Path,
+    write: impl FnOnce(&Path) -> Result<(), CheckpointError>,
+) -> Result<(), CheckpointError> {
     let name = dir.file_name().ok_or_else(|| CheckpointError::Io {
         path: dir.to_path_buf(),
         source: std::io::Error::other("a checkpoint path must name a directory"),
@@ -268,7 +275,8 @@ fn swap_dirs(a: &Path, b: &Path) -> Result<(), CheckpointError> {
         let ca = CString::new(a.as_os_str().as_bytes()).map_err(|e| io(a)(std::io::Error::other(e)))?;
         let cb = CString::new(b.as_os_str().as_bytes()).map_err(|e| io(b)(std::io::Error::other(e)))?;
         // SAFETY: both pointers are valid NUL-terminated paths for the duration of the call.
-        let rc = unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
+        let rc =
+            unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
         if rc == 0 {
             return Ok(());
         }
@@ -297,7 +305,13 @@ pub fn read_trainer_state(dir: &Path) -> Result<TrainerState, CheckpointError> {
 }
 
 /// Copies tensor `name` (looked up as is, or under `prefix`) into `out`, checking dtype and shape.
-fn read_tensor(st: &SafeTensors<'_>, path: &Path, name: &str, shape: &[usize], out: &mut [f32]) -> Result<(), CheckpointError> {
+fn read_tensor(
+    st: &SafeTensors<'_>,
+    path: &Path,
+    name: &str,
+    shape: &[usize],
+    out: &mut [f32],
+) -> Result<(), CheckpointError> {
     let mismatch = |reason: String| CheckpointError::Mismatch { path: path.to_path_buf(), reason };
     let view = st
         .tensor(name)
@@ -316,13 +330,19 @@ fn read_tensor(st: &SafeTensors<'_>, path: &Path, name: &str, shape: &[usize], o
 }
 
 fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>, CheckpointError> {
-    SafeTensors::deserialize(bytes).map_err(|e| CheckpointError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })
+    SafeTensors::deserialize(bytes)
+        .map_err(|e| CheckpointError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })
 }
 
 // ANCHOR: load
 /// Loads the weights of a checkpoint in `dir` into `params` (our layout, padding rows zeroed).
 /// The checkpoint's config.json must describe the same model.
-pub fn load_weights(dir: &Path, cfg: &ModelConfig, layout: &ParamLayout, params: &mut [f32]) -> Result<(), CheckpointError> {
+pub fn load_weights(
+    dir: &Path,
+    cfg: &ModelConfig,
+    layout: &ParamLayout,
+    params: &mut [f32],
+) -> Result<(), CheckpointError> {
     let hf = read_hf_config(dir)?;
     let theirs = hf.model_config();
     if theirs != *cfg {
@@ -330,8 +350,16 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig, layout: &ParamLayout, params:
             path: dir.to_path_buf(),
             reason: format!(
                 "it holds n_layer={} n_head={} n_embd={} block_size={} vocab={}, the model is n_layer={} n_head={} n_embd={} block_size={} vocab={} (pass the matching --model/--n-layer/--n-head/--n-embd/--block-size/--tokenizer)",
-                theirs.n_layer, theirs.n_head, theirs.n_embd, theirs.block_size, theirs.vocab_size,
-                cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size
+                theirs.n_layer,
+                theirs.n_head,
+                theirs.n_embd,
+                theirs.block_size,
+                theirs.vocab_size,
+                cfg.n_layer,
+                cfg.n_head,
+                cfg.n_embd,
+                cfg.block_size,
+                cfg.vocab_size
             ),
         });
     }
@@ -425,7 +453,9 @@ mod tests {
         let mut loaded = vec![0.0; layout.total];
 
         let bigger = ModelConfig { n_embd: 128, ..cfg.clone() };
-        let err = load_weights(&ckpt, &bigger, &ParamLayout::new(&bigger), &mut vec![0.0; ParamLayout::new(&bigger).total]).unwrap_err();
+        let err =
+            load_weights(&ckpt, &bigger, &ParamLayout::new(&bigger), &mut vec![0.0; ParamLayout::new(&bigger).total])
+                .unwrap_err();
         assert!(err.to_string().contains("does not match the model"), "{err}");
 
         let file = ckpt.join("model.safetensors");

@@ -4,14 +4,14 @@
 //! and returns a [`train::TrainReport`]. The binary (`main.rs`) is a thin command line around it,
 //! and later chapters and the cross-chapter tests call it directly.
 
+pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod model;
 pub mod params;
-pub mod checkpoint;
-pub mod data;
+pub mod sample;
 pub mod schedule;
 pub mod tokenizer;
-pub mod sample;
 pub mod train;
 
 pub use train::{DataSource, TrainConfig, TrainError, TrainReport, train};

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 /// With no flags: the `small` model on the embedded Shakespeare corpus, a few minutes on a
 /// laptop CPU, ending with a summary and a generated sample.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, args_override_self = true)]
 struct Cli {
     /// Model preset: tiny, small, gpt2 (124M), gpt2-medium, gpt2-large, gpt2-xl.
     #[arg(long, default_value = "small")]

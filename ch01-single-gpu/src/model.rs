@@ -88,12 +88,12 @@ pub struct Gradients {
 
 /// The activation gradients inside one block's backward.
 pub struct BlockGradients {
-    pub d_res_2: Tensor,    // [B, T, C]
-    pub d_ln: Tensor,       // [B, T, C]
-    pub d_att_y: Tensor,    // [B, T, C]
-    pub d_qkv: Tensor,      // [B, T, 3C]
-    pub d_fc: Tensor,       // [B, T, 4C]
-    pub d_fc_gelu: Tensor,  // [B, T, 4C]
+    pub d_res_2: Tensor,   // [B, T, C]
+    pub d_ln: Tensor,      // [B, T, C]
+    pub d_att_y: Tensor,   // [B, T, C]
+    pub d_qkv: Tensor,     // [B, T, 3C]
+    pub d_fc: Tensor,      // [B, T, 4C]
+    pub d_fc_gelu: Tensor, // [B, T, 4C]
 }
 // ANCHOR_END: gradients_scratch
 
@@ -216,7 +216,6 @@ fn s(t: &Tensor, n: usize) -> &[f32] {
 impl BlockParams<&[f32]> {
     /// Given d_out = dL/d(out), accumulates the block's parameter gradients into `grads` and
     /// writes dL/dx into `d_x`: the forward above, read bottom to top.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         grads: &mut BlockParams<&mut [f32]>,
@@ -252,7 +251,17 @@ impl BlockParams<&[f32]> {
         gelu_backward(d_fc, s(&acts.fc, bt * 4 * c), d_fc_gelu);
         let d_ln = &mut g.d_ln.as_mut_slice()[..bt * c];
         d_ln.fill(0.0);
-        linear_backward(Some(d_ln), grads.mlp_c_fc_weight, Some(grads.mlp_c_fc_bias), d_fc, s(&acts.ln_2, bt * c), self.mlp_c_fc_weight, bt, c, 4 * c);
+        linear_backward(
+            Some(d_ln),
+            grads.mlp_c_fc_weight,
+            Some(grads.mlp_c_fc_bias),
+            d_fc,
+            s(&acts.ln_2, bt * c),
+            self.mlp_c_fc_weight,
+            bt,
+            c,
+            4 * c,
+        );
         layernorm_backward(
             d_res_2,
             grads.ln_2_weight,
@@ -269,13 +278,51 @@ impl BlockParams<&[f32]> {
         d_x.copy_from_slice(d_res_2);
         let d_att_y = &mut g.d_att_y.as_mut_slice()[..bt * c];
         d_att_y.fill(0.0);
-        linear_backward(Some(d_att_y), grads.attn_c_proj_weight, Some(grads.attn_c_proj_bias), d_res_2, s(&acts.att_y, bt * c), self.attn_c_proj_weight, bt, c, c);
+        linear_backward(
+            Some(d_att_y),
+            grads.attn_c_proj_weight,
+            Some(grads.attn_c_proj_bias),
+            d_res_2,
+            s(&acts.att_y, bt * c),
+            self.attn_c_proj_weight,
+            bt,
+            c,
+            c,
+        );
         let d_qkv = &mut g.d_qkv.as_mut_slice()[..bt * 3 * c];
         d_qkv.fill(0.0);
-        attention_backward(d_qkv, d_att_y, s(&acts.qkv, bt * 3 * c), s(&acts.att, d.b * d.n_head * d.t * d.t), d.t, c, d.n_head);
+        attention_backward(
+            d_qkv,
+            d_att_y,
+            s(&acts.qkv, bt * 3 * c),
+            s(&acts.att, d.b * d.n_head * d.t * d.t),
+            d.t,
+            c,
+            d.n_head,
+        );
         d_ln.fill(0.0);
-        linear_backward(Some(d_ln), grads.attn_c_attn_weight, Some(grads.attn_c_attn_bias), d_qkv, s(&acts.ln_1, bt * c), self.attn_c_attn_weight, bt, c, 3 * c);
-        layernorm_backward(d_x, grads.ln_1_weight, grads.ln_1_bias, d_ln, x, self.ln_1_weight, s(&acts.ln_1_mean, bt), s(&acts.ln_1_rstd, bt), c);
+        linear_backward(
+            Some(d_ln),
+            grads.attn_c_attn_weight,
+            Some(grads.attn_c_attn_bias),
+            d_qkv,
+            s(&acts.ln_1, bt * c),
+            self.attn_c_attn_weight,
+            bt,
+            c,
+            3 * c,
+        );
+        layernorm_backward(
+            d_x,
+            grads.ln_1_weight,
+            grads.ln_1_bias,
+            d_ln,
+            x,
+            self.ln_1_weight,
+            s(&acts.ln_1_mean, bt),
+            s(&acts.ln_1_rstd, bt),
+            c,
+        );
     }
 }
 // ANCHOR_END: block_backward
@@ -289,7 +336,16 @@ fn lm_head_forward(logits: &mut [f32], x: &[f32], wte: &[f32], bt: usize, c: usi
 
 /// dx = dlogits @ wte [BT, C];  dwte += dlogits^T @ x [Vp, C] (added to the embedding's own
 /// gradient: one tensor, two uses, one sum).
-fn lm_head_backward(dx: &mut [f32], dwte: &mut [f32], dlogits: &[f32], x: &[f32], wte: &[f32], bt: usize, c: usize, vp: usize) {
+fn lm_head_backward(
+    dx: &mut [f32],
+    dwte: &mut [f32],
+    dlogits: &[f32],
+    x: &[f32],
+    wte: &[f32],
+    bt: usize,
+    c: usize,
+    vp: usize,
+) {
     let dlogits = MatRef::row_major(dlogits, bt, vp);
     gemm(MatMut::row_major(dx, bt, c), dlogits, MatRef::row_major(wte, vp, c), false);
     gemm(MatMut::row_major(dwte, vp, c), dlogits.t(), MatRef::row_major(x, bt, c), true);
@@ -341,7 +397,6 @@ pub fn forward(
 /// Accumulates dL/dθ into `grads` for L = dloss * (sum of the token losses of the last
 /// `forward`, which must have been given targets). dloss = 1/(tokens in the step) makes L the
 /// step's mean loss.
-#[allow(clippy::too_many_arguments)]
 pub fn backward(
     p: &GptParams<&[f32]>,
     grads: &mut GptParams<&mut [f32]>,
@@ -367,7 +422,17 @@ pub fn backward(
     let last = acts.blocks.last().map_or(&acts.embedded, |b| &b.out);
     d_out.fill(0.0);
     let (mean, rstd) = (&acts.ln_f_mean.as_slice()[..bt], &acts.ln_f_rstd.as_slice()[..bt]);
-    layernorm_backward(d_out, grads.ln_f_weight, grads.ln_f_bias, d_ln_f, &last.as_slice()[..bt * c], p.ln_f_weight, mean, rstd, c);
+    layernorm_backward(
+        d_out,
+        grads.ln_f_weight,
+        grads.ln_f_bias,
+        d_ln_f,
+        &last.as_slice()[..bt * c],
+        p.ln_f_weight,
+        mean,
+        rstd,
+        c,
+    );
 
     for l in (0..cfg.n_layer).rev() {
         let x = match l {
@@ -400,7 +465,15 @@ mod tests {
         (cfg, layout, params)
     }
 
-    fn loss(cfg: &ModelConfig, layout: &ParamLayout, params: &[f32], tokens: &[u32], targets: &[u32], b: usize, t: usize) -> f32 {
+    fn loss(
+        cfg: &ModelConfig,
+        layout: &ParamLayout,
+        params: &[f32],
+        tokens: &[u32],
+        targets: &[u32],
+        b: usize,
+        t: usize,
+    ) -> f32 {
         let mut acts = Activations::new(cfg, b, t, &MemoryLedger::new());
         forward(&layout.views(params), cfg, &mut acts, tokens, Some(targets), b, t).unwrap()
     }
@@ -420,7 +493,18 @@ mod tests {
         let mut grads = vec![0.0; layout.total];
         let p = layout.views(&params);
         forward(&p, &cfg, &mut acts, &tokens, Some(&targets), b, t);
-        backward(&p, &mut layout.views_mut(&mut grads), &cfg, &mut acts, &mut scratch, &tokens, &targets, 1.0 / (b * t) as f32, b, t);
+        backward(
+            &p,
+            &mut layout.views_mut(&mut grads),
+            &cfg,
+            &mut acts,
+            &mut scratch,
+            &tokens,
+            &targets,
+            1.0 / (b * t) as f32,
+            b,
+            t,
+        );
 
         // Check a spread of elements in every tensor: a wiring mistake anywhere (a missing
         // residual path, a transposed weight, the tied embedding's second use) shows up as

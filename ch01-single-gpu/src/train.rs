@@ -276,7 +276,9 @@ fn decay_groups(layout: &ParamLayout, weight_decay: f32) -> Vec<(Range<usize>, f
 // ANCHOR_END: decay_groups
 
 fn check_config(cfg: &TrainConfig, model: &ModelConfig) -> Result<usize, TrainError> {
-    for (value, name) in [(cfg.batch_size, "batch size"), (cfg.grad_accum, "grad_accum"), (cfg.val_batches, "val_batches")] {
+    for (value, name) in
+        [(cfg.batch_size, "batch size"), (cfg.grad_accum, "grad_accum"), (cfg.val_batches, "val_batches")]
+    {
         if value == 0 {
             return Err(TrainError::Zero(name));
         }
@@ -374,7 +376,10 @@ impl Trainer {
         if let Some(dir) = &cfg.resume {
             let state = checkpoint::read_trainer_state(dir)?;
             if state.run != run {
-                let reason = format!("it was written by a different run ({:?}); resume with the same flags as that run", state.run);
+                let reason = format!(
+                    "it was written by a different run ({:?}); resume with the same flags as that run",
+                    state.run
+                );
                 return Err(TrainError::Resume { path: dir.clone(), reason });
             }
             if state.step >= cfg.steps {
@@ -448,7 +453,18 @@ impl Trainer {
             loss_sum += loss.unwrap_or(f32::NAN) as f64;
             let _span = self.trace.span("backward");
             let mut g = self.layout.views_mut(self.grads.as_mut_slice());
-            backward(&p, &mut g, &self.model, &mut self.acts, &mut self.scratch, &batch.inputs, &batch.targets, dloss, b, t);
+            backward(
+                &p,
+                &mut g,
+                &self.model,
+                &mut self.acts,
+                &mut self.scratch,
+                &batch.inputs,
+                &batch.targets,
+                dloss,
+                b,
+                t,
+            );
         }
         let loss = (loss_sum / accum as f64) as f32;
         if !loss.is_finite() {
@@ -463,7 +479,8 @@ impl Trainer {
         for (range, wd) in &self.decay_groups {
             let p = &mut self.params.as_mut_slice()[range.clone()];
             let g = &self.grads.as_slice()[range.clone()];
-            let (m, v) = (&mut self.adam_m.as_mut_slice()[range.clone()], &mut self.adam_v.as_mut_slice()[range.clone()]);
+            let (m, v) =
+                (&mut self.adam_m.as_mut_slice()[range.clone()], &mut self.adam_v.as_mut_slice()[range.clone()]);
             adamw_update(p, g, m, v, cfg.adam, lr, *wd, scale, self.step + 1);
         }
         drop(step_span);
@@ -495,7 +512,8 @@ impl Trainer {
 
     /// Generates text from the prompt with the current parameters.
     pub fn sample(&self, prompt: &str, cfg: SampleConfig) -> String {
-        let tokens = generate(&self.layout.views(self.params.as_slice()), &self.model, &self.tokenizer.encode(prompt), cfg);
+        let tokens =
+            generate(&self.layout.views(self.params.as_slice()), &self.model, &self.tokenizer.encode(prompt), cfg);
         prompt.to_string() + &self.tokenizer.decode(&tokens)
     }
 }
@@ -505,17 +523,30 @@ impl Trainer {
 pub fn train(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
     let mut trainer = Trainer::new(cfg)?;
     let mut metrics = match &cfg.metrics {
-        Some(path) => Some(std::fs::File::create(path).map_err(|source| TrainError::Io { path: path.clone(), source })?),
+        Some(path) => {
+            Some(std::fs::File::create(path).map_err(|source| TrainError::Io { path: path.clone(), source })?)
+        }
         None => None,
     };
     let bar = progress_bar(cfg, trainer.step);
     let ds = &trainer.dataset;
     let m = &trainer.model;
-    say(&bar, cfg.progress, &format!(
-        "device: {} | model: {} layers, {} heads, {} dims, {:.2}M parameters | tokenizer: {:?} ({} tokens: {} train, {} val)",
-        trainer.device, m.n_layer, m.n_head, m.n_embd, trainer.n_params() as f64 / 1e6, cfg.tokenizer,
-        ds.train.len() + ds.val.len(), ds.train.len(), ds.val.len()
-    ));
+    say(
+        &bar,
+        cfg.progress,
+        &format!(
+            "device: {} | model: {} layers, {} heads, {} dims, {:.2}M parameters | tokenizer: {:?} ({} tokens: {} train, {} val)",
+            trainer.device,
+            m.n_layer,
+            m.n_head,
+            m.n_embd,
+            trainer.n_params() as f64 / 1e6,
+            cfg.tokenizer,
+            ds.train.len() + ds.val.len(),
+            ds.train.len(),
+            ds.val.len()
+        ),
+    );
 
     let mut steps = Vec::new();
     let mut val_losses = Vec::new();
@@ -540,21 +571,23 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
         }
         if let Some(file) = metrics.as_mut() {
             let line = serde_json::to_string(&record).unwrap_or_default();
-            writeln!(file, "{line}").map_err(|source| TrainError::Io { path: cfg.metrics.clone().unwrap_or_default(), source })?;
+            writeln!(file, "{line}")
+                .map_err(|source| TrainError::Io { path: cfg.metrics.clone().unwrap_or_default(), source })?;
         }
         bar.set_message(format!("loss {:.4} | lr {:.2e} | {:.0} tok/s", record.loss, record.lr, record.tokens_per_sec));
         bar.inc(1);
         steps.push(record);
-        if let Some(dir) = &cfg.save {
-            if done == cfg.steps || (cfg.save_every > 0 && done % cfg.save_every == 0) {
-                trainer.save(dir)?;
-                last_checkpoint = Some((dir.clone(), done));
-            }
+        if let Some(dir) = &cfg.save
+            && (done == cfg.steps || (cfg.save_every > 0 && done.is_multiple_of(cfg.save_every)))
+        {
+            trainer.save(dir)?;
+            last_checkpoint = Some((dir.clone(), done));
         }
     }
     bar.finish_and_clear();
 
-    let sample_cfg = SampleConfig { tokens: cfg.sample_tokens, temperature: cfg.temperature, top_k: cfg.top_k, seed: cfg.seed };
+    let sample_cfg =
+        SampleConfig { tokens: cfg.sample_tokens, temperature: cfg.temperature, top_k: cfg.top_k, seed: cfg.seed };
     let sample = (cfg.sample_tokens > 0).then(|| trainer.sample(&cfg.prompt, sample_cfg));
     if let Some(path) = &cfg.trace {
         write_trace(&trainer.trace, path)?;

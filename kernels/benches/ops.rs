@@ -21,7 +21,9 @@ fn matmul(c: &mut Criterion) {
     let mut group = c.benchmark_group("matmul");
     group.sample_size(20);
     let m = 256;
-    for (name, k, n) in [("qkv 256x768x2304", 768, 2304), ("fc 256x768x3072", 768, 3072), ("proj 256x3072x768", 3072, 768)] {
+    for (name, k, n) in
+        [("qkv 256x768x2304", 768, 2304), ("fc 256x768x3072", 768, 3072), ("proj 256x3072x768", 3072, 768)]
+    {
         let (inp, w, bias) = (random(m * k, 1), random(k * n, 2), random(n, 3));
         let mut out = vec![0.0; m * n];
         group.throughput(Throughput::Elements((2 * m * k * n) as u64));
@@ -33,7 +35,14 @@ fn matmul(c: &mut Criterion) {
     let mut out = vec![0.0; sq * sq];
     group.throughput(Throughput::Elements((2 * sq * sq * sq) as u64));
     group.bench_function("square 1536", |b| {
-        b.iter(|| gemm(MatMut::row_major(&mut out, sq, sq), MatRef::row_major(&a, sq, sq), MatRef::row_major(&b2, sq, sq), false))
+        b.iter(|| {
+            gemm(
+                MatMut::row_major(&mut out, sq, sq),
+                MatRef::row_major(&a, sq, sq),
+                MatRef::row_major(&b2, sq, sq),
+                false,
+            )
+        })
     });
     // The tied output projection: logits = x @ wte^T, wte stored [Vp, C].
     let (k, n) = (768, 50304);
@@ -41,12 +50,26 @@ fn matmul(c: &mut Criterion) {
     let mut logits = vec![0.0; m * n];
     group.throughput(Throughput::Elements((2 * m * k * n) as u64));
     group.bench_function("lm_head 256x768x50304 (B^T)", |b| {
-        b.iter(|| gemm(MatMut::row_major(&mut logits, m, n), MatRef::row_major(&x, m, k), MatRef::row_major(&wte, n, k).t(), false))
+        b.iter(|| {
+            gemm(
+                MatMut::row_major(&mut logits, m, n),
+                MatRef::row_major(&x, m, k),
+                MatRef::row_major(&wte, n, k).t(),
+                false,
+            )
+        })
     });
     // Its weight gradient: dwte [Vp, C] += dlogits^T @ x, a reduction over only 256 rows.
     let mut dwte = vec![0.0; n * k];
     group.bench_function("lm_head dW 50304x256x768 (A^T)", |b| {
-        b.iter(|| gemm(MatMut::row_major(&mut dwte, n, k), MatRef::row_major(&logits, m, n).t(), MatRef::row_major(&x, m, k), true))
+        b.iter(|| {
+            gemm(
+                MatMut::row_major(&mut dwte, n, k),
+                MatRef::row_major(&logits, m, n).t(),
+                MatRef::row_major(&x, m, k),
+                true,
+            )
+        })
     });
     group.finish();
 }
@@ -58,7 +81,9 @@ fn attention(c: &mut Criterion) {
     let qkv = random(b * t * 3 * ch, 1);
     let dout = random(b * t * ch, 2);
     let (mut out, mut att, mut dqkv) = (vec![0.0; b * t * ch], vec![0.0; b * h * t * t], vec![0.0; b * t * 3 * ch]);
-    group.bench_function("forward B4 T64 C768 H12", |bench| bench.iter(|| attention_forward(&mut out, &mut att, &qkv, t, ch, h)));
+    group.bench_function("forward B4 T64 C768 H12", |bench| {
+        bench.iter(|| attention_forward(&mut out, &mut att, &qkv, t, ch, h))
+    });
     group.bench_function("backward B4 T64 C768 H12", |bench| {
         bench.iter(|| attention_backward(&mut dqkv, &dout, &qkv, &att, t, ch, h))
     });

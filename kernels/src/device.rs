@@ -13,9 +13,7 @@ pub enum Device {
 pub enum DeviceError {
     #[error("unknown device '{0}' (expected auto, cpu, cuda or cuda:N)")]
     Unknown(String),
-    #[error(
-        "device '{0}' was requested, but this build has no CUDA backend yet; use --device cpu or auto"
-    )]
+    #[error("device '{0}' was requested, but this build has no CUDA backend yet; use --device cpu or auto")]
     CudaUnavailable(String),
 }
 

@@ -1,8 +1,8 @@
 //! `Tensor`: a shape and an f32 buffer on a device, optionally counted in a memory ledger.
 
 use crate::device::Device;
-use rayon::prelude::*;
 use crate::memory::{Allocation, Category, MemoryLedger};
+use rayon::prelude::*;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TensorError {

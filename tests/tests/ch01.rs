@@ -23,7 +23,14 @@ fn two_hundred_steps_learn_more_than_byte_frequencies() {
     // A model that ignores context can at best reach the entropy of the byte frequencies
     // (3.32 nats on this corpus). Going 0.3 nats below it on held-out text means the model uses
     // context. The tiny model gets to ~2.6 in 200 steps; ln 256 = 5.55 at the start.
-    let cfg = TrainConfig { steps: 200, batch_size: 8, seq_len: Some(64), warmup_steps: 20, data_order: DataOrder::Random, ..tiny_config(200) };
+    let cfg = TrainConfig {
+        steps: 200,
+        batch_size: 8,
+        seq_len: Some(64),
+        warmup_steps: 20,
+        data_order: DataOrder::Random,
+        ..tiny_config(200)
+    };
     let report = train(&cfg).unwrap();
     let tokens = Tokenizer::new(TokenizerKind::Byte).encode(SHAKESPEARE);
     let floor = unigram_entropy(&Dataset::new(tokens).unwrap().train) as f32;
@@ -124,7 +131,10 @@ fn checkpoint_has_the_hugging_face_gpt2_layout() {
     assert_eq!(stored, by_name["ln_f.bias"].1);
 
     let config: HfConfig = serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
-    assert_eq!((config.model_type.as_str(), config.vocab_size, config.n_positions, config.n_embd), ("gpt2", 256, 64, 64));
+    assert_eq!(
+        (config.model_type.as_str(), config.vocab_size, config.n_positions, config.n_embd),
+        ("gpt2", 256, 64, 64)
+    );
     assert_eq!((config.n_layer, config.n_head, config.layer_norm_epsilon), (2, 4, 1e-5));
     assert_eq!(config.activation_function, "gelu_new");
     assert!(config.tie_word_embeddings);
@@ -144,7 +154,13 @@ fn non_finite_loss_stops_and_names_the_step() {
     // overflows.
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");
-    let cfg = TrainConfig { lr: 1e30, lr_schedule: ch01_single_gpu::schedule::LrSchedule::Constant, save: Some(ckpt.clone()), save_every: 1, ..tiny_config(5) };
+    let cfg = TrainConfig {
+        lr: 1e30,
+        lr_schedule: ch01_single_gpu::schedule::LrSchedule::Constant,
+        save: Some(ckpt.clone()),
+        save_every: 1,
+        ..tiny_config(5)
+    };
     match train(&cfg) {
         Err(TrainError::NonFiniteLoss { step, last_checkpoint, .. }) => {
             assert!(step >= 2, "step {step}");

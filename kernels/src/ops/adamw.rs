@@ -28,7 +28,6 @@ const CHUNK: usize = 16 * 1024;
 ///   m = b1 m + (1 - b1) g              v = b2 v + (1 - b2) g^2
 ///   m^ = m / (1 - b1^t)                v^ = v / (1 - b2^t)            (bias correction)
 ///   p = p - lr (m^ / (sqrt(v^) + eps) + weight_decay p)
-#[allow(clippy::too_many_arguments)]
 pub fn adamw_update(
     params: &mut [f32],
     grads: &[f32],

@@ -59,7 +59,15 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], t_len: u
 ///   datt[u]  = dout_t . v_u                  dv_u += att[t,u] dout_t
 ///   ds[u]    = att[t,u] (datt[u] - sum_u' att[t,u'] datt[u'])      (softmax backward)
 ///   dq_t    += sum_u ds[u] k_u / sqrt(hs)    dk_u += ds[u] q_t / sqrt(hs)
-pub fn attention_backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], att: &[f32], t_len: usize, c: usize, n_head: usize) {
+pub fn attention_backward(
+    dqkv: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    att: &[f32],
+    t_len: usize,
+    c: usize,
+    n_head: usize,
+) {
     let hs = c / n_head;
     let scale = 1.0 / (hs as f32).sqrt();
     dqkv.par_chunks_mut(t_len * 3 * c)

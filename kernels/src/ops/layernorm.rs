@@ -12,7 +12,15 @@ pub const EPS: f32 = 1e-5;
 ///
 ///   mean = (1/C) sum_c x_c        var = (1/C) sum_c (x_c - mean)^2      rstd = 1/sqrt(var + eps)
 ///   out_c = (x_c - mean) * rstd * weight_c + bias_c
-pub fn layernorm_forward(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], c: usize) {
+pub fn layernorm_forward(
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    c: usize,
+) {
     out.par_chunks_mut(c)
         .zip(inp.par_chunks(c))
         .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
@@ -38,7 +46,6 @@ pub fn layernorm_forward(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], in
 ///   dinp    += rstd * (dnorm - mean_c(dnorm) - norm * mean_c(dnorm * norm))
 ///
 /// The last line is the derivative through mean and rstd: both depend on every x_c of the row.
-#[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward(
     dinp: &mut [f32],
     dweight: &mut [f32],

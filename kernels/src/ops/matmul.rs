@@ -135,7 +135,15 @@ fn gemm_serial(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
 /// Linear layer forward, Hugging Face `Conv1D` layout (weight stored [in, out]).
 ///
 /// inp [M, K], weight [K, N], bias [N] -> out [M, N]:   out = inp @ weight + bias
-pub fn linear_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize) {
+pub fn linear_forward(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+) {
     match bias {
         Some(bias) => {
             for row in out.chunks_exact_mut(n) {
@@ -154,7 +162,6 @@ pub fn linear_forward(out: &mut [f32], inp: &[f32], weight: &[f32], bias: Option
 ///   dinp    += dout @ weight^T      [M, K]
 ///   dweight += inp^T @ dout         [K, N]
 ///   dbias   += sum over rows of dout [N]
-#[allow(clippy::too_many_arguments)]
 pub fn linear_backward(
     dinp: Option<&mut [f32]>,
     dweight: &mut [f32],

@@ -15,8 +15,8 @@ pub mod embedding;
 pub mod gelu;
 pub mod grad_norm;
 pub mod layernorm;
-pub mod matmul;
 pub mod math;
+pub mod matmul;
 pub mod residual;
 pub mod softmax_cross_entropy;
 
@@ -32,12 +32,7 @@ pub(crate) const ROWS_PER_TASK: usize = 32;
 
 /// `out[j] += sum over rows r of f(r)[j]`, computed in parallel over fixed chunks of rows and
 /// summed in chunk order (deterministic). `f` adds the rows of one chunk into a zeroed partial.
-pub(crate) fn reduce_rows(
-    n_rows: usize,
-    width: usize,
-    out: &mut [f32],
-    f: impl Fn(Range<usize>, &mut [f32]) + Sync,
-) {
+pub(crate) fn reduce_rows(n_rows: usize, width: usize, out: &mut [f32], f: impl Fn(Range<usize>, &mut [f32]) + Sync) {
     let n_chunks = n_rows.div_ceil(ROWS_PER_TASK);
     let partials: Vec<Vec<f32>> = (0..n_chunks)
         .into_par_iter()

@@ -13,7 +13,13 @@ use rayon::prelude::*;
 ///
 ///   probs_i = exp(z_i - max z) / sum_j exp(z_j - max z)
 ///   loss    = -ln probs_target = ln sum_j exp(z_j - max z) - (z_target - max z)
-pub fn softmax_cross_entropy_forward(logits_to_probs: &mut [f32], losses: &mut [f32], targets: &[u32], v: usize, vp: usize) {
+pub fn softmax_cross_entropy_forward(
+    logits_to_probs: &mut [f32],
+    losses: &mut [f32],
+    targets: &[u32],
+    v: usize,
+    vp: usize,
+) {
     logits_to_probs.par_chunks_mut(vp).zip(losses.par_iter_mut()).zip(targets.par_iter()).for_each(
         |((row, loss), &target)| {
             let max = math::max(&row[..v]);
