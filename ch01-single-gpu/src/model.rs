@@ -12,6 +12,7 @@ use kernels::ops::matmul::{MatMut, MatRef, gemm, linear_backward, linear_forward
 use kernels::ops::residual::residual_forward;
 use kernels::ops::softmax_cross_entropy::{softmax_cross_entropy_backward, softmax_cross_entropy_forward};
 use kernels::{Category, MemoryLedger, Rng, Tensor};
+use std::ops::Range;
 
 // ANCHOR: init_params
 /// Fresh parameters, GPT-2's initialisation: weights N(0, 0.02²), the two projections that write
@@ -393,6 +394,13 @@ pub fn forward(
 }
 // ANCHOR_END: model_forward
 
+/// Told, during backward, which parameters' gradients are now final: a range of indices into
+/// `ParamLayout::specs`, and read access to every gradient. They become final in reverse layout
+/// order: ln_f, then block L-1 down to block 0, then wte and wpe (wte last: it collects the
+/// output projection's gradient first and the embedding's at the very end). Chapter 2 hangs its
+/// gradient all-reduce here, to overlap communication with the rest of backward.
+pub type GradsReady<'a> = &'a mut dyn FnMut(Range<usize>, &GptParams<&mut [f32]>);
+
 // ANCHOR: model_backward
 /// Accumulates dL/dθ into `grads` for L = dloss * (sum of the token losses of the last
 /// `forward`, which must have been given targets). dloss = 1/(tokens in the step) makes L the
@@ -408,9 +416,11 @@ pub fn backward(
     dloss: f32,
     b: usize,
     t: usize,
+    on_ready: GradsReady<'_>,
 ) {
     let d = Dims { b, t, c: cfg.n_embd, n_head: cfg.n_head };
     let (bt, c, vp) = (b * t, cfg.n_embd, cfg.padded_vocab_size());
+    let n_tensors = 2 + 12 * cfg.n_layer + 2;
 
     let dlogits = &mut acts.logits.as_mut_slice()[..bt * vp];
     softmax_cross_entropy_backward(dlogits, targets, dloss, vp);
@@ -433,6 +443,7 @@ pub fn backward(
         rstd,
         c,
     );
+    on_ready(n_tensors - 2..n_tensors, grads);
 
     for l in (0..cfg.n_layer).rev() {
         let x = match l {
@@ -441,8 +452,10 @@ pub fn backward(
         };
         p.blocks[l].backward(&mut grads.blocks[l], d_out, x, &acts.blocks[l], &mut g.block, d_in, d);
         std::mem::swap(&mut d_out, &mut d_in);
+        on_ready(2 + 12 * l..2 + 12 * (l + 1), grads);
     }
     embedding_backward(grads.wte, grads.wpe, d_out, tokens, t, c);
+    on_ready(0..2, grads);
 }
 // ANCHOR_END: model_backward
 
@@ -504,6 +517,7 @@ mod tests {
             1.0 / (b * t) as f32,
             b,
             t,
+            &mut |_, _| {},
         );
 
         // Check a spread of elements in every tensor: a wiring mistake anywhere (a missing
@@ -536,6 +550,45 @@ mod tests {
         assert!(grads[pad..pad + (cfg.padded_vocab_size() - cfg.vocab_size) * cfg.n_embd].iter().all(|&g| g == 0.0));
     }
     // ANCHOR_END: whole_model_gradient_check
+
+    #[test]
+    fn gradients_become_ready_in_reverse_layout_order_each_once() {
+        let (cfg, layout, params) = tiny();
+        let (b, t) = (1, 4);
+        let tokens = [1u32, 2, 3, 4];
+        let ledger = MemoryLedger::new();
+        let mut acts = Activations::new(&cfg, b, t, &ledger);
+        let mut scratch = Gradients::new(&cfg, b, t, &ledger);
+        let mut grads = vec![0.0; layout.total];
+        let p = layout.views(&params);
+        forward(&p, &cfg, &mut acts, &tokens, Some(&tokens), b, t);
+        let mut seen = Vec::new();
+        let mut hook = |ready: Range<usize>, g: &GptParams<&mut [f32]>| {
+            // What the hook reads is the final gradient: nonzero for every tensor but the unused
+            // positions' rows of wpe.
+            assert!(ready.clone().all(|i| g.tensors()[i].iter().any(|&x| x != 0.0)));
+            seen.push(ready);
+        };
+        backward(
+            &p,
+            &mut layout.views_mut(&mut grads),
+            &cfg,
+            &mut acts,
+            &mut scratch,
+            &tokens,
+            &tokens,
+            0.25,
+            b,
+            t,
+            &mut hook,
+        );
+        let n = layout.specs.len();
+        assert_eq!(seen.first(), Some(&(n - 2..n)), "ln_f first");
+        assert_eq!(seen.last(), Some(&(0..2)), "embeddings last");
+        for pair in seen.windows(2) {
+            assert_eq!(pair[1].end, pair[0].start, "contiguous, descending");
+        }
+    }
 
     #[test]
     fn loss_at_initialisation_is_ln_vocab() {

@@ -148,6 +148,29 @@ impl ParamLayout {
 }
 
 impl<T> GptParams<T> {
+    /// Every tensor, in layout (checkpoint) order: index i is `ParamLayout::specs[i]`.
+    pub fn tensors(&self) -> Vec<&T> {
+        let mut out = vec![&self.wte, &self.wpe];
+        for b in &self.blocks {
+            out.extend([
+                &b.ln_1_weight,
+                &b.ln_1_bias,
+                &b.attn_c_attn_weight,
+                &b.attn_c_attn_bias,
+                &b.attn_c_proj_weight,
+                &b.attn_c_proj_bias,
+                &b.ln_2_weight,
+                &b.ln_2_bias,
+                &b.mlp_c_fc_weight,
+                &b.mlp_c_fc_bias,
+                &b.mlp_c_proj_weight,
+                &b.mlp_c_proj_bias,
+            ]);
+        }
+        out.extend([&self.ln_f_weight, &self.ln_f_bias]);
+        out
+    }
+
     fn from_pieces(pieces: impl Iterator<Item = T>, n_layer: usize) -> GptParams<T> {
         let mut it = pieces;
         let mut next = || it.next().expect("layout has every tensor");
@@ -196,5 +219,8 @@ mod tests {
         let views = layout.views_mut(&mut buf);
         assert_eq!(views.blocks[1].attn_c_proj_bias[0], spec.offset as f32);
         assert_eq!(views.ln_f_bias.last().copied(), Some((layout.total - 1) as f32));
+        for (tensor, spec) in views.tensors().iter().zip(&layout.specs) {
+            assert_eq!((tensor.len(), tensor[0]), (spec.numel(), spec.offset as f32), "{}", spec.name);
+        }
     }
 }

@@ -2,8 +2,8 @@
 
 use crate::checkpoint::{self, CheckpointContents, CheckpointError, RunShape, TrainerState};
 use crate::config::{ConfigError, ModelConfig};
-use crate::data::{BatchSampler, DataError, DataOrder, Dataset, SHAKESPEARE, sequential_batch};
-use crate::model::{Activations, Gradients, backward, forward};
+use crate::data::{Batch, BatchSampler, DataError, DataOrder, Dataset, SHAKESPEARE, sequential_batch};
+use crate::model::{Activations, Gradients, GradsReady, backward, forward};
 use crate::params::ParamLayout;
 use crate::sample::{SampleConfig, generate};
 use crate::schedule::{LrSchedule, learning_rate};
@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Where the training text comes from.
@@ -325,7 +326,8 @@ pub struct Trainer {
     pub layout: ParamLayout,
     pub tokenizer: Tokenizer,
     pub device: kernels::Device,
-    pub dataset: Dataset,
+    /// The corpus, tokenized once and shared by every trainer of a run (data-parallel ranks).
+    pub dataset: Arc<Dataset>,
     run: RunShape,
     /// Parameters, their gradients and AdamW's two moments: four buffers of one layout.
     params: Tensor,
@@ -338,8 +340,9 @@ pub struct Trainer {
     decay_groups: Vec<(Range<usize>, f32)>,
     /// Optimizer steps completed.
     pub step: u64,
-    /// Sequences per micro-batch and tokens per sequence.
-    b: usize,
+    /// Sequences of each micro-batch this trainer computes (all B here; a data-parallel rank
+    /// computes its share) and tokens per sequence.
+    rows: usize,
     t: usize,
     pub ledger: MemoryLedger,
     pub trace: Trace,
@@ -348,12 +351,21 @@ pub struct Trainer {
 impl Trainer {
     /// Checks the config, loads the corpus, and initialises (or loads) the model.
     pub fn new(cfg: &TrainConfig) -> Result<Trainer, TrainError> {
+        let dataset = load_dataset(&cfg.data, &Tokenizer::new(cfg.tokenizer))?;
+        Trainer::with_shard(cfg, cfg.batch_size, Arc::new(dataset))
+    }
+
+    /// A trainer that computes `rows` of the B rows of every micro-batch, on a corpus loaded
+    /// once for the whole run. Chapter 1 computes them all; a data-parallel rank, its share.
+    pub fn with_shard(cfg: &TrainConfig, rows: usize, dataset: Arc<Dataset>) -> Result<Trainer, TrainError> {
         let device = cfg.device.resolve()?;
         let tokenizer = Tokenizer::new(cfg.tokenizer);
         let model = model_config(cfg, tokenizer.vocab_size())?;
         let seq_len = check_config(cfg, &model)?;
         let (b, t) = (cfg.batch_size, seq_len);
-        let dataset = load_dataset(&cfg.data, &tokenizer)?;
+        if rows == 0 || rows > b {
+            return Err(TrainError::Zero("rows per rank"));
+        }
         dataset.check_seq_len(t)?;
         let run = RunShape {
             model: model.clone(),
@@ -365,12 +377,14 @@ impl Trainer {
             seed: cfg.seed,
         };
 
+        // ANCHOR: four_buffers
         let ledger = MemoryLedger::new();
         let layout = ParamLayout::new(&model);
         let mut params = Tensor::zeros_in(&[layout.total], Category::Parameters, &ledger);
         let grads = Tensor::zeros_in(&[layout.total], Category::Gradients, &ledger);
         let mut adam_m = Tensor::zeros_in(&[layout.total], Category::OptimizerState, &ledger);
         let mut adam_v = Tensor::zeros_in(&[layout.total], Category::OptimizerState, &ledger);
+        // ANCHOR_END: four_buffers
         let mut sampler = BatchSampler::new(cfg.data_order, cfg.seed);
         let mut step = 0;
         if let Some(dir) = &cfg.resume {
@@ -395,8 +409,8 @@ impl Trainer {
             crate::model::init_params(&model, &layout, cfg.seed, params.as_mut_slice());
         }
 
-        let acts = Activations::new(&model, b, t, &ledger);
-        let scratch = Gradients::new(&model, b, t, &ledger);
+        let acts = Activations::new(&model, rows, t, &ledger);
+        let scratch = Gradients::new(&model, rows, t, &ledger);
         let decay_groups = decay_groups(&layout, cfg.weight_decay);
         let trace = if cfg.trace.is_some() { Trace::enabled() } else { Trace::disabled() };
         Ok(Trainer {
@@ -416,7 +430,7 @@ impl Trainer {
             sampler,
             decay_groups,
             step,
-            b,
+            rows,
             t,
             ledger,
             trace,
@@ -437,40 +451,71 @@ impl Trainer {
     /// update. Returns the step's record (without validation loss).
     pub fn step(&mut self) -> Result<StepRecord, TrainError> {
         let started = Instant::now();
-        let (b, t, accum) = (self.b, self.t, self.cfg.grad_accum);
-        let step_span = self.trace.span("step");
-        self.grads.fill(0.0);
-        let p = self.layout.views(self.params.as_slice());
-        // Each micro-batch's loss is a mean over its B·T tokens; scaling its gradient by
-        // 1/(B·T·accum) makes the summed gradient that of the mean over the whole step.
-        let dloss = 1.0 / (b * t * accum) as f32;
+        let trace = self.trace.clone();
+        let _span = trace.span("step");
+        self.zero_grads();
+        let accum = self.cfg.grad_accum;
         let mut loss_sum = 0.0f64;
         for _ in 0..accum {
-            let batch = self.sampler.next_batch(&self.dataset.train, b, t);
-            let span = self.trace.span("forward");
-            let loss = forward(&p, &self.model, &mut self.acts, &batch.inputs, Some(&batch.targets), b, t);
-            drop(span);
-            loss_sum += loss.unwrap_or(f32::NAN) as f64;
-            let _span = self.trace.span("backward");
-            let mut g = self.layout.views_mut(self.grads.as_mut_slice());
-            backward(
-                &p,
-                &mut g,
-                &self.model,
-                &mut self.acts,
-                &mut self.scratch,
-                &batch.inputs,
-                &batch.targets,
-                dloss,
-                b,
-                t,
-            );
+            let batch = self.next_micro_batch();
+            let dloss = self.dloss();
+            loss_sum += self.forward_backward(&batch.inputs, &batch.targets, dloss, &mut |_, _| {}) as f64;
         }
-        let loss = (loss_sum / accum as f64) as f32;
+        self.apply_gradients((loss_sum / accum as f64) as f32, started)
+    }
+    // ANCHOR_END: train_step
+
+    /// Sets every gradient to zero: backward accumulates, so each optimizer step starts here.
+    pub fn zero_grads(&mut self) {
+        self.grads.fill(0.0);
+    }
+
+    /// The run's next micro-batch: all B rows (every data-parallel rank draws the same one and
+    /// keeps its own rows).
+    pub fn next_micro_batch(&mut self) -> Batch {
+        self.sampler.next_batch(&self.dataset.train, self.cfg.batch_size, self.t)
+    }
+
+    /// The gradient scale that makes the accumulated gradient that of the step's mean loss:
+    /// each token's loss counts 1/(B·T·grad_accum), whichever rank computes it.
+    pub fn dloss(&self) -> f32 {
+        1.0 / self.tokens_per_step() as f32
+    }
+
+    // ANCHOR: forward_backward
+    /// Forward and backward over some rows (at most this trainer's `rows`), accumulating the
+    /// gradient of dloss · (sum of their token losses). `on_ready` hears as gradients become
+    /// final. Returns the mean token loss of these rows.
+    pub fn forward_backward(&mut self, inputs: &[u32], targets: &[u32], dloss: f32, on_ready: GradsReady<'_>) -> f32 {
+        let (t, model) = (self.t, &self.model);
+        let b = inputs.len() / t;
+        let p = self.layout.views(self.params.as_slice());
+        let span = self.trace.span("forward");
+        let loss = forward(&p, model, &mut self.acts, inputs, Some(targets), b, t).unwrap_or(f32::NAN);
+        drop(span);
+        let _span = self.trace.span("backward");
+        let mut g = self.layout.views_mut(self.grads.as_mut_slice());
+        backward(&p, &mut g, model, &mut self.acts, &mut self.scratch, inputs, targets, dloss, b, t, on_ready);
+        loss
+    }
+    // ANCHOR_END: forward_backward
+
+    /// The gradients, one flat buffer in the layout of `layout`.
+    pub fn grads(&self) -> &[f32] {
+        self.grads.as_slice()
+    }
+
+    pub fn grads_mut(&mut self) -> &mut [f32] {
+        self.grads.as_mut_slice()
+    }
+
+    // ANCHOR: apply_gradients
+    /// Ends a step: checks the loss, clips the gradient to `grad_clip`, takes the AdamW step with
+    /// the scheduled learning rate, and counts the step.
+    pub fn apply_gradients(&mut self, loss: f32, started: Instant) -> Result<StepRecord, TrainError> {
         if !loss.is_finite() {
             return Err(TrainError::NonFiniteLoss { step: self.step + 1, loss, last_checkpoint: None });
         }
-
         let _span = self.trace.span("optimizer");
         let grad_norm = global_norm(self.grads.as_slice());
         let scale = clip_scale(grad_norm, self.cfg.grad_clip);
@@ -483,18 +528,33 @@ impl Trainer {
                 (&mut self.adam_m.as_mut_slice()[range.clone()], &mut self.adam_v.as_mut_slice()[range.clone()]);
             adamw_update(p, g, m, v, cfg.adam, lr, *wd, scale, self.step + 1);
         }
-        drop(step_span);
         self.step += 1;
-        let tokens_per_sec = (b * t * accum) as f64 / started.elapsed().as_secs_f64();
+        let tokens_per_sec = self.tokens_per_step() as f64 / started.elapsed().as_secs_f64();
         Ok(StepRecord { step: self.step, loss, lr, grad_norm, tokens_per_sec, val_loss: None })
     }
-    // ANCHOR_END: train_step
+    // ANCHOR_END: apply_gradients
 
     /// The validation loss of the current parameters (see [`evaluate`]).
     pub fn evaluate(&mut self) -> f32 {
         let _span = self.trace.span("eval");
         let (params, val) = (self.params.as_slice(), &self.dataset.val);
-        evaluate(params, &self.layout, &self.model, &mut self.acts, val, self.cfg.val_batches, self.b, self.t)
+        evaluate(params, &self.layout, &self.model, &mut self.acts, val, self.cfg.val_batches, self.rows, self.t)
+    }
+
+    /// The sum of the mean losses of validation batches `batches` of this trainer's `rows` rows
+    /// (batch k starts at window k·rows, as in the protocol): ranks that split the validation
+    /// batches between them add these sums up.
+    pub fn val_loss_sum(&mut self, batches: impl IntoIterator<Item = u64>) -> f64 {
+        let _span = self.trace.span("eval");
+        let p = self.layout.views(self.params.as_slice());
+        let (rows, t) = (self.rows, self.t);
+        let mut total = 0.0;
+        for k in batches {
+            let batch = sequential_batch(&self.dataset.val, k, rows, t);
+            total += forward(&p, &self.model, &mut self.acts, &batch.inputs, Some(&batch.targets), rows, t)
+                .unwrap_or(f32::NAN) as f64;
+        }
+        total
     }
 
     /// Writes a full checkpoint (weights, optimizer, data position) into `dir`, atomically.
@@ -518,41 +578,64 @@ impl Trainer {
     }
 }
 
-// ANCHOR: train
-/// Trains a GPT-2 as `cfg` says and reports what happened.
-pub fn train(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
-    let mut trainer = Trainer::new(cfg)?;
+/// What the training loop needs from whatever trains: chapter 1's [`Trainer`], or one rank of
+/// a parallel run (where `step` and `evaluate` are collective: every rank calls them in turn).
+pub trait TrainSteps {
+    fn step(&mut self) -> Result<StepRecord, TrainError>;
+    fn evaluate(&mut self) -> f32;
+    fn save(&self, dir: &Path) -> Result<(), TrainError>;
+    /// Optimizer steps completed (more than 0 on a resumed run).
+    fn steps_done(&self) -> u64;
+}
+
+impl TrainSteps for Trainer {
+    fn step(&mut self) -> Result<StepRecord, TrainError> {
+        Trainer::step(self)
+    }
+    fn evaluate(&mut self) -> f32 {
+        Trainer::evaluate(self)
+    }
+    fn save(&self, dir: &Path) -> Result<(), TrainError> {
+        Trainer::save(self, dir)
+    }
+    fn steps_done(&self) -> u64 {
+        self.step
+    }
+}
+
+/// What the loop saw.
+pub struct LoopOutcome {
+    pub steps: Vec<StepRecord>,
+    /// (step, validation loss) at each evaluation.
+    pub val_losses: Vec<(u64, f32)>,
+    /// Time spent in training steps (evaluation and saving excluded).
+    pub train_seconds: f64,
+}
+
+// ANCHOR: drive
+/// The training loop: step until `cfg.steps`, evaluating every `eval_every` steps and after the
+/// last, and saving every `save_every` and at the end. Only the `leader` (rank 0) shows
+/// progress, writes metrics and saves checkpoints; `header` is its first line.
+pub fn drive(
+    cfg: &TrainConfig,
+    trainer: &mut dyn TrainSteps,
+    leader: bool,
+    header: &str,
+) -> Result<LoopOutcome, TrainError> {
     let mut metrics = match &cfg.metrics {
-        Some(path) => {
+        Some(path) if leader => {
             Some(std::fs::File::create(path).map_err(|source| TrainError::Io { path: path.clone(), source })?)
         }
-        None => None,
+        _ => None,
     };
-    let bar = progress_bar(cfg, trainer.step);
-    let ds = &trainer.dataset;
-    let m = &trainer.model;
-    say(
-        &bar,
-        cfg.progress,
-        &format!(
-            "device: {} | model: {} layers, {} heads, {} dims, {:.2}M parameters | tokenizer: {:?} ({} tokens: {} train, {} val)",
-            trainer.device,
-            m.n_layer,
-            m.n_head,
-            m.n_embd,
-            trainer.n_params() as f64 / 1e6,
-            cfg.tokenizer,
-            ds.train.len() + ds.val.len(),
-            ds.train.len(),
-            ds.val.len()
-        ),
-    );
+    let progress = cfg.progress && leader;
+    let bar = progress_bar(&TrainConfig { progress, ..cfg.clone() }, trainer.steps_done());
+    say(&bar, progress, header);
 
-    let mut steps = Vec::new();
-    let mut val_losses = Vec::new();
-    let mut train_seconds = 0.0f64;
+    let mut outcome = LoopOutcome { steps: Vec::new(), val_losses: Vec::new(), train_seconds: 0.0 };
     let mut last_checkpoint: Option<(PathBuf, u64)> = None;
-    while trainer.step < cfg.steps {
+    while trainer.steps_done() < cfg.steps {
+        let started = Instant::now();
         let mut record = match trainer.step() {
             Ok(record) => record,
             Err(TrainError::NonFiniteLoss { step, loss, .. }) => {
@@ -561,13 +644,13 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
             }
             Err(e) => return Err(e),
         };
-        train_seconds += trainer.tokens_per_step() as f64 / record.tokens_per_sec;
+        outcome.train_seconds += started.elapsed().as_secs_f64();
         let done = record.step;
-        if done == cfg.steps || (cfg.eval_every > 0 && done % cfg.eval_every == 0) {
+        if done == cfg.steps || (cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every)) {
             let val = trainer.evaluate();
             record.val_loss = Some(val);
-            val_losses.push((done, val));
-            say(&bar, cfg.progress, &format!("step {done:>6}: train loss {:.4}, val loss {val:.4}", record.loss));
+            outcome.val_losses.push((done, val));
+            say(&bar, progress, &format!("step {done:>6}: train loss {:.4}, val loss {val:.4}", record.loss));
         }
         if let Some(file) = metrics.as_mut() {
             let line = serde_json::to_string(&record).unwrap_or_default();
@@ -576,8 +659,9 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
         }
         bar.set_message(format!("loss {:.4} | lr {:.2e} | {:.0} tok/s", record.loss, record.lr, record.tokens_per_sec));
         bar.inc(1);
-        steps.push(record);
+        outcome.steps.push(record);
         if let Some(dir) = &cfg.save
+            && leader
             && (done == cfg.steps || (cfg.save_every > 0 && done.is_multiple_of(cfg.save_every)))
         {
             trainer.save(dir)?;
@@ -585,34 +669,72 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
         }
     }
     bar.finish_and_clear();
+    Ok(outcome)
+}
+// ANCHOR_END: drive
 
-    let sample_cfg =
-        SampleConfig { tokens: cfg.sample_tokens, temperature: cfg.temperature, top_k: cfg.top_k, seed: cfg.seed };
-    let sample = (cfg.sample_tokens > 0).then(|| trainer.sample(&cfg.prompt, sample_cfg));
+impl Trainer {
+    /// The line a run starts with: device, model, tokenizer, corpus.
+    pub fn header(&self) -> String {
+        let (ds, m) = (&self.dataset, &self.model);
+        format!(
+            "device: {} | model: {} layers, {} heads, {} dims, {:.2}M parameters | tokenizer: {:?} ({} tokens: {} train, {} val)",
+            self.device,
+            m.n_layer,
+            m.n_head,
+            m.n_embd,
+            self.n_params() as f64 / 1e6,
+            self.cfg.tokenizer,
+            ds.train.len() + ds.val.len(),
+            ds.train.len(),
+            ds.val.len()
+        )
+    }
+
+    /// The report of a finished run, with a sample generated if the config asks for one.
+    pub fn report(&self, outcome: LoopOutcome) -> TrainReport {
+        let cfg = &self.cfg;
+        let sample_cfg =
+            SampleConfig { tokens: cfg.sample_tokens, temperature: cfg.temperature, top_k: cfg.top_k, seed: cfg.seed };
+        let tokens = (outcome.steps.len() * self.tokens_per_step()) as f64;
+        TrainReport {
+            model: self.model.clone(),
+            tokenizer: cfg.tokenizer,
+            device: self.device.to_string(),
+            n_params: self.n_params(),
+            tokens_per_sec: if outcome.train_seconds > 0.0 { tokens / outcome.train_seconds } else { 0.0 },
+            steps: outcome.steps,
+            val_losses: outcome.val_losses,
+            memory: self.ledger.report(),
+            sample: (cfg.sample_tokens > 0).then(|| self.sample(&cfg.prompt, sample_cfg)),
+            layout: self.layout.clone(),
+            params: self.params.as_slice().to_vec(),
+        }
+    }
+}
+
+// ANCHOR: train
+/// Trains a GPT-2 as `cfg` says and reports what happened.
+pub fn train(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
+    let mut trainer = Trainer::new(cfg)?;
+    let header = trainer.header();
+    let outcome = drive(cfg, &mut trainer, true, &header)?;
     if let Some(path) = &cfg.trace {
         write_trace(&trainer.trace, path)?;
     }
-    let tokens = (steps.len() * trainer.tokens_per_step()) as f64;
-    Ok(TrainReport {
-        memory: trainer.ledger.report(),
-        device: trainer.device.to_string(),
-        n_params: trainer.n_params(),
-        tokens_per_sec: if train_seconds > 0.0 { tokens / train_seconds } else { 0.0 },
-        steps,
-        val_losses,
-        sample,
-        tokenizer: cfg.tokenizer,
-        params: trainer.params.as_slice().to_vec(),
-        model: trainer.model,
-        layout: trainer.layout,
-    })
+    Ok(trainer.report(outcome))
 }
 // ANCHOR_END: train
 
 impl Trainer {
-    /// Tokens each optimizer step trains on: B · T · grad_accum.
+    /// Tokens each optimizer step trains on: B · T · grad_accum (across all ranks).
     pub fn tokens_per_step(&self) -> usize {
-        self.b * self.t * self.cfg.grad_accum
+        self.cfg.batch_size * self.t * self.cfg.grad_accum
+    }
+
+    /// This trainer's rows of each micro-batch, and the sequence length.
+    pub fn shard_shape(&self) -> (usize, usize) {
+        (self.rows, self.t)
     }
 }
 
