@@ -5,6 +5,7 @@
 //! and later chapters and the cross-chapter tests call it directly.
 
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod model;

@@ -1,15 +1,9 @@
 //! `ch01-single-gpu`: train GPT-2 on one device. A thin command line around
-//! [`ch01_single_gpu::train`]; every flag maps onto a field of `TrainConfig`.
+//! [`ch01_single_gpu::train`]; every flag maps onto a field of `TrainConfig` (see `cli.rs`).
 
-use anyhow::Context;
-use ch01_single_gpu::data::DataOrder;
-use ch01_single_gpu::schedule::LrSchedule;
-use ch01_single_gpu::tokenizer::TokenizerKind;
-use ch01_single_gpu::{DataSource, TrainConfig, TrainReport, train};
+use ch01_single_gpu::cli::{CommonArgs, print_summary};
+use ch01_single_gpu::train;
 use clap::Parser;
-use kernels::memory::format_bytes;
-use kernels::{Category, ops::adamw::AdamWConfig};
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Train a GPT-2 language model on one device (chapter 1 of Scale from Scratch).
@@ -19,182 +13,13 @@ use std::process::ExitCode;
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, args_override_self = true)]
 struct Cli {
-    /// Model preset: tiny, small, gpt2 (124M), gpt2-medium, gpt2-large, gpt2-xl.
-    #[arg(long, default_value = "small")]
-    model: String,
-    /// Override the preset's number of transformer blocks.
-    #[arg(long)]
-    n_layer: Option<usize>,
-    /// Override the preset's number of attention heads (must divide n_embd).
-    #[arg(long)]
-    n_head: Option<usize>,
-    /// Override the preset's embedding width.
-    #[arg(long)]
-    n_embd: Option<usize>,
-    /// Override the preset's maximum sequence length (the position table's size).
-    #[arg(long)]
-    block_size: Option<usize>,
-    /// Tokenizer: bytes (vocabulary 256) or GPT-2's BPE (50257, padded to 50304).
-    #[arg(long, value_enum, default_value_t = TokenizerKind::Byte)]
-    tokenizer: TokenizerKind,
-    /// A UTF-8 text file to train on instead of the embedded Shakespeare corpus.
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Batch order: random windows (seeded) or consecutive windows (see the book's protocol).
-    #[arg(long, value_enum, default_value_t = DataOrder::Random)]
-    data_order: DataOrder,
-    /// Optimizer steps in total (a resumed run continues up to this number).
-    #[arg(long, default_value_t = TrainConfig::default().steps)]
-    steps: u64,
-    /// Sequences per micro-batch.
-    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
-    batch_size: usize,
-    /// Tokens per sequence [default: the model's block size].
-    #[arg(long)]
-    seq_len: Option<usize>,
-    /// Micro-batches whose gradients are summed before each optimizer step.
-    #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = TrainConfig::default().lr)]
-    lr: f32,
-    /// Learning-rate schedule: linear warmup then cosine decay to 10%, or constant.
-    #[arg(long, value_enum, default_value_t = LrSchedule::Cosine)]
-    lr_schedule: LrSchedule,
-    /// Warmup steps of the cosine schedule.
-    #[arg(long, default_value_t = TrainConfig::default().warmup_steps)]
-    warmup_steps: u64,
-    /// AdamW weight decay (applied to matmul weights and embeddings only).
-    #[arg(long, default_value_t = 0.1)]
-    weight_decay: f32,
-    /// AdamW beta1.
-    #[arg(long, default_value_t = AdamWConfig::default().beta1)]
-    beta1: f32,
-    /// AdamW beta2.
-    #[arg(long, default_value_t = AdamWConfig::default().beta2)]
-    beta2: f32,
-    /// AdamW epsilon.
-    #[arg(long, default_value_t = AdamWConfig::default().eps)]
-    adam_eps: f32,
-    /// Clip the global gradient norm to this value.
-    #[arg(long, default_value_t = 1.0)]
-    grad_clip: f32,
-    /// Seed for initialisation, batch order and sampling.
-    #[arg(long, default_value_t = TrainConfig::default().seed)]
-    seed: u64,
-    /// Evaluate the validation loss every this many steps (0: only at the end).
-    #[arg(long, default_value_t = TrainConfig::default().eval_every)]
-    eval_every: u64,
-    /// Validation batches per evaluation.
-    #[arg(long, default_value_t = TrainConfig::default().val_batches)]
-    val_batches: usize,
-    /// Write a checkpoint here at the end (Hugging Face GPT-2 layout + optimizer state).
-    #[arg(long)]
-    save: Option<PathBuf>,
-    /// Also save every this many steps (0: only at the end).
-    #[arg(long, default_value_t = 0)]
-    save_every: u64,
-    /// Start from the weights of a GPT-2 checkpoint directory (ours or Hugging Face's).
-    #[arg(long)]
-    init: Option<PathBuf>,
-    /// Continue a run from its checkpoint, exactly as if it had never stopped.
-    #[arg(long)]
-    resume: Option<PathBuf>,
-    /// Write one JSON object per step (step, loss, lr, grad_norm, tokens_per_sec, val_loss).
-    #[arg(long)]
-    metrics: Option<PathBuf>,
-    /// Write a Chrome trace of the run (open it in https://ui.perfetto.dev).
-    #[arg(long)]
-    trace: Option<PathBuf>,
-    /// Tokens of text to generate at the end (0: none).
-    #[arg(long, default_value_t = 400)]
-    sample_tokens: usize,
-    /// Sampling temperature (0: always the most likely token).
-    #[arg(long, default_value_t = TrainConfig::default().temperature)]
-    temperature: f32,
-    /// Sample among the k most likely tokens (0: all).
-    #[arg(long, default_value_t = TrainConfig::default().top_k)]
-    top_k: usize,
-    /// Text the sample starts from.
-    #[arg(long, default_value = "\n")]
-    prompt: String,
-    /// Device: auto (a GPU if there is one, else the CPU), cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// No progress bar or evaluation lines; only the summary.
-    #[arg(long)]
-    quiet: bool,
-}
-
-impl Cli {
-    fn into_config(self) -> anyhow::Result<TrainConfig> {
-        Ok(TrainConfig {
-            model: self.model,
-            n_layer: self.n_layer,
-            n_head: self.n_head,
-            n_embd: self.n_embd,
-            block_size: self.block_size,
-            tokenizer: self.tokenizer,
-            data: self.data.map_or(DataSource::Embedded, DataSource::File),
-            data_order: self.data_order,
-            steps: self.steps,
-            batch_size: self.batch_size,
-            seq_len: self.seq_len,
-            grad_accum: self.grad_accum,
-            lr: self.lr,
-            lr_schedule: self.lr_schedule,
-            warmup_steps: self.warmup_steps,
-            weight_decay: self.weight_decay,
-            grad_clip: self.grad_clip,
-            adam: AdamWConfig { beta1: self.beta1, beta2: self.beta2, eps: self.adam_eps },
-            seed: self.seed,
-            eval_every: self.eval_every,
-            val_batches: self.val_batches,
-            save: self.save,
-            save_every: self.save_every,
-            init: self.init,
-            resume: self.resume,
-            metrics: self.metrics,
-            trace: self.trace,
-            sample_tokens: self.sample_tokens,
-            temperature: self.temperature,
-            top_k: self.top_k,
-            prompt: self.prompt,
-            device: self.device.parse().context("--device")?,
-            progress: !self.quiet,
-        })
-    }
-}
-
-fn print_summary(report: &TrainReport) {
-    let last = report.steps.last();
-    println!("summary");
-    println!("  device             {}", report.device);
-    println!("  parameters         {:.2}M", report.n_params as f64 / 1e6);
-    if let Some(last) = last {
-        println!("  steps              {}", last.step);
-        println!("  train loss         {:.4} (last step)", last.loss);
-    }
-    if let Some(val) = report.final_val_loss() {
-        println!("  val loss           {val:.4}");
-    }
-    println!("  tokens/s           {:.0}", report.tokens_per_sec);
-    println!("  peak memory        {}", format_bytes(report.memory.peak_total));
-    for category in Category::ALL {
-        let bytes = report.memory.at_peak[&category];
-        if bytes > 0 {
-            println!("    {category:<16} {}", format_bytes(bytes));
-        }
-    }
-    if let Some(sample) = &report.sample {
-        println!("sample\n{sample}");
-    }
+    #[command(flatten)]
+    common: CommonArgs,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = cli.into_config().and_then(|cfg| Ok(train(&cfg)?));
-    match result {
+    match cli.common.into_config().and_then(|cfg| Ok(train(&cfg)?)) {
         Ok(report) => {
             print_summary(&report);
             ExitCode::SUCCESS

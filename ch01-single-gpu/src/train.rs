@@ -147,6 +147,9 @@ pub enum TrainError {
     NonFiniteLoss { step: u64, loss: f32, last_checkpoint: Option<(PathBuf, u64)> },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    /// A collective failed (in later chapters: usually because another rank failed first).
+    #[error(transparent)]
+    Comm(#[from] kernels::comm::CommError),
 }
 
 /// One optimizer step, as written to `--metrics` (one JSON object per line).
@@ -582,7 +585,7 @@ impl Trainer {
 /// a parallel run (where `step` and `evaluate` are collective: every rank calls them in turn).
 pub trait TrainSteps {
     fn step(&mut self) -> Result<StepRecord, TrainError>;
-    fn evaluate(&mut self) -> f32;
+    fn evaluate(&mut self) -> Result<f32, TrainError>;
     fn save(&self, dir: &Path) -> Result<(), TrainError>;
     /// Optimizer steps completed (more than 0 on a resumed run).
     fn steps_done(&self) -> u64;
@@ -592,8 +595,8 @@ impl TrainSteps for Trainer {
     fn step(&mut self) -> Result<StepRecord, TrainError> {
         Trainer::step(self)
     }
-    fn evaluate(&mut self) -> f32 {
-        Trainer::evaluate(self)
+    fn evaluate(&mut self) -> Result<f32, TrainError> {
+        Ok(Trainer::evaluate(self))
     }
     fn save(&self, dir: &Path) -> Result<(), TrainError> {
         Trainer::save(self, dir)
@@ -647,7 +650,7 @@ pub fn drive(
         outcome.train_seconds += started.elapsed().as_secs_f64();
         let done = record.step;
         if done == cfg.steps || (cfg.eval_every > 0 && done.is_multiple_of(cfg.eval_every)) {
-            let val = trainer.evaluate();
+            let val = trainer.evaluate()?;
             record.val_loss = Some(val);
             outcome.val_losses.push((done, val));
             say(&bar, progress, &format!("step {done:>6}: train loss {:.4}, val loss {val:.4}", record.loss));

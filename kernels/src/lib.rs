@@ -9,6 +9,7 @@
 //!
 //! The CPU backend lives here now; the CUDA backend dispatches from the same functions.
 
+pub mod comm;
 pub mod device;
 pub mod memory;
 pub mod ops;

@@ -1,0 +1,356 @@
+//! Data parallelism: every rank holds a full replica of the model and computes its share of the
+//! rows of the same global batch chapter 1 would see; the gradients are summed across ranks, so
+//! every rank takes the same optimizer step and the replicas never drift apart.
+//!
+//! Why the sum is right: the step's loss is the mean over all B·T·accum tokens, L = Σ_r L_r with
+//! L_r = (1/(B·T·accum)) · (sum of rank r's token losses). Gradients are linear, so
+//! ∇L = Σ_r ∇L_r: each rank backpropagates its own L_r, one all-reduce adds them up.
+
+use crate::buckets::{Bucket, plan_buckets};
+use crate::overlap::{Done, Job, comm_worker};
+use ch01_single_gpu::data::Dataset;
+use ch01_single_gpu::params::GptParams;
+use ch01_single_gpu::tokenizer::Tokenizer;
+use ch01_single_gpu::train::{StepRecord, TrainSteps, Trainer, drive, load_dataset};
+use ch01_single_gpu::{TrainConfig, TrainError, TrainReport};
+use kernels::comm::thread::{ThreadComm, launch};
+use kernels::comm::{CommError, CommStats, Communicator, ReduceOp};
+use kernels::memory::Allocation;
+use kernels::{Category, MemoryReport, Trace};
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::time::Instant;
+
+/// Thread ranks on the CPU: more than this only thrashes a machine, and is almost surely a typo.
+pub const MAX_THREAD_RANKS: usize = 64;
+
+#[derive(Clone, Debug)]
+pub struct DpConfig {
+    pub train: TrainConfig,
+    /// Data-parallel ranks; `None`: one per CPU core.
+    pub dp: Option<usize>,
+    /// Gradient bucket size in MiB; 0: one all-reduce of every gradient after backward.
+    pub bucket_mb: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DpError {
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error("--dp must be at least 1")]
+    ZeroRanks,
+    #[error(
+        "the global batch of {batch} sequences is not divisible by --dp {dp}: every rank must get the same number of rows"
+    )]
+    BatchNotDivisible { batch: usize, dp: usize },
+    #[error("--dp {dp} is more ranks than are available ({available} {what})")]
+    TooManyRanks { dp: usize, available: usize, what: &'static str },
+    #[error("--bucket-mb must be a finite number of MiB, 0 or more (got {0})")]
+    BadBucketSize(f64),
+    #[error("{0}")]
+    Launch(String),
+}
+
+/// One rank's account of a run.
+#[derive(Clone, Debug)]
+pub struct RankReport {
+    pub rank: usize,
+    pub memory: MemoryReport,
+    pub comm: CommStats,
+    /// Time the gradient all-reduces took on the communication thread.
+    pub comm_seconds: f64,
+    /// Time the compute thread waited for them after backward: the part not hidden.
+    pub exposed_seconds: f64,
+    /// A hash of the final parameters' bits: equal on every rank, or the replicas diverged.
+    pub params_fingerprint: u64,
+}
+
+pub struct DpReport {
+    pub dp: usize,
+    /// Rank 0's report (every rank ends with the same parameters).
+    pub report: TrainReport,
+    pub ranks: Vec<RankReport>,
+    /// Bytes of the gradient buffer reduced each step.
+    pub grad_bytes: u64,
+}
+
+impl DpReport {
+    /// The fraction of gradient communication that overlapped backward.
+    pub fn hidden_fraction(&self) -> f64 {
+        let comm: f64 = self.ranks.iter().map(|r| r.comm_seconds).sum();
+        let exposed: f64 = self.ranks.iter().map(|r| r.exposed_seconds).sum();
+        if comm > 0.0 { (1.0 - exposed / comm).clamp(0.0, 1.0) } else { 0.0 }
+    }
+}
+
+/// A rank's trainer: chapter 1's, computing its rows, plus the gradient all-reduce.
+struct DpRank {
+    trainer: Trainer,
+    rank: usize,
+    dp: usize,
+    buckets: Vec<Bucket>,
+    /// For each tensor, its bucket.
+    bucket_of: Vec<usize>,
+    /// Each bucket's communication buffer, while the compute thread holds it.
+    buffers: Vec<Option<Vec<f32>>>,
+    _buffer_bytes: Allocation,
+    /// Launch buckets from backward's hook (true), or all after backward (false).
+    overlap: bool,
+    jobs: Sender<Job>,
+    done: Receiver<Result<Done, CommError>>,
+    comm_seconds: f64,
+    exposed_seconds: f64,
+}
+
+fn comm_failed() -> TrainError {
+    TrainError::Comm(CommError::Backend("the communication thread stopped".into()))
+}
+
+/// Copies bucket `b`'s gradients out of `grads` and queues its all-reduce.
+fn launch_bucket(
+    b: usize,
+    bucket: &Bucket,
+    grads: &[&[f32]],
+    buffer: &mut Option<Vec<f32>>,
+    jobs: &Sender<Job>,
+) -> Result<(), TrainError> {
+    let mut data = buffer.take().ok_or_else(comm_failed)?;
+    let mut at = 0;
+    for g in grads {
+        data[at..at + g.len()].copy_from_slice(g);
+        at += g.len();
+    }
+    debug_assert_eq!(at, bucket.range.len());
+    jobs.send(Job::ReduceBucket { bucket: b, data }).map_err(|_| comm_failed())
+}
+
+impl DpRank {
+    fn reduce_scalars(&mut self, values: Vec<f32>, op: ReduceOp) -> Result<Vec<f32>, TrainError> {
+        self.jobs.send(Job::ReduceScalars { values, op }).map_err(|_| comm_failed())?;
+        match self.done.recv().map_err(|_| comm_failed())? {
+            Ok(Done::Scalars(values)) => Ok(values),
+            Ok(_) => Err(comm_failed()),
+            Err(e) => Err(TrainError::Comm(e)),
+        }
+    }
+
+    fn stop(&mut self) -> Result<CommStats, TrainError> {
+        self.jobs.send(Job::Stop).map_err(|_| comm_failed())?;
+        match self.done.recv().map_err(|_| comm_failed())? {
+            Ok(Done::Stopped(stats)) => Ok(stats),
+            Ok(_) => Err(comm_failed()),
+            Err(e) => Err(TrainError::Comm(e)),
+        }
+    }
+
+    /// This rank's rows of a micro-batch of B rows.
+    fn my_rows(&self) -> Range<usize> {
+        let (rows, t) = self.trainer.shard_shape();
+        self.rank * rows * t..(self.rank + 1) * rows * t
+    }
+}
+
+impl TrainSteps for DpRank {
+    // ANCHOR: dp_step
+    fn step(&mut self) -> Result<StepRecord, TrainError> {
+        let started = Instant::now();
+        let trace = self.trainer.trace.clone();
+        let _span = trace.span("step");
+        self.trainer.zero_grads();
+        let accum = self.trainer.cfg.grad_accum;
+        let dloss = self.trainer.dloss(); // 1/(global tokens per step), on every rank
+        let mut loss_sum = 0.0f64;
+        let mut launched = vec![false; self.buckets.len()];
+        for micro in 0..accum {
+            let batch = self.trainer.next_micro_batch();
+            let mine = self.my_rows();
+            let (inputs, targets) = (&batch.inputs[mine.clone()], &batch.targets[mine]);
+            // Only the last micro-batch's backward communicates: before it, gradients are still
+            // accumulating locally (what PyTorch's DDP calls no_sync).
+            let communicate = self.overlap && micro + 1 == accum;
+            let Self { trainer, buckets, bucket_of, buffers, jobs, .. } = self;
+            let mut remaining: Vec<usize> = buckets.iter().map(|b| b.tensors.len()).collect();
+            let mut error = None;
+            let mut on_ready = |ready: Range<usize>, grads: &GptParams<&mut [f32]>| {
+                if !communicate || error.is_some() {
+                    return;
+                }
+                let tensors = grads.tensors();
+                for i in ready {
+                    let b = bucket_of[i];
+                    remaining[b] -= 1;
+                    if remaining[b] == 0 {
+                        let bucket = &buckets[b];
+                        let slices: Vec<&[f32]> = bucket.tensors.clone().map(|j| &**tensors[j]).collect();
+                        match launch_bucket(b, bucket, &slices, &mut buffers[b], jobs) {
+                            Ok(()) => launched[b] = true,
+                            Err(e) => error = Some(e),
+                        }
+                    }
+                }
+            };
+            loss_sum += trainer.forward_backward(inputs, targets, dloss, &mut on_ready) as f64;
+            if let Some(e) = error {
+                return Err(e);
+            }
+        }
+        // Without overlap (or for buckets the hook did not launch), reduce after backward.
+        for b in 0..self.buckets.len() {
+            if !launched[b] {
+                let range = self.buckets[b].range.clone();
+                let grads = &self.trainer.grads()[range];
+                launch_bucket(b, &self.buckets[b], &[grads], &mut self.buffers[b], &self.jobs)?;
+            }
+        }
+        // Wait for every bucket and copy the sums back. Time spent here is communication that
+        // backward did not hide.
+        let waiting = Instant::now();
+        for _ in 0..self.buckets.len() {
+            match self.done.recv().map_err(|_| comm_failed())? {
+                Ok(Done::Bucket { bucket, data, seconds }) => {
+                    let range = self.buckets[bucket].range.clone();
+                    self.trainer.grads_mut()[range].copy_from_slice(&data);
+                    self.buffers[bucket] = Some(data);
+                    self.comm_seconds += seconds;
+                }
+                Ok(_) => return Err(comm_failed()),
+                Err(e) => return Err(TrainError::Comm(e)),
+            }
+        }
+        self.exposed_seconds += waiting.elapsed().as_secs_f64();
+        // Every rank's rows are the same number of tokens: the step's loss is the ranks' mean.
+        let loss = self.reduce_scalars(vec![(loss_sum / accum as f64) as f32], ReduceOp::Avg)?[0];
+        self.trainer.apply_gradients(loss, started)
+    }
+    // ANCHOR_END: dp_step
+
+    // ANCHOR: dp_evaluate
+    /// The validation protocol's batches of B rows are, in rows/rank-row batches, batches
+    /// 0..val_batches·dp: rank r evaluates every dp-th of them, and the sum is all-reduced.
+    fn evaluate(&mut self) -> Result<f32, TrainError> {
+        let n = (self.trainer.cfg.val_batches * self.dp) as u64;
+        let mine = (self.rank as u64..n).step_by(self.dp);
+        let sum = self.trainer.val_loss_sum(mine) as f32;
+        Ok(self.reduce_scalars(vec![sum], ReduceOp::Sum)?[0] / n as f32)
+    }
+    // ANCHOR_END: dp_evaluate
+
+    fn save(&self, dir: &Path) -> Result<(), TrainError> {
+        self.trainer.save(dir)
+    }
+
+    fn steps_done(&self) -> u64 {
+        self.trainer.step
+    }
+}
+
+/// FNV-1a over the parameters' bits.
+fn fingerprint(params: &[f32]) -> u64 {
+    params.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, p| (h ^ p.to_bits() as u64).wrapping_mul(0x0000_0100_0000_01B3))
+}
+
+fn check_config(cfg: &DpConfig) -> Result<usize, DpError> {
+    let dp = cfg.dp.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if dp == 0 {
+        return Err(DpError::ZeroRanks);
+    }
+    if dp > MAX_THREAD_RANKS {
+        return Err(DpError::TooManyRanks { dp, available: MAX_THREAD_RANKS, what: "thread ranks on the CPU" });
+    }
+    let batch = cfg.train.batch_size;
+    if batch > 0 && !batch.is_multiple_of(dp) {
+        return Err(DpError::BatchNotDivisible { batch, dp });
+    }
+    if !cfg.bucket_mb.is_finite() || cfg.bucket_mb < 0.0 {
+        return Err(DpError::BadBucketSize(cfg.bucket_mb));
+    }
+    Ok(dp)
+}
+
+// ANCHOR: run_rank
+/// One rank: chapter 1's trainer on its rows, a communication thread beside it, and the loop.
+fn run_rank(
+    cfg: &DpConfig,
+    dp: usize,
+    comm: ThreadComm,
+    dataset: Arc<Dataset>,
+    trace: &Trace,
+) -> Result<(Option<TrainReport>, RankReport, u64), DpError> {
+    let rank = comm.rank();
+    let mut trainer = Trainer::with_shard(&cfg.train, cfg.train.batch_size / dp, dataset)?;
+    trainer.trace = trace.lane(rank as u32, 0);
+    let buckets = plan_buckets(&trainer.layout, (cfg.bucket_mb * 1024.0 * 1024.0) as usize);
+    let mut bucket_of = vec![0; trainer.layout.specs.len()];
+    for (b, bucket) in buckets.iter().enumerate() {
+        bucket.tensors.clone().for_each(|i| bucket_of[i] = b);
+    }
+    let buffer_bytes = trainer.ledger.allocate(Category::Communication, (trainer.layout.total * 4) as u64);
+    let buffers = buckets.iter().map(|b| Some(vec![0.0f32; b.range.len()])).collect();
+    let grad_bytes = (trainer.layout.total * 4) as u64;
+
+    let (jobs, job_queue) = mpsc::channel();
+    let (done_tx, done) = mpsc::channel();
+    let comm_trace = trace.lane(rank as u32, 1);
+    std::thread::scope(|scope| {
+        scope.spawn(move || comm_worker(comm, job_queue, done_tx, comm_trace));
+        let mut me = DpRank {
+            trainer,
+            rank,
+            dp,
+            overlap: cfg.bucket_mb > 0.0,
+            buckets,
+            bucket_of,
+            buffers,
+            _buffer_bytes: buffer_bytes,
+            jobs,
+            done,
+            comm_seconds: 0.0,
+            exposed_seconds: 0.0,
+        };
+        let header =
+            format!("{} | data parallel: {dp} ranks, {} rows each", me.trainer.header(), cfg.train.batch_size / dp);
+        let outcome = drive(&cfg.train, &mut me, rank == 0, &header)?;
+        let comm = me.stop()?;
+        let report = RankReport {
+            rank,
+            memory: me.trainer.ledger.report(),
+            comm,
+            comm_seconds: me.comm_seconds,
+            exposed_seconds: me.exposed_seconds,
+            params_fingerprint: fingerprint(me.trainer.params()),
+        };
+        // Rank 0 reports for the run (and generates the sample); the replicas are identical.
+        let leader = (rank == 0).then(|| me.trainer.report(outcome));
+        Ok((leader, report, grad_bytes))
+    })
+}
+// ANCHOR_END: run_rank
+
+// ANCHOR: train
+/// Trains with `dp` data-parallel thread ranks and reports what rank 0 saw, plus every rank's
+/// memory and communication.
+pub fn train(cfg: &DpConfig) -> Result<DpReport, DpError> {
+    let dp = check_config(cfg)?;
+    let dataset = Arc::new(load_dataset(&cfg.train.data, &Tokenizer::new(cfg.train.tokenizer))?);
+    let trace = if cfg.train.trace.is_some() { Trace::enabled() } else { Trace::disabled() };
+    let results = launch(dp, |comm| run_rank(cfg, dp, comm, dataset.clone(), &trace)).map_err(|e| {
+        // A rank's training error reads best as itself; a failure elsewhere names the rank.
+        DpError::Launch(e.to_string())
+    })?;
+    if let Some(path) = &cfg.train.trace {
+        trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
+    }
+    let mut ranks = Vec::new();
+    let mut leader = None;
+    let mut grad_bytes = 0;
+    for (report, rank_report, bytes) in results {
+        leader = leader.or(report);
+        grad_bytes = bytes;
+        ranks.push(rank_report);
+    }
+    let report = leader.ok_or_else(|| DpError::Launch("rank 0 returned no report".into()))?;
+    Ok(DpReport { dp, report, ranks, grad_bytes })
+}
+// ANCHOR_END: train

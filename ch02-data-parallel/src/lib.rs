@@ -1,0 +1,11 @@
+//! Chapter 2: data parallelism.
+//!
+//! Chapter 1's trainer, once per rank: each rank computes its rows of the global batch, the
+//! gradients are summed with a ring all-reduce, bucket by bucket while backward is still running
+//! (`buckets.rs`, `overlap.rs`), and every rank takes the same step (`data_parallel.rs`).
+
+pub mod buckets;
+pub mod data_parallel;
+pub mod overlap;
+
+pub use data_parallel::{DpConfig, DpError, DpReport, RankReport, train};

@@ -1,0 +1,65 @@
+//! `ch02-data-parallel`: chapter 1's trainer on `--dp` ranks, gradients averaged by a bucketed
+//! ring all-reduce that overlaps backward.
+
+use ch01_single_gpu::cli::{CommonArgs, print_summary};
+use ch02_data_parallel::{DpConfig, DpReport, train};
+use clap::Parser;
+use kernels::memory::format_bytes;
+use std::process::ExitCode;
+
+/// Train GPT-2 with data parallelism (chapter 2 of Scale from Scratch).
+///
+/// Every rank holds a replica and computes its share of each batch; gradients are summed with a
+/// ring all-reduce, bucket by bucket while backward still runs. On the CPU the ranks are
+/// threads. With the same seed and global batch, the losses are chapter 1's.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about, args_override_self = true)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Data-parallel ranks [default: one per CPU core]. Must divide --batch-size.
+    #[arg(long)]
+    dp: Option<usize>,
+    /// Gradient bucket size in MiB (0: one all-reduce after backward, no overlap).
+    #[arg(long, default_value_t = 1.0)]
+    bucket_mb: f64,
+}
+
+fn print_data_parallel(r: &DpReport) {
+    let n = r.dp as f64;
+    println!("data parallel");
+    println!("  ranks              {}", r.dp);
+    println!("  gradient buffer    {} (all-reduced each step)", format_bytes(r.grad_bytes));
+    let steps = r.report.steps.len() as f64;
+    for rank in &r.ranks {
+        let per_step = rank.comm.total_sent() as f64 / steps.max(1.0);
+        println!(
+            "  rank {:<3}           sent {} ({} per step; ring theory 2(n-1)/n x buffer = {}), peak memory {}",
+            rank.rank,
+            format_bytes(rank.comm.total_sent()),
+            format_bytes(per_step as u64),
+            format_bytes((2.0 * (n - 1.0) / n * r.grad_bytes as f64) as u64),
+            format_bytes(rank.memory.peak_total),
+        );
+    }
+    println!("  communication hidden by backward: {:.0}%", 100.0 * r.hidden_fraction());
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = cli.common.into_config().and_then(|train_cfg| {
+        let cfg = DpConfig { train: train_cfg, dp: cli.dp, bucket_mb: cli.bucket_mb };
+        Ok(train(&cfg)?)
+    });
+    match result {
+        Ok(report) => {
+            print_summary(&report.report);
+            print_data_parallel(&report);
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

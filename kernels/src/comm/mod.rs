@@ -1,0 +1,112 @@
+//! Collectives: one communicator interface for every chapter, and its implementations.
+//!
+//! - [`thread`]: ranks as threads of one process (the default on the CPU, and the test bed), and
+//!   the launcher that starts them. The collectives run the real ring algorithms over chunks, not
+//!   a shared sum: this is what the book teaches, and what the byte counts measure.
+//! - [`ring`]: those algorithms, written once against a two-method transport ([`ring::Wire`]),
+//!   with the step-by-step math on top.
+//! - [`rendezvous`]: how separate processes find each other (torchrun's environment variables and
+//!   a TCP handshake with rank 0): what an NCCL communicator needs before its first collective.
+//! - NCCL (through cudarc), one thread per GPU, for multi-GPU runs (see the CUDA chapter).
+//!
+//! Every call is a collective: all ranks of the communicator make the same calls in the same
+//! order with buffers of the same size. A rank that fails makes every other rank's pending or
+//! next collective return [`CommError::PeerFailed`] within a bounded time: nothing ever hangs.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+mod launcher;
+mod mailbox;
+pub mod rendezvous;
+pub mod ring;
+pub mod thread;
+
+/// A rank's index in its communicator: 0..world_size.
+pub type Rank = usize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    /// The sum divided by the number of ranks.
+    Avg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Collective {
+    AllReduce,
+    ReduceScatter,
+    AllGather,
+    Broadcast,
+    SendRecv,
+    Barrier,
+    /// Making a sub-group communicator: moves no bytes, but can fail (a bad member list).
+    Split,
+}
+
+/// Ranks in errors are world ranks (the launcher's), not ranks within a sub-group: they name the
+/// thread or process to look at.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CommError {
+    /// Another rank returned an error or panicked; this collective cannot complete.
+    #[error("rank {rank} failed: {reason}")]
+    PeerFailed { rank: Rank, reason: String },
+    /// The last resort when a peer neither answers nor fails (a deadlock in the caller's code,
+    /// say): the timeout is generous, because a slow peer is not a failed one.
+    #[error("{collective:?} timed out after {seconds} s waiting for rank {peer}")]
+    Timeout { collective: Collective, peer: Rank, seconds: u64 },
+    #[error("{collective:?}: {reason}")]
+    InvalidArgument { collective: Collective, reason: String },
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// Bytes one rank sent and received, by collective, through one communicator (a sub-group's
+/// communicator counts its own traffic, not its parent's).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CommStats {
+    pub sent: BTreeMap<Collective, u64>,
+    pub received: BTreeMap<Collective, u64>,
+    pub calls: BTreeMap<Collective, u64>,
+}
+
+impl CommStats {
+    pub fn total_sent(&self) -> u64 {
+        self.sent.values().sum()
+    }
+
+    pub fn total_received(&self) -> u64 {
+        self.received.values().sum()
+    }
+}
+
+/// One rank's view of a group of ranks.
+pub trait Communicator {
+    fn rank(&self) -> Rank;
+    fn world_size(&self) -> usize;
+
+    /// Every rank ends with the elementwise reduction of all ranks' `buf`; identical bit for
+    /// bit on every rank.
+    fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError>;
+    /// `input` is n equal chunks; rank r ends with the reduction of every rank's chunk r in
+    /// `output` (input.len() == n * output.len()).
+    fn reduce_scatter(&mut self, input: &[f32], output: &mut [f32], op: ReduceOp) -> Result<(), CommError>;
+    /// Every rank ends with all ranks' `input`s concatenated in rank order in `output`
+    /// (output.len() == n * input.len()).
+    fn all_gather(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), CommError>;
+    /// Every rank ends with `root`'s `buf`.
+    fn broadcast(&mut self, buf: &mut [f32], root: Rank) -> Result<(), CommError>;
+    /// Point to point: pairs with `recv` on rank `to`.
+    fn send(&mut self, buf: &[f32], to: Rank) -> Result<(), CommError>;
+    fn recv(&mut self, buf: &mut [f32], from: Rank) -> Result<(), CommError>;
+    fn barrier(&mut self) -> Result<(), CommError>;
+
+    /// A communicator over a sub-group: `ranks` lists members by their rank in `self`, in the
+    /// order that defines their rank in the new group. Every member calls it with the same list
+    /// (non-members must not call it). The 3D grid makes one per row, column and pipe.
+    fn split(&mut self, ranks: &[Rank]) -> Result<Box<dyn Communicator>, CommError>;
+
+    /// What this rank has sent and received so far.
+    fn stats(&self) -> CommStats;
+}

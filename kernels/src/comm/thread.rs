@@ -1,0 +1,243 @@
+//! Thread ranks: each rank is a thread of this process, and a message is a `Vec<f32>` handed
+//! from one thread to another through the [post office](super::mailbox).
+//!
+//! [`launch`] starts one closure per rank, each with its [`ThreadComm`]. The collectives are the
+//! [ring algorithms](super::ring), so the bytes counted here are the bytes a network would carry.
+//!
+//! Sends never wait for their receive (messages queue up). Code that is to run on NCCL as well
+//! must not rely on that for point-to-point messages: there, two ranks that both send before
+//! they receive wait on each other.
+
+use super::mailbox::{GroupId, GroupKey, Message, PostOffice};
+use super::{Collective, CommError, CommStats, Communicator, Rank, ReduceOp, ring};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use super::launcher::{LaunchError, launch};
+
+/// How long a receive waits for a peer that neither answers nor fails. Generous: it is the last
+/// resort against a deadlock in the caller, not a way to detect failures (those arrive at once).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A spare buffer kept per communicator: the buffers that arrive are reused as the buffers that
+/// leave, because a fresh multi-megabyte `Vec` per step costs page faults that would dominate
+/// the time of a large all-reduce. Two cover every ring step; more would only hold memory.
+const SPARE_BUFFERS: usize = 2;
+
+/// One rank's communicator over a group of thread ranks. `Send`: it can move to a
+/// communication thread.
+pub struct ThreadComm {
+    office: Arc<PostOffice>,
+    group: GroupId,
+    /// World rank of each group rank.
+    members: Arc<[Rank]>,
+    rank: Rank,
+    timeout: Duration,
+    stats: CommStats,
+    /// How many times each member list was split from this communicator (see [`GroupKey`]).
+    splits: HashMap<Vec<Rank>, usize>,
+    spare: Vec<Vec<f32>>,
+}
+
+impl ThreadComm {
+    /// One communicator per rank of a new world of `office.world_size()` ranks.
+    pub(crate) fn world(office: &Arc<PostOffice>) -> Vec<ThreadComm> {
+        let members: Arc<[Rank]> = (0..office.world_size()).collect();
+        (0..members.len()).map(|rank| ThreadComm::new(office.clone(), 0, members.clone(), rank)).collect()
+    }
+
+    fn new(office: Arc<PostOffice>, group: GroupId, members: Arc<[Rank]>, rank: Rank) -> ThreadComm {
+        let (stats, splits, spare) = Default::default();
+        ThreadComm { office, group, members, rank, timeout: DEFAULT_TIMEOUT, stats, splits, spare }
+    }
+
+    /// This rank's rank in the world the launcher started (the one errors name).
+    pub fn world_rank(&self) -> Rank {
+        self.members[self.rank]
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// How long a receive waits before [`CommError::Timeout`]; communicators split from this one
+    /// afterwards inherit it.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// A communicator over the sub-group `ranks` (ranks of `self`, in the order of their new
+    /// ranks). Every member calls it with the same list; non-members do not call it. No message
+    /// is exchanged: each member works out the same group from the list alone.
+    pub fn split_group(&mut self, ranks: &[Rank]) -> Result<ThreadComm, CommError> {
+        self.office.check()?;
+        let n = self.world_size();
+        let invalid = |reason: String| CommError::InvalidArgument { collective: Collective::Split, reason };
+        if let Some(&bad) = ranks.iter().find(|&&r| r >= n) {
+            return Err(invalid(format!("rank {bad} is not in this group of {n} ranks")));
+        }
+        if let Some(i) = (1..ranks.len()).find(|&i| ranks[..i].contains(&ranks[i])) {
+            return Err(invalid(format!("rank {} is listed twice in {ranks:?}", ranks[i])));
+        }
+        let Some(new_rank) = ranks.iter().position(|&r| r == self.rank) else {
+            return Err(invalid(format!("rank {} called split but is not in {ranks:?}", self.rank)));
+        };
+        let count = self.splits.entry(ranks.to_vec()).or_default();
+        let occurrence = *count;
+        *count += 1;
+        let members: Arc<[Rank]> = ranks.iter().map(|&r| self.members[r]).collect();
+        let group = self.office.group_id(GroupKey { parent: self.group, members: members.to_vec(), occurrence });
+        let mut comm = ThreadComm::new(self.office.clone(), group, members, new_rank);
+        comm.timeout = self.timeout;
+        Ok(comm)
+    }
+
+    /// Runs one collective: fails at once if a peer already failed, counts the call, and hands
+    /// the algorithm a [`Link`] that counts its bytes under `collective`.
+    fn run(
+        &mut self,
+        collective: Collective,
+        algorithm: impl FnOnce(&mut Link<'_>) -> Result<(), CommError>,
+    ) -> Result<(), CommError> {
+        self.office.check()?;
+        *self.stats.calls.entry(collective).or_default() += 1;
+        algorithm(&mut Link { comm: self, collective })
+    }
+
+    fn check_peer(&self, peer: Rank, collective: Collective) -> Result<(), CommError> {
+        let n = self.world_size();
+        if peer >= n {
+            return Err(CommError::InvalidArgument {
+                collective,
+                reason: format!("rank {peer} is not in a group of {n}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A communicator's wire for the length of one collective: group ranks in, world ranks out, and
+/// every byte counted under that collective.
+struct Link<'a> {
+    comm: &'a mut ThreadComm,
+    collective: Collective,
+}
+
+impl Link<'_> {
+    fn take(&mut self, from: Rank, len: usize) -> Result<Vec<f32>, CommError> {
+        let (c, collective) = (&mut *self.comm, self.collective);
+        let from_world = c.members[from];
+        let message = c.office.take(c.group, from_world, c.world_rank(), collective, c.timeout)?;
+        let invalid = |reason| CommError::InvalidArgument { collective, reason };
+        if message.collective != collective {
+            let reason = format!(
+                "rank {from_world} sent a {:?} message: the ranks called different collectives",
+                message.collective
+            );
+            return Err(invalid(reason));
+        }
+        if message.data.len() != len {
+            let reason = format!(
+                "rank {from_world} sent {} values where {len} were expected: the ranks passed buffers of different sizes",
+                message.data.len()
+            );
+            return Err(invalid(reason));
+        }
+        *c.stats.received.entry(collective).or_default() += bytes(len);
+        Ok(message.data)
+    }
+
+    fn recycle(&mut self, buffer: Vec<f32>) {
+        if self.comm.spare.len() < SPARE_BUFFERS {
+            self.comm.spare.push(buffer);
+        }
+    }
+}
+
+fn bytes(values: usize) -> u64 {
+    (values * size_of::<f32>()) as u64
+}
+
+impl ring::Wire for Link<'_> {
+    fn rank(&self) -> Rank {
+        self.comm.rank
+    }
+
+    fn size(&self) -> usize {
+        self.comm.members.len()
+    }
+
+    fn send(&mut self, to: Rank, data: &[f32]) -> Result<(), CommError> {
+        let c = &mut *self.comm;
+        let mut buffer = c.spare.pop().unwrap_or_default();
+        buffer.clear();
+        buffer.extend_from_slice(data);
+        let message = Message { collective: self.collective, data: buffer };
+        c.office.post(c.group, c.world_rank(), c.members[to], message)?;
+        *c.stats.sent.entry(self.collective).or_default() += bytes(data.len());
+        Ok(())
+    }
+
+    fn recv(&mut self, from: Rank, into: &mut [f32]) -> Result<(), CommError> {
+        let data = self.take(from, into.len())?;
+        into.copy_from_slice(&data);
+        self.recycle(data);
+        Ok(())
+    }
+
+    fn recv_add(&mut self, from: Rank, into: &mut [f32]) -> Result<(), CommError> {
+        let data = self.take(from, into.len())?;
+        into.iter_mut().zip(&data).for_each(|(a, b)| *a += b);
+        self.recycle(data);
+        Ok(())
+    }
+}
+
+impl Communicator for ThreadComm {
+    fn rank(&self) -> Rank {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.members.len()
+    }
+
+    fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
+        self.run(Collective::AllReduce, |link| ring::all_reduce(link, buf, op))
+    }
+
+    fn reduce_scatter(&mut self, input: &[f32], output: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
+        self.run(Collective::ReduceScatter, |link| ring::reduce_scatter(link, input, output, op))
+    }
+
+    fn all_gather(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
+        self.run(Collective::AllGather, |link| ring::all_gather(link, input, output))
+    }
+
+    fn broadcast(&mut self, buf: &mut [f32], root: Rank) -> Result<(), CommError> {
+        self.run(Collective::Broadcast, |link| ring::broadcast(link, buf, root))
+    }
+
+    fn send(&mut self, buf: &[f32], to: Rank) -> Result<(), CommError> {
+        self.check_peer(to, Collective::SendRecv)?;
+        self.run(Collective::SendRecv, |link| ring::Wire::send(link, to, buf))
+    }
+
+    fn recv(&mut self, buf: &mut [f32], from: Rank) -> Result<(), CommError> {
+        self.check_peer(from, Collective::SendRecv)?;
+        self.run(Collective::SendRecv, |link| ring::Wire::recv(link, from, buf))
+    }
+
+    fn barrier(&mut self) -> Result<(), CommError> {
+        self.run(Collective::Barrier, |link| ring::barrier(link))
+    }
+
+    fn split(&mut self, ranks: &[Rank]) -> Result<Box<dyn Communicator>, CommError> {
+        Ok(Box::new(self.split_group(ranks)?))
+    }
+
+    fn stats(&self) -> CommStats {
+        self.stats.clone()
+    }
+}
