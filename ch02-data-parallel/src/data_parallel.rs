@@ -33,6 +33,8 @@ pub struct DpConfig {
     pub dp: Option<usize>,
     /// Gradient bucket size in MiB; 0: one all-reduce of every gradient after backward.
     pub bucket_mb: f64,
+    /// Draw the last training step of every rank as an SVG timeline here.
+    pub timeline: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -334,13 +336,22 @@ fn run_rank(
 pub fn train(cfg: &DpConfig) -> Result<DpReport, DpError> {
     let dp = check_config(cfg)?;
     let dataset = Arc::new(load_dataset(&cfg.train.data, &Tokenizer::new(cfg.train.tokenizer))?);
-    let trace = if cfg.train.trace.is_some() { Trace::enabled() } else { Trace::disabled() };
+    let traced = cfg.train.trace.is_some() || cfg.timeline.is_some();
+    let trace = if traced { Trace::enabled() } else { Trace::disabled() };
     let results = launch(dp, |comm| run_rank(cfg, dp, comm, dataset.clone(), &trace)).map_err(|e| {
         // A rank's training error reads best as itself; a failure elsewhere names the rank.
         DpError::Launch(e.to_string())
     })?;
     if let Some(path) = &cfg.train.trace {
         trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
+    }
+    if let Some(path) = &cfg.timeline
+        && let Some((from, to)) = trace.last_span("step", 0, 0)
+    {
+        let lanes =
+            |rank: u32, lane: u32| format!("rank {rank} {}", if lane == 0 { "compute" } else { "communication" });
+        std::fs::write(path, trace.to_svg(from, to, lanes))
+            .map_err(|source| TrainError::Io { path: path.clone(), source })?;
     }
     let mut ranks = Vec::new();
     let mut leader = None;

@@ -23,6 +23,9 @@ struct Cli {
     /// Gradient bucket size in MiB (0: one all-reduce after backward, no overlap).
     #[arg(long, default_value_t = 1.0)]
     bucket_mb: f64,
+    /// Draw the last step of every rank (compute and communication) as an SVG timeline.
+    #[arg(long)]
+    timeline: Option<std::path::PathBuf>,
 }
 
 fn print_data_parallel(r: &DpReport) {
@@ -48,7 +51,7 @@ fn print_data_parallel(r: &DpReport) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = cli.common.into_config().and_then(|train_cfg| {
-        let cfg = DpConfig { train: train_cfg, dp: cli.dp, bucket_mb: cli.bucket_mb };
+        let cfg = DpConfig { train: train_cfg, dp: cli.dp, bucket_mb: cli.bucket_mb, timeline: cli.timeline.clone() };
         Ok(train(&cfg)?)
     });
     match result {

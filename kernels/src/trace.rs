@@ -109,6 +109,74 @@ impl Trace {
     pub fn write_chrome_json(&self, path: &Path) -> std::io::Result<()> {
         std::fs::write(path, self.to_chrome_json())
     }
+
+    /// The time span of the last event called `name` in lane (pid, tid), if any.
+    pub fn last_span(&self, name: &str, pid: u32, tid: u32) -> Option<(f64, f64)> {
+        self.events()
+            .iter()
+            .filter(|e| e.name == name && e.pid == pid && e.tid == tid)
+            .max_by(|a, b| a.start_us.total_cmp(&b.start_us))
+            .map(|e| (e.start_us, e.start_us + e.dur_us))
+    }
+
+    /// A timeline of the events overlapping [from_us, to_us] as an SVG: one row per lane,
+    /// one box per span (nested spans drawn inside their parents), the book's figures.
+    pub fn to_svg(&self, from_us: f64, to_us: f64, lane_names: impl Fn(u32, u32) -> String) -> String {
+        let mut events: Vec<TraceEvent> =
+            self.events().into_iter().filter(|e| e.start_us < to_us && e.start_us + e.dur_us > from_us).collect();
+        // Longer spans first, so that a span's children are drawn on top of it.
+        events.sort_by(|a, b| b.dur_us.total_cmp(&a.dur_us));
+        let mut lanes: Vec<(u32, u32)> = events.iter().map(|e| (e.pid, e.tid)).collect();
+        lanes.sort();
+        lanes.dedup();
+        let (label_w, width, row_h) = (150.0, 900.0, 34.0);
+        let x = |us: f64| {
+            label_w + (us.clamp(from_us, to_us) - from_us) / (to_us - from_us).max(1e-9) * (width - label_w - 10.0)
+        };
+        let height = lanes.len() as f64 * row_h + 40.0;
+        let mut svg = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">\n"
+        );
+        for (row, &(pid, tid)) in lanes.iter().enumerate() {
+            let y = 10.0 + row as f64 * row_h;
+            svg += &format!("<text x=\"4\" y=\"{:.1}\">{}</text>\n", y + row_h / 2.0, lane_names(pid, tid));
+            for e in events.iter().filter(|e| (e.pid, e.tid) == (pid, tid)) {
+                let (x0, x1) = (x(e.start_us), x(e.start_us + e.dur_us));
+                // Depth by nesting: a span inside a longer one of the same lane is drawn thinner.
+                let depth = events
+                    .iter()
+                    .filter(|o| (o.pid, o.tid) == (pid, tid) && o.dur_us > e.dur_us)
+                    .filter(|o| o.start_us <= e.start_us && o.start_us + o.dur_us >= e.start_us + e.dur_us)
+                    .count() as f64;
+                let (top, h) = (y + 2.0 + 5.0 * depth, row_h - 6.0 - 10.0 * depth);
+                let colour = match e.name.split(' ').next().unwrap_or("") {
+                    "step" => "#e8e8e8",
+                    "forward" => "#8ecae6",
+                    "backward" => "#219ebc",
+                    "optimizer" => "#ffb703",
+                    "all-reduce" => "#fb8500",
+                    _ => "#bbbbbb",
+                };
+                svg += &format!(
+                    "<rect x=\"{x0:.1}\" y=\"{top:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{colour}\" stroke=\"#555\" stroke-width=\"0.5\"><title>{} ({:.2} ms)</title></rect>\n",
+                    (x1 - x0).max(0.5),
+                    h.max(4.0),
+                    e.name,
+                    e.dur_us / 1000.0
+                );
+                if x1 - x0 > 60.0 && depth <= 1.0 {
+                    svg += &format!("<text x=\"{:.1}\" y=\"{:.1}\">{}</text>\n", x0 + 3.0, top + 12.0, e.name);
+                }
+            }
+        }
+        let axis_y = height - 12.0;
+        svg += &format!(
+            "<text x=\"{label_w}\" y=\"{axis_y}\">0 ms</text><text x=\"{:.1}\" y=\"{axis_y}\" text-anchor=\"end\">{:.1} ms</text>\n</svg>\n",
+            width - 10.0,
+            (to_us - from_us) / 1000.0
+        );
+        svg
+    }
 }
 
 #[cfg(test)]
@@ -131,6 +199,23 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&trace.to_chrome_json()).unwrap();
         assert_eq!(json["traceEvents"][1]["name"], "step");
         assert_eq!(json["traceEvents"][1]["ph"], "X");
+    }
+
+    #[test]
+    fn renders_the_window_as_svg() {
+        let trace = Trace::enabled();
+        {
+            let _step = trace.span("step");
+            drop(trace.span("forward"));
+            let comm = trace.lane(0, 1);
+            drop(comm.span("all-reduce bucket 0"));
+        }
+        let (from, to) = trace.last_span("step", 0, 0).unwrap();
+        let svg = trace.to_svg(from, to, |pid, tid| format!("rank {pid} lane {tid}"));
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<rect").count(), 3);
+        assert!(svg.contains("rank 0 lane 1") && svg.contains("all-reduce bucket 0"));
+        assert!(trace.last_span("backward", 0, 0).is_none());
     }
 
     #[test]

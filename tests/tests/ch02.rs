@@ -13,7 +13,7 @@ fn ch01(cfg: &TrainConfig) -> TrainReport {
 }
 
 fn dp(cfg: &TrainConfig, dp: usize, bucket_mb: f64) -> DpReport {
-    ch02_data_parallel::train(&DpConfig { train: cfg.clone(), dp: Some(dp), bucket_mb }).unwrap()
+    ch02_data_parallel::train(&DpConfig { train: cfg.clone(), dp: Some(dp), bucket_mb, timeline: None }).unwrap()
 }
 
 /// The step losses, the validation loss and every parameter match chapter 1.
@@ -89,10 +89,16 @@ fn each_rank_sends_2_n_minus_1_over_n_of_the_gradients_per_step() {
 #[test]
 fn bad_dp_gets_a_clear_error() {
     let cfg = config();
-    let err = ch02_data_parallel::train(&DpConfig { train: cfg.clone(), dp: Some(3), bucket_mb: 0.0 }).err().unwrap();
+    let err = ch02_data_parallel::train(&DpConfig { train: cfg.clone(), dp: Some(3), bucket_mb: 0.0, timeline: None })
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("global batch of 8 sequences is not divisible by --dp 3"), "{err}");
-    let err = ch02_data_parallel::train(&DpConfig { train: cfg.clone(), dp: Some(128), bucket_mb: 0.0 }).err().unwrap();
+    let err =
+        ch02_data_parallel::train(&DpConfig { train: cfg.clone(), dp: Some(128), bucket_mb: 0.0, timeline: None })
+            .err()
+            .unwrap();
     assert!(err.to_string().contains("more ranks than are available"), "{err}");
-    let err = ch02_data_parallel::train(&DpConfig { train: cfg, dp: Some(0), bucket_mb: 0.0 }).err().unwrap();
+    let err =
+        ch02_data_parallel::train(&DpConfig { train: cfg, dp: Some(0), bucket_mb: 0.0, timeline: None }).err().unwrap();
     assert!(err.to_string().contains("at least 1"), "{err}");
 }
