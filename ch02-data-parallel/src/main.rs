@@ -21,7 +21,7 @@ struct Cli {
     #[arg(long)]
     dp: Option<usize>,
     /// Gradient bucket size in MiB (0: one all-reduce after backward, no overlap).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     bucket_mb: f64,
     /// Draw the last step of every rank (compute and communication) as an SVG timeline.
     #[arg(long)]
