@@ -14,7 +14,9 @@
 use crate::config::ModelConfig;
 use crate::data::{BatchSampler, DataOrder};
 use crate::params::{ParamLayout, ParamSpec};
+use crate::schedule::LrSchedule;
 use crate::tokenizer::TokenizerKind;
+use kernels::ops::adamw::AdamWConfig;
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
@@ -114,7 +116,7 @@ impl HfConfig {
 // ANCHOR: trainer_state
 /// The run a checkpoint belongs to: `--resume` refuses a checkpoint whose run differs in any
 /// way that would change the batches or the model.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunShape {
     pub model: ModelConfig,
     pub tokenizer: TokenizerKind,
@@ -123,9 +125,28 @@ pub struct RunShape {
     pub grad_accum: usize,
     pub data_order: DataOrder,
     pub seed: u64,
+    /// The optimizer's settings and the schedule's length: a resumed step must take exactly the
+    /// update the uninterrupted run would have taken.
+    pub steps: u64,
+    pub lr: f32,
+    pub lr_schedule: LrSchedule,
+    pub warmup_steps: u64,
+    pub weight_decay: f32,
+    pub grad_clip: f32,
+    pub adam: AdamWConfig,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+impl RunShape {
+    /// Whether a run of shape `self` resumed from a checkpoint of shape `saved` takes exactly the
+    /// steps the saved run would have taken. Everything must match, except the total number of
+    /// steps under a constant schedule, which nothing depends on: such a run may be extended.
+    pub fn continues(&self, saved: &RunShape) -> bool {
+        let extendable = self.lr_schedule == LrSchedule::Constant;
+        *self == RunShape { steps: if extendable { self.steps } else { saved.steps }, ..saved.clone() }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
     /// Optimizer steps completed (AdamW's t).
     pub step: u64,
@@ -164,7 +185,15 @@ fn write_safetensors(path: &Path, tensors: Vec<(String, F32View<'_>)>) -> Result
     // transformers refuses safetensors files without format = "pt" in their metadata.
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(tensors, Some(metadata), path)
-        .map_err(|e| CheckpointError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })
+        .map_err(|e| CheckpointError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })?;
+    // The safetensors writer goes through a private temporary file (mode 0600); give the
+    // checkpoint the permissions of every other file we write.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o644)).map_err(io(path))?;
+    }
+    Ok(())
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<(), CheckpointError> {

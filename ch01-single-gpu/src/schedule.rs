@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum LrSchedule {
-    /// Linear warmup, then cosine decay to 10% of the peak at the last step.
+    /// Linear warmup, then cosine decay towards 10% of the peak (reached at step `total`, just
+    /// past the last step).
     Cosine,
     /// The peak rate at every step: no warmup, no decay.
     Constant,

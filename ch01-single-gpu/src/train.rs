@@ -32,7 +32,8 @@ pub enum DataSource {
     Text(String),
 }
 
-/// Everything a run needs. `Default` is what `cargo run -p ch01-single-gpu` does.
+/// Everything a run needs. `Default` is the CLI's defaults, less the sample (`sample_tokens: 0`)
+/// and the progress display (`progress: false`): the quiet run that tests and later chapters want.
 #[derive(Clone, Debug)]
 pub struct TrainConfig {
     /// A preset name: tiny, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl.
@@ -378,6 +379,13 @@ impl Trainer {
             grad_accum: cfg.grad_accum,
             data_order: cfg.data_order,
             seed: cfg.seed,
+            steps: cfg.steps,
+            lr: cfg.lr,
+            lr_schedule: cfg.lr_schedule,
+            warmup_steps: cfg.warmup_steps,
+            weight_decay: cfg.weight_decay,
+            grad_clip: cfg.grad_clip,
+            adam: cfg.adam,
         };
 
         // ANCHOR: four_buffers
@@ -392,7 +400,7 @@ impl Trainer {
         let mut step = 0;
         if let Some(dir) = &cfg.resume {
             let state = checkpoint::read_trainer_state(dir)?;
-            if state.run != run {
+            if !run.continues(&state.run) {
                 let reason = format!(
                     "it was written by a different run ({:?}); resume with the same flags as that run",
                     state.run
@@ -400,7 +408,7 @@ impl Trainer {
                 return Err(TrainError::Resume { path: dir.clone(), reason });
             }
             if state.step >= cfg.steps {
-                let reason = format!("it is already at step {}; pass --steps above that", state.step);
+                let reason = format!("that run is already complete (step {} of {})", state.step, cfg.steps);
                 return Err(TrainError::Resume { path: dir.clone(), reason });
             }
             checkpoint::load_weights(dir, &model, &layout, params.as_mut_slice())?;

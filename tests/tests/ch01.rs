@@ -75,9 +75,28 @@ fn resume_continues_bit_for_bit() {
     assert_eq!(losses, straight.losses());
     assert_eq!(resumed.params, straight.params);
 
-    // A resume with a different run shape is refused with the reason.
-    let err = train(&TrainConfig { resume: Some(ckpt), batch_size: 8, ..cfg }).err().unwrap();
+    // A resume that would not continue the same run (other batches, another schedule) is
+    // refused with the reason.
+    let err = train(&TrainConfig { resume: Some(ckpt.clone()), batch_size: 8, ..cfg.clone() }).err().unwrap();
     assert!(err.to_string().contains("different run"), "{err}");
+    let err = train(&TrainConfig { resume: Some(ckpt.clone()), lr: cfg.lr / 2.0, ..cfg.clone() }).err().unwrap();
+    assert!(err.to_string().contains("different run"), "{err}");
+    // More steps would stretch the cosine schedule: refused too.
+    let err = train(&TrainConfig { resume: Some(ckpt), steps: 20, ..cfg }).err().unwrap();
+    assert!(err.to_string().contains("different run"), "{err}");
+}
+
+#[test]
+fn a_constant_schedule_run_can_be_extended_exactly() {
+    use ch01_single_gpu::schedule::LrSchedule;
+    let cfg = TrainConfig { lr_schedule: LrSchedule::Constant, ..tiny_config(8) };
+    let straight = train(&cfg).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let first = train(&TrainConfig { steps: 3, save: Some(ckpt.clone()), ..cfg.clone() }).unwrap();
+    let rest = train(&TrainConfig { resume: Some(ckpt), ..cfg }).unwrap();
+    assert_eq!([first.losses(), rest.losses()].concat(), straight.losses());
+    assert_eq!(rest.params, straight.params);
 }
 
 #[test]

@@ -7,7 +7,8 @@
 //! tied weights (one gradient fed from two places) free.
 //!
 //! Parallel loops split work into fixed-size chunks and reduce partial sums in chunk order, so
-//! every result is bit-for-bit the same run to run, whatever the number of threads.
+//! every result is bit-for-bit the same run to run. (Across machines, the gemm crate's choice of
+//! kernel for the CPU at hand, and the matmul's row blocks per thread, may change the last bits.)
 
 pub mod adamw;
 pub mod attention;
