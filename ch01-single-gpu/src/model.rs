@@ -478,6 +478,40 @@ mod tests {
         (cfg, layout, params)
     }
 
+    /// Forward then backward of the mean loss; the gradient in the flat layout.
+    fn gradient(
+        cfg: &ModelConfig,
+        layout: &ParamLayout,
+        params: &[f32],
+        tokens: &[u32],
+        targets: &[u32],
+        b: usize,
+        t: usize,
+        hook: GradsReady<'_>,
+    ) -> Vec<f32> {
+        let ledger = MemoryLedger::new();
+        let mut acts = Activations::new(cfg, b, t, &ledger);
+        let mut scratch = Gradients::new(cfg, b, t, &ledger);
+        let mut grads = vec![0.0; layout.total];
+        let p = layout.views(params);
+        forward(&p, cfg, &mut acts, tokens, Some(targets), b, t);
+        let dloss = 1.0 / (b * t) as f32;
+        backward(
+            &p,
+            &mut layout.views_mut(&mut grads),
+            cfg,
+            &mut acts,
+            &mut scratch,
+            tokens,
+            targets,
+            dloss,
+            b,
+            t,
+            hook,
+        );
+        grads
+    }
+
     fn loss(
         cfg: &ModelConfig,
         layout: &ParamLayout,
@@ -500,25 +534,7 @@ mod tests {
         let tokens: Vec<u32> = (0..b * t).map(|_| rng.below(200) as u32).collect();
         let targets: Vec<u32> = (0..b * t).map(|_| rng.below(200) as u32).collect();
 
-        let ledger = MemoryLedger::new();
-        let mut acts = Activations::new(&cfg, b, t, &ledger);
-        let mut scratch = Gradients::new(&cfg, b, t, &ledger);
-        let mut grads = vec![0.0; layout.total];
-        let p = layout.views(&params);
-        forward(&p, &cfg, &mut acts, &tokens, Some(&targets), b, t);
-        backward(
-            &p,
-            &mut layout.views_mut(&mut grads),
-            &cfg,
-            &mut acts,
-            &mut scratch,
-            &tokens,
-            &targets,
-            1.0 / (b * t) as f32,
-            b,
-            t,
-            &mut |_, _| {},
-        );
+        let grads = gradient(&cfg, &layout, &params, &tokens, &targets, b, t, &mut |_, _| {});
 
         // Check a spread of elements in every tensor: a wiring mistake anywhere (a missing
         // residual path, a transposed weight, the tied embedding's second use) shows up as
@@ -554,14 +570,7 @@ mod tests {
     #[test]
     fn gradients_become_ready_in_reverse_layout_order_each_once() {
         let (cfg, layout, params) = tiny();
-        let (b, t) = (1, 4);
         let tokens = [1u32, 2, 3, 4];
-        let ledger = MemoryLedger::new();
-        let mut acts = Activations::new(&cfg, b, t, &ledger);
-        let mut scratch = Gradients::new(&cfg, b, t, &ledger);
-        let mut grads = vec![0.0; layout.total];
-        let p = layout.views(&params);
-        forward(&p, &cfg, &mut acts, &tokens, Some(&tokens), b, t);
         let mut seen = Vec::new();
         let mut hook = |ready: Range<usize>, g: &GptParams<&mut [f32]>| {
             // What the hook reads is the final gradient: nonzero for every tensor but the unused
@@ -569,19 +578,7 @@ mod tests {
             assert!(ready.clone().all(|i| g.tensors()[i].iter().any(|&x| x != 0.0)));
             seen.push(ready);
         };
-        backward(
-            &p,
-            &mut layout.views_mut(&mut grads),
-            &cfg,
-            &mut acts,
-            &mut scratch,
-            &tokens,
-            &tokens,
-            0.25,
-            b,
-            t,
-            &mut hook,
-        );
+        gradient(&cfg, &layout, &params, &tokens, &tokens, 1, 4, &mut hook);
         let n = layout.specs.len();
         assert_eq!(seen.first(), Some(&(n - 2..n)), "ln_f first");
         assert_eq!(seen.last(), Some(&(0..2)), "embeddings last");
