@@ -36,7 +36,8 @@ impl From<Failure> for LaunchError {
     }
 }
 
-fn panic_message(payload: &(dyn Any + Send)) -> String {
+/// The text a panic was raised with (`panic!` makes a `&str` or a `String`).
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
     match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
         (Some(s), _) => s.to_string(),
         (_, Some(s)) => s.clone(),

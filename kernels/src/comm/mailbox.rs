@@ -136,6 +136,7 @@ impl PostOffice {
         Ok(())
     }
 
+    // ANCHOR: take
     /// The next message for world rank `to` from world rank `from` in `group`, waiting up to
     /// `timeout` for it.
     pub fn take(
@@ -169,4 +170,5 @@ impl PostOffice {
             queues = inbox.changed.wait_timeout(queues, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
+    // ANCHOR_END: take
 }

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 
 mod launcher;
 mod mailbox;
+pub mod nccl;
 pub mod rendezvous;
 pub mod ring;
 pub mod thread;
@@ -63,7 +64,8 @@ pub enum CommError {
 }
 
 /// Bytes one rank sent and received, by collective, through one communicator (a sub-group's
-/// communicator counts its own traffic, not its parent's).
+/// communicator counts its own traffic, not its parent's). Every collective called at least once
+/// has an entry in all three maps, zero included.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct CommStats {
     pub sent: BTreeMap<Collective, u64>,
@@ -81,6 +83,7 @@ impl CommStats {
     }
 }
 
+// ANCHOR: communicator
 /// One rank's view of a group of ranks.
 pub trait Communicator {
     fn rank(&self) -> Rank;
@@ -110,3 +113,4 @@ pub trait Communicator {
     /// What this rank has sent and received so far.
     fn stats(&self) -> CommStats;
 }
+// ANCHOR_END: communicator

@@ -190,19 +190,28 @@ fn serve(config: &RendezvousConfig, payload: &[u8], deadline: &Deadline) -> Resu
         };
         stream.set_nonblocking(false).map_err(|e| deadline.io(e))?;
         let mut hello = [0u8; 12];
-        deadline.read_exact(&mut stream, &mut hello, "a connected rank to say hello")?;
+        match deadline.read_exact(&mut stream, &mut hello, "a connected rank to say hello") {
+            // A connection that breaks before its hello: that rank connects again.
+            Err(RendezvousError::Io { .. }) => continue,
+            result => result?,
+        }
+        if &hello[..4] != MAGIC {
+            continue; // not one of ours (a port scanner, another program): ignore it
+        }
         let (rank, size) = (u32_at(&hello, 4) as usize, u32_at(&hello, 8) as usize);
-        if &hello[..4] != MAGIC || size != n || rank == 0 || rank >= n || peers[rank].is_some() {
-            let reason = format!("unexpected hello {hello:?} (expected rank 1..{n}, once each, of WORLD_SIZE {n})");
+        if size != n || rank == 0 || rank >= n {
+            let reason = format!("rank {rank} of WORLD_SIZE {size} said hello to rank 0 of WORLD_SIZE {n}");
             return Err(deadline.protocol(reason));
         }
+        // A second hello from a rank means its first connection broke: answer the new one.
         peers[rank] = Some(stream);
     }
     let mut reply = MAGIC.to_vec();
     reply.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     reply.extend_from_slice(payload);
     for stream in peers.iter_mut().flatten() {
-        deadline.left(|| "sending the payload".into())?;
+        let left = deadline.left(|| "sending the payload".into())?;
+        stream.set_write_timeout(Some(left)).map_err(|e| deadline.io(e))?;
         stream.write_all(&reply).map_err(|e| deadline.io(e))?;
     }
     Ok(())
@@ -223,6 +232,10 @@ fn connect(config: &RendezvousConfig, deadline: &Deadline) -> Result<TcpStream, 
         };
         for addr in &addrs {
             match TcpStream::connect_timeout(addr, left.min(Duration::from_secs(1))) {
+                // Connecting to a free local port can, rarely, connect the socket to itself.
+                Ok(stream) if stream.local_addr().ok() == stream.peer_addr().ok() => {
+                    last_error = format!("{addr}: connected to itself, so nobody listens there");
+                }
                 Ok(stream) => return Ok(stream),
                 Err(e) => last_error = format!("{addr}: {e}"),
             }
@@ -232,9 +245,26 @@ fn connect(config: &RendezvousConfig, deadline: &Deadline) -> Result<TcpStream, 
     }
 }
 
-/// Ranks above 0: say hello to rank 0 and read the payload back.
+/// Ranks above 0: say hello to rank 0 and read the payload back, connecting again if the
+/// connection breaks on the way (rank 0 restarted, say): only the deadline ends the attempts.
 fn join(config: &RendezvousConfig, deadline: &Deadline) -> Result<Vec<u8>, RendezvousError> {
-    let mut stream = connect(config, deadline)?;
+    let mut last_error = String::new();
+    loop {
+        deadline.left(|| format!("rank 0 to hand out the payload (last error: {last_error})"))?;
+        match connect(config, deadline).and_then(|stream| handshake(config, stream, deadline)) {
+            Ok(payload) => return Ok(payload),
+            Err(RendezvousError::Io { source, .. }) => last_error = source.to_string(),
+            Err(e) => return Err(e),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn handshake(
+    config: &RendezvousConfig,
+    mut stream: TcpStream,
+    deadline: &Deadline,
+) -> Result<Vec<u8>, RendezvousError> {
     let mut hello = MAGIC.to_vec();
     hello.extend_from_slice(&(config.rank as u32).to_le_bytes());
     hello.extend_from_slice(&(config.world_size as u32).to_le_bytes());

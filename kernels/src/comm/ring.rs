@@ -64,6 +64,7 @@
 use super::{Collective, CommError, Rank, ReduceOp};
 use std::ops::Range;
 
+// ANCHOR: wire
 /// What the ring algorithms need from a transport: ordered messages between ranks of one group.
 ///
 /// Sends must not wait for the matching receive (every rank sends, then receives, at each step:
@@ -80,16 +81,20 @@ pub trait Wire {
     /// Like [`Wire::recv`], but adds the message into `into`, value by value.
     fn recv_add(&mut self, from: Rank, into: &mut [f32]) -> Result<(), CommError>;
 }
+// ANCHOR_END: wire
 
 /// Values per broadcast message: 256 KiB, small enough to pipeline a large buffer down the
 /// chain, large enough that a message's fixed cost is noise.
 pub const BROADCAST_PIECE: usize = 1 << 16;
 
+// ANCHOR: chunk
 /// Chunk `i` of `n` of a buffer of `len` values: `[i·len/n, (i+1)·len/n)`.
 pub fn chunk(len: usize, n: usize, i: usize) -> Range<usize> {
     len * i / n..len * (i + 1) / n
 }
+// ANCHOR_END: chunk
 
+// ANCHOR: ring_halves
 /// A rank's place in the ring.
 struct Ring {
     rank: Rank,
@@ -128,6 +133,7 @@ fn all_gather_in_place(wire: &mut impl Wire, buf: &mut [f32]) -> Result<(), Comm
     }
     Ok(())
 }
+// ANCHOR_END: ring_halves
 
 fn divide(values: &mut [f32], n: usize) {
     let n = n as f32;

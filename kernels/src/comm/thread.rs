@@ -1,5 +1,6 @@
 //! Thread ranks: each rank is a thread of this process, and a message is a `Vec<f32>` handed
-//! from one thread to another through the [post office](super::mailbox).
+//! from one thread to another through a post office (`mailbox.rs`: an inbox per rank, a queue per
+//! group and sender in it).
 //!
 //! [`launch`] starts one closure per rank, each with its [`ThreadComm`]. The collectives are the
 //! [ring algorithms](super::ring), so the bytes counted here are the bytes a network would carry.
@@ -20,8 +21,8 @@ pub use super::launcher::{LaunchError, launch};
 /// resort against a deadlock in the caller, not a way to detect failures (those arrive at once).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// A spare buffer kept per communicator: the buffers that arrive are reused as the buffers that
-/// leave, because a fresh multi-megabyte `Vec` per step costs page faults that would dominate
+/// How many spare message buffers a communicator keeps: the buffers that arrive are reused as
+/// the buffers that leave, because a fresh multi-megabyte `Vec` per step costs page faults that would dominate
 /// the time of a large all-reduce. Two cover every ring step; more would only hold memory.
 const SPARE_BUFFERS: usize = 2;
 
@@ -102,6 +103,10 @@ impl ThreadComm {
     ) -> Result<(), CommError> {
         self.office.check()?;
         *self.stats.calls.entry(collective).or_default() += 1;
+        // A collective that was called has byte counts, zero ones included (a broadcast's last
+        // rank sends nothing): readers can index the maps by every collective they called.
+        self.stats.sent.entry(collective).or_default();
+        self.stats.received.entry(collective).or_default();
         algorithm(&mut Link { comm: self, collective })
     }
 

@@ -1,0 +1,159 @@
+//! Failure never hangs: a rank that errs, panics, leaves early or goes silent ends every rank
+//! promptly, and the launcher names the first rank that failed and why.
+
+use kernels::comm::thread::{DEFAULT_TIMEOUT, LaunchError, ThreadComm, launch};
+use kernels::comm::{Collective, CommError, Communicator, Rank, ReduceOp};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+#[test]
+fn thread_comm_is_send() {
+    fn assert_send<T: Send>() {}
+    assert_send::<ThreadComm>();
+}
+
+#[test]
+fn launch_returns_every_result_in_rank_order() {
+    let out = launch(5, |comm| Ok::<_, CommError>(comm.rank() * 10));
+    assert_eq!(out, Ok(vec![0, 10, 20, 30, 40]));
+    assert_eq!(launch(0, |_| Ok::<(), CommError>(())), Ok(vec![]));
+}
+
+/// 4 ranks loop over 100 all-reduces; rank 2 fails in iteration 10 with `fail`. Returns the
+/// launch result, what the other ranks' collectives returned, and how long it all took.
+fn kill_rank_2_at_step_10(fail: fn(usize) -> String) -> (LaunchError, Vec<(Rank, CommError)>, Duration) {
+    let seen = Mutex::new(Vec::new());
+    let start = Instant::now();
+    let result = launch(4, |mut comm| {
+        assert_eq!(comm.timeout(), DEFAULT_TIMEOUT, "the timeout is not what ends this test");
+        let mut buf = vec![1.0; 1000];
+        for step in 0..100 {
+            if comm.rank() == 2 && step == 10 {
+                return Err(fail(step));
+            }
+            if let Err(e) = comm.all_reduce(&mut buf, ReduceOp::Avg) {
+                seen.lock().unwrap().push((comm.rank(), e.clone()));
+                return Err(e.to_string());
+            }
+        }
+        Ok(())
+    });
+    let mut seen = seen.into_inner().unwrap();
+    seen.sort_by_key(|(r, _)| *r);
+    (result.expect_err("rank 2 failed"), seen, start.elapsed())
+}
+
+fn assert_others_saw_rank_2_fail(seen: &[(Rank, CommError)], reason: &str) {
+    assert_eq!(seen.iter().map(|(r, _)| *r).collect::<Vec<_>>(), vec![0, 1, 3]);
+    for (r, e) in seen {
+        assert!(
+            matches!(e, CommError::PeerFailed { rank: 2, reason: why } if why.contains(reason)),
+            "rank {r} got {e:?}"
+        );
+    }
+}
+
+#[test]
+fn a_rank_that_returns_an_error_stops_every_rank_promptly() {
+    let (err, seen, elapsed) = kill_rank_2_at_step_10(|step| format!("out of memory at iteration {step}"));
+    assert_eq!(err, LaunchError::Failed { rank: 2, message: "out of memory at iteration 10".into() });
+    assert_others_saw_rank_2_fail(&seen, "out of memory at iteration 10");
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+}
+
+#[test]
+fn a_rank_that_panics_stops_every_rank_promptly() {
+    let (err, seen, elapsed) = kill_rank_2_at_step_10(|step| panic!("NaN in the loss at iteration {step}"));
+    assert_eq!(err, LaunchError::Panicked { rank: 2, message: "NaN in the loss at iteration 10".into() });
+    assert_eq!(err.to_string(), "rank 2 panicked: NaN in the loss at iteration 10");
+    assert_others_saw_rank_2_fail(&seen, "panicked: NaN in the loss at iteration 10");
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+}
+
+#[test]
+fn the_next_collective_after_a_failure_returns_peer_failed() {
+    let seen = Mutex::new(None);
+    let result = launch(3, |mut comm| {
+        if comm.rank() == 1 {
+            return Err("bad batch".to_string());
+        }
+        // Long enough for rank 1's failure to be recorded before this rank calls anything.
+        std::thread::sleep(Duration::from_millis(100));
+        let result = if comm.rank() == 0 { comm.barrier() } else { comm.split_group(&[2]).map(drop) };
+        if comm.rank() == 0 {
+            *seen.lock().unwrap() = result.clone().err();
+        }
+        result.map_err(|e| e.to_string())
+    });
+    assert_eq!(result, Err(LaunchError::Failed { rank: 1, message: "bad batch".into() }));
+    assert_eq!(seen.into_inner().unwrap(), Some(CommError::PeerFailed { rank: 1, reason: "bad batch".into() }));
+}
+
+#[test]
+fn a_rank_that_leaves_early_is_named() {
+    let start = Instant::now();
+    let result =
+        launch(3, |mut comm| if comm.rank() == 1 { Ok(()) } else { comm.all_reduce(&mut [1.0; 9], ReduceOp::Sum) });
+    let err = result.expect_err("ranks 0 and 2 wait for rank 1 forever");
+    assert_eq!(err.rank(), 1);
+    assert!(err.to_string().contains("finished while rank"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn a_silent_rank_times_out() {
+    let start = Instant::now();
+    let result = launch(2, |mut comm| {
+        comm.set_timeout(Duration::from_millis(200));
+        if comm.rank() == 1 {
+            // Alive but stuck (a deadlock, say): no failure to report, no exit to notice.
+            std::thread::sleep(Duration::from_millis(600));
+            return Ok(());
+        }
+        comm.all_reduce(&mut [1.0; 4], ReduceOp::Sum)
+    });
+    let waited = start.elapsed();
+    match result {
+        Err(LaunchError::Failed { rank: 0, message }) => assert!(message.contains("AllReduce timed out"), "{message}"),
+        other => panic!("expected rank 0 to time out, got {other:?}"),
+    }
+    assert!(waited >= Duration::from_millis(200));
+}
+
+#[test]
+fn ranks_that_disagree_get_an_error_not_a_hang() {
+    // Different lengths.
+    let result = launch(2, |mut comm| comm.all_reduce(&mut vec![1.0; 8 + comm.rank()], ReduceOp::Sum));
+    assert!(result.expect_err("sizes differ").to_string().contains("buffers of different sizes"));
+    // Different collectives.
+    let result = launch(2, |mut comm| {
+        if comm.rank() == 0 {
+            comm.all_reduce(&mut [1.0; 8], ReduceOp::Sum)
+        } else {
+            comm.all_gather(&[1.0; 4], &mut [0.0; 8])
+        }
+    });
+    assert!(result.expect_err("collectives differ").to_string().contains("called different collectives"));
+}
+
+#[test]
+fn bad_arguments_are_errors_on_the_calling_rank() {
+    let out = launch(2, |mut comm| {
+        let invalid = |r: Result<(), CommError>, c: Collective| {
+            assert!(matches!(r, Err(CommError::InvalidArgument { collective, .. }) if collective == c), "{r:?}");
+        };
+        invalid(comm.reduce_scatter(&[0.0; 5], &mut [0.0; 2], ReduceOp::Sum), Collective::ReduceScatter);
+        invalid(comm.all_gather(&[0.0; 2], &mut [0.0; 5]), Collective::AllGather);
+        invalid(comm.broadcast(&mut [0.0; 2], 2), Collective::Broadcast);
+        invalid(comm.send(&[0.0], 7), Collective::SendRecv);
+        invalid(comm.recv(&mut [0.0], 2), Collective::SendRecv);
+        let r = comm.rank();
+        for bad in [vec![2], vec![r, r], vec![1 - r]] {
+            invalid(comm.split_group(&bad).map(drop), Collective::Split);
+        }
+        // Nothing was sent, so the ranks are still in step: a real collective still works.
+        let mut buf = [1.0];
+        comm.all_reduce(&mut buf, ReduceOp::Sum).map(|()| buf[0])
+    });
+    assert_eq!(out, Ok(vec![2.0, 2.0]));
+}
