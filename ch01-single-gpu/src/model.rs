@@ -394,12 +394,14 @@ pub fn forward(
 }
 // ANCHOR_END: model_forward
 
+// ANCHOR: grads_ready
 /// Told, during backward, which parameters' gradients are now final: a range of indices into
 /// `ParamLayout::specs`, and read access to every gradient. They become final in reverse layout
 /// order: ln_f, then block L-1 down to block 0, then wte and wpe (wte last: it collects the
 /// output projection's gradient first and the embedding's at the very end). Chapter 2 hangs its
 /// gradient all-reduce here, to overlap communication with the rest of backward.
 pub type GradsReady<'a> = &'a mut dyn FnMut(Range<usize>, &GptParams<&mut [f32]>);
+// ANCHOR_END: grads_ready
 
 // ANCHOR: model_backward
 /// Accumulates dL/dθ into `grads` for L = dloss * (sum of the token losses of the last

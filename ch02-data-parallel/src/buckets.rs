@@ -19,6 +19,7 @@ pub struct Bucket {
     pub range: Range<usize>,
 }
 
+// ANCHOR: plan_buckets
 /// Buckets in launch order (the reverse of the layout). `bucket_bytes == 0` means one bucket
 /// holding everything, launched after backward: no overlap.
 pub fn plan_buckets(layout: &ParamLayout, bucket_bytes: usize) -> Vec<Bucket> {
@@ -43,6 +44,7 @@ pub fn plan_buckets(layout: &ParamLayout, bucket_bytes: usize) -> Vec<Bucket> {
     }
     buckets
 }
+// ANCHOR_END: plan_buckets
 
 #[cfg(test)]
 mod tests {

@@ -78,6 +78,7 @@ pub struct DpReport {
     pub grad_bytes: u64,
 }
 
+// ANCHOR: hidden_fraction
 impl DpReport {
     /// The fraction of gradient communication that overlapped backward.
     pub fn hidden_fraction(&self) -> f64 {
@@ -86,6 +87,7 @@ impl DpReport {
         if comm > 0.0 { (1.0 - exposed / comm).clamp(0.0, 1.0) } else { 0.0 }
     }
 }
+// ANCHOR_END: hidden_fraction
 
 /// A rank's trainer: chapter 1's, computing its rows, plus the gradient all-reduce.
 struct DpRank {
@@ -110,6 +112,7 @@ fn comm_failed() -> TrainError {
     TrainError::Comm(CommError::Backend("the communication thread stopped".into()))
 }
 
+// ANCHOR: launch_bucket
 /// Copies bucket `b`'s gradients out of `grads` and queues its all-reduce.
 fn launch_bucket(
     b: usize,
@@ -127,6 +130,7 @@ fn launch_bucket(
     debug_assert_eq!(at, bucket.range.len());
     jobs.send(Job::ReduceBucket { bucket: b, data }).map_err(|_| comm_failed())
 }
+// ANCHOR_END: launch_bucket
 
 impl DpRank {
     fn reduce_scalars(&mut self, values: Vec<f32>, op: ReduceOp) -> Result<Vec<f32>, TrainError> {
@@ -199,12 +203,9 @@ impl TrainSteps for DpRank {
             }
         }
         // Without overlap (or for buckets the hook did not launch), reduce after backward.
-        for b in 0..self.buckets.len() {
-            if !launched[b] {
-                let range = self.buckets[b].range.clone();
-                let grads = &self.trainer.grads()[range];
-                launch_bucket(b, &self.buckets[b], &[grads], &mut self.buffers[b], &self.jobs)?;
-            }
+        for (b, bucket) in self.buckets.iter().enumerate().filter(|(b, _)| !launched[*b]) {
+            let grads = &self.trainer.grads()[bucket.range.clone()];
+            launch_bucket(b, bucket, &[grads], &mut self.buffers[b], &self.jobs)?;
         }
         // Wait for every bucket and copy the sums back. Time spent here is communication that
         // backward did not hide.
