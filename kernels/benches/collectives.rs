@@ -53,11 +53,13 @@ impl Op {
         }
     }
 
+    // ANCHOR: bus_factor
     /// busbw / algbw, as nccl-tests defines it.
     fn bus_factor(self, n: usize) -> f64 {
         let ring = (n - 1) as f64 / n as f64;
         if self == Op::AllReduce { 2.0 * ring } else { ring }
     }
+    // ANCHOR_END: bus_factor
 }
 
 struct Options {

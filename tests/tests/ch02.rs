@@ -16,6 +16,7 @@ fn dp(cfg: &TrainConfig, dp: usize, bucket_mb: f64) -> DpReport {
     ch02_data_parallel::train(&DpConfig { train: cfg.clone(), dp: Some(dp), bucket_mb, timeline: None }).unwrap()
 }
 
+// ANCHOR: assert_matches_single_device
 /// The step losses, the validation loss and every parameter match chapter 1.
 fn assert_matches_single_device(single: &TrainReport, parallel: &DpReport) {
     assert_close("loss", &single.losses(), &parallel.report.losses(), 1e-5);
@@ -30,7 +31,9 @@ fn assert_matches_single_device(single: &TrainReport, parallel: &DpReport) {
 fn config() -> TrainConfig {
     TrainConfig { batch_size: 8, eval_every: 3, ..tiny_config(6) }
 }
+// ANCHOR_END: assert_matches_single_device
 
+// ANCHOR: equivalence_tests
 #[test]
 fn dp1_dp2_dp4_match_single_device() {
     let cfg = config();
@@ -65,6 +68,7 @@ fn random_order_matches_too() {
     let cfg = TrainConfig { data_order: ch01_single_gpu::data::DataOrder::Random, ..config() };
     assert_matches_single_device(&ch01(&cfg), &dp(&cfg, 2, 1.0 / 64.0));
 }
+// ANCHOR_END: equivalence_tests
 
 #[test]
 fn each_rank_sends_2_n_minus_1_over_n_of_the_gradients_per_step() {
