@@ -587,6 +587,7 @@ mod tests {
         for pair in seen.windows(2) {
             assert_eq!(pair[1].end, pair[0].start, "contiguous, descending");
         }
+        assert_eq!(seen, layout.backward_units(), "the layout states what backward does");
     }
 
     #[test]

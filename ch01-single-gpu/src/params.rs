@@ -116,6 +116,17 @@ impl ParamLayout {
     }
     // ANCHOR_END: param_layout
 
+    /// The groups of tensors (index ranges into `specs`) whose gradients backward finishes
+    /// together, in the order it finishes them: ln_f, block L-1, ..., block 0, then the two
+    /// embeddings. Backward's `GradsReady` hook reports exactly these ranges.
+    pub fn backward_units(&self) -> Vec<Range<usize>> {
+        let n = self.specs.len();
+        let mut units = vec![n - 2..n];
+        units.extend((0..self.n_layer).rev().map(|l| 2 + 12 * l..2 + 12 * (l + 1)));
+        units.push(0..2);
+        units
+    }
+
     pub fn get(&self, name: &str) -> Option<&ParamSpec> {
         self.specs.iter().find(|s| s.name == name)
     }

@@ -22,26 +22,48 @@ pub struct Bucket {
 // ANCHOR: plan_buckets
 /// Buckets in launch order (the reverse of the layout). `bucket_bytes == 0` means one bucket
 /// holding everything, launched after backward: no overlap.
+///
+/// Backward finishes gradients a unit at a time (`ParamLayout::backward_units`: ln_f, one block,
+/// ..., the embeddings), so buckets are made of whole units: a bucket that took even one small
+/// tensor of the next block down would wait for that whole block. Units are added while the
+/// bucket stays within `bucket_bytes`; a unit larger than that on its own is cut at tensor
+/// boundaries into buckets that all go out the moment it is done.
 pub fn plan_buckets(layout: &ParamLayout, bucket_bytes: usize) -> Vec<Bucket> {
-    let n = layout.specs.len();
+    let bytes = |tensors: &Range<usize>| tensors.clone().map(|i| layout.specs[i].numel() * 4).sum::<usize>();
+    let bucket = |tensors: Range<usize>| {
+        let range = layout.specs[tensors.start].offset..layout.specs[tensors.end - 1].range().end;
+        Bucket { tensors, range }
+    };
     if bucket_bytes == 0 {
-        return vec![Bucket { tensors: 0..n, range: 0..layout.total }];
+        return vec![bucket(0..layout.specs.len())];
     }
     let mut buckets = Vec::new();
-    let mut end = n;
-    while end > 0 {
-        // Grow the bucket downwards until it reaches the size (a single tensor larger than the
-        // size gets a bucket of its own).
-        let mut start = end - 1;
-        let mut bytes = layout.specs[start].numel() * 4;
-        while start > 0 && bytes + layout.specs[start - 1].numel() * 4 <= bucket_bytes {
-            start -= 1;
-            bytes += layout.specs[start].numel() * 4;
+    let mut open: Option<Range<usize>> = None; // the bucket being filled, growing downwards
+    for unit in layout.backward_units() {
+        match open.take() {
+            Some(current) if bytes(&current) + bytes(&unit) <= bucket_bytes => open = Some(unit.start..current.end),
+            Some(current) => {
+                buckets.push(bucket(current));
+                open = Some(unit);
+            }
+            None => open = Some(unit),
         }
-        let range = layout.specs[start].offset..layout.specs[end - 1].range().end;
-        buckets.push(Bucket { tensors: start..end, range });
-        end = start;
+        let current = open.clone().unwrap_or_default();
+        if bytes(&current) > bucket_bytes {
+            // A unit too large for one bucket: cut it at tensor boundaries, from its end.
+            let mut end = current.end;
+            while end > current.start {
+                let mut start = end - 1;
+                while start > current.start && bytes(&(start - 1..end)) <= bucket_bytes {
+                    start -= 1;
+                }
+                buckets.push(bucket(start..end));
+                end = start;
+            }
+            open = None;
+        }
     }
+    buckets.extend(open.map(bucket));
     buckets
 }
 // ANCHOR_END: plan_buckets
@@ -50,6 +72,30 @@ pub fn plan_buckets(layout: &ParamLayout, bucket_bytes: usize) -> Vec<Bucket> {
 mod tests {
     use super::*;
     use ch01_single_gpu::config::ModelConfig;
+
+    #[test]
+    fn buckets_hold_whole_backward_units_when_they_fit() {
+        let layout = ParamLayout::new(&ModelConfig::preset("small", 256).unwrap());
+        let units = layout.backward_units();
+        for size in [64 * 1024, 1024 * 1024, 3 * 1024 * 1024] {
+            for b in plan_buckets(&layout, size) {
+                // Each bucket either is a run of whole units, or lies inside one unit too big
+                // for a bucket: it never straddles the boundary between two units partly.
+                let whole = units.iter().filter(|u| u.start >= b.tensors.start && u.end <= b.tensors.end);
+                let covered: usize = whole.map(|u| u.len()).sum();
+                let inside_one = units.iter().any(|u| u.start <= b.tensors.start && b.tensors.end <= u.end);
+                assert!(covered == b.tensors.len() || inside_one, "{b:?} at {size}");
+            }
+        }
+        // The small model's blocks are 774 KiB: with 1 MiB buckets each bucket is one block, the
+        // first with ln_f, the last with the embeddings (192 KiB): each goes out as soon as its
+        // block's backward ends.
+        let one_mib = plan_buckets(&layout, 1024 * 1024);
+        assert_eq!(one_mib.len(), 4);
+        assert_eq!(one_mib[0].tensors, units[1].start..units[0].end);
+        assert_eq!(one_mib[1].tensors, units[2]);
+        assert_eq!(one_mib[3].tensors, 0..units[4].end);
+    }
 
     #[test]
     fn buckets_tile_the_buffer_backwards_at_tensor_boundaries() {

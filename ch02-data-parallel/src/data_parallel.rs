@@ -255,7 +255,10 @@ fn fingerprint(params: &[f32]) -> u64 {
 }
 
 fn check_config(cfg: &DpConfig) -> Result<usize, DpError> {
-    let dp = cfg.dp.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // The default: one rank per core, or the most ranks up to that which divide the batch.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let default = (1..=cores.min(cfg.train.batch_size.max(1))).rev().find(|d| cfg.train.batch_size.is_multiple_of(*d));
+    let dp = cfg.dp.unwrap_or(default.unwrap_or(1));
     if dp == 0 {
         return Err(DpError::ZeroRanks);
     }
@@ -284,12 +287,15 @@ fn run_rank(
     let rank = comm.rank();
     let mut trainer = Trainer::with_shard(&cfg.train, cfg.train.batch_size / dp, dataset)?;
     trainer.trace = trace.lane(rank as u32, 0);
-    let buckets = plan_buckets(&trainer.layout, (cfg.bucket_mb * 1024.0 * 1024.0) as usize);
+    // One rank has nothing to all-reduce: no buckets, no communication buffers.
+    let buckets =
+        if dp == 1 { Vec::new() } else { plan_buckets(&trainer.layout, (cfg.bucket_mb * 1024.0 * 1024.0) as usize) };
     let mut bucket_of = vec![0; trainer.layout.specs.len()];
     for (b, bucket) in buckets.iter().enumerate() {
         bucket.tensors.clone().for_each(|i| bucket_of[i] = b);
     }
-    let buffer_bytes = trainer.ledger.allocate(Category::Communication, (trainer.layout.total * 4) as u64);
+    let bucketed: usize = buckets.iter().map(|b| b.range.len()).sum();
+    let buffer_bytes = trainer.ledger.allocate(Category::Communication, (bucketed * 4) as u64);
     let buffers = buckets.iter().map(|b| Some(vec![0.0f32; b.range.len()])).collect();
     let grad_bytes = (trainer.layout.total * 4) as u64;
 
@@ -302,7 +308,7 @@ fn run_rank(
             trainer,
             rank,
             dp,
-            overlap: cfg.bucket_mb > 0.0,
+            overlap: cfg.bucket_mb > 0.0 && !buckets.is_empty(),
             buckets,
             bucket_of,
             buffers,
@@ -339,10 +345,9 @@ pub fn train(cfg: &DpConfig) -> Result<DpReport, DpError> {
     let dataset = Arc::new(load_dataset(&cfg.train.data, &Tokenizer::new(cfg.train.tokenizer))?);
     let traced = cfg.train.trace.is_some() || cfg.timeline.is_some();
     let trace = if traced { Trace::enabled() } else { Trace::disabled() };
-    let results = launch(dp, |comm| run_rank(cfg, dp, comm, dataset.clone(), &trace)).map_err(|e| {
-        // A rank's training error reads best as itself; a failure elsewhere names the rank.
-        DpError::Launch(e.to_string())
-    })?;
+    // The launcher names the rank that failed first, and why ("rank 1 failed: ...").
+    let results = launch(dp, |comm| run_rank(cfg, dp, comm, dataset.clone(), &trace))
+        .map_err(|e| DpError::Launch(e.to_string()))?;
     if let Some(path) = &cfg.train.trace {
         trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
     }
