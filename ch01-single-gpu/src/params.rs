@@ -121,10 +121,8 @@ impl ParamLayout {
     /// embeddings. Backward's `GradsReady` hook reports exactly these ranges.
     pub fn backward_units(&self) -> Vec<Range<usize>> {
         let n = self.specs.len();
-        let mut units = vec![n - 2..n];
-        units.extend((0..self.n_layer).rev().map(|l| 2 + 12 * l..2 + 12 * (l + 1)));
-        units.push(0..2);
-        units
+        let blocks = (0..self.n_layer).rev().map(|l| 2 + 12 * l..2 + 12 * (l + 1));
+        std::iter::once(n - 2..n).chain(blocks).chain(std::iter::once(0..2)).collect()
     }
 
     pub fn get(&self, name: &str) -> Option<&ParamSpec> {
