@@ -41,11 +41,17 @@ fn config() -> TrainConfig {
 // ANCHOR: equivalence_tests
 #[test]
 fn dp1_dp2_dp4_match_single_device() {
-    let cfg = config();
-    let single = ch01(&cfg);
-    for n in [1, 2, 4] {
-        eprintln!("dp = {n}");
-        assert_matches_single_device(&single, &dp(&cfg, n, 0.0));
+    // Every layout of the grid: dp in {1, 2, 4}, with and without accumulation, with and
+    // without bucketing (16 KiB buckets: the tiny model's 471 KiB of gradients in many buckets).
+    for accum in [1, 2] {
+        let cfg = TrainConfig { grad_accum: accum, ..config() };
+        let single = ch01(&cfg);
+        for n in [1, 2, 4] {
+            for bucket_mb in [0.0, 1.0 / 64.0] {
+                eprintln!("dp = {n}, grad_accum = {accum}, bucket_mb = {bucket_mb}");
+                assert_matches_single_device(&single, &dp(&cfg, n, bucket_mb));
+            }
+        }
     }
 }
 
