@@ -1,9 +1,12 @@
 //! Chapter 2's claims: data parallelism computes what chapter 1 computes.
 //!
 //! Tolerance: the sum over a batch's rows happens in a different order (each rank sums its rows,
-//! then the ring adds the ranks' sums), so results agree to float rounding, not bit for bit.
-//! Rounding differences of ~1e-7 per step stay below 1e-5 over these short runs.
+//! then the ring adds the ranks' sums), so results agree to float rounding, not bit for bit
+//! (dp = 1 is bitwise). Rounding of ~1e-7 per step keeps losses, gradient norms and the
+//! parameters' update within a relative 1e-5 over these short runs (the largest seen: 7e-6, for
+//! the parameters at dp 4 with accumulation).
 
+use ch01_single_gpu::train::Trainer;
 use ch01_single_gpu::{TrainConfig, TrainReport};
 use ch02_data_parallel::{DpConfig, DpReport};
 use scale_tests::{assert_close, tiny_config};
@@ -18,7 +21,7 @@ fn dp(cfg: &TrainConfig, dp: usize, bucket_mb: f64) -> DpReport {
 
 // ANCHOR: assert_matches_single_device
 /// The step losses, the validation loss and every parameter match chapter 1.
-fn assert_matches_single_device(single: &TrainReport, parallel: &DpReport) {
+fn assert_matches_single_device(cfg: &TrainConfig, single: &TrainReport, parallel: &DpReport) {
     assert_close("loss", &single.losses(), &parallel.report.losses(), 1e-5);
     // The gradient itself, not only its effect: clipping and AdamW both cancel a constant factor,
     // so a gradient n times too large (each rank scaling by its own token count) would leave the
@@ -27,8 +30,15 @@ fn assert_matches_single_device(single: &TrainReport, parallel: &DpReport) {
     assert_close("grad norm", &norms(single), &norms(&parallel.report), 1e-5);
     let val = |r: &TrainReport| r.val_losses.iter().map(|v| v.1).collect::<Vec<f32>>();
     assert_close("val loss", &val(single), &val(&parallel.report), 1e-5);
-    let max_diff = single.params.iter().zip(&parallel.report.params).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-    assert!(max_diff < 1e-5, "parameters differ by up to {max_diff}");
+    // Parameters: the error relative to what training changed, ||p_dp - p_1|| / ||p_1 - p_0||.
+    // (Element by element, Adam's update m/sqrt(v) amplifies rounding for a parameter whose
+    // gradient is near 0, so single elements are not a fair measure of the whole.)
+    let p0 = Trainer::new(cfg).unwrap().params().to_vec(); // the same seed: the same start
+    let norm = |it: &mut dyn Iterator<Item = f64>| it.map(|x| x * x).sum::<f64>().sqrt();
+    let diff = norm(&mut single.params.iter().zip(&parallel.report.params).map(|(a, b)| (*a - *b) as f64));
+    let moved = norm(&mut single.params.iter().zip(&p0).map(|(a, b)| (*a - *b) as f64));
+    eprintln!("relative parameter error {:.2e}", diff / moved);
+    assert!(diff <= 1e-5 * moved, "parameters differ by {diff:.3e}, {:.2e} of the update", diff / moved);
     let first = parallel.ranks[0].params_fingerprint;
     assert!(parallel.ranks.iter().all(|r| r.params_fingerprint == first), "replicas diverged");
 }
@@ -49,7 +59,7 @@ fn dp1_dp2_dp4_match_single_device() {
         for n in [1, 2, 4] {
             for bucket_mb in [0.0, 1.0 / 64.0] {
                 eprintln!("dp = {n}, grad_accum = {accum}, bucket_mb = {bucket_mb}");
-                assert_matches_single_device(&single, &dp(&cfg, n, bucket_mb));
+                assert_matches_single_device(&cfg, &single, &dp(&cfg, n, bucket_mb));
             }
         }
     }
@@ -61,9 +71,9 @@ fn bucketed_overlapped_all_reduce_matches_single_device() {
     let single = ch01(&cfg);
     // 16 KiB buckets: the tiny model's gradients (471 KiB) go out in several buckets. (One
     // rank has nothing to reduce and plans no buckets.)
-    assert_matches_single_device(&single, &dp(&cfg, 1, 1.0 / 64.0));
+    assert_matches_single_device(&cfg, &single, &dp(&cfg, 1, 1.0 / 64.0));
     let bucketed = dp(&cfg, 4, 1.0 / 64.0);
-    assert_matches_single_device(&single, &bucketed);
+    assert_matches_single_device(&cfg, &single, &bucketed);
     assert!(bucketed.ranks[0].comm.calls.values().sum::<u64>() > 6 * 4, "several buckets per step");
 }
 
@@ -73,14 +83,14 @@ fn dp2_with_accumulation_matches_single_device_with_the_same_global_batch() {
     // accumulated twice: the same 16 sequences per step, in the same order.
     let cfg = TrainConfig { grad_accum: 2, ..config() };
     let single = ch01(&cfg);
-    assert_matches_single_device(&single, &dp(&cfg, 2, 0.0));
-    assert_matches_single_device(&single, &dp(&cfg, 2, 1.0 / 64.0));
+    assert_matches_single_device(&cfg, &single, &dp(&cfg, 2, 0.0));
+    assert_matches_single_device(&cfg, &single, &dp(&cfg, 2, 1.0 / 64.0));
 }
 
 #[test]
 fn random_order_matches_too() {
     let cfg = TrainConfig { data_order: ch01_single_gpu::data::DataOrder::Random, ..config() };
-    assert_matches_single_device(&ch01(&cfg), &dp(&cfg, 2, 1.0 / 64.0));
+    assert_matches_single_device(&cfg, &ch01(&cfg), &dp(&cfg, 2, 1.0 / 64.0));
 }
 // ANCHOR_END: equivalence_tests
 
