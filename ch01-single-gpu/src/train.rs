@@ -242,29 +242,6 @@ pub fn load_dataset(source: &DataSource, tokenizer: &Tokenizer) -> Result<Datase
     Ok(Dataset::new(tokenizer.encode(&text))?)
 }
 
-// ANCHOR: evaluate
-/// Mean token loss over the first `batches` batches of consecutive windows from the start of
-/// the validation split (the protocol in `data.rs`).
-pub fn evaluate(
-    params: &[f32],
-    layout: &ParamLayout,
-    model: &ModelConfig,
-    acts: &mut Activations,
-    val: &[u32],
-    batches: usize,
-    b: usize,
-    t: usize,
-) -> f32 {
-    let p = layout.views(params);
-    let mut total = 0.0f64;
-    for k in 0..batches {
-        let batch = sequential_batch(val, k as u64, b, t);
-        total += forward(&p, model, acts, &batch.inputs, Some(&batch.targets), b, t).unwrap_or(f32::NAN) as f64;
-    }
-    (total / batches as f64) as f32
-}
-// ANCHOR_END: evaluate
-
 // ANCHOR: decay_groups
 /// Consecutive tensors that share a weight-decay setting, merged into one AdamW call each.
 fn decay_groups(layout: &ParamLayout, weight_decay: f32) -> Vec<(Range<usize>, f32)> {
@@ -545,11 +522,14 @@ impl Trainer {
     }
     // ANCHOR_END: apply_gradients
 
-    /// The validation loss of the current parameters (see [`evaluate`]).
+    // ANCHOR: evaluate
+    /// The validation loss of the current parameters: the mean token loss over the first
+    /// `val_batches` batches of consecutive windows from the start of the validation split (the
+    /// protocol in `data.rs`). Every batch has the same number of tokens, so the mean of the batch
+    /// means is the mean over all of them.
     pub fn evaluate(&mut self) -> f32 {
-        let _span = self.trace.span("eval");
-        let (params, val) = (self.params.as_slice(), &self.dataset.val);
-        evaluate(params, &self.layout, &self.model, &mut self.acts, val, self.cfg.val_batches, self.rows, self.t)
+        let batches = self.cfg.val_batches as u64;
+        (self.val_loss_sum(0..batches) / batches as f64) as f32
     }
 
     /// The sum of the mean losses of validation batches `batches` of this trainer's `rows` rows
@@ -567,6 +547,7 @@ impl Trainer {
         }
         total
     }
+    // ANCHOR_END: evaluate
 
     /// Writes a full checkpoint (weights, optimizer, data position) into `dir`, atomically.
     pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
