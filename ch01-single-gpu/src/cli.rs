@@ -117,6 +117,10 @@ pub struct CommonArgs {
     /// Device: auto (a GPU if there is one, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// What activations and matmuls compute in: f32, or bf16 (GPU only; weights and optimizer
+    /// state stay f32).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    dtype: String,
     /// No progress bar or evaluation lines; only the summary.
     #[arg(long)]
     quiet: bool,
@@ -158,6 +162,7 @@ impl CommonArgs {
             top_k: self.top_k,
             prompt: self.prompt,
             device: self.device.parse().context("--device")?,
+            dtype: self.dtype.parse().map_err(anyhow::Error::msg).context("--dtype")?,
             progress: !self.quiet,
         })
     }
@@ -176,7 +181,21 @@ pub fn print_summary(report: &TrainReport) {
     if let Some(val) = report.final_val_loss() {
         println!("  val loss           {val:.4}");
     }
+    println!("  dtype              {}", report.dtype);
     println!("  tokens/s           {:.0}", report.tokens_per_sec);
+    let flops = report.model_flops_per_sec();
+    println!(
+        "  model FLOP/s       {:.3e} ({:.3e} FLOPs per token: 6(12LC² + VC) + 12LTC)",
+        flops, report.flops_per_token
+    );
+    match report.mfu() {
+        Some(mfu) => println!(
+            "  MFU                {:.1}% of {:.0} TFLOP/s peak",
+            100.0 * mfu,
+            report.peak_flops.unwrap_or(0.0) / 1e12
+        ),
+        None => println!("  MFU                n/a (no peak FLOP/s known for this device)"),
+    }
     println!("  peak memory        {}", format_bytes(report.memory.peak_total));
     for category in Category::ALL {
         let bytes = report.memory.at_peak[&category];

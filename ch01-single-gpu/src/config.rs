@@ -71,6 +71,23 @@ impl ModelConfig {
         self.vocab_size.div_ceil(128) * 128
     }
     // ANCHOR_END: padded_vocab_size
+
+    // ANCHOR: flops_per_token
+    /// Floating-point operations to train on one token at sequence length `t`: forward and
+    /// backward of every matmul (a matmul of a token's vector by a K x N weight is 2KN in forward
+    /// and twice that in backward, so 6 per weight), plus attention's two T-long products:
+    ///
+    ///   6 · (12·L·C² + V·C)  +  12 · L · T · C
+    ///
+    /// 12·L·C² are the blocks' weights (QKV 3C², projection C², MLP 8C²), V·C the output
+    /// projection (the real vocabulary, not the padding). Biases, LayerNorm and softmax are left
+    /// out, and attention is counted for all T keys, as in the PaLM paper and llm.c: this is the
+    /// "model FLOPs" of model FLOPs utilisation (MFU), not what the hardware executes.
+    pub fn flops_per_token(&self, t: usize) -> f64 {
+        let (l, c, v, t) = (self.n_layer as f64, self.n_embd as f64, self.vocab_size as f64, t as f64);
+        6.0 * (12.0 * l * c * c + v * c) + 12.0 * l * t * c
+    }
+    // ANCHOR_END: flops_per_token
 }
 
 #[cfg(test)]
@@ -84,6 +101,9 @@ mod tests {
         assert_eq!(ModelConfig::preset("tiny", 256).unwrap().padded_vocab_size(), 256);
         let err = ModelConfig::preset("huge", 256).unwrap_err();
         assert!(err.to_string().contains("unknown model preset 'huge'") && err.to_string().contains("gpt2-xl"));
+        // 6 · (84.9M + 38.6M) + 113.2M: what llm.c counts for GPT-2 at T = 1024, less its
+        // biases, LayerNorms and position embeddings (6 · 124.4M + 113.2M = 859.9M).
+        assert_eq!(gpt2.flops_per_token(1024), 854_438_400.0);
         let bad = ModelConfig { n_head: 5, ..gpt2 };
         assert_eq!(bad.validate(), Err(ConfigError::HeadsDoNotDivide { n_embd: 768, n_head: 5 }));
     }

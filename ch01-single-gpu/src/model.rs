@@ -4,14 +4,12 @@
 
 use crate::config::ModelConfig;
 use crate::params::{BlockParams, GptParams, ParamLayout};
-use kernels::ops::attention::{attention_backward, attention_forward};
-use kernels::ops::embedding::{embedding_backward, embedding_forward};
-use kernels::ops::gelu::{gelu_backward, gelu_forward};
-use kernels::ops::layernorm::{layernorm_backward, layernorm_forward};
-use kernels::ops::matmul::{MatMut, MatRef, gemm, linear_backward, linear_forward};
-use kernels::ops::residual::residual_forward;
-use kernels::ops::softmax_cross_entropy::{softmax_cross_entropy_backward, softmax_cross_entropy_forward};
-use kernels::{Category, MemoryLedger, Rng, Tensor};
+use kernels::dispatch::{
+    attention_backward, attention_forward, copy, embedding_backward, embedding_forward, gelu_backward, gelu_forward,
+    layernorm_backward, layernorm_forward, linear_backward, linear_forward, matmul, residual_forward,
+    softmax_cross_entropy_backward, softmax_cross_entropy_forward, zero,
+};
+use kernels::{Category, CudaError, DType, Device, MemoryLedger, Rng, Tensor, TensorError, View, ViewMut};
 use std::ops::Range;
 
 // ANCHOR: init_params
@@ -99,38 +97,50 @@ pub struct BlockGradients {
 // ANCHOR_END: gradients_scratch
 
 impl Activations {
-    pub fn new(cfg: &ModelConfig, batch: usize, seq: usize, ledger: &MemoryLedger) -> Activations {
+    /// Buffers for passes of up to `batch` x `seq` tokens, on `device`, in `dtype` (the
+    /// LayerNorm statistics and the losses stay f32 in a bf16 run).
+    pub fn new(
+        cfg: &ModelConfig,
+        batch: usize,
+        seq: usize,
+        device: Device,
+        dtype: DType,
+        ledger: &MemoryLedger,
+    ) -> Result<Activations, TensorError> {
         let (bt, c, h) = (batch * seq, cfg.n_embd, cfg.n_head);
-        let t = |shape: &[usize]| Tensor::zeros_in(shape, Category::Activations, ledger);
+        let t = |shape: &[usize]| Tensor::zeros_on(shape, device, dtype, Category::Activations, ledger);
+        let stat = |shape: &[usize]| Tensor::zeros_on(shape, device, DType::F32, Category::Activations, ledger);
         let blocks = (0..cfg.n_layer)
-            .map(|_| BlockActivations {
-                ln_1: t(&[bt, c]),
-                ln_1_mean: t(&[bt]),
-                ln_1_rstd: t(&[bt]),
-                qkv: t(&[bt, 3 * c]),
-                att: t(&[batch, h, seq, seq]),
-                att_y: t(&[bt, c]),
-                res_2: t(&[bt, c]),
-                ln_2: t(&[bt, c]),
-                ln_2_mean: t(&[bt]),
-                ln_2_rstd: t(&[bt]),
-                fc: t(&[bt, 4 * c]),
-                fc_gelu: t(&[bt, 4 * c]),
-                out: t(&[bt, c]),
+            .map(|_| {
+                Ok(BlockActivations {
+                    ln_1: t(&[bt, c])?,
+                    ln_1_mean: stat(&[bt])?,
+                    ln_1_rstd: stat(&[bt])?,
+                    qkv: t(&[bt, 3 * c])?,
+                    att: t(&[batch, h, seq, seq])?,
+                    att_y: t(&[bt, c])?,
+                    res_2: t(&[bt, c])?,
+                    ln_2: t(&[bt, c])?,
+                    ln_2_mean: stat(&[bt])?,
+                    ln_2_rstd: stat(&[bt])?,
+                    fc: t(&[bt, 4 * c])?,
+                    fc_gelu: t(&[bt, 4 * c])?,
+                    out: t(&[bt, c])?,
+                })
             })
-            .collect();
-        Activations {
+            .collect::<Result<_, TensorError>>()?;
+        Ok(Activations {
             batch,
             seq,
-            embedded: t(&[bt, c]),
+            embedded: t(&[bt, c])?,
             blocks,
-            ln_f: t(&[bt, c]),
-            ln_f_mean: t(&[bt]),
-            ln_f_rstd: t(&[bt]),
-            logits: t(&[bt, cfg.padded_vocab_size()]),
-            losses: t(&[bt]),
-            proj: Tensor::zeros_in(&[bt, c], Category::Other, ledger),
-        }
+            ln_f: t(&[bt, c])?,
+            ln_f_mean: stat(&[bt])?,
+            ln_f_rstd: stat(&[bt])?,
+            logits: t(&[bt, cfg.padded_vocab_size()])?,
+            losses: stat(&[bt])?,
+            proj: Tensor::zeros_on(&[bt, c], device, dtype, Category::Other, ledger)?,
+        })
     }
 
     // ANCHOR: floats_per_token
@@ -144,20 +154,27 @@ impl Activations {
 }
 
 impl Gradients {
-    pub fn new(cfg: &ModelConfig, batch: usize, seq: usize, ledger: &MemoryLedger) -> Gradients {
+    pub fn new(
+        cfg: &ModelConfig,
+        batch: usize,
+        seq: usize,
+        device: Device,
+        dtype: DType,
+        ledger: &MemoryLedger,
+    ) -> Result<Gradients, TensorError> {
         let (bt, c) = (batch * seq, cfg.n_embd);
-        let t = |shape: &[usize]| Tensor::zeros_in(shape, Category::Other, ledger);
-        Gradients {
-            d_res: [t(&[bt, c]), t(&[bt, c])],
+        let t = |shape: &[usize]| Tensor::zeros_on(shape, device, dtype, Category::Other, ledger);
+        Ok(Gradients {
+            d_res: [t(&[bt, c])?, t(&[bt, c])?],
             block: BlockGradients {
-                d_res_2: t(&[bt, c]),
-                d_ln: t(&[bt, c]),
-                d_att_y: t(&[bt, c]),
-                d_qkv: t(&[bt, 3 * c]),
-                d_fc: t(&[bt, 4 * c]),
-                d_fc_gelu: t(&[bt, 4 * c]),
+                d_res_2: t(&[bt, c])?,
+                d_ln: t(&[bt, c])?,
+                d_att_y: t(&[bt, c])?,
+                d_qkv: t(&[bt, 3 * c])?,
+                d_fc: t(&[bt, 4 * c])?,
+                d_fc_gelu: t(&[bt, 4 * c])?,
             },
-        }
+        })
     }
 }
 
@@ -177,137 +194,127 @@ impl Dims {
 }
 
 // ANCHOR: block_forward
-impl BlockParams<&[f32]> {
+impl BlockParams<View<'_>> {
     /// x [B, T, C] -> acts.out [B, T, C]:
     ///   res_2 = x + attn_proj(attention(c_attn(ln_1(x))))
     ///   out   = res_2 + mlp_proj(gelu(c_fc(ln_2(res_2))))
-    pub fn forward(&self, x: &[f32], acts: &mut BlockActivations, proj: &mut [f32], d: Dims) {
+    pub fn forward(&self, x: View<'_>, acts: &mut BlockActivations, mut proj: ViewMut<'_>, d: Dims) {
         let (bt, c) = (d.bt(), d.c);
-        let ln_1 = &mut acts.ln_1.as_mut_slice()[..bt * c];
-        let (mean, rstd) = (&mut acts.ln_1_mean.as_mut_slice()[..bt], &mut acts.ln_1_rstd.as_mut_slice()[..bt]);
-        layernorm_forward(ln_1, mean, rstd, x, self.ln_1_weight, self.ln_1_bias, c);
-        let qkv = &mut acts.qkv.as_mut_slice()[..bt * 3 * c];
-        linear_forward(qkv, ln_1, self.attn_c_attn_weight, Some(self.attn_c_attn_bias), bt, c, 3 * c);
-        let att_y = &mut acts.att_y.as_mut_slice()[..bt * c];
-        let att = &mut acts.att.as_mut_slice()[..d.b * d.n_head * d.t * d.t];
-        attention_forward(att_y, att, qkv, d.t, c, d.n_head);
-        linear_forward(proj, att_y, self.attn_c_proj_weight, Some(self.attn_c_proj_bias), bt, c, c);
-        let res_2 = &mut acts.res_2.as_mut_slice()[..bt * c];
-        residual_forward(res_2, x, proj);
+        let a = acts;
+        let (mean, rstd) = (a.ln_1_mean.prefix_mut(bt), a.ln_1_rstd.prefix_mut(bt));
+        layernorm_forward(a.ln_1.prefix_mut(bt * c), mean, rstd, x, self.ln_1_weight, self.ln_1_bias, c);
+        let (ln_1, bias) = (a.ln_1.prefix(bt * c), Some(self.attn_c_attn_bias));
+        linear_forward(a.qkv.prefix_mut(bt * 3 * c), ln_1, self.attn_c_attn_weight, bias, bt, c, 3 * c);
+        let att = a.att.prefix_mut(d.b * d.n_head * d.t * d.t);
+        attention_forward(a.att_y.prefix_mut(bt * c), att, a.qkv.prefix(bt * 3 * c), d.t, c, d.n_head);
+        let (att_y, bias) = (a.att_y.prefix(bt * c), Some(self.attn_c_proj_bias));
+        linear_forward(proj.reborrow(), att_y, self.attn_c_proj_weight, bias, bt, c, c);
+        residual_forward(a.res_2.prefix_mut(bt * c), x, proj.as_view());
 
-        let ln_2 = &mut acts.ln_2.as_mut_slice()[..bt * c];
-        let (mean, rstd) = (&mut acts.ln_2_mean.as_mut_slice()[..bt], &mut acts.ln_2_rstd.as_mut_slice()[..bt]);
-        layernorm_forward(ln_2, mean, rstd, res_2, self.ln_2_weight, self.ln_2_bias, c);
-        let fc = &mut acts.fc.as_mut_slice()[..bt * 4 * c];
-        linear_forward(fc, ln_2, self.mlp_c_fc_weight, Some(self.mlp_c_fc_bias), bt, c, 4 * c);
-        let fc_gelu = &mut acts.fc_gelu.as_mut_slice()[..bt * 4 * c];
-        gelu_forward(fc_gelu, fc);
-        linear_forward(proj, fc_gelu, self.mlp_c_proj_weight, Some(self.mlp_c_proj_bias), bt, 4 * c, c);
-        residual_forward(&mut acts.out.as_mut_slice()[..bt * c], res_2, proj);
+        let (mean, rstd) = (a.ln_2_mean.prefix_mut(bt), a.ln_2_rstd.prefix_mut(bt));
+        let res_2 = a.res_2.prefix(bt * c);
+        layernorm_forward(a.ln_2.prefix_mut(bt * c), mean, rstd, res_2, self.ln_2_weight, self.ln_2_bias, c);
+        let (ln_2, bias) = (a.ln_2.prefix(bt * c), Some(self.mlp_c_fc_bias));
+        linear_forward(a.fc.prefix_mut(bt * 4 * c), ln_2, self.mlp_c_fc_weight, bias, bt, c, 4 * c);
+        gelu_forward(a.fc_gelu.prefix_mut(bt * 4 * c), a.fc.prefix(bt * 4 * c));
+        let (fc_gelu, bias) = (a.fc_gelu.prefix(bt * 4 * c), Some(self.mlp_c_proj_bias));
+        linear_forward(proj.reborrow(), fc_gelu, self.mlp_c_proj_weight, bias, bt, 4 * c, c);
+        residual_forward(a.out.prefix_mut(bt * c), a.res_2.prefix(bt * c), proj.as_view());
     }
 }
 // ANCHOR_END: block_forward
 
-/// The first `n` elements of a tensor: a pass over a batch smaller than the buffers' capacity.
-fn s(t: &Tensor, n: usize) -> &[f32] {
-    &t.as_slice()[..n]
-}
-
 // ANCHOR: block_backward
-impl BlockParams<&[f32]> {
+impl BlockParams<View<'_>> {
     /// Given d_out = dL/d(out), accumulates the block's parameter gradients into `grads` and
     /// writes dL/dx into `d_x`: the forward above, read bottom to top.
     pub fn backward(
         &self,
-        grads: &mut BlockParams<&mut [f32]>,
-        d_out: &[f32],
-        x: &[f32],
+        grads: &mut BlockParams<ViewMut<'_>>,
+        d_out: View<'_>,
+        x: View<'_>,
         acts: &BlockActivations,
         g: &mut BlockGradients,
-        d_x: &mut [f32],
+        mut d_x: ViewMut<'_>,
         d: Dims,
     ) {
         let (bt, c) = (d.bt(), d.c);
+        let a = acts;
 
         // out = res_2 + mlp(res_2). A sum passes its gradient to both inputs unchanged
         // (residual_backward): d_out flows straight into d_res_2 through the skip, and is the
         // gradient of the MLP's output, whose backward then adds its share into d_res_2.
-        let d_res_2 = &mut g.d_res_2.as_mut_slice()[..bt * c];
-        d_res_2.copy_from_slice(d_out);
-        let d_fc_gelu = &mut g.d_fc_gelu.as_mut_slice()[..bt * 4 * c];
-        d_fc_gelu.fill(0.0);
+        copy(g.d_res_2.prefix_mut(bt * c), d_out);
+        zero(g.d_fc_gelu.prefix_mut(bt * 4 * c));
         linear_backward(
-            Some(d_fc_gelu),
-            grads.mlp_c_proj_weight,
-            Some(grads.mlp_c_proj_bias),
+            Some(g.d_fc_gelu.prefix_mut(bt * 4 * c)),
+            grads.mlp_c_proj_weight.reborrow(),
+            Some(grads.mlp_c_proj_bias.reborrow()),
             d_out,
-            s(&acts.fc_gelu, bt * 4 * c),
+            a.fc_gelu.prefix(bt * 4 * c),
             self.mlp_c_proj_weight,
             bt,
             4 * c,
             c,
         );
-        let d_fc = &mut g.d_fc.as_mut_slice()[..bt * 4 * c];
-        d_fc.fill(0.0);
-        gelu_backward(d_fc, s(&acts.fc, bt * 4 * c), d_fc_gelu);
-        let d_ln = &mut g.d_ln.as_mut_slice()[..bt * c];
-        d_ln.fill(0.0);
+        zero(g.d_fc.prefix_mut(bt * 4 * c));
+        gelu_backward(g.d_fc.prefix_mut(bt * 4 * c), a.fc.prefix(bt * 4 * c), g.d_fc_gelu.prefix(bt * 4 * c));
+        zero(g.d_ln.prefix_mut(bt * c));
         linear_backward(
-            Some(d_ln),
-            grads.mlp_c_fc_weight,
-            Some(grads.mlp_c_fc_bias),
-            d_fc,
-            s(&acts.ln_2, bt * c),
+            Some(g.d_ln.prefix_mut(bt * c)),
+            grads.mlp_c_fc_weight.reborrow(),
+            Some(grads.mlp_c_fc_bias.reborrow()),
+            g.d_fc.prefix(bt * 4 * c),
+            a.ln_2.prefix(bt * c),
             self.mlp_c_fc_weight,
             bt,
             c,
             4 * c,
         );
         layernorm_backward(
-            d_res_2,
-            grads.ln_2_weight,
-            grads.ln_2_bias,
-            d_ln,
-            s(&acts.res_2, bt * c),
+            g.d_res_2.prefix_mut(bt * c),
+            grads.ln_2_weight.reborrow(),
+            grads.ln_2_bias.reborrow(),
+            g.d_ln.prefix(bt * c),
+            a.res_2.prefix(bt * c),
             self.ln_2_weight,
-            s(&acts.ln_2_mean, bt),
-            s(&acts.ln_2_rstd, bt),
+            a.ln_2_mean.prefix(bt),
+            a.ln_2_rstd.prefix(bt),
             c,
         );
 
         // res_2 = x + attn(x): the same again for the attention branch.
-        d_x.copy_from_slice(d_res_2);
-        let d_att_y = &mut g.d_att_y.as_mut_slice()[..bt * c];
-        d_att_y.fill(0.0);
+        let d_res_2 = g.d_res_2.prefix(bt * c);
+        copy(d_x.reborrow(), d_res_2);
+        zero(g.d_att_y.prefix_mut(bt * c));
         linear_backward(
-            Some(d_att_y),
-            grads.attn_c_proj_weight,
-            Some(grads.attn_c_proj_bias),
+            Some(g.d_att_y.prefix_mut(bt * c)),
+            grads.attn_c_proj_weight.reborrow(),
+            Some(grads.attn_c_proj_bias.reborrow()),
             d_res_2,
-            s(&acts.att_y, bt * c),
+            a.att_y.prefix(bt * c),
             self.attn_c_proj_weight,
             bt,
             c,
             c,
         );
-        let d_qkv = &mut g.d_qkv.as_mut_slice()[..bt * 3 * c];
-        d_qkv.fill(0.0);
+        zero(g.d_qkv.prefix_mut(bt * 3 * c));
         attention_backward(
-            d_qkv,
-            d_att_y,
-            s(&acts.qkv, bt * 3 * c),
-            s(&acts.att, d.b * d.n_head * d.t * d.t),
+            g.d_qkv.prefix_mut(bt * 3 * c),
+            g.d_att_y.prefix(bt * c),
+            a.qkv.prefix(bt * 3 * c),
+            a.att.prefix(d.b * d.n_head * d.t * d.t),
             d.t,
             c,
             d.n_head,
         );
-        d_ln.fill(0.0);
+        zero(g.d_ln.prefix_mut(bt * c));
         linear_backward(
-            Some(d_ln),
-            grads.attn_c_attn_weight,
-            Some(grads.attn_c_attn_bias),
-            d_qkv,
-            s(&acts.ln_1, bt * c),
+            Some(g.d_ln.prefix_mut(bt * c)),
+            grads.attn_c_attn_weight.reborrow(),
+            Some(grads.attn_c_attn_bias.reborrow()),
+            g.d_qkv.prefix(bt * 3 * c),
+            a.ln_1.prefix(bt * c),
             self.attn_c_attn_weight,
             bt,
             c,
@@ -315,13 +322,13 @@ impl BlockParams<&[f32]> {
         );
         layernorm_backward(
             d_x,
-            grads.ln_1_weight,
-            grads.ln_1_bias,
-            d_ln,
+            grads.ln_1_weight.reborrow(),
+            grads.ln_1_bias.reborrow(),
+            g.d_ln.prefix(bt * c),
             x,
             self.ln_1_weight,
-            s(&acts.ln_1_mean, bt),
-            s(&acts.ln_1_rstd, bt),
+            a.ln_1_mean.prefix(bt),
+            a.ln_1_rstd.prefix(bt),
             c,
         );
     }
@@ -331,66 +338,62 @@ impl BlockParams<&[f32]> {
 // ANCHOR: lm_head
 /// logits [BT, Vp] = x [BT, C] @ wte^T. The output projection is the token embedding itself,
 /// transposed (tied weights): the vector a token is read in as is also the one it is scored by.
-fn lm_head_forward(logits: &mut [f32], x: &[f32], wte: &[f32], bt: usize, c: usize, vp: usize) {
-    gemm(MatMut::row_major(logits, bt, vp), MatRef::row_major(x, bt, c), MatRef::row_major(wte, vp, c).t(), false);
+fn lm_head_forward(logits: ViewMut<'_>, x: View<'_>, wte: View<'_>, bt: usize, c: usize, vp: usize) {
+    matmul(logits, x, wte, bt, c, vp, false, true, false);
 }
 
 /// dx = dlogits @ wte [BT, C];  dwte += dlogits^T @ x [Vp, C] (added to the embedding's own
 /// gradient: one tensor, two uses, one sum).
+#[allow(clippy::too_many_arguments)]
 fn lm_head_backward(
-    dx: &mut [f32],
-    dwte: &mut [f32],
-    dlogits: &[f32],
-    x: &[f32],
-    wte: &[f32],
+    dx: ViewMut<'_>,
+    dwte: ViewMut<'_>,
+    dlogits: View<'_>,
+    x: View<'_>,
+    wte: View<'_>,
     bt: usize,
     c: usize,
     vp: usize,
 ) {
-    let dlogits = MatRef::row_major(dlogits, bt, vp);
-    gemm(MatMut::row_major(dx, bt, c), dlogits, MatRef::row_major(wte, vp, c), false);
-    gemm(MatMut::row_major(dwte, vp, c), dlogits.t(), MatRef::row_major(x, bt, c), true);
+    matmul(dx, dlogits, wte, bt, vp, c, false, false, false);
+    matmul(dwte, dlogits, x, vp, bt, c, true, false, true);
 }
 // ANCHOR_END: lm_head
 
 // ANCHOR: model_forward
 /// tokens [B, T] -> logits [B, T, Vp] in `acts.logits`. With targets [B, T], also returns the
-/// mean loss, and `acts.logits` then holds the probabilities that backward needs.
+/// mean loss, and `acts.logits` then holds the probabilities that backward needs. On a GPU,
+/// reading the loss back waits for the queued work, and reports its first error.
 pub fn forward(
-    p: &GptParams<&[f32]>,
+    p: &GptParams<View<'_>>,
     cfg: &ModelConfig,
     acts: &mut Activations,
     tokens: &[u32],
     targets: Option<&[u32]>,
     b: usize,
     t: usize,
-) -> Option<f32> {
+) -> Result<Option<f32>, CudaError> {
     assert!(b <= acts.batch && t <= acts.seq && t <= cfg.block_size, "pass larger than its buffers");
     assert_eq!(tokens.len(), b * t);
     let d = Dims { b, t, c: cfg.n_embd, n_head: cfg.n_head };
     let (bt, c, vp) = (b * t, cfg.n_embd, cfg.padded_vocab_size());
 
-    embedding_forward(&mut acts.embedded.as_mut_slice()[..bt * c], tokens, p.wte, p.wpe, t, c);
-    let proj = &mut acts.proj.as_mut_slice()[..bt * c];
+    embedding_forward(acts.embedded.prefix_mut(bt * c), tokens, p.wte, p.wpe, t, c);
     for (l, block) in p.blocks.iter().enumerate() {
         let (done, todo) = acts.blocks.split_at_mut(l);
-        let x = match done.last() {
-            Some(prev) => &prev.out.as_slice()[..bt * c],
-            None => &acts.embedded.as_slice()[..bt * c],
-        };
-        block.forward(x, &mut todo[0], proj, d);
+        let x = done.last().map_or(&acts.embedded, |prev| &prev.out).prefix(bt * c);
+        block.forward(x, &mut todo[0], acts.proj.prefix_mut(bt * c), d);
     }
-    let last = acts.blocks.last().map_or(&acts.embedded, |b| &b.out);
-    let ln_f = &mut acts.ln_f.as_mut_slice()[..bt * c];
-    let (mean, rstd) = (&mut acts.ln_f_mean.as_mut_slice()[..bt], &mut acts.ln_f_rstd.as_mut_slice()[..bt]);
-    layernorm_forward(ln_f, mean, rstd, &last.as_slice()[..bt * c], p.ln_f_weight, p.ln_f_bias, c);
-    let logits = &mut acts.logits.as_mut_slice()[..bt * vp];
-    lm_head_forward(logits, ln_f, p.wte, bt, c, vp);
+    let last = acts.blocks.last().map_or(&acts.embedded, |b| &b.out).prefix(bt * c);
+    let (mean, rstd) = (acts.ln_f_mean.prefix_mut(bt), acts.ln_f_rstd.prefix_mut(bt));
+    layernorm_forward(acts.ln_f.prefix_mut(bt * c), mean, rstd, last, p.ln_f_weight, p.ln_f_bias, c);
+    lm_head_forward(acts.logits.prefix_mut(bt * vp), acts.ln_f.prefix(bt * c), p.wte, bt, c, vp);
 
-    let targets = targets?;
-    let losses = &mut acts.losses.as_mut_slice()[..bt];
-    softmax_cross_entropy_forward(logits, losses, targets, cfg.vocab_size, vp);
-    Some((losses.iter().map(|&l| l as f64).sum::<f64>() / bt as f64) as f32)
+    let Some(targets) = targets else { return Ok(None) };
+    let losses = acts.losses.prefix_mut(bt);
+    softmax_cross_entropy_forward(acts.logits.prefix_mut(bt * vp), losses, targets, cfg.vocab_size, vp);
+    let losses = acts.losses.prefix(bt).to_vec()?;
+    Ok(Some((losses.iter().map(|&l| l as f64).sum::<f64>() / bt as f64) as f32))
 }
 // ANCHOR_END: model_forward
 
@@ -400,16 +403,17 @@ pub fn forward(
 /// order: ln_f, then block L-1 down to block 0, then wte and wpe (wte last: it collects the
 /// output projection's gradient first and the embedding's at the very end). Chapter 2 hangs its
 /// gradient all-reduce here, to overlap communication with the rest of backward.
-pub type GradsReady<'a> = &'a mut dyn FnMut(Range<usize>, &GptParams<&mut [f32]>);
+pub type GradsReady<'a> = &'a mut dyn FnMut(Range<usize>, &GptParams<ViewMut<'_>>);
 // ANCHOR_END: grads_ready
 
 // ANCHOR: model_backward
 /// Accumulates dL/dθ into `grads` for L = dloss * (sum of the token losses of the last
 /// `forward`, which must have been given targets). dloss = 1/(tokens in the step) makes L the
 /// step's mean loss.
+#[allow(clippy::too_many_arguments)]
 pub fn backward(
-    p: &GptParams<&[f32]>,
-    grads: &mut GptParams<&mut [f32]>,
+    p: &GptParams<View<'_>>,
+    grads: &mut GptParams<ViewMut<'_>>,
     cfg: &ModelConfig,
     acts: &mut Activations,
     g: &mut Gradients,
@@ -424,39 +428,38 @@ pub fn backward(
     let (bt, c, vp) = (b * t, cfg.n_embd, cfg.padded_vocab_size());
     let n_tensors = 2 + 12 * cfg.n_layer + 2;
 
-    let dlogits = &mut acts.logits.as_mut_slice()[..bt * vp];
-    softmax_cross_entropy_backward(dlogits, targets, dloss, vp);
-    let d_ln_f = &mut g.block.d_ln.as_mut_slice()[..bt * c];
-    lm_head_backward(d_ln_f, grads.wte, dlogits, &acts.ln_f.as_slice()[..bt * c], p.wte, bt, c, vp);
+    softmax_cross_entropy_backward(acts.logits.prefix_mut(bt * vp), targets, dloss, vp);
+    let (dlogits, ln_f) = (acts.logits.prefix(bt * vp), acts.ln_f.prefix(bt * c));
+    lm_head_backward(g.block.d_ln.prefix_mut(bt * c), grads.wte.reborrow(), dlogits, ln_f, p.wte, bt, c, vp);
 
     let [d_a, d_b] = &mut g.d_res;
-    let (mut d_out, mut d_in) = (&mut d_a.as_mut_slice()[..bt * c], &mut d_b.as_mut_slice()[..bt * c]);
-    let last = acts.blocks.last().map_or(&acts.embedded, |b| &b.out);
-    d_out.fill(0.0);
-    let (mean, rstd) = (&acts.ln_f_mean.as_slice()[..bt], &acts.ln_f_rstd.as_slice()[..bt]);
+    let (mut d_out, mut d_in) = (d_a, d_b);
+    let last = acts.blocks.last().map_or(&acts.embedded, |b| &b.out).prefix(bt * c);
+    zero(d_out.prefix_mut(bt * c));
     layernorm_backward(
-        d_out,
-        grads.ln_f_weight,
-        grads.ln_f_bias,
-        d_ln_f,
-        &last.as_slice()[..bt * c],
+        d_out.prefix_mut(bt * c),
+        grads.ln_f_weight.reborrow(),
+        grads.ln_f_bias.reborrow(),
+        g.block.d_ln.prefix(bt * c),
+        last,
         p.ln_f_weight,
-        mean,
-        rstd,
+        acts.ln_f_mean.prefix(bt),
+        acts.ln_f_rstd.prefix(bt),
         c,
     );
     on_ready(n_tensors - 2..n_tensors, grads);
 
     for l in (0..cfg.n_layer).rev() {
         let x = match l {
-            0 => &acts.embedded.as_slice()[..bt * c],
-            _ => &acts.blocks[l - 1].out.as_slice()[..bt * c],
+            0 => acts.embedded.prefix(bt * c),
+            _ => acts.blocks[l - 1].out.prefix(bt * c),
         };
-        p.blocks[l].backward(&mut grads.blocks[l], d_out, x, &acts.blocks[l], &mut g.block, d_in, d);
+        let (block_grads, acts_l) = (&mut grads.blocks[l], &acts.blocks[l]);
+        p.blocks[l].backward(block_grads, d_out.prefix(bt * c), x, acts_l, &mut g.block, d_in.prefix_mut(bt * c), d);
         std::mem::swap(&mut d_out, &mut d_in);
         on_ready(2 + 12 * l..2 + 12 * (l + 1), grads);
     }
-    embedding_backward(grads.wte, grads.wpe, d_out, tokens, t, c);
+    embedding_backward(grads.wte.reborrow(), grads.wpe.reborrow(), d_out.prefix(bt * c), tokens, t, c);
     on_ready(0..2, grads);
 }
 // ANCHOR_END: model_backward
@@ -492,15 +495,15 @@ mod tests {
         hook: GradsReady<'_>,
     ) -> Vec<f32> {
         let ledger = MemoryLedger::new();
-        let mut acts = Activations::new(cfg, b, t, &ledger);
-        let mut scratch = Gradients::new(cfg, b, t, &ledger);
+        let mut acts = Activations::new(cfg, b, t, Device::Cpu, DType::F32, &ledger).unwrap();
+        let mut scratch = Gradients::new(cfg, b, t, Device::Cpu, DType::F32, &ledger).unwrap();
         let mut grads = vec![0.0; layout.total];
-        let p = layout.views(params);
-        forward(&p, cfg, &mut acts, tokens, Some(targets), b, t);
+        let p = layout.views(View::Cpu(params));
+        forward(&p, cfg, &mut acts, tokens, Some(targets), b, t).unwrap();
         let dloss = 1.0 / (b * t) as f32;
         backward(
             &p,
-            &mut layout.views_mut(&mut grads),
+            &mut layout.views_mut(ViewMut::Cpu(&mut grads)),
             cfg,
             &mut acts,
             &mut scratch,
@@ -523,8 +526,8 @@ mod tests {
         b: usize,
         t: usize,
     ) -> f32 {
-        let mut acts = Activations::new(cfg, b, t, &MemoryLedger::new());
-        forward(&layout.views(params), cfg, &mut acts, tokens, Some(targets), b, t).unwrap()
+        let mut acts = Activations::new(cfg, b, t, Device::Cpu, DType::F32, &MemoryLedger::new()).unwrap();
+        forward(&layout.views(View::Cpu(params)), cfg, &mut acts, tokens, Some(targets), b, t).unwrap().unwrap()
     }
 
     // ANCHOR: whole_model_gradient_check
@@ -574,10 +577,10 @@ mod tests {
         let (cfg, layout, params) = tiny();
         let tokens = [1u32, 2, 3, 4];
         let mut seen = Vec::new();
-        let mut hook = |ready: Range<usize>, g: &GptParams<&mut [f32]>| {
+        let mut hook = |ready: Range<usize>, g: &GptParams<ViewMut<'_>>| {
             // What the hook reads is the final gradient: nonzero for every tensor but the unused
             // positions' rows of wpe.
-            assert!(ready.clone().all(|i| g.tensors()[i].iter().any(|&x| x != 0.0)));
+            assert!(ready.clone().all(|i| g.tensors()[i].as_slice().iter().any(|&x| x != 0.0)));
             seen.push(ready);
         };
         gradient(&cfg, &layout, &params, &tokens, &tokens, 1, 4, &mut hook);
@@ -608,7 +611,7 @@ mod tests {
         let cfg = ModelConfig::preset("small", 256).unwrap();
         let ledger = MemoryLedger::new();
         let (b, t) = (4, 128);
-        let _acts = Activations::new(&cfg, b, t, &ledger);
+        let _acts = Activations::new(&cfg, b, t, Device::Cpu, DType::F32, &ledger).unwrap();
         let counted = ledger.report().current[&Category::Activations];
         assert_eq!(counted, (4 * b * t * Activations::floats_per_token(&cfg, t)) as u64);
     }

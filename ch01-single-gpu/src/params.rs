@@ -7,6 +7,7 @@
 //! checkpoint is this buffer cut along the ranges, minus the vocabulary padding.
 
 use crate::config::ModelConfig;
+use kernels::{View, ViewMut};
 use std::ops::Range;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -129,26 +130,22 @@ impl ParamLayout {
         self.specs.iter().find(|s| s.name == name)
     }
 
-    /// Named read-only views into `buf`.
-    pub fn views<'a>(&self, buf: &'a [f32]) -> GptParams<&'a [f32]> {
+    /// Named read-only views into `buf`, on whichever device it lives.
+    pub fn views<'a>(&self, buf: View<'a>) -> GptParams<View<'a>> {
         assert_eq!(buf.len(), self.total, "buffer does not match the layout");
-        let mut rest = buf;
-        let pieces = self.specs.iter().map(|spec| {
-            let (piece, tail) = rest.split_at(spec.numel());
-            rest = tail;
-            piece
-        });
+        let pieces = self.specs.iter().map(|spec| buf.slice(spec.range()));
         GptParams::from_pieces(pieces, self.n_layer)
     }
 
     // ANCHOR: views_mut
-    /// Named writable views into `buf` (each tensor a disjoint `&mut` slice).
-    pub fn views_mut<'a>(&self, buf: &'a mut [f32]) -> GptParams<&'a mut [f32]> {
+    /// Named writable views into `buf` (each tensor a disjoint mutable view, cut off the front
+    /// of what is left as `split_at_mut` cuts a slice).
+    pub fn views_mut<'a>(&self, buf: ViewMut<'a>) -> GptParams<ViewMut<'a>> {
         assert_eq!(buf.len(), self.total, "buffer does not match the layout");
-        let mut rest = buf;
+        let mut rest = Some(buf);
         let pieces = self.specs.iter().map(|spec| {
-            let (piece, tail) = std::mem::take(&mut rest).split_at_mut(spec.numel());
-            rest = tail;
+            let (piece, tail) = rest.take().expect("one tail per tensor").split_at_mut(spec.numel());
+            rest = Some(tail);
             piece
         });
         GptParams::from_pieces(pieces, self.n_layer)
@@ -225,10 +222,11 @@ mod tests {
         let layout = ParamLayout::new(&cfg);
         let mut buf: Vec<f32> = (0..layout.total).map(|i| i as f32).collect();
         let spec = layout.get("h.1.attn.c_proj.bias").unwrap().clone();
-        let views = layout.views_mut(&mut buf);
-        assert_eq!(views.blocks[1].attn_c_proj_bias[0], spec.offset as f32);
-        assert_eq!(views.ln_f_bias.last().copied(), Some((layout.total - 1) as f32));
+        let views = layout.views_mut(ViewMut::Cpu(&mut buf));
+        assert_eq!(views.blocks[1].attn_c_proj_bias.as_slice()[0], spec.offset as f32);
+        assert_eq!(views.ln_f_bias.as_slice().last().copied(), Some((layout.total - 1) as f32));
         for (tensor, spec) in views.tensors().iter().zip(&layout.specs) {
+            let tensor = tensor.as_slice();
             assert_eq!((tensor.len(), tensor[0]), (spec.numel(), spec.offset as f32), "{}", spec.name);
         }
     }

@@ -4,7 +4,7 @@
 use crate::config::ModelConfig;
 use crate::model::{Activations, forward};
 use crate::params::GptParams;
-use kernels::{MemoryLedger, Rng};
+use kernels::{DType, Device, MemoryLedger, Rng, TensorError, View};
 
 #[derive(Clone, Copy, Debug)]
 pub struct SampleConfig {
@@ -41,20 +41,27 @@ pub fn sample_next(logits: &[f32], temperature: f32, top_k: usize, rng: &mut Rng
 /// Continues `prompt` by `cfg.tokens` tokens, feeding the model at most its last `block_size`
 /// tokens each time (no KV cache: every step reruns the whole window, which is simple and fast
 /// enough for a few hundred tokens of a small model).
-pub fn generate(p: &GptParams<&[f32]>, model: &ModelConfig, prompt: &[u32], cfg: SampleConfig) -> Vec<u32> {
+pub fn generate(
+    p: &GptParams<View<'_>>,
+    model: &ModelConfig,
+    prompt: &[u32],
+    cfg: SampleConfig,
+    device: Device,
+    dtype: DType,
+) -> Result<Vec<u32>, TensorError> {
     let mut rng = Rng::derive(cfg.seed, "sample");
     let window = model.block_size;
-    let mut acts = Activations::new(model, 1, window, &MemoryLedger::new());
+    let mut acts = Activations::new(model, 1, window, device, dtype, &MemoryLedger::new())?;
     let mut tokens = prompt.to_vec();
     let vp = model.padded_vocab_size();
     for _ in 0..cfg.tokens {
         let context = &tokens[tokens.len().saturating_sub(window)..];
         let t = context.len();
-        forward(p, model, &mut acts, context, None, 1, t);
-        let last = &acts.logits.as_slice()[(t - 1) * vp..(t - 1) * vp + model.vocab_size];
-        tokens.push(sample_next(last, cfg.temperature, cfg.top_k, &mut rng));
+        forward(p, model, &mut acts, context, None, 1, t)?;
+        let last = acts.logits.view().slice((t - 1) * vp..(t - 1) * vp + model.vocab_size).to_vec()?;
+        tokens.push(sample_next(&last, cfg.temperature, cfg.top_k, &mut rng));
     }
-    tokens.split_off(prompt.len())
+    Ok(tokens.split_off(prompt.len()))
 }
 // ANCHOR_END: generate
 

@@ -4,15 +4,18 @@ use crate::checkpoint::{self, CheckpointContents, CheckpointError, RunShape, Tra
 use crate::config::{ConfigError, ModelConfig};
 use crate::data::{Batch, BatchSampler, DataError, DataOrder, Dataset, SHAKESPEARE, sequential_batch};
 use crate::model::{Activations, Gradients, GradsReady, backward, forward};
-use crate::params::ParamLayout;
+use crate::params::{GptParams, ParamLayout};
 use crate::sample::{SampleConfig, generate};
 use crate::schedule::{LrSchedule, learning_rate};
 use crate::tokenizer::{Tokenizer, TokenizerKind};
 use indicatif::{ProgressBar, ProgressStyle};
 use kernels::device::DeviceRequest;
-use kernels::ops::adamw::{AdamWConfig, adamw_update};
-use kernels::ops::grad_norm::{clip_scale, global_norm};
-use kernels::{Category, DeviceError, MemoryLedger, MemoryReport, Tensor, Trace};
+use kernels::dispatch::{adamw_update, copy, global_norm};
+use kernels::ops::adamw::AdamWConfig;
+use kernels::ops::grad_norm::clip_scale;
+use kernels::{
+    Category, CudaError, DType, Device, DeviceError, MemoryLedger, MemoryReport, Tensor, TensorError, Trace, View,
+};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -75,6 +78,9 @@ pub struct TrainConfig {
     pub top_k: usize,
     pub prompt: String,
     pub device: DeviceRequest,
+    /// The type activations and matmuls compute in: f32, or bf16 (GPU only) with f32 master
+    /// weights and optimizer state.
+    pub dtype: DType,
     /// Show a progress bar and evaluation lines on stderr.
     pub progress: bool,
 }
@@ -114,6 +120,7 @@ impl Default for TrainConfig {
             top_k: 40,
             prompt: "\n".into(),
             device: DeviceRequest::Auto,
+            dtype: DType::F32,
             progress: false,
         }
     }
@@ -129,6 +136,10 @@ pub enum TrainError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error(transparent)]
+    Tensor(#[from] TensorError),
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
     #[error("{0} must be at least 1")]
     Zero(&'static str),
     #[error("seq_len {seq_len} exceeds the model's block size {block_size}")]
@@ -170,7 +181,13 @@ pub struct StepRecord {
 pub struct TrainReport {
     pub model: ModelConfig,
     pub tokenizer: TokenizerKind,
+    /// The device, described ("cuda:0 (NVIDIA H100 80GB HBM3, sm_90, 79.2 GiB)").
     pub device: String,
+    pub dtype: DType,
+    /// Model FLOPs per trained token (`ModelConfig::flops_per_token`).
+    pub flops_per_token: f64,
+    /// The device's peak matmul FLOP/s in `dtype`, where known (GPUs in `kernels::cuda::peak_flops`).
+    pub peak_flops: Option<f64>,
     /// Parameters of the model (the vocabulary padding not counted).
     pub n_params: usize,
     /// The steps this call ran (a resumed run starts after the checkpoint's step).
@@ -190,6 +207,20 @@ impl TrainReport {
     pub fn losses(&self) -> Vec<f32> {
         self.steps.iter().map(|s| s.loss).collect()
     }
+
+    /// Model FLOPs per second over the training steps.
+    pub fn model_flops_per_sec(&self) -> f64 {
+        self.tokens_per_sec * self.flops_per_token
+    }
+
+    // ANCHOR: mfu
+    /// Model FLOPs utilisation: the share of the device's peak that the model's own FLOPs
+    /// (`flops_per_token` · tokens/s) would use. Recomputation, padding and the masked half of
+    /// attention are work the hardware does that MFU does not credit.
+    pub fn mfu(&self) -> Option<f64> {
+        self.peak_flops.map(|peak| self.model_flops_per_sec() / peak)
+    }
+    // ANCHOR_END: mfu
 
     pub fn final_val_loss(&self) -> Option<f32> {
         self.val_losses.last().map(|v| v.1)
@@ -306,12 +337,18 @@ pub struct Trainer {
     pub model: ModelConfig,
     pub layout: ParamLayout,
     pub tokenizer: Tokenizer,
-    pub device: kernels::Device,
+    pub device: Device,
+    /// What was picked, and why (`--device auto` says why it fell back to the CPU).
+    pub device_line: String,
+    pub dtype: DType,
     /// The corpus, tokenized once and shared by every trainer of a run (data-parallel ranks).
     pub dataset: Arc<Dataset>,
     run: RunShape,
-    /// Parameters, their gradients and AdamW's two moments: four buffers of one layout.
+    /// Parameters, their gradients and AdamW's two moments: four buffers of one layout, f32 on
+    /// the device. In a bf16 run, `params_copy` is the bf16 copy of the parameters that forward
+    /// and backward compute with, rewritten after each update.
     params: Tensor,
+    params_copy: Option<Tensor>,
     grads: Tensor,
     adam_m: Tensor,
     adam_v: Tensor,
@@ -339,7 +376,10 @@ impl Trainer {
     /// A trainer that computes `rows` of the B rows of every micro-batch, on a corpus loaded
     /// once for the whole run. Chapter 1 computes them all; a data-parallel rank, its share.
     pub fn with_shard(cfg: &TrainConfig, rows: usize, dataset: Arc<Dataset>) -> Result<Trainer, TrainError> {
-        let device = cfg.device.resolve()?;
+        let (device, device_line) = cfg.device.resolve_explained()?;
+        if device == Device::Cpu && cfg.dtype != DType::F32 {
+            return Err(TensorError::CpuDType(cfg.dtype).into());
+        }
         let tokenizer = Tokenizer::new(cfg.tokenizer);
         let model = model_config(cfg, tokenizer.vocab_size())?;
         let seq_len = check_config(cfg, &model)?;
@@ -368,11 +408,14 @@ impl Trainer {
         // ANCHOR: four_buffers
         let ledger = MemoryLedger::new();
         let layout = ParamLayout::new(&model);
-        let mut params = Tensor::zeros_in(&[layout.total], Category::Parameters, &ledger);
-        let grads = Tensor::zeros_in(&[layout.total], Category::Gradients, &ledger);
-        let mut adam_m = Tensor::zeros_in(&[layout.total], Category::OptimizerState, &ledger);
-        let mut adam_v = Tensor::zeros_in(&[layout.total], Category::OptimizerState, &ledger);
+        let buffer = |category| Tensor::zeros_on(&[layout.total], device, DType::F32, category, &ledger);
+        let mut params = buffer(Category::Parameters)?;
+        let grads = buffer(Category::Gradients)?;
+        let mut adam_m = buffer(Category::OptimizerState)?;
+        let mut adam_v = buffer(Category::OptimizerState)?;
         // ANCHOR_END: four_buffers
+        // Weights and moments are read and initialised on the host, then copied to the device.
+        let mut host = vec![0.0f32; layout.total];
         let mut sampler = BatchSampler::new(cfg.data_order, cfg.seed);
         let mut step = 0;
         if let Some(dir) = &cfg.resume {
@@ -388,17 +431,29 @@ impl Trainer {
                 let reason = format!("that run is already complete (step {} of {})", state.step, cfg.steps);
                 return Err(TrainError::Resume { path: dir.clone(), reason });
             }
-            checkpoint::load_weights(dir, &model, &layout, params.as_mut_slice())?;
-            checkpoint::load_optimizer(dir, &layout, adam_m.as_mut_slice(), adam_v.as_mut_slice())?;
+            checkpoint::load_weights(dir, &model, &layout, &mut host)?;
+            let (mut m, mut v) = (vec![0.0f32; layout.total], vec![0.0f32; layout.total]);
+            checkpoint::load_optimizer(dir, &layout, &mut m, &mut v)?;
+            adam_m.copy_from(&m)?;
+            adam_v.copy_from(&v)?;
             (step, sampler) = (state.step, state.sampler);
         } else if let Some(dir) = &cfg.init {
-            checkpoint::load_weights(dir, &model, &layout, params.as_mut_slice())?;
+            checkpoint::load_weights(dir, &model, &layout, &mut host)?;
         } else {
-            crate::model::init_params(&model, &layout, cfg.seed, params.as_mut_slice());
+            crate::model::init_params(&model, &layout, cfg.seed, &mut host);
         }
+        params.copy_from(&host)?;
+        let params_copy = match cfg.dtype {
+            DType::F32 => None,
+            dtype => {
+                let mut copy_ = Tensor::zeros_on(&[layout.total], device, dtype, Category::Parameters, &ledger)?;
+                copy(copy_.view_mut(), params.view());
+                Some(copy_)
+            }
+        };
 
-        let acts = Activations::new(&model, rows, t, &ledger);
-        let scratch = Gradients::new(&model, rows, t, &ledger);
+        let acts = Activations::new(&model, rows, t, device, cfg.dtype, &ledger)?;
+        let scratch = Gradients::new(&model, rows, t, device, cfg.dtype, &ledger)?;
         let decay_groups = decay_groups(&layout, cfg.weight_decay);
         let trace = if cfg.trace.is_some() { Trace::enabled() } else { Trace::disabled() };
         Ok(Trainer {
@@ -407,9 +462,12 @@ impl Trainer {
             layout,
             tokenizer,
             device,
+            device_line,
+            dtype: cfg.dtype,
             dataset,
             run,
             params,
+            params_copy,
             grads,
             adam_m,
             adam_v,
@@ -430,8 +488,14 @@ impl Trainer {
         self.layout.total - (self.model.padded_vocab_size() - self.model.vocab_size) * self.model.n_embd
     }
 
-    pub fn params(&self) -> &[f32] {
-        self.params.as_slice()
+    /// The parameters (f32 master weights), copied to the host.
+    pub fn params(&self) -> Result<Vec<f32>, TrainError> {
+        Ok(self.params.to_vec()?)
+    }
+
+    /// The parameters forward and backward read: the bf16 copy in a bf16 run.
+    fn compute_params(&self) -> GptParams<View<'_>> {
+        self.layout.views(self.params_copy.as_ref().unwrap_or(&self.params).view())
     }
 
     // ANCHOR: train_step
@@ -447,7 +511,7 @@ impl Trainer {
         for _ in 0..accum {
             let batch = self.next_micro_batch();
             let dloss = self.dloss();
-            loss_sum += self.forward_backward(&batch.inputs, &batch.targets, dloss, &mut |_, _| {}) as f64;
+            loss_sum += self.forward_backward(&batch.inputs, &batch.targets, dloss, &mut |_, _| {})? as f64;
         }
         self.apply_gradients((loss_sum / accum as f64) as f32, started)
     }
@@ -474,17 +538,23 @@ impl Trainer {
     /// Forward and backward over some rows (at most this trainer's `rows`), accumulating the
     /// gradient of dloss · (sum of their token losses). `on_ready` hears as gradients become
     /// final. Returns the mean token loss of these rows.
-    pub fn forward_backward(&mut self, inputs: &[u32], targets: &[u32], dloss: f32, on_ready: GradsReady<'_>) -> f32 {
+    pub fn forward_backward(
+        &mut self,
+        inputs: &[u32],
+        targets: &[u32],
+        dloss: f32,
+        on_ready: GradsReady<'_>,
+    ) -> Result<f32, TrainError> {
         let (t, model) = (self.t, &self.model);
         let b = inputs.len() / t;
-        let p = self.layout.views(self.params.as_slice());
+        let p = self.layout.views(self.params_copy.as_ref().unwrap_or(&self.params).view());
         let span = self.trace.span("forward");
-        let loss = forward(&p, model, &mut self.acts, inputs, Some(targets), b, t).unwrap_or(f32::NAN);
+        let loss = forward(&p, model, &mut self.acts, inputs, Some(targets), b, t)?.unwrap_or(f32::NAN);
         drop(span);
         let _span = self.trace.span("backward");
-        let mut g = self.layout.views_mut(self.grads.as_mut_slice());
+        let mut g = self.layout.views_mut(self.grads.view_mut());
         backward(&p, &mut g, model, &mut self.acts, &mut self.scratch, inputs, targets, dloss, b, t, on_ready);
-        loss
+        Ok(loss)
     }
     // ANCHOR_END: forward_backward
 
@@ -505,16 +575,17 @@ impl Trainer {
             return Err(TrainError::NonFiniteLoss { step: self.step + 1, loss, last_checkpoint: None });
         }
         let _span = self.trace.span("optimizer");
-        let grad_norm = global_norm(self.grads.as_slice());
+        let grad_norm = global_norm(self.grads.view())?;
         let scale = clip_scale(grad_norm, self.cfg.grad_clip);
         let cfg = &self.cfg;
         let lr = learning_rate(cfg.lr_schedule, cfg.lr, self.step, cfg.steps, cfg.warmup_steps);
         for (range, wd) in &self.decay_groups {
-            let p = &mut self.params.as_mut_slice()[range.clone()];
-            let g = &self.grads.as_slice()[range.clone()];
+            let p = self.params.view_mut().slice_into(range.clone());
+            let p_copy = self.params_copy.as_mut().map(|c| c.view_mut().slice_into(range.clone()));
+            let g = self.grads.view().slice(range.clone());
             let (m, v) =
-                (&mut self.adam_m.as_mut_slice()[range.clone()], &mut self.adam_v.as_mut_slice()[range.clone()]);
-            adamw_update(p, g, m, v, cfg.adam, lr, *wd, scale, self.step + 1);
+                (self.adam_m.view_mut().slice_into(range.clone()), self.adam_v.view_mut().slice_into(range.clone()));
+            adamw_update(p, p_copy, g, m, v, cfg.adam, lr, *wd, scale, self.step + 1);
         }
         self.step += 1;
         let tokens_per_sec = self.tokens_per_step() as f64 / started.elapsed().as_secs_f64();
@@ -527,25 +598,25 @@ impl Trainer {
     /// `val_batches` batches of consecutive windows from the start of the validation split (the
     /// protocol in `data.rs`). Every batch has the same number of tokens, so the mean of the batch
     /// means is the mean over all of them.
-    pub fn evaluate(&mut self) -> f32 {
+    pub fn evaluate(&mut self) -> Result<f32, TrainError> {
         let batches = self.cfg.val_batches as u64;
-        (self.val_loss_sum(0..batches) / batches as f64) as f32
+        Ok((self.val_loss_sum(0..batches)? / batches as f64) as f32)
     }
 
     /// The sum of the mean losses of validation batches `batches` of this trainer's `rows` rows
     /// (batch k starts at window k·rows, as in the protocol): ranks that split the validation
     /// batches between them add these sums up.
-    pub fn val_loss_sum(&mut self, batches: impl IntoIterator<Item = u64>) -> f64 {
+    pub fn val_loss_sum(&mut self, batches: impl IntoIterator<Item = u64>) -> Result<f64, TrainError> {
         let _span = self.trace.span("eval");
-        let p = self.layout.views(self.params.as_slice());
+        let p = self.layout.views(self.params_copy.as_ref().unwrap_or(&self.params).view());
         let (rows, t) = (self.rows, self.t);
         let mut total = 0.0;
         for k in batches {
             let batch = sequential_batch(&self.dataset.val, k, rows, t);
-            total += forward(&p, &self.model, &mut self.acts, &batch.inputs, Some(&batch.targets), rows, t)
+            total += forward(&p, &self.model, &mut self.acts, &batch.inputs, Some(&batch.targets), rows, t)?
                 .unwrap_or(f32::NAN) as f64;
         }
-        total
+        Ok(total)
     }
     // ANCHOR_END: evaluate
 
@@ -553,20 +624,21 @@ impl Trainer {
     pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
         let _span = self.trace.span("save");
         let state = TrainerState { step: self.step, sampler: self.sampler.clone(), run: self.run.clone() };
+        let (params, m, v) = (self.params.to_vec()?, self.adam_m.to_vec()?, self.adam_v.to_vec()?);
         let contents = CheckpointContents {
             cfg: &self.model,
             layout: &self.layout,
-            params: self.params.as_slice(),
-            optimizer: Some((self.adam_m.as_slice(), self.adam_v.as_slice(), &state)),
+            params: &params,
+            optimizer: Some((&m, &v, &state)),
         };
         Ok(checkpoint::save(dir, &contents)?)
     }
 
     /// Generates text from the prompt with the current parameters.
-    pub fn sample(&self, prompt: &str, cfg: SampleConfig) -> String {
-        let tokens =
-            generate(&self.layout.views(self.params.as_slice()), &self.model, &self.tokenizer.encode(prompt), cfg);
-        prompt.to_string() + &self.tokenizer.decode(&tokens)
+    pub fn sample(&self, prompt: &str, cfg: SampleConfig) -> Result<String, TrainError> {
+        let prompt_tokens = self.tokenizer.encode(prompt);
+        let tokens = generate(&self.compute_params(), &self.model, &prompt_tokens, cfg, self.device, self.dtype)?;
+        Ok(prompt.to_string() + &self.tokenizer.decode(&tokens))
     }
 }
 
@@ -585,7 +657,7 @@ impl TrainSteps for Trainer {
         Trainer::step(self)
     }
     fn evaluate(&mut self) -> Result<f32, TrainError> {
-        Ok(Trainer::evaluate(self))
+        Trainer::evaluate(self)
     }
     fn save(&self, dir: &Path) -> Result<(), TrainError> {
         Trainer::save(self, dir)
@@ -670,8 +742,9 @@ impl Trainer {
     pub fn header(&self) -> String {
         let (ds, m) = (&self.dataset, &self.model);
         format!(
-            "device: {} | model: {} layers, {} heads, {} dims, {:.2}M parameters | tokenizer: {:?} ({} tokens: {} train, {} val)",
-            self.device,
+            "device: {} | dtype: {} | model: {} layers, {} heads, {} dims, {:.2}M parameters | tokenizer: {:?} ({} tokens: {} train, {} val)",
+            self.device_line,
+            self.dtype,
             m.n_layer,
             m.n_head,
             m.n_embd,
@@ -684,24 +757,36 @@ impl Trainer {
     }
 
     /// The report of a finished run, with a sample generated if the config asks for one.
-    pub fn report(&self, outcome: LoopOutcome) -> TrainReport {
+    pub fn report(&self, outcome: LoopOutcome) -> Result<TrainReport, TrainError> {
         let cfg = &self.cfg;
         let sample_cfg =
             SampleConfig { tokens: cfg.sample_tokens, temperature: cfg.temperature, top_k: cfg.top_k, seed: cfg.seed };
         let tokens = (outcome.steps.len() * self.tokens_per_step()) as f64;
-        TrainReport {
+        let sample = match cfg.sample_tokens {
+            0 => None,
+            _ => Some(self.sample(&cfg.prompt, sample_cfg)?),
+        };
+        Ok(TrainReport {
             model: self.model.clone(),
             tokenizer: cfg.tokenizer,
-            device: self.device.to_string(),
+            device: self.device.describe(),
+            dtype: self.dtype,
+            flops_per_token: self.model.flops_per_token(self.t),
+            peak_flops: match self.device {
+                Device::Cpu => None,
+                Device::Cuda(ordinal) => kernels::cuda::Gpu::get(ordinal)
+                    .ok()
+                    .and_then(|gpu| kernels::cuda::peak_flops(&gpu.name, self.dtype)),
+            },
             n_params: self.n_params(),
             tokens_per_sec: if outcome.train_seconds > 0.0 { tokens / outcome.train_seconds } else { 0.0 },
             steps: outcome.steps,
             val_losses: outcome.val_losses,
             memory: self.ledger.report(),
-            sample: (cfg.sample_tokens > 0).then(|| self.sample(&cfg.prompt, sample_cfg)),
+            sample,
             layout: self.layout.clone(),
-            params: self.params.as_slice().to_vec(),
-        }
+            params: self.params.to_vec()?,
+        })
     }
 }
 
@@ -714,7 +799,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainReport, TrainError> {
     if let Some(path) = &cfg.trace {
         write_trace(&trainer.trace, path)?;
     }
-    Ok(trainer.report(outcome))
+    trainer.report(outcome)
 }
 // ANCHOR_END: train
 

@@ -15,8 +15,9 @@ use ch01_single_gpu::train::{StepRecord, TrainSteps, Trainer, drive, load_datase
 use ch01_single_gpu::{TrainConfig, TrainError, TrainReport};
 use kernels::comm::thread::{ThreadComm, launch};
 use kernels::comm::{CommError, CommStats, Communicator, ReduceOp};
+use kernels::device::DeviceRequest;
 use kernels::memory::Allocation;
-use kernels::{Category, MemoryReport, Trace};
+use kernels::{Category, MemoryReport, Trace, ViewMut};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
@@ -53,6 +54,10 @@ pub enum DpError {
     BadBucketSize(f64),
     #[error("{0}")]
     Launch(String),
+    #[error(
+        "chapter 2's ranks are threads on the CPU (GPU ranks communicate through NCCL, which chapter 5 uses); run it with --device cpu or auto"
+    )]
+    GpuRanks,
 }
 
 /// One rank's account of a run.
@@ -179,7 +184,7 @@ impl TrainSteps for DpRank {
             let Self { trainer, buckets, bucket_of, buffers, jobs, .. } = self;
             let mut remaining: Vec<usize> = buckets.iter().map(|b| b.tensors.len()).collect();
             let mut error = None;
-            let mut on_ready = |ready: Range<usize>, grads: &GptParams<&mut [f32]>| {
+            let mut on_ready = |ready: Range<usize>, grads: &GptParams<ViewMut<'_>>| {
                 if !communicate || error.is_some() {
                     return;
                 }
@@ -189,7 +194,7 @@ impl TrainSteps for DpRank {
                     remaining[b] -= 1;
                     if remaining[b] == 0 {
                         let bucket = &buckets[b];
-                        let slices: Vec<&[f32]> = bucket.tensors.clone().map(|j| &**tensors[j]).collect();
+                        let slices: Vec<&[f32]> = bucket.tensors.clone().map(|j| tensors[j].as_slice()).collect();
                         match launch_bucket(b, bucket, &slices, &mut buffers[b], jobs) {
                             Ok(()) => launched[b] = true,
                             Err(e) => error = Some(e),
@@ -197,7 +202,7 @@ impl TrainSteps for DpRank {
                     }
                 }
             };
-            loss_sum += trainer.forward_backward(inputs, targets, dloss, &mut on_ready) as f64;
+            loss_sum += trainer.forward_backward(inputs, targets, dloss, &mut on_ready)? as f64;
             if let Some(e) = error {
                 return Err(e);
             }
@@ -235,7 +240,7 @@ impl TrainSteps for DpRank {
     fn evaluate(&mut self) -> Result<f32, TrainError> {
         let n = (self.trainer.cfg.val_batches * self.dp) as u64;
         let mine = (self.rank as u64..n).step_by(self.dp);
-        let sum = self.trainer.val_loss_sum(mine) as f32;
+        let sum = self.trainer.val_loss_sum(mine)? as f32;
         Ok(self.reduce_scalars(vec![sum], ReduceOp::Sum)?[0] / n as f32)
     }
     // ANCHOR_END: dp_evaluate
@@ -255,6 +260,9 @@ fn fingerprint(params: &[f32]) -> u64 {
 }
 
 fn check_config(cfg: &DpConfig) -> Result<usize, DpError> {
+    if matches!(cfg.train.device, DeviceRequest::Cuda(_)) {
+        return Err(DpError::GpuRanks);
+    }
     // The default: one rank per core, or the most ranks up to that which divide the batch.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let default = (1..=cores.min(cfg.train.batch_size.max(1))).rev().find(|d| cfg.train.batch_size.is_multiple_of(*d));
@@ -328,10 +336,10 @@ fn run_rank(
             comm,
             comm_seconds: me.comm_seconds,
             exposed_seconds: me.exposed_seconds,
-            params_fingerprint: fingerprint(me.trainer.params()),
+            params_fingerprint: fingerprint(&me.trainer.params()?),
         };
         // Rank 0 reports for the run (and generates the sample); the replicas are identical.
-        let leader = (rank == 0).then(|| me.trainer.report(outcome));
+        let leader = if rank == 0 { Some(me.trainer.report(outcome)?) } else { None };
         Ok((leader, report, grad_bytes))
     })
 }
@@ -342,6 +350,8 @@ fn run_rank(
 /// memory and communication.
 pub fn train(cfg: &DpConfig) -> Result<DpReport, DpError> {
     let dp = check_config(cfg)?;
+    // Thread ranks compute on the CPU, whatever `auto` would pick.
+    let cfg = &DpConfig { train: TrainConfig { device: DeviceRequest::Cpu, ..cfg.train.clone() }, ..cfg.clone() };
     let dataset = Arc::new(load_dataset(&cfg.train.data, &Tokenizer::new(cfg.train.tokenizer))?);
     let traced = cfg.train.trace.is_some() || cfg.timeline.is_some();
     let trace = if traced { Trace::enabled() } else { Trace::disabled() };

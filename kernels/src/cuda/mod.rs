@@ -1,0 +1,276 @@
+//! The CUDA backend: one device, one stream, cuBLAS for the matmuls, and the other ops as CUDA C
+//! kernels (the `.cu` files next to this one) compiled at run time by NVRTC.
+//!
+//! Nothing here is linked at build time: cudarc loads `libcuda`, `libnvrtc` and `libcublas` when
+//! first asked, and panics if one is missing. So every way in goes through [`Gpu::get`], which
+//! checks that each library can be loaded and that the device exists before the first real call,
+//! and turns what is missing into one sentence.
+//!
+//! Errors of a kernel launch are not returned by each op (on the CPU the ops cannot fail, and the
+//! model code is the same for both): the first one is kept, and [`Gpu::synchronize`] (which every
+//! read back to the host goes through) reports it. This is how CUDA itself reports the errors of
+//! asynchronous work: at the next synchronisation.
+
+pub mod buffer;
+pub mod modules;
+pub mod ops;
+
+pub use buffer::{DType, DevBuffer, DevView, DevViewMut};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::CUresult;
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[error("{0}")]
+pub struct CudaError(pub String);
+
+/// Whether the CUDA driver library (`libcuda`) can be loaded. Asked once per process.
+pub fn driver_present() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // SAFETY: it tries to `dlopen` each name cudarc would load and closes it again; loading the
+    // driver runs only its own initialisers.
+    *PRESENT.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() })
+}
+
+/// The file names cudarc tries for library `name`, once each: for error messages.
+pub fn library_names(name: &str) -> String {
+    let mut names = cudarc::get_lib_name_candidates(name);
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+    names.join(", ")
+}
+
+/// The number of CUDA devices: an error (never a panic) where there is no driver, 0 where there
+/// is a driver but no visible GPU.
+pub fn device_count() -> Result<usize, CudaError> {
+    if !driver_present() {
+        return Err(CudaError("no CUDA driver is installed (libcuda.so could not be loaded)".into()));
+    }
+    match CudaContext::device_count() {
+        Ok(n) => Ok(usize::try_from(n).unwrap_or(0)),
+        Err(DriverError(CUresult::CUDA_ERROR_NO_DEVICE)) => Ok(0),
+        Err(e) => Err(driver_error("starting the driver (cuInit, cuDeviceGetCount)", e)),
+    }
+}
+
+/// The libraries beyond the driver that the backend needs: NVRTC (kernels) and cuBLAS (matmuls).
+/// The driver comes with the GPU; these come with the CUDA toolkit (or the `nvidia-*-cu12`
+/// Python wheels), so a machine can have the first without the second.
+fn toolkit_libraries_present() -> Result<(), CudaError> {
+    // SAFETY: as for `driver_present`: a dlopen and a dlclose.
+    let missing: Vec<String> = [
+        ("nvrtc", unsafe { cudarc::nvrtc::sys::is_culib_present() }),
+        ("cublas", unsafe { cudarc::cublas::sys::is_culib_present() }),
+    ]
+    .into_iter()
+    .filter(|(_, present)| !present)
+    .map(|(name, _)| format!("{name} (tried {})", library_names(name)))
+    .collect();
+    match missing.is_empty() {
+        true => Ok(()),
+        false => Err(CudaError(format!(
+            "the CUDA driver is here but these libraries of the CUDA toolkit are not: {}; install the \
+             toolkit, or add the directory that holds them to LD_LIBRARY_PATH",
+            missing.join("; ")
+        ))),
+    }
+}
+
+pub(crate) fn driver_error(what: &str, e: DriverError) -> CudaError {
+    CudaError(format!("CUDA error while {what}: {e:?}"))
+}
+
+/// One GPU, ready to run ops: its context, the one stream every op is queued on, a cuBLAS handle
+/// bound to that stream, and the kernels compiled so far.
+pub struct Gpu {
+    pub ordinal: usize,
+    pub name: String,
+    /// (major, minor): 9.0 for an H100.
+    pub capability: (i32, i32),
+    pub total_memory: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    /// The first error of asynchronous work, reported at the next synchronisation.
+    error: Mutex<Option<String>>,
+    /// Device scratch for token ids, which the ops take from the host (see `upload_indices`).
+    /// (address, capacity in ids); never freed: a GPU, once opened, lives as long as the process.
+    indices: Mutex<(cudarc::driver::sys::CUdeviceptr, usize)>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gpu(cuda:{} {})", self.ordinal, self.name)
+    }
+}
+
+impl Gpu {
+    /// The GPU with this ordinal, opened on first use and shared after that.
+    pub fn get(ordinal: usize) -> Result<Arc<Gpu>, CudaError> {
+        static OPEN: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
+        let mut open = OPEN.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(gpu) = open.get(&ordinal) {
+            gpu.bind()?;
+            return Ok(gpu.clone());
+        }
+        let gpu = Arc::new(Gpu::open(ordinal)?);
+        open.insert(ordinal, gpu.clone());
+        Ok(gpu)
+    }
+
+    fn open(ordinal: usize) -> Result<Gpu, CudaError> {
+        let count = device_count()?;
+        if ordinal >= count {
+            return Err(CudaError(match count {
+                0 => "the CUDA driver is installed but no GPU is visible".to_string(),
+                n => format!("there is no cuda:{ordinal}: this machine has {n} GPU(s), cuda:0 to cuda:{}", n - 1),
+            }));
+        }
+        toolkit_libraries_present()?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_error("creating a context", e))?;
+        // One stream, so work is ordered by the order of the calls: the bookkeeping cudarc does to
+        // order several streams (an event per buffer use) has nothing to do.
+        // SAFETY: no buffer of this context exists yet.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| driver_error("creating a stream", e))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError(format!("starting cuBLAS: {e:?}")))?;
+        Ok(Gpu {
+            ordinal,
+            name: ctx.name().unwrap_or_else(|_| "unknown GPU".into()),
+            capability: ctx.compute_capability().map_err(|e| driver_error("asking the compute capability", e))?,
+            total_memory: ctx.total_mem().unwrap_or(0),
+            ctx,
+            stream,
+            blas,
+            functions: Mutex::new(HashMap::new()),
+            error: Mutex::new(None),
+            indices: Mutex::new((0, 0)),
+        })
+    }
+
+    /// Makes this GPU's context current on the calling thread (cuBLAS and raw driver calls act
+    /// on the current context).
+    pub fn bind(&self) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread().map_err(|e| driver_error("binding the context to this thread", e))
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub fn blas(&self) -> &CudaBlas {
+        &self.blas
+    }
+
+    /// Keeps the first error of work queued on the stream, to report at the next sync.
+    pub fn record<T, E: std::fmt::Debug>(&self, what: &str, result: Result<T, E>) -> Option<T> {
+        match result {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let mut slot = self.error.lock().unwrap_or_else(|e| e.into_inner());
+                slot.get_or_insert_with(|| format!("CUDA error while {what}: {e:?}"));
+                None
+            }
+        }
+    }
+
+    /// Waits for everything queued so far; the first error of any of it, if there was one.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        let sync = self.stream.synchronize();
+        if let Some(first) = self.error.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            return Err(CudaError(first));
+        }
+        sync.map_err(|e| driver_error("running queued work", e))
+    }
+
+    /// The kernel `name` from `source` (one of the `.cu` files), compiled for this GPU by NVRTC
+    /// the first time it is asked for. A compile error is a bug in the `.cu` file: it panics
+    /// with NVRTC's log.
+    pub fn function(&self, source: &modules::Source, name: &'static str) -> CudaFunction {
+        let mut functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = functions.get(name) {
+            return f.clone();
+        }
+        let module = modules::load(self, source);
+        for &kernel in source.kernels {
+            let f =
+                module.load_function(kernel).unwrap_or_else(|e| panic!("{}: no kernel {kernel}: {e:?}", source.file));
+            functions.insert(kernel, f);
+        }
+        functions.get(name).cloned().unwrap_or_else(|| panic!("{} does not list kernel {name}", source.file))
+    }
+
+    /// Copies token ids to the device, into a scratch buffer the next upload reuses. Safe to
+    /// reuse without waiting: the next copy is queued on the same stream, after every kernel
+    /// queued before it, so it cannot overwrite ids a kernel has still to read.
+    pub(crate) fn upload_indices(&self, ids: &[u32]) -> DevView<'_> {
+        use cudarc::driver::result;
+        let mut slot = self.indices.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = self.bind();
+        if slot.1 < ids.len() {
+            // The old buffer may still be read by queued kernels: wait before freeing it.
+            let _ = self.stream.synchronize();
+            let capacity = ids.len().next_power_of_two().max(1024);
+            // SAFETY: freed once (here, when replaced), allocated with this context current.
+            unsafe {
+                if slot.1 > 0 {
+                    let _ = result::free_sync(slot.0);
+                }
+                let ptr = result::malloc_sync(capacity * 4);
+                *slot = (self.record("allocating token-id scratch", ptr).unwrap_or(0), capacity);
+            }
+        }
+        if slot.0 != 0 {
+            // SAFETY: the scratch holds at least ids.len() u32s.
+            let r = unsafe { result::memcpy_htod_async(slot.0, ids, self.stream.cu_stream()) };
+            self.record("copying token ids to the GPU", r);
+        }
+        DevView::from_raw(self, slot.0, ids.len(), DType::U32)
+    }
+}
+
+// ANCHOR: peak_flops
+/// The GPU's peak dense throughput for matmuls in `dtype`, in FLOP/s, from NVIDIA's data
+/// sheets (no sparsity); `None` for a GPU not in the table. f32 is the CUDA cores' rate: the f32
+/// matmuls here ask cuBLAS for exact f32 (`CUBLAS_COMPUTE_32F`), not TF32 tensor cores.
+pub fn peak_flops(name: &str, dtype: DType) -> Option<f64> {
+    let name = name.to_ascii_uppercase();
+    let (f32_tflops, bf16_tflops) = if name.contains("H100") && name.contains("PCIE") {
+        (51.2, 756.0)
+    } else if name.contains("H100") || name.contains("H200") || name.contains("GH200") {
+        (66.9, 989.4)
+    } else if name.contains("A100") {
+        (19.5, 312.0)
+    } else if name.contains("L40S") {
+        (91.6, 362.1)
+    } else {
+        return None;
+    };
+    match dtype {
+        DType::F32 => Some(f32_tflops * 1e12),
+        DType::BF16 => Some(bf16_tflops * 1e12),
+        DType::U32 => None,
+    }
+}
+// ANCHOR_END: peak_flops
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_flops_by_name() {
+        assert_eq!(peak_flops("NVIDIA H100 80GB HBM3", DType::BF16), Some(989.4e12));
+        assert_eq!(peak_flops("NVIDIA H100 PCIe", DType::F32), Some(51.2e12));
+        assert_eq!(peak_flops("NVIDIA A100-SXM4-80GB", DType::BF16), Some(312e12));
+        assert_eq!(peak_flops("Some Future GPU", DType::BF16), None);
+    }
+}
