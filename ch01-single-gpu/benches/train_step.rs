@@ -12,6 +12,7 @@
 use ch01_single_gpu::tokenizer::TokenizerKind;
 use ch01_single_gpu::train::{TrainConfig, Trainer};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use kernels::device::DeviceRequest;
 
 fn reference_config(n_layer: Option<usize>, n_embd: Option<usize>, n_head: Option<usize>) -> TrainConfig {
     TrainConfig {
@@ -22,7 +23,8 @@ fn reference_config(n_layer: Option<usize>, n_embd: Option<usize>, n_head: Optio
         tokenizer: TokenizerKind::Gpt2,
         batch_size: 4,
         seq_len: Some(64),
-        steps: u64::MAX, // the schedule never ends: every step is a full-rate step
+        steps: u64::MAX,            // the schedule never ends: every step is a full-rate step
+        device: DeviceRequest::Cpu, // the GPU has its own benchmark, gpu_step
         ..TrainConfig::default()
     }
 }

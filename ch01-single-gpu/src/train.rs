@@ -9,6 +9,8 @@ use crate::sample::{SampleConfig, generate};
 use crate::schedule::{LrSchedule, learning_rate};
 use crate::tokenizer::{Tokenizer, TokenizerKind};
 use indicatif::{ProgressBar, ProgressStyle};
+use kernels::cuda::Gpu;
+use kernels::cuda::timing::{StreamSpan, StreamTrace};
 use kernels::device::DeviceRequest;
 use kernels::dispatch::{adamw_update, copy, global_norm};
 use kernels::ops::adamw::AdamWConfig;
@@ -364,6 +366,8 @@ pub struct Trainer {
     t: usize,
     pub ledger: MemoryLedger,
     pub trace: Trace,
+    /// On a GPU: the same spans as the GPU executed them (lane 1 of the trace).
+    gpu_trace: Option<StreamTrace>,
 }
 
 impl Trainer {
@@ -456,6 +460,10 @@ impl Trainer {
         let scratch = Gradients::new(&model, rows, t, device, cfg.dtype, &ledger)?;
         let decay_groups = decay_groups(&layout, cfg.weight_decay);
         let trace = if cfg.trace.is_some() { Trace::enabled() } else { Trace::disabled() };
+        let gpu_trace = match device {
+            Device::Cuda(ordinal) => Some(StreamTrace::new(Gpu::get(ordinal)?, trace.lane(0, 1))),
+            Device::Cpu => None,
+        };
         Ok(Trainer {
             cfg: cfg.clone(),
             model,
@@ -480,6 +488,7 @@ impl Trainer {
             t,
             ledger,
             trace,
+            gpu_trace,
         })
     }
 
@@ -513,7 +522,11 @@ impl Trainer {
             let dloss = self.dloss();
             loss_sum += self.forward_backward(&batch.inputs, &batch.targets, dloss, &mut |_, _| {})? as f64;
         }
-        self.apply_gradients((loss_sum / accum as f64) as f32, started)
+        let record = self.apply_gradients((loss_sum / accum as f64) as f32, started)?;
+        if let Some(gpu_trace) = &mut self.gpu_trace {
+            gpu_trace.flush()?;
+        }
+        Ok(record)
     }
     // ANCHOR_END: train_step
 
@@ -548,12 +561,15 @@ impl Trainer {
         let (t, model) = (self.t, &self.model);
         let b = inputs.len() / t;
         let p = self.layout.views(self.params_copy.as_ref().unwrap_or(&self.params).view());
-        let span = self.trace.span("forward");
+        let mut gpu = GpuSpans(self.gpu_trace.as_mut());
+        let (span, gpu_span) = (self.trace.span("forward"), gpu.start("forward"));
         let loss = forward(&p, model, &mut self.acts, inputs, Some(targets), b, t)?.unwrap_or(f32::NAN);
         drop(span);
-        let _span = self.trace.span("backward");
+        gpu.end(gpu_span);
+        let (_span, gpu_span) = (self.trace.span("backward"), gpu.start("backward"));
         let mut g = self.layout.views_mut(self.grads.view_mut());
         backward(&p, &mut g, model, &mut self.acts, &mut self.scratch, inputs, targets, dloss, b, t, on_ready);
+        gpu.end(gpu_span);
         Ok(loss)
     }
     // ANCHOR_END: forward_backward
@@ -575,6 +591,7 @@ impl Trainer {
             return Err(TrainError::NonFiniteLoss { step: self.step + 1, loss, last_checkpoint: None });
         }
         let _span = self.trace.span("optimizer");
+        let gpu_span = GpuSpans(self.gpu_trace.as_mut()).start("optimizer");
         let grad_norm = global_norm(self.grads.view())?;
         let scale = clip_scale(grad_norm, self.cfg.grad_clip);
         let cfg = &self.cfg;
@@ -587,6 +604,7 @@ impl Trainer {
                 (self.adam_m.view_mut().slice_into(range.clone()), self.adam_v.view_mut().slice_into(range.clone()));
             adamw_update(p, p_copy, g, m, v, cfg.adam, lr, *wd, scale, self.step + 1);
         }
+        GpuSpans(self.gpu_trace.as_mut()).end(gpu_span);
         self.step += 1;
         let tokens_per_sec = self.tokens_per_step() as f64 / started.elapsed().as_secs_f64();
         Ok(StepRecord { step: self.step, loss, lr, grad_norm, tokens_per_sec, val_loss: None })
@@ -812,6 +830,21 @@ impl Trainer {
     /// This trainer's rows of each micro-batch, and the sequence length.
     pub fn shard_shape(&self) -> (usize, usize) {
         (self.rows, self.t)
+    }
+}
+
+/// GPU spans where there is a GPU, nothing on the CPU.
+struct GpuSpans<'a>(Option<&'a mut StreamTrace>);
+
+impl GpuSpans<'_> {
+    fn start(&mut self, name: &'static str) -> Option<StreamSpan> {
+        self.0.as_mut().map(|t| t.start(name))
+    }
+
+    fn end(&mut self, span: Option<StreamSpan>) {
+        if let (Some(t), Some(span)) = (self.0.as_mut(), span) {
+            t.end(span);
+        }
     }
 }
 

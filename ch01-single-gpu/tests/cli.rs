@@ -24,6 +24,11 @@ fn tiny(extra: &[&str]) -> Output {
         "0",
         "--quiet",
     ];
+    // On the CPU unless a test asks otherwise: runs compared bit for bit (resume) must be
+    // deterministic, which GPU runs are not (atomic adds).
+    if !extra.contains(&"--device") {
+        args.extend_from_slice(&["--device", "cpu"]);
+    }
     args.extend_from_slice(extra);
     run(&args)
 }

@@ -151,7 +151,10 @@ impl Tensor {
     pub fn copy_from(&mut self, src: &[f32]) -> Result<(), CudaError> {
         assert_eq!(src.len(), self.numel(), "copy_from: lengths differ");
         match &mut self.storage {
-            Storage::Cpu(data) => Ok(data.copy_from_slice(src)),
+            Storage::Cpu(data) => {
+                data.copy_from_slice(src);
+                Ok(())
+            }
             Storage::Cuda(buf) => buf.view_mut().copy_from_f32(src),
         }
     }

@@ -84,6 +84,20 @@ impl Trace {
         }
     }
 
+    /// Microseconds since the trace began (`None` when disabled): for spans timed by another
+    /// clock, such as a GPU's events, to be placed on this one.
+    pub fn now_us(&self) -> Option<f64> {
+        self.inner.as_ref().map(|inner| inner.origin.elapsed().as_secs_f64() * 1e6)
+    }
+
+    /// Adds a span measured elsewhere, in this lane.
+    pub fn record(&self, name: impl Into<Cow<'static, str>>, start_us: f64, dur_us: f64) {
+        if let Some(inner) = &self.inner {
+            let event = TraceEvent { name: name.into(), pid: self.pid, tid: self.tid, start_us, dur_us };
+            inner.events.lock().unwrap_or_else(|e| e.into_inner()).push(event);
+        }
+    }
+
     pub fn events(&self) -> Vec<TraceEvent> {
         match &self.inner {
             Some(inner) => inner.events.lock().unwrap_or_else(|e| e.into_inner()).clone(),

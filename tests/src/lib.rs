@@ -3,10 +3,14 @@
 
 use ch01_single_gpu::TrainConfig;
 use ch01_single_gpu::data::DataOrder;
+use kernels::device::DeviceRequest;
 
-/// The `tiny` model on the embedded corpus: fast enough for dozens of runs per test suite.
+/// The `tiny` model on the embedded corpus: fast enough for dozens of runs per test suite. On
+/// the CPU, also on a machine with a GPU: the suite's tolerances are the CPU's, and the GPU
+/// tests (`tests/gpu.rs`) ask for the GPU themselves.
 pub fn tiny_config(steps: u64) -> TrainConfig {
     TrainConfig {
+        device: DeviceRequest::Cpu,
         model: "tiny".into(),
         steps,
         batch_size: 4,

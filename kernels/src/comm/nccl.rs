@@ -123,10 +123,7 @@ fn nccl_error(what: &str, e: NcclError) -> CommError {
 
 /// Whether the CUDA driver library (`libcuda`) can be loaded. Asked once per process.
 pub fn cuda_driver_present() -> bool {
-    static PRESENT: OnceLock<bool> = OnceLock::new();
-    // SAFETY: it tries to `dlopen` each name cudarc would load and closes it again; loading the
-    // driver runs only its own initialisers.
-    *PRESENT.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() })
+    crate::cuda::driver_present()
 }
 
 /// Whether the NCCL library can be loaded, under the names cudarc looks for.
@@ -136,13 +133,7 @@ pub fn nccl_present() -> bool {
     *PRESENT.get_or_init(|| unsafe { cudarc::nccl::sys::is_culib_present() })
 }
 
-/// The file names cudarc tries for library `name`, once each.
-fn library_names(name: &str) -> String {
-    let mut names = cudarc::get_lib_name_candidates(name);
-    let mut seen = std::collections::HashSet::new();
-    names.retain(|n| seen.insert(n.clone()));
-    names.join(", ")
-}
+use crate::cuda::library_names;
 
 fn no_driver() -> CommError {
     backend(format!(
@@ -159,11 +150,7 @@ pub fn cuda_devices() -> Result<usize, CommError> {
     if !cuda_driver_present() {
         return Err(no_driver());
     }
-    match CudaContext::device_count() {
-        Ok(n) => Ok(usize::try_from(n).unwrap_or(0)),
-        Err(DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE)) => Ok(0),
-        Err(e) => Err(cuda_error("starting the driver (cuInit, cuDeviceGetCount)", e)),
-    }
+    crate::cuda::device_count().map_err(|e| backend(e.0))
 }
 
 /// The version of the NCCL library that will be loaded, as (major, minor, patch). An error if

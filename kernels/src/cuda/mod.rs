@@ -14,6 +14,7 @@
 pub mod buffer;
 pub mod modules;
 pub mod ops;
+pub mod timing;
 
 pub use buffer::{DType, DevBuffer, DevView, DevViewMut};
 

@@ -411,6 +411,8 @@ pub fn linear_forward(
     dtypes.extend(bias.map(|b| b.dtype()));
     let x = activation_type(op, &dtypes);
     assert_len(op, "out", out.len(), bt * c_out);
+    assert_len(op, "inp", inp.len(), bt * c_in);
+    assert_len(op, "weight", weight.len(), c_in * c_out);
     match bias {
         Some(bias) => {
             assert_len(op, "bias", bias.len(), c_out);
@@ -445,6 +447,11 @@ pub fn linear_backward(
     let x = activation_type(op, &dtypes);
     assert_f32(op, "dweight", dweight.dtype());
     assert_len(op, "dout", dout.len(), bt * c_out);
+    if let Some(dbias) = &dbias {
+        assert_f32(op, "dbias", dbias.dtype());
+        assert_len(op, "dbias", dbias.len(), c_out);
+    }
+    // (matmul checks the other lengths.)
     // dinp [bt, c_in] = dout [bt, c_out] · weightᵀ, weight stored [c_in, c_out] = [n, k].
     if let Some(dinp) = dinp {
         matmul(dinp, dout, weight, bt, c_out, c_in, false, true, true);
@@ -452,8 +459,6 @@ pub fn linear_backward(
     // dweight [c_in, c_out] = inpᵀ · dout, inp stored [bt, c_in] = [k, m].
     matmul(dweight, inp, dout, c_in, bt, c_out, true, false, true);
     if let Some(dbias) = dbias {
-        assert_f32(op, "dbias", dbias.dtype());
-        assert_len(op, "dbias", dbias.len(), c_out);
         let args = [Ptr(dbias.ptr()), Ptr(dout.ptr()), Int(int(bt)), Int(int(c_out))];
         launch(dbias.gpu(), &REDUCE, for_x!("column_sum", x), per_32_columns(c_out), &args);
     }
@@ -475,9 +480,12 @@ pub fn embedding_forward(
     let op = "embedding_forward";
     let x = activation_type(op, &[out.dtype(), wte.dtype(), wpe.dtype()]);
     let bt = tokens.len();
-    assert!(t_len > 0 && c > 0 && bt % t_len == 0, "{op}: {bt} tokens is not a whole number of rows of {t_len}");
+    assert!(
+        t_len > 0 && c > 0 && bt.is_multiple_of(t_len),
+        "{op}: {bt} tokens is not a whole number of rows of {t_len}"
+    );
     assert_len(op, "out", out.len(), bt * c);
-    assert!(wte.len() % c == 0, "{op}: wte of {} is not rows of {c}", wte.len());
+    assert!(wte.len().is_multiple_of(c), "{op}: wte of {} is not rows of {c}", wte.len());
     assert!(wpe.len() >= t_len * c, "{op}: wpe of {} has fewer than {t_len} rows of {c}", wpe.len());
     let gpu = shared(out.gpu());
     let ids = upload_tokens(op, &gpu, tokens, wte.len() / c);
@@ -503,9 +511,12 @@ pub fn embedding_backward(
     assert_f32(op, "dwte", dwte.dtype());
     assert_f32(op, "dwpe", dwpe.dtype());
     let bt = tokens.len();
-    assert!(t_len > 0 && c > 0 && bt % t_len == 0, "{op}: {bt} tokens is not a whole number of rows of {t_len}");
+    assert!(
+        t_len > 0 && c > 0 && bt.is_multiple_of(t_len),
+        "{op}: {bt} tokens is not a whole number of rows of {t_len}"
+    );
     assert_len(op, "dout", dout.len(), bt * c);
-    assert!(dwte.len() % c == 0, "{op}: dwte of {} is not rows of {c}", dwte.len());
+    assert!(dwte.len().is_multiple_of(c), "{op}: dwte of {} is not rows of {c}", dwte.len());
     assert!(dwpe.len() >= t_len * c, "{op}: dwpe of {} has fewer than {t_len} rows of {c}", dwpe.len());
     let gpu = shared(dout.gpu());
     let ids = upload_tokens(op, &gpu, tokens, dwte.len() / c);
@@ -529,7 +540,7 @@ pub fn layernorm_forward(
 ) {
     let op = "layernorm_forward";
     let x = activation_type(op, &[out.dtype(), inp.dtype(), weight.dtype(), bias.dtype()]);
-    assert!(c > 0 && inp.len() % c == 0, "{op}: input of {} is not rows of {c}", inp.len());
+    assert!(c > 0 && inp.len().is_multiple_of(c), "{op}: input of {} is not rows of {c}", inp.len());
     let rows = inp.len() / c;
     assert_len(op, "out", out.len(), rows * c);
     assert_len(op, "weight", weight.len(), c);
@@ -569,7 +580,7 @@ pub fn layernorm_backward(
 ) {
     let op = "layernorm_backward";
     let x = activation_type(op, &[dinp.dtype(), dout.dtype(), inp.dtype(), weight.dtype()]);
-    assert!(c > 0 && inp.len() % c == 0, "{op}: input of {} is not rows of {c}", inp.len());
+    assert!(c > 0 && inp.len().is_multiple_of(c), "{op}: input of {} is not rows of {c}", inp.len());
     let rows = inp.len() / c;
     assert_len(op, "dinp", dinp.len(), rows * c);
     assert_len(op, "dout", dout.len(), rows * c);
@@ -622,8 +633,8 @@ struct AttentionShape {
 
 impl AttentionShape {
     fn new(op: &str, qkv_len: usize, t: usize, c: usize, h: usize) -> AttentionShape {
-        assert!(t > 0 && h > 0 && c > 0 && c % h == 0, "{op}: C = {c} is not a multiple of H = {h}");
-        assert!(qkv_len % (t * 3 * c) == 0, "{op}: qkv of {qkv_len} is not rows of T x 3C = {t} x {}", 3 * c);
+        assert!(t > 0 && h > 0 && c > 0 && c.is_multiple_of(h), "{op}: C = {c} is not a multiple of H = {h}");
+        assert!(qkv_len.is_multiple_of(t * 3 * c), "{op}: qkv of {qkv_len} is not rows of T x 3C = {t} x {}", 3 * c);
         AttentionShape { b: qkv_len / (t * 3 * c), t, c, h, hs: c / h }
     }
 

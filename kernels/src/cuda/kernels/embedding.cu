@@ -58,7 +58,8 @@ extern "C" __global__ void embedding_backward_wpe_f32(float* dwpe, const float* 
 extern "C" __global__ void embedding_backward_wpe_bf16(float* dwpe, const bf16* dout, int B, int T, int C) {
     embedding_backward_wpe(dwpe, dout, B, T, C);
 }
-extern "C" __global__ void embedding_backward_wte_f32(float* dwte, const float* dout, const u32* tokens, long bt, int C) {
+extern "C" __global__ void embedding_backward_wte_f32(float* dwte, const float* dout, const u32* tokens, long bt,
+                                                      int C) {
     embedding_backward_wte(dwte, dout, tokens, bt, C);
 }
 extern "C" __global__ void embedding_backward_wte_bf16(float* dwte, const bf16* dout, const u32* tokens, long bt,

@@ -127,13 +127,14 @@ extern "C" __global__ void layernorm_backward_input_bf16(bf16* dinp, const bf16*
                                                          int N, int C) {
     layernorm_backward_input(dinp, dout, inp, weight, mean, rstd, N, C);
 }
-extern "C" __global__ void layernorm_backward_params_f32(float* dweight, float* dbias, const float* dout,
-                                                         const float* inp, const float* mean, const float* rstd,
-                                                         int N, int C) {
+// __launch_bounds__: blocks of 32 x 32 = 1024 threads (see per_32_columns in ops.rs).
+extern "C" __global__ void __launch_bounds__(1024)
+layernorm_backward_params_f32(float* dweight, float* dbias, const float* dout, const float* inp, const float* mean,
+                              const float* rstd, int N, int C) {
     layernorm_backward_params(dweight, dbias, dout, inp, mean, rstd, N, C);
 }
-extern "C" __global__ void layernorm_backward_params_bf16(float* dweight, float* dbias, const bf16* dout,
-                                                          const bf16* inp, const float* mean, const float* rstd,
-                                                          int N, int C) {
+extern "C" __global__ void __launch_bounds__(1024)
+layernorm_backward_params_bf16(float* dweight, float* dbias, const bf16* dout, const bf16* inp, const float* mean,
+                               const float* rstd, int N, int C) {
     layernorm_backward_params(dweight, dbias, dout, inp, mean, rstd, N, C);
 }

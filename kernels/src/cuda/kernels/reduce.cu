@@ -25,8 +25,14 @@ __device__ __forceinline__ void column_sum(float* out, const X* inp, int N, int 
 }
 // ANCHOR_END: column_sum
 
-extern "C" __global__ void column_sum_f32(float* out, const float* inp, int N, int C) { column_sum(out, inp, N, C); }
-extern "C" __global__ void column_sum_bf16(float* out, const bf16* inp, int N, int C) { column_sum(out, inp, N, C); }
+// __launch_bounds__: the caller launches blocks of 32 x 32 = 1024 threads; this tells the
+// compiler, so that it keeps to the registers that many threads can have.
+extern "C" __global__ void __launch_bounds__(1024) column_sum_f32(float* out, const float* inp, int N, int C) {
+    column_sum(out, inp, N, C);
+}
+extern "C" __global__ void __launch_bounds__(1024) column_sum_bf16(float* out, const bf16* inp, int N, int C) {
+    column_sum(out, inp, N, C);
+}
 
 // Sum over the whole block in f64 (blockDim.x a multiple of 32, at most 1024); every thread gets
 // it. `shared` must hold 32 doubles. As `block_sum` in common.cuh, in double.
@@ -46,10 +52,11 @@ __device__ __forceinline__ double block_sum_f64(double v, double* shared) {
 //
 //   sum_squares_partial: block b sums g_i^2 over i = b * blockDim + thread, stepping by
 //                        gridDim * blockDim, into partial[b]
-//   sum_partials_sqrt:   one block sums partial[0 .. n_partials) and writes sqrt of it
+//   sum_partials_sqrt:   one block sums partial[0 .. n) and writes the square root, as f32
 //
-// The grid size is fixed by the caller (not by the GPU at hand), so the order is too.
-extern "C" __global__ void sum_squares_partial(double* partial, const float* g, long n) {
+// The grid size is fixed by the caller (not by the GPU at hand), so the order is too. Launch
+// bounds: the block sizes the caller uses.
+extern "C" __global__ void __launch_bounds__(512) sum_squares_partial(double* partial, const float* g, long n) {
     __shared__ double shared[32];
     double sum = 0.0;
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
@@ -60,10 +67,10 @@ extern "C" __global__ void sum_squares_partial(double* partial, const float* g, 
     if (threadIdx.x == 0) partial[blockIdx.x] = sum;
 }
 
-extern "C" __global__ void sum_partials_sqrt(float* norm, const double* partial, int n_partials) {
+extern "C" __global__ void __launch_bounds__(256) sum_partials_sqrt(float* norm, const double* partial, int n) {
     __shared__ double shared[32];
     double sum = 0.0;
-    for (int i = threadIdx.x; i < n_partials; i += blockDim.x) sum += partial[i];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) sum += partial[i];
     sum = block_sum_f64(sum, shared);
     if (threadIdx.x == 0) norm[0] = (float)sqrt(sum);
 }

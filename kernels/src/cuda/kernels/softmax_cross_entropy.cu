@@ -34,12 +34,13 @@ __device__ __forceinline__ void softmax_cross_entropy_forward(X* logits, float* 
 }
 // ANCHOR_END: softmax_cross_entropy_forward
 
-extern "C" __global__ void softmax_cross_entropy_forward_f32(float* logits, float* losses, const u32* targets, int V,
-                                                             int Vp) {
+// __launch_bounds__: blocks of 512 threads (SOFTMAX_BLOCK in ops.rs).
+extern "C" __global__ void __launch_bounds__(512)
+softmax_cross_entropy_forward_f32(float* logits, float* losses, const u32* targets, int V, int Vp) {
     softmax_cross_entropy_forward(logits, losses, targets, V, Vp);
 }
-extern "C" __global__ void softmax_cross_entropy_forward_bf16(bf16* logits, float* losses, const u32* targets, int V,
-                                                              int Vp) {
+extern "C" __global__ void __launch_bounds__(512)
+softmax_cross_entropy_forward_bf16(bf16* logits, float* losses, const u32* targets, int V, int Vp) {
     softmax_cross_entropy_forward(logits, losses, targets, V, Vp);
 }
 
