@@ -118,10 +118,6 @@ impl DevBuffer {
         (self.len * self.dtype.size()) as u64
     }
 
-    pub(crate) fn ptr(&self) -> CUdeviceptr {
-        self.ptr
-    }
-
     pub fn view(&self) -> DevView<'_> {
         DevView::from_raw(&self.gpu, self.ptr, self.len, self.dtype)
     }
@@ -240,6 +236,10 @@ impl<'a> DevView<'a> {
 }
 
 impl<'a> DevViewMut<'a> {
+    pub(crate) fn from_raw(gpu: &'a Gpu, ptr: CUdeviceptr, len: usize, dtype: DType) -> DevViewMut<'a> {
+        DevViewMut { gpu, ptr, len, dtype, _borrow: PhantomData }
+    }
+
     pub fn gpu(&self) -> &'a Gpu {
         self.gpu
     }

@@ -101,6 +101,9 @@ pub struct Gpu {
     /// Device scratch for token ids, which the ops take from the host (see `upload_indices`).
     /// (address, capacity in ids); never freed: a GPU, once opened, lives as long as the process.
     indices: Mutex<(cudarc::driver::sys::CUdeviceptr, usize)>,
+    /// Working memory of the ops that need some (attention backward, the norm), kept and grown
+    /// rather than allocated per call: freeing device memory waits for the whole GPU.
+    scratch: Mutex<(cudarc::driver::sys::CUdeviceptr, usize)>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -150,6 +153,7 @@ impl Gpu {
             functions: Mutex::new(HashMap::new()),
             error: Mutex::new(None),
             indices: Mutex::new((0, 0)),
+            scratch: Mutex::new((0, 0)),
         })
     }
 
@@ -213,28 +217,45 @@ impl Gpu {
     /// reuse without waiting: the next copy is queued on the same stream, after every kernel
     /// queued before it, so it cannot overwrite ids a kernel has still to read.
     pub(crate) fn upload_indices(&self, ids: &[u32]) -> DevView<'_> {
+        let ptr = self.grow(&self.indices, ids.len() * 4, "token-id scratch");
+        if ptr != 0 {
+            // SAFETY: the scratch holds at least ids.len() u32s.
+            let r = unsafe { cudarc::driver::result::memcpy_htod_async(ptr, ids, self.stream.cu_stream()) };
+            self.record("copying token ids to the GPU", r);
+        }
+        DevView::from_raw(self, ptr, ids.len(), DType::U32)
+    }
+
+    /// `len` elements of working memory for one op. Reused by the next op that asks, which is
+    /// safe for the same reason as in `upload_indices`: its work is queued after this op's.
+    pub(crate) fn scratch(&self, len: usize, dtype: DType) -> DevViewMut<'_> {
+        let ptr = self.grow(&self.scratch, len * dtype.size(), "op scratch");
+        DevViewMut::from_raw(self, ptr, len, dtype)
+    }
+
+    /// The address of a kept buffer of at least `bytes`, reallocated (never shrunk) when too
+    /// small. 0 if allocation failed: the error is recorded and reported at the next sync.
+    fn grow(&self, slot: &Mutex<(cudarc::driver::sys::CUdeviceptr, usize)>, bytes: usize, what: &str) -> u64 {
         use cudarc::driver::result;
-        let mut slot = self.indices.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = self.bind();
-        if slot.1 < ids.len() {
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.1 < bytes {
+            let _ = self.bind();
             // The old buffer may still be read by queued kernels: wait before freeing it.
             let _ = self.stream.synchronize();
-            let capacity = ids.len().next_power_of_two().max(1024);
+            let capacity = bytes.next_power_of_two().max(4096);
             // SAFETY: freed once (here, when replaced), allocated with this context current.
             unsafe {
                 if slot.1 > 0 {
                     let _ = result::free_sync(slot.0);
                 }
-                let ptr = result::malloc_sync(capacity * 4);
-                *slot = (self.record("allocating token-id scratch", ptr).unwrap_or(0), capacity);
+                let ptr = result::malloc_sync(capacity);
+                *slot = match self.record(&format!("allocating {what}"), ptr) {
+                    Some(ptr) => (ptr, capacity),
+                    None => (0, 0),
+                };
             }
         }
-        if slot.0 != 0 {
-            // SAFETY: the scratch holds at least ids.len() u32s.
-            let r = unsafe { result::memcpy_htod_async(slot.0, ids, self.stream.cu_stream()) };
-            self.record("copying token ids to the GPU", r);
-        }
-        DevView::from_raw(self, slot.0, ids.len(), DType::U32)
+        slot.0
     }
 }
 

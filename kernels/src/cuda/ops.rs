@@ -15,12 +15,11 @@
 //! queued. Errors of the GPU itself are kept by `Gpu::record` and reported at the next sync.
 
 use super::modules::Source;
-use super::{DType, DevBuffer, DevView, DevViewMut, Gpu};
+use super::{DType, DevView, DevViewMut, Gpu};
 use cudarc::cublas::result as cublas;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use std::ffi::c_void;
-use std::sync::Arc;
 
 // ---------------------------------------------------------------------------------------------
 // The kernels' sources, and how to launch one.
@@ -213,17 +212,9 @@ fn assert_len(op: &str, name: &str, len: usize, expected: usize) {
     assert_eq!(len, expected, "{op}: {name} has {len} elements, expected {expected}");
 }
 
-/// The shared handle of the GPU a view lives on: views borrow a `&Gpu`, and allocating a buffer
-/// (or uploading token ids) needs the `Arc`. Every `Gpu` is opened by `Gpu::get`, which keeps it.
-fn shared(gpu: &Gpu) -> Arc<Gpu> {
-    let arc = Gpu::get(gpu.ordinal).unwrap_or_else(|e| panic!("{e}"));
-    assert!(std::ptr::eq(Arc::as_ptr(&arc), gpu), "a view of a GPU that Gpu::get did not open");
-    arc
-}
-
 /// Uploads token ids after checking that each is below `limit` (a bad id would read out of
 /// bounds on the device, where nothing checks).
-fn upload_tokens<'a>(op: &str, gpu: &'a Arc<Gpu>, ids: &[u32], limit: usize) -> DevView<'a> {
+fn upload_tokens<'a>(op: &str, gpu: &'a Gpu, ids: &[u32], limit: usize) -> DevView<'a> {
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= limit) {
         panic!("{op}: token id {bad} is not below {limit}");
     }
@@ -487,11 +478,11 @@ pub fn embedding_forward(
     assert_len(op, "out", out.len(), bt * c);
     assert!(wte.len().is_multiple_of(c), "{op}: wte of {} is not rows of {c}", wte.len());
     assert!(wpe.len() >= t_len * c, "{op}: wpe of {} has fewer than {t_len} rows of {c}", wpe.len());
-    let gpu = shared(out.gpu());
-    let ids = upload_tokens(op, &gpu, tokens, wte.len() / c);
+    let gpu = out.gpu();
+    let ids = upload_tokens(op, gpu, tokens, wte.len() / c);
     let args =
         [Ptr(out.ptr()), Ptr(ids.ptr()), Ptr(wte.ptr()), Ptr(wpe.ptr()), Long(long(bt)), Int(int(t_len)), Int(int(c))];
-    launch(&gpu, &EMBEDDING, for_x!("embedding_forward", x), per_element(bt * c), &args);
+    launch(gpu, &EMBEDDING, for_x!("embedding_forward", x), per_element(bt * c), &args);
 }
 
 /// dwte[token] += dout row; dwpe[t] += dout row. dwte, dwpe F32; dout X.
@@ -518,13 +509,13 @@ pub fn embedding_backward(
     assert_len(op, "dout", dout.len(), bt * c);
     assert!(dwte.len().is_multiple_of(c), "{op}: dwte of {} is not rows of {c}", dwte.len());
     assert!(dwpe.len() >= t_len * c, "{op}: dwpe of {} has fewer than {t_len} rows of {c}", dwpe.len());
-    let gpu = shared(dout.gpu());
-    let ids = upload_tokens(op, &gpu, tokens, dwte.len() / c);
+    let gpu = dout.gpu();
+    let ids = upload_tokens(op, gpu, tokens, dwte.len() / c);
     let b = bt / t_len;
     let args = [Ptr(dwpe.ptr()), Ptr(dout.ptr()), Int(int(b)), Int(int(t_len)), Int(int(c))];
-    launch(&gpu, &EMBEDDING, for_x!("embedding_backward_wpe", x), per_element(t_len * c), &args);
+    launch(gpu, &EMBEDDING, for_x!("embedding_backward_wpe", x), per_element(t_len * c), &args);
     let args = [Ptr(dwte.ptr()), Ptr(dout.ptr()), Ptr(ids.ptr()), Long(long(bt)), Int(int(c))];
-    launch(&gpu, &EMBEDDING, for_x!("embedding_backward_wte", x), per_element(bt * c), &args);
+    launch(gpu, &EMBEDDING, for_x!("embedding_backward_wte", x), per_element(bt * c), &args);
 }
 
 /// out (X), mean, rstd (F32, [rows]); inp, weight, bias X. eps 1e-5, biased variance.
@@ -725,7 +716,7 @@ pub fn attention_forward(
 ///   dQ_h += dS_h · K_h / sqrt(hs)                [T, hs]
 ///   dK_h += dS_hᵀ · Q_h / sqrt(hs)               [T, hs]
 ///
-/// The scratch is allocated per call (one malloc and free per layer): simple, not fast.
+/// The scratch is the GPU's kept working memory (`Gpu::scratch`): no allocation per call.
 pub fn attention_backward(
     dqkv: DevViewMut<'_>,
     dout: DevView<'_>,
@@ -741,8 +732,8 @@ pub fn attention_backward(
     assert_len(op, "dqkv", dqkv.len(), qkv.len());
     assert_len(op, "dout", dout.len(), s.b * s.t * s.c);
     assert_len(op, "att", att.len(), s.b * s.h * s.t * s.t);
-    let gpu = shared(dqkv.gpu());
-    let scratch = DevBuffer::uninit(&gpu, s.h * s.t * s.t, x).unwrap_or_else(|e| panic!("{op}: {e}"));
+    let gpu = dqkv.gpu();
+    let scratch = gpu.scratch(s.h * s.t * s.t, x);
     let (t, hs) = (s.t, s.hs);
     let ds = s.att_heads(scratch.ptr(), x, 0);
     for b in 0..s.b {
@@ -753,19 +744,17 @@ pub fn attention_backward(
         let dy = s.out_heads(dout.ptr(), x, b);
         let probs = s.att_heads(att.ptr(), x, b);
         // d att [T, T] = dY [T, hs] · Vᵀ, V stored [T, hs] = [n, k]: b_t.
-        gemm(&gpu, x, x, ds, dy, false, v, true, (t, hs, t), 1.0, 0.0, s.h);
+        gemm(gpu, x, x, ds, dy, false, v, true, (t, hs, t), 1.0, 0.0, s.h);
         // dV [T, hs] += attᵀ · dY, att stored [t, u] = [k, m]: a_t.
-        gemm(&gpu, x, x, dv, probs, true, dy, false, (t, t, hs), 1.0, 1.0, s.h);
+        gemm(gpu, x, x, dv, probs, true, dy, false, (t, t, hs), 1.0, 1.0, s.h);
         let rows = s.h * s.t;
         let args = [Ptr(ds.ptr), Ptr(probs.ptr), Long(long(rows)), Int(int(t))];
-        launch(&gpu, &ATTENTION, for_x!("attention_softmax_backward", x), warp_per_row(rows), &args);
+        launch(gpu, &ATTENTION, for_x!("attention_softmax_backward", x), warp_per_row(rows), &args);
         // dQ [T, hs] += scale · dS [T, T] · K [T, hs].
-        gemm(&gpu, x, x, dq, ds, false, k, false, (t, t, hs), s.scale(), 1.0, s.h);
+        gemm(gpu, x, x, dq, ds, false, k, false, (t, t, hs), s.scale(), 1.0, s.h);
         // dK [T, hs] += scale · dSᵀ · Q, dS stored [t, u] = [k, m]: a_t.
-        gemm(&gpu, x, x, dk, ds, true, q, false, (t, t, hs), s.scale(), 1.0, s.h);
+        gemm(gpu, x, x, dk, ds, true, q, false, (t, t, hs), s.scale(), 1.0, s.h);
     }
-    // Dropping the scratch frees it; cuMemFree waits for the kernels queued above that use it.
-    drop(scratch);
 }
 // ANCHOR_END: attention_backward
 
@@ -820,11 +809,11 @@ pub fn softmax_cross_entropy_forward(
     assert_len(op, "logits", logits_to_probs.len(), n * vp);
     assert_f32(op, "losses", losses.dtype());
     assert_len(op, "losses", losses.len(), n);
-    let gpu = shared(logits_to_probs.gpu());
-    let ids = upload_tokens(op, &gpu, targets, v);
+    let gpu = logits_to_probs.gpu();
+    let ids = upload_tokens(op, gpu, targets, v);
     let cfg = LaunchConfig { grid_dim: (grid_size(n), 1, 1), block_dim: (SOFTMAX_BLOCK, 1, 1), shared_mem_bytes: 0 };
     let args = [Ptr(logits_to_probs.ptr()), Ptr(losses.ptr()), Ptr(ids.ptr()), Int(int(v)), Int(int(vp))];
-    launch(&gpu, &SOFTMAX_CROSS_ENTROPY, for_x!("softmax_cross_entropy_forward", x), cfg, &args);
+    launch(gpu, &SOFTMAX_CROSS_ENTROPY, for_x!("softmax_cross_entropy_forward", x), cfg, &args);
 }
 
 /// In place: dlogits = dloss · (probs - onehot(target)). X.
@@ -833,10 +822,10 @@ pub fn softmax_cross_entropy_backward(probs_to_dlogits: DevViewMut<'_>, targets:
     let x = activation_type(op, &[probs_to_dlogits.dtype()]);
     let n = targets.len();
     assert_len(op, "probs", probs_to_dlogits.len(), n * vp);
-    let gpu = shared(probs_to_dlogits.gpu());
-    let ids = upload_tokens(op, &gpu, targets, vp);
+    let gpu = probs_to_dlogits.gpu();
+    let ids = upload_tokens(op, gpu, targets, vp);
     let args = [Ptr(probs_to_dlogits.ptr()), Ptr(ids.ptr()), Float(dloss), Long(long(n)), Int(int(vp))];
-    launch(&gpu, &SOFTMAX_CROSS_ENTROPY, for_x!("softmax_cross_entropy_backward", x), per_element(n * vp), &args);
+    launch(gpu, &SOFTMAX_CROSS_ENTROPY, for_x!("softmax_cross_entropy_backward", x), per_element(n * vp), &args);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -904,18 +893,18 @@ const NORM_BLOCKS: usize = 256;
 /// one block sums the partials and writes the square root as f32.
 pub fn global_norm(grads: DevView<'_>) -> Result<f32, super::CudaError> {
     assert_f32("global_norm", "grads", grads.dtype());
-    let gpu = shared(grads.gpu());
+    let gpu = grads.gpu();
     // NORM_BLOCKS f64 partials (two f32 slots each: allocations are 256-byte aligned, so the
     // f64s are aligned too), then the f32 result.
-    let scratch = DevBuffer::uninit(&gpu, 2 * NORM_BLOCKS + 1, DType::F32)?;
+    let scratch = gpu.scratch(2 * NORM_BLOCKS + 1, DType::F32);
     let partials = scratch.ptr();
-    let result = scratch.view().slice(2 * NORM_BLOCKS..2 * NORM_BLOCKS + 1);
+    let result = scratch.as_view().slice(2 * NORM_BLOCKS..2 * NORM_BLOCKS + 1);
     let cfg = LaunchConfig { grid_dim: (NORM_BLOCKS as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
     let args = [Ptr(partials), Ptr(grads.ptr()), Long(long(grads.len()))];
-    launch(&gpu, &REDUCE, "sum_squares_partial", cfg, &args);
+    launch(gpu, &REDUCE, "sum_squares_partial", cfg, &args);
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let args = [Ptr(result.ptr()), Ptr(partials), Int(int(NORM_BLOCKS))];
-    launch(&gpu, &REDUCE, "sum_partials_sqrt", cfg, &args);
+    launch(gpu, &REDUCE, "sum_partials_sqrt", cfg, &args);
     Ok(result.to_vec_f32()?[0])
 }
 
