@@ -142,7 +142,7 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| driver_error("creating a stream", e))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError(format!("starting cuBLAS: {e:?}")))?;
-        Ok(Gpu {
+        let gpu = Gpu {
             ordinal,
             name: ctx.name().unwrap_or_else(|_| "unknown GPU".into()),
             capability: ctx.compute_capability().map_err(|e| driver_error("asking the compute capability", e))?,
@@ -154,7 +154,11 @@ impl Gpu {
             error: Mutex::new(None),
             indices: Mutex::new((0, 0)),
             scratch: Mutex::new((0, 0)),
-        })
+        };
+        for source in ops::sources() {
+            gpu.load_kernels(source)?;
+        }
+        Ok(gpu)
     }
 
     /// Makes this GPU's context current on the calling thread (cuBLAS and raw driver calls act
@@ -196,20 +200,27 @@ impl Gpu {
         sync.map_err(|e| driver_error("running queued work", e))
     }
 
-    /// The kernel `name` from `source` (one of the `.cu` files), compiled for this GPU by NVRTC
-    /// the first time it is asked for. A compile error is a bug in the `.cu` file: it panics
-    /// with NVRTC's log.
-    pub fn function(&self, source: &modules::Source, name: &'static str) -> CudaFunction {
+    /// Compiles and loads every kernel of `source`.
+    fn load_kernels(&self, source: &modules::Source) -> Result<(), CudaError> {
+        let module = modules::load(self, source)?;
         let mut functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = functions.get(name) {
-            return f.clone();
-        }
-        let module = modules::load(self, source);
         for &kernel in source.kernels {
-            let f =
-                module.load_function(kernel).unwrap_or_else(|e| panic!("{}: no kernel {kernel}: {e:?}", source.file));
+            let f = module.load_function(kernel).map_err(|e| driver_error(&format!("loading kernel {kernel}"), e))?;
             functions.insert(kernel, f);
         }
+        Ok(())
+    }
+
+    /// The kernel `name` of `source` (one of the `.cu` files). Every source is compiled and
+    /// loaded when the GPU is opened, so that a machine that cannot run them (an NVRTC too old
+    /// for this GPU, a driver too old for the NVRTC) is refused with one line up front.
+    pub fn function(&self, source: &modules::Source, name: &'static str) -> CudaFunction {
+        if let Some(f) = self.functions.lock().unwrap_or_else(|e| e.into_inner()).get(name) {
+            return f.clone();
+        }
+        // Only reachable for a source that `ops::sources` does not list: a bug.
+        self.load_kernels(source).unwrap_or_else(|e| panic!("{e}"));
+        let functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
         functions.get(name).cloned().unwrap_or_else(|| panic!("{} does not list kernel {name}", source.file))
     }
 

@@ -1,9 +1,9 @@
-//! The `.cu` sources, compiled by NVRTC for the GPU at hand the first time one of their kernels
-//! is launched. Each source is prefixed with `common.cuh` (bf16 by hand, warp reductions), so
+//! The `.cu` sources, compiled by NVRTC for the GPU at hand when it is opened (`Gpu::get`). Each source is prefixed with `common.cuh` (bf16 by hand, warp reductions), so
 //! NVRTC needs no include path and no header of the CUDA toolkit.
 
-use super::Gpu;
+use super::{CudaError, Gpu};
 use cudarc::driver::CudaModule;
+use cudarc::driver::sys::CUresult;
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 use std::sync::Arc;
 
@@ -33,8 +33,23 @@ pub fn compile_options(capability: (i32, i32)) -> CompileOptions {
     }
 }
 
-pub(super) fn load(gpu: &Gpu, source: &Source) -> Arc<CudaModule> {
-    let ptx = compile_ptx_with_opts(full_text(source), compile_options(gpu.capability))
-        .unwrap_or_else(|e| panic!("NVRTC could not compile {}: {e}", source.file));
-    gpu.context().load_module(ptx).unwrap_or_else(|e| panic!("loading {} on cuda:{}: {e:?}", source.file, gpu.ordinal))
+/// Compiles `source` for `gpu` and loads it. Errors are the machine's, not the code's (the
+/// sources compile: a test checks it): an NVRTC that does not know this GPU, or a driver older
+/// than the NVRTC that wrote the PTX.
+pub(super) fn load(gpu: &Gpu, source: &Source) -> Result<Arc<CudaModule>, CudaError> {
+    let ptx = compile_ptx_with_opts(full_text(source), compile_options(gpu.capability)).map_err(|e| {
+        CudaError(format!(
+            "NVRTC could not compile {} for sm_{}{}: {e}",
+            source.file, gpu.capability.0, gpu.capability.1
+        ))
+    })?;
+    gpu.context().load_module(ptx).map_err(|e| {
+        let hint = match e.0 {
+            CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION => {
+                " (libnvrtc is newer than the driver: use the NVRTC of a CUDA version the driver supports)"
+            }
+            _ => "",
+        };
+        CudaError(format!("the driver could not load the kernels of {}: {e:?}{hint}", source.file))
+    })
 }
