@@ -1,5 +1,6 @@
-//! The `.cu` sources, compiled by NVRTC for the GPU at hand when it is opened (`Gpu::get`). Each source is prefixed with `common.cuh` (bf16 by hand, warp reductions), so
-//! NVRTC needs no include path and no header of the CUDA toolkit.
+//! The `.cu` sources, compiled by NVRTC for the GPU at hand when it is opened (`Gpu::get`).
+//! Each source is prefixed with `common.cuh` (bf16 by hand, warp reductions), so NVRTC needs no
+//! include path and no header of the CUDA toolkit.
 
 use super::{CudaError, Gpu};
 use cudarc::driver::CudaModule;
