@@ -605,6 +605,10 @@ impl Trainer {
             adamw_update(p, p_copy, g, m, v, cfg.adam, lr, *wd, scale, self.step + 1);
         }
         GpuSpans(self.gpu_trace.as_mut()).end(gpu_span);
+        // On a GPU the update is only queued: wait for it, so that the step's time is its own.
+        if let Device::Cuda(ordinal) = self.device {
+            Gpu::get(ordinal)?.synchronize()?;
+        }
         self.step += 1;
         let tokens_per_sec = self.tokens_per_step() as f64 / started.elapsed().as_secs_f64();
         Ok(StepRecord { step: self.step, loss, lr, grad_norm, tokens_per_sec, val_loss: None })

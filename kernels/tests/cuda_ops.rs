@@ -100,8 +100,27 @@ fn nvrtc_compiles_every_kernel() {
             }
             let entries = ptx.matches(".entry ").count();
             assert_eq!(entries, source.kernels.len(), "{}: the PTX has kernels its Source does not list", source.file);
+            if let Some(ptxas) = std::env::var_os("PTXAS") {
+                assemble(&ptxas, &ptx, source.file, capability);
+            }
         }
     }
+}
+
+/// Runs NVIDIA's PTX assembler on `ptx` (what the driver does at load time): catches what NVRTC
+/// lets through, such as a kernel that needs more registers than its `__launch_bounds__` allow.
+fn assemble(ptxas: &std::ffi::OsStr, ptx: &str, file: &str, (major, minor): (i32, i32)) {
+    let dir = std::env::temp_dir().join(format!("ptx-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{file}.sm_{major}{minor}.ptx"));
+    std::fs::write(&path, ptx).unwrap();
+    let out = std::process::Command::new(ptxas)
+        .arg(format!("-arch=sm_{major}{minor}"))
+        .arg(&path)
+        .args(["-o", "/dev/null"])
+        .output()
+        .unwrap_or_else(|e| panic!("running ptxas: {e}"));
+    assert!(out.status.success(), "ptxas on {file} for sm_{major}{minor}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -138,6 +138,7 @@ impl Drop for DevBuffer {
     }
 }
 
+// ANCHOR: dev_views
 /// A borrowed run of device memory: `&[T]` for the GPU.
 #[derive(Clone, Copy)]
 pub struct DevView<'a> {
@@ -155,6 +156,7 @@ pub struct DevViewMut<'a> {
     dtype: DType,
     _borrow: PhantomData<&'a mut ()>,
 }
+// ANCHOR_END: dev_views
 
 impl std::fmt::Debug for DevView<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -278,11 +280,13 @@ impl<'a> DevViewMut<'a> {
         DevViewMut { ptr: self.ptr + (range.start * self.dtype.size()) as u64, len: range.len(), ..self.reborrow() }
     }
 
+    // ANCHOR: split_at_mut
     pub fn split_at_mut(self, mid: usize) -> (DevViewMut<'a>, DevViewMut<'a>) {
         check_range(&(0..mid), self.len);
         let tail = DevViewMut { ptr: self.ptr + (mid * self.dtype.size()) as u64, len: self.len - mid, ..self };
         (DevViewMut { len: mid, ..self }, tail)
     }
+    // ANCHOR_END: split_at_mut
 
     /// Copies `src` (f32, from the host) in, converting to this view's type.
     pub fn copy_from_f32(&mut self, src: &[f32]) -> Result<(), CudaError> {

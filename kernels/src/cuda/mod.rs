@@ -179,6 +179,7 @@ impl Gpu {
         &self.blas
     }
 
+    // ANCHOR: async_errors
     /// Keeps the first error of work queued on the stream, to report at the next sync.
     pub fn record<T, E: std::fmt::Debug>(&self, what: &str, result: Result<T, E>) -> Option<T> {
         match result {
@@ -199,7 +200,9 @@ impl Gpu {
         }
         sync.map_err(|e| driver_error("running queued work", e))
     }
+    // ANCHOR_END: async_errors
 
+    // ANCHOR: function
     /// Compiles and loads every kernel of `source`.
     fn load_kernels(&self, source: &modules::Source) -> Result<(), CudaError> {
         let module = modules::load(self, source)?;
@@ -223,6 +226,7 @@ impl Gpu {
         let functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
         functions.get(name).cloned().unwrap_or_else(|| panic!("{} does not list kernel {name}", source.file))
     }
+    // ANCHOR_END: function
 
     /// Copies token ids to the device, into a scratch buffer the next upload reuses. Safe to
     /// reuse without waiting: the next copy is queued on the same stream, after every kernel
@@ -278,6 +282,8 @@ pub fn peak_flops(name: &str, dtype: DType) -> Option<f64> {
     let name = name.to_ascii_uppercase();
     let (f32_tflops, bf16_tflops) = if name.contains("H100") && name.contains("PCIE") {
         (51.2, 756.0)
+    } else if name.contains("H100") && name.contains("NVL") {
+        (60.0, 835.0)
     } else if name.contains("H100") || name.contains("H200") || name.contains("GH200") {
         (66.9, 989.4)
     } else if name.contains("A100") {
@@ -303,6 +309,7 @@ mod tests {
     fn peak_flops_by_name() {
         assert_eq!(peak_flops("NVIDIA H100 80GB HBM3", DType::BF16), Some(989.4e12));
         assert_eq!(peak_flops("NVIDIA H100 PCIe", DType::F32), Some(51.2e12));
+        assert_eq!(peak_flops("NVIDIA H100 NVL", DType::BF16), Some(835e12));
         assert_eq!(peak_flops("NVIDIA A100-SXM4-80GB", DType::BF16), Some(312e12));
         assert_eq!(peak_flops("Some Future GPU", DType::BF16), None);
     }

@@ -17,6 +17,7 @@ pub struct Source {
 
 pub const COMMON: &str = include_str!("kernels/common.cuh");
 
+// ANCHOR: compile
 /// The full text NVRTC compiles for `source`.
 pub fn full_text(source: &Source) -> String {
     format!("{COMMON}\n#line 1 \"{}\"\n{}", source.file, source.code)
@@ -33,6 +34,7 @@ pub fn compile_options(capability: (i32, i32)) -> CompileOptions {
         ..Default::default()
     }
 }
+// ANCHOR_END: compile
 
 /// Compiles `source` for `gpu` and loads it. Errors are the machine's, not the code's (the
 /// sources compile: a test checks it): an NVRTC that does not know this GPU, or a driver older

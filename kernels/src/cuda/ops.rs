@@ -43,11 +43,13 @@ static RESIDUAL: Source = Source {
     kernels: &["residual_forward_f32", "residual_forward_bf16"],
 };
 
+// ANCHOR: gelu_source
 static GELU: Source = Source {
     file: "gelu.cu",
     code: include_str!("kernels/gelu.cu"),
     kernels: &["gelu_forward_f32", "gelu_forward_bf16", "gelu_backward_f32", "gelu_backward_bf16"],
 };
+// ANCHOR_END: gelu_source
 
 static EMBEDDING: Source = Source {
     file: "embedding.cu",
@@ -113,6 +115,7 @@ pub fn sources() -> &'static [&'static Source] {
     &SOURCES
 }
 
+// ANCHOR: launch
 /// The instantiation of kernel template `name` for activation type `x`: `name_f32` or `name_bf16`.
 macro_rules! for_x {
     ($name:literal, $x:expr) => {
@@ -156,7 +159,9 @@ fn launch(gpu: &Gpu, source: &Source, name: &'static str, cfg: LaunchConfig, arg
     let result = unsafe { builder.launch(cfg) };
     gpu.record(name, result);
 }
+// ANCHOR_END: launch
 
+// ANCHOR: per_element
 /// Threads per block for the one-thread-per-element kernels.
 const BLOCK: u32 = 256;
 
@@ -173,6 +178,7 @@ fn per_element(n: usize) -> LaunchConfig {
         shared_mem_bytes: 0,
     }
 }
+// ANCHOR_END: per_element
 
 /// One warp per row of `rows` (8 rows per block of 256 threads).
 fn warp_per_row(rows: usize) -> LaunchConfig {
@@ -761,6 +767,7 @@ pub fn attention_backward(
 // ---------------------------------------------------------------------------------------------
 // Elementwise.
 
+// ANCHOR: gelu_forward
 /// out = gelu(inp), tanh approximation. X.
 pub fn gelu_forward(out: DevViewMut<'_>, inp: DevView<'_>) {
     let x = activation_type("gelu_forward", &[out.dtype(), inp.dtype()]);
@@ -768,6 +775,7 @@ pub fn gelu_forward(out: DevViewMut<'_>, inp: DevView<'_>) {
     let args = [Ptr(out.ptr()), Ptr(inp.ptr()), Long(long(inp.len()))];
     launch(out.gpu(), &GELU, for_x!("gelu_forward", x), per_element(inp.len()), &args);
 }
+// ANCHOR_END: gelu_forward
 
 /// dinp += gelu'(inp) · dout. X.
 pub fn gelu_backward(dinp: DevViewMut<'_>, inp: DevView<'_>, dout: DevView<'_>) {

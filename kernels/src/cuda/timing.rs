@@ -29,6 +29,7 @@ impl StreamTrace {
         StreamTrace { gpu, lane, anchor: None, pending: Vec::new() }
     }
 
+    // ANCHOR: stream_span
     fn event(&self) -> Option<CudaEvent> {
         let event = self.gpu.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
         let event = self.gpu.record("creating a timing event", event)?;
@@ -56,6 +57,7 @@ impl StreamTrace {
             self.pending.push((name, start, end));
         }
     }
+    // ANCHOR_END: stream_span
 
     /// Waits for the GPU to pass every pending span and writes them into the lane.
     pub fn flush(&mut self) -> Result<(), CudaError> {

@@ -5,6 +5,7 @@
 typedef unsigned short bf16;  // raw bits
 typedef unsigned int u32;
 
+// ANCHOR: bf16
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(bf16 x) { return __uint_as_float(((unsigned int)x) << 16); }
 
@@ -19,6 +20,7 @@ __device__ __forceinline__ bf16 bf16_from_float(float f) {
 // Stores a float into either element type: `store(p, i, v)` is `p[i] = v`.
 __device__ __forceinline__ void store(float* p, long i, float v) { p[i] = v; }
 __device__ __forceinline__ void store(bf16* p, long i, float v) { p[i] = bf16_from_float(v); }
+// ANCHOR_END: bf16
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);

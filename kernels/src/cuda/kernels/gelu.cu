@@ -15,8 +15,10 @@ __device__ __forceinline__ void gelu_forward(X* out, const X* inp, long n) {
 }
 // ANCHOR_END: gelu_forward
 
+// ANCHOR: gelu_forward_instances
 extern "C" __global__ void gelu_forward_f32(float* out, const float* inp, long n) { gelu_forward(out, inp, n); }
 extern "C" __global__ void gelu_forward_bf16(bf16* out, const bf16* inp, long n) { gelu_forward(out, inp, n); }
+// ANCHOR_END: gelu_forward_instances
 
 // ANCHOR: gelu_backward
 // dinp [N] += dout * d(out)/dx, where
