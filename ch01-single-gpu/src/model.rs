@@ -5,9 +5,9 @@
 use crate::config::ModelConfig;
 use crate::params::{BlockParams, GptParams, ParamLayout};
 use kernels::dispatch::{
-    attention_backward, attention_forward, copy, embedding_backward, embedding_forward, gelu_backward, gelu_forward,
-    layernorm_backward, layernorm_forward, linear_backward, linear_forward, matmul, residual_forward,
-    softmax_cross_entropy_backward, softmax_cross_entropy_forward, zero,
+    attention_backward, attention_forward, copy, embedding_backward, embedding_forward, gelu_backward,
+    layernorm_backward, layernorm_forward, linear_backward, linear_forward, linear_gelu_forward, matmul,
+    residual_forward, softmax_cross_entropy_backward, softmax_cross_entropy_forward, zero,
 };
 use kernels::{Category, CudaError, DType, Device, MemoryLedger, Rng, Tensor, TensorError, View, ViewMut};
 use std::ops::Range;
@@ -214,9 +214,10 @@ impl BlockParams<View<'_>> {
         let (mean, rstd) = (a.ln_2_mean.prefix_mut(bt), a.ln_2_rstd.prefix_mut(bt));
         let res_2 = a.res_2.prefix(bt * c);
         layernorm_forward(a.ln_2.prefix_mut(bt * c), mean, rstd, res_2, self.ln_2_weight, self.ln_2_bias, c);
-        let (ln_2, bias) = (a.ln_2.prefix(bt * c), Some(self.mlp_c_fc_bias));
-        linear_forward(a.fc.prefix_mut(bt * 4 * c), ln_2, self.mlp_c_fc_weight, bias, bt, c, 4 * c);
-        gelu_forward(a.fc_gelu.prefix_mut(bt * 4 * c), a.fc.prefix(bt * 4 * c));
+        // fc = ln_2 @ W + b, fc_gelu = gelu(fc): one op, so that a GPU can do both in one matmul.
+        let (fc, fc_gelu, ln_2) =
+            (a.fc.prefix_mut(bt * 4 * c), a.fc_gelu.prefix_mut(bt * 4 * c), a.ln_2.prefix(bt * c));
+        linear_gelu_forward(fc_gelu, fc, ln_2, self.mlp_c_fc_weight, self.mlp_c_fc_bias, bt, c, 4 * c);
         let (fc_gelu, bias) = (a.fc_gelu.prefix(bt * 4 * c), Some(self.mlp_c_proj_bias));
         linear_forward(proj.reborrow(), fc_gelu, self.mlp_c_proj_weight, bias, bt, 4 * c, c);
         residual_forward(a.out.prefix_mut(bt * c), a.res_2.prefix(bt * c), proj.as_view());

@@ -30,6 +30,31 @@ pub fn linear_forward(
 }
 // ANCHOR_END: dispatch_example
 
+/// pre_gelu = inp @ weight + bias, out = gelu(pre_gelu): the MLP's first half, one fused matmul on
+/// a GPU. See [`ops::matmul::linear_forward`] and [`ops::gelu::gelu_forward`].
+#[allow(clippy::too_many_arguments)]
+pub fn linear_gelu_forward(
+    out: ViewMut<'_>,
+    pre_gelu: ViewMut<'_>,
+    inp: View<'_>,
+    weight: View<'_>,
+    bias: View<'_>,
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    match out {
+        ViewMut::Cpu(out) => {
+            let pre_gelu = pre_gelu.cpu();
+            ops::matmul::linear_forward(pre_gelu, inp.cpu(), weight.cpu(), Some(bias.cpu()), m, k, n);
+            ops::gelu::gelu_forward(out, pre_gelu);
+        }
+        ViewMut::Cuda(out) => {
+            cuda::ops::linear_gelu_forward(out, pre_gelu.cuda(), inp.cuda(), weight.cuda(), bias.cuda(), m, k, n)
+        }
+    }
+}
+
 /// See [`ops::matmul::linear_backward`].
 #[allow(clippy::too_many_arguments)]
 pub fn linear_backward(

@@ -308,6 +308,61 @@ fn linear_bf16_matches_cpu_on_rounded_inputs() {
     assert_close("bf16 linear_backward dbias", &download(&dbias_d), &dbias, MM_REL, 1e-5);
 }
 
+/// linear_gelu_forward against the CPU's linear_forward then gelu_forward, both outputs; `x` is
+/// the activation type (inputs rounded to it on both sides in bf16).
+fn linear_gelu_check(bt: usize, c_in: usize, c_out: usize, x: DType) {
+    let gpu = gpu();
+    let bf = x == DType::BF16;
+    let r = |v: Vec<f32>| if bf { bf16_round(&v) } else { v };
+    let inp = r(random(bt * c_in, 1));
+    let weight = r(random(c_in * c_out, 2));
+    let bias = r(random(c_out, 3));
+    let (mut pre_gelu, mut out) = (vec![0.0; bt * c_out], vec![0.0; bt * c_out]);
+    ops::matmul::linear_forward(&mut pre_gelu, &inp, &weight, Some(&bias), bt, c_in, c_out);
+    ops::gelu::gelu_forward(&mut out, &pre_gelu);
+    let (inp_d, weight_d, bias_d) = (upload(&gpu, &inp, x), upload(&gpu, &weight, x), upload(&gpu, &bias, x));
+    // Garbage in both outputs: forward overwrites.
+    let mut out_d = upload(&gpu, &random(bt * c_out, 8), x);
+    let mut pre_d = upload(&gpu, &random(bt * c_out, 9), x);
+    gpu_ops::linear_gelu_forward(
+        out_d.view_mut(),
+        pre_d.view_mut(),
+        inp_d.view(),
+        weight_d.view(),
+        bias_d.view(),
+        bt,
+        c_in,
+        c_out,
+    );
+    let path = if bf && c_out.is_multiple_of(8) { "fused" } else { "unfused" };
+    let what = |name: &str| format!("{x} linear_gelu_forward {name} ({path}, C_out = {c_out})");
+    // f32: short sums (C_in terms) in cuBLAS's order, then GELU; bf16: each output rounded once.
+    let (rel, abs) = if bf { (BF_REL, BF_ABS) } else { (REL, MM_ABS) };
+    assert_close(&what("pre_gelu"), &download(&pre_d), &pre_gelu, rel, abs);
+    assert_close(&what("out"), &download(&out_d), &out, rel, abs);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn linear_gelu_forward_matches_cpu_in_f32() {
+    // In f32 never fused (see linear_gelu_forward): linear_forward (the BIAS epilogue), then the
+    // GELU kernel, whatever C_out.
+    linear_gelu_check(14, 13, 40, DType::F32);
+    linear_gelu_check(14, 13, 36, DType::F32);
+    // Wider than one tile of any kernel, so that more than one block writes the outputs.
+    linear_gelu_check(70, 48, 264, DType::F32);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn linear_gelu_bf16_matches_cpu_on_rounded_inputs() {
+    // C_out = 40, a multiple of 8: cuBLASLt's GELU_AUX_BIAS epilogue, in one matmul.
+    linear_gelu_check(14, 13, 40, DType::BF16);
+    // C_out = 36 is not: linear_forward, then the GELU kernel.
+    linear_gelu_check(14, 13, 36, DType::BF16);
+    linear_gelu_check(70, 48, 264, DType::BF16);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Embedding.
 

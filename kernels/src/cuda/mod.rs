@@ -1,8 +1,9 @@
-//! The CUDA backend: one device, one stream, cuBLAS for the matmuls, and the other ops as CUDA C
-//! kernels (the `.cu` files next to this one) compiled at run time by NVRTC.
+//! The CUDA backend: one device, one stream, cuBLAS for the matmuls (cuBLASLt for those with a
+//! fused bias or GELU), and the other ops as CUDA C kernels (the `.cu` files next to this one)
+//! compiled at run time by NVRTC.
 //!
-//! Nothing here is linked at build time: cudarc loads `libcuda`, `libnvrtc` and `libcublas` when
-//! first asked, and panics if one is missing. So every way in goes through [`Gpu::get`], which
+//! Nothing here is linked at build time: cudarc loads `libcuda`, `libnvrtc`, `libcublas` and
+//! `libcublasLt` when first asked, and panics if one is missing. So every way in goes through [`Gpu::get`], which
 //! checks that each library can be loaded and that the device exists before the first real call,
 //! and turns what is missing into one sentence.
 //!
@@ -12,6 +13,7 @@
 //! asynchronous work: at the next synchronisation.
 
 pub mod buffer;
+pub mod lt;
 pub mod modules;
 pub mod ops;
 pub mod timing;
@@ -57,7 +59,8 @@ pub fn device_count() -> Result<usize, CudaError> {
     }
 }
 
-/// The libraries beyond the driver that the backend needs: NVRTC (kernels) and cuBLAS (matmuls).
+/// The libraries beyond the driver that the backend needs: NVRTC (kernels), cuBLAS and cuBLASLt
+/// (matmuls).
 /// The driver comes with the GPU; these come with the CUDA toolkit (or the `nvidia-*-cu12`
 /// Python wheels), so a machine can have the first without the second.
 fn toolkit_libraries_present() -> Result<(), CudaError> {
@@ -65,6 +68,7 @@ fn toolkit_libraries_present() -> Result<(), CudaError> {
     let missing: Vec<String> = [
         ("nvrtc", unsafe { cudarc::nvrtc::sys::is_culib_present() }),
         ("cublas", unsafe { cudarc::cublas::sys::is_culib_present() }),
+        ("cublasLt", unsafe { cudarc::cublaslt::sys::is_culib_present() }),
     ]
     .into_iter()
     .filter(|(_, present)| !present)
@@ -85,7 +89,7 @@ pub(crate) fn driver_error(what: &str, e: DriverError) -> CudaError {
 }
 
 /// One GPU, ready to run ops: its context, the one stream every op is queued on, a cuBLAS handle
-/// bound to that stream, and the kernels compiled so far.
+/// bound to that stream, a cuBLASLt handle and its workspace, and the kernels compiled so far.
 pub struct Gpu {
     pub ordinal: usize,
     pub name: String,
@@ -95,6 +99,7 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    lt: lt::Lt,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     /// The first error of asynchronous work, reported at the next synchronisation.
     error: Mutex<Option<String>>,
@@ -142,6 +147,7 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| driver_error("creating a stream", e))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError(format!("starting cuBLAS: {e:?}")))?;
+        let lt = lt::Lt::new(&ctx)?;
         let gpu = Gpu {
             ordinal,
             name: ctx.name().unwrap_or_else(|_| "unknown GPU".into()),
@@ -150,6 +156,7 @@ impl Gpu {
             ctx,
             stream,
             blas,
+            lt,
             functions: Mutex::new(HashMap::new()),
             error: Mutex::new(None),
             indices: Mutex::new((0, 0)),
@@ -177,6 +184,11 @@ impl Gpu {
 
     pub fn blas(&self) -> &CudaBlas {
         &self.blas
+    }
+
+    /// The cuBLASLt handle and its workspace (see [`lt`]).
+    pub(crate) fn lt(&self) -> &lt::Lt {
+        &self.lt
     }
 
     // ANCHOR: async_errors

@@ -9,11 +9,13 @@
 //!
 //! Token ids come from the host (`&[u32]`) and are uploaded by `Gpu::upload_indices`.
 //!
-//! Matmuls are cuBLAS (`cublasGemmEx`, f32 accumulation, no TF32); everything else is a kernel
+//! Matmuls are cuBLAS (`cublasGemmEx`, f32 accumulation, no TF32), or cuBLASLt where a bias or
+//! GELU is fused into the matmul (`super::lt`, the same accumulation); everything else is a kernel
 //! of one of the `.cu` files, templated over X and instantiated as `<kernel>_f32` and
 //! `<kernel>_bf16`. A wrong dtype or length is a bug in the caller: it panics, before anything is
 //! queued. Errors of the GPU itself are kept by `Gpu::record` and reported at the next sync.
 
+use super::lt;
 use super::modules::Source;
 use super::{DType, DevView, DevViewMut, Gpu};
 use cudarc::cublas::result as cublas;
@@ -392,8 +394,9 @@ pub fn matmul(
 // ANCHOR: linear_forward
 /// out [BT, C_out] = inp [BT, C_in] @ weight [C_in, C_out] + bias [C_out]. All X.
 ///
-/// As on the CPU: out starts as the bias in every row, and the matmul accumulates into it (one
-/// rounding of the sum, where adding the bias after the matmul would round twice in bf16).
+/// With a bias, one cuBLASLt matmul whose epilogue adds the bias to the f32 sums before they are
+/// rounded to X: one rounding, as on the CPU (which starts out as the bias and accumulates into
+/// it), and no separate pass over out. Without, a plain cuBLAS matmul.
 pub fn linear_forward(
     out: DevViewMut<'_>,
     inp: DevView<'_>,
@@ -410,18 +413,82 @@ pub fn linear_forward(
     assert_len(op, "out", out.len(), bt * c_out);
     assert_len(op, "inp", inp.len(), bt * c_in);
     assert_len(op, "weight", weight.len(), c_in * c_out);
-    match bias {
-        Some(bias) => {
-            assert_len(op, "bias", bias.len(), c_out);
-            let cfg = per_element(bt * c_out);
-            let args = [Ptr(out.ptr()), Ptr(bias.ptr()), Long(long(bt)), Int(int(c_out))];
-            launch(out.gpu(), &ELEMENTWISE, for_x!("broadcast_rows", x), cfg, &args);
-            matmul(out, inp, weight, bt, c_in, c_out, false, false, true);
-        }
-        None => matmul(out, inp, weight, bt, c_in, c_out, false, false, false),
+    let Some(bias) = bias else {
+        return matmul(out, inp, weight, bt, c_in, c_out, false, false, false);
+    };
+    assert_len(op, "bias", bias.len(), c_out);
+    if bt == 0 || c_out == 0 {
+        return;
     }
+    let gpu = out.gpu();
+    // One cuBLASLt matmul that adds the bias as it writes out (c_in = 0, an empty sum, has none).
+    if c_in > 0
+        && lt::linear_epilogue(gpu, x, out.ptr(), None, inp.ptr(), weight.ptr(), bias.ptr(), bt, c_in, c_out)
+            == lt::Queued::Yes
+    {
+        return;
+    }
+    // Without an epilogue: out = bias in every row, then out += inp @ weight.
+    let mut out = out;
+    broadcast_rows(out.reborrow(), bias, bt, c_out);
+    matmul(out, inp, weight, bt, c_in, c_out, false, false, true);
 }
 // ANCHOR_END: linear_forward
+
+/// out [rows, cols] = bias [cols] in every row. X.
+fn broadcast_rows(out: DevViewMut<'_>, bias: DevView<'_>, rows: usize, cols: usize) {
+    let x = activation_type("broadcast_rows", &[out.dtype(), bias.dtype()]);
+    let args = [Ptr(out.ptr()), Ptr(bias.ptr()), Long(long(rows)), Int(int(cols))];
+    launch(out.gpu(), &ELEMENTWISE, for_x!("broadcast_rows", x), per_element(rows * cols), &args);
+}
+
+// ANCHOR: linear_gelu_forward
+/// pre_gelu [BT, C_out] = inp [BT, C_in] @ weight [C_in, C_out] + bias [C_out];
+/// out [BT, C_out] = gelu(pre_gelu) (tanh form). All X. The MLP's first half: pre_gelu is what
+/// GELU's backward needs.
+///
+/// In bf16, one cuBLASLt matmul whose epilogue adds the bias, writes the sum to pre_gelu, and
+/// writes its GELU to out. cuBLASLt needs the leading dimension of pre_gelu (C_out, see
+/// `lt::linear_epilogue`) to be a multiple of 8; when it is not (never for GPT-2's 4C = 3072, but
+/// a small test model can have any width), when cuBLASLt has no kernel for the alignments, and in
+/// f32, it is `linear_forward` then `gelu_forward`: the same values, except that in bf16 the fused
+/// GELU reads the f32 sum where the separate kernel reads it rounded to bf16 (a difference in the
+/// last bit of some outputs).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_gelu_forward(
+    out: DevViewMut<'_>,
+    mut pre_gelu: DevViewMut<'_>,
+    inp: DevView<'_>,
+    weight: DevView<'_>,
+    bias: DevView<'_>,
+    bt: usize,
+    c_in: usize,
+    c_out: usize,
+) {
+    let op = "linear_gelu_forward";
+    let x = activation_type(op, &[out.dtype(), pre_gelu.dtype(), inp.dtype(), weight.dtype(), bias.dtype()]);
+    assert_len(op, "out", out.len(), bt * c_out);
+    assert_len(op, "pre_gelu", pre_gelu.len(), bt * c_out);
+    assert_len(op, "inp", inp.len(), bt * c_in);
+    assert_len(op, "weight", weight.len(), c_in * c_out);
+    assert_len(op, "bias", bias.len(), c_out);
+    if bt == 0 || c_out == 0 {
+        return;
+    }
+    // Fused in bf16 only. cuBLASLt documents its GELU as the same tanh formula, but not its
+    // accuracy: where it uses a fast tanh, the difference (up to ~1e-4) would be visible against
+    // the CPU in f32, and nowhere against bf16's own rounding (~4e-3).
+    if x == DType::BF16 && c_in > 0 && c_out.is_multiple_of(8) {
+        let (gpu, aux) = (out.gpu(), Some(pre_gelu.ptr()));
+        let queued = lt::linear_epilogue(gpu, x, out.ptr(), aux, inp.ptr(), weight.ptr(), bias.ptr(), bt, c_in, c_out);
+        if queued == lt::Queued::Yes {
+            return;
+        }
+    }
+    linear_forward(pre_gelu.reborrow(), inp, weight, Some(bias), bt, c_in, c_out);
+    gelu_forward(out, pre_gelu.as_view());
+}
+// ANCHOR_END: linear_gelu_forward
 
 // ANCHOR: linear_backward
 /// dinp [BT, C_in] += dout @ weight^T (X);  dweight [C_in, C_out] += inp^T @ dout (F32);
