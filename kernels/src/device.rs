@@ -121,18 +121,18 @@ mod tests {
     /// `cuda` fails with one line. On a machine with one, the GPU is picked instead.
     #[test]
     fn auto_falls_back_to_cpu_and_cuda_errors_cleanly() {
-        let usable = Gpu::get(0).is_ok();
         let (device, why) = DeviceRequest::Auto.resolve_explained().unwrap();
-        if usable {
+        if Gpu::get(0).is_ok() {
+            // A machine with a usable GPU: auto picks it, and asking for it works.
             assert_eq!(device, Device::Cuda(0));
-            eprintln!("a GPU is usable here: the fallback was not exercised");
-            return;
+            assert_eq!(DeviceRequest::Cuda(0).resolve(), Ok(Device::Cuda(0)));
+        } else {
+            assert_eq!(device, Device::Cpu);
+            assert!(why.contains("auto: no usable GPU"), "{why}");
+            let err = DeviceRequest::Cuda(0).resolve().unwrap_err().to_string();
+            assert!(err.starts_with("device 'cuda:0' was requested, but "), "{err}");
+            assert!(!err.contains('\n'), "one line: {err}");
         }
-        assert_eq!(device, Device::Cpu);
-        assert!(why.contains("auto: no usable GPU"), "{why}");
-        let err = DeviceRequest::Cuda(0).resolve().unwrap_err().to_string();
-        assert!(err.starts_with("device 'cuda:0' was requested, but "), "{err}");
-        assert!(!err.contains('\n'), "one line: {err}");
     }
 
     #[test]
