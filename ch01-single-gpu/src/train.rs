@@ -574,11 +574,13 @@ impl Trainer {
     }
     // ANCHOR_END: forward_backward
 
-    /// The gradients, one flat buffer in the layout of `layout`.
+    /// The gradients, one flat buffer in the layout of `layout`. CPU trainers only (chapter 2's
+    /// thread ranks): a GPU trainer's gradients live on the device, and asking panics.
     pub fn grads(&self) -> &[f32] {
         self.grads.as_slice()
     }
 
+    /// As [`Trainer::grads`], writable; CPU trainers only.
     pub fn grads_mut(&mut self) -> &mut [f32] {
         self.grads.as_mut_slice()
     }

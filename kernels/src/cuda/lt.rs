@@ -24,8 +24,9 @@
 //! - The heuristic assumes 256-byte aligned matrices unless told otherwise
 //!   (`CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*_BYTES`), and "the algo will fail if, for example, the
 //!   buffers are not correctly aligned": views into the flat parameter buffer often are not, so we
-//!   tell it each matrix's real alignment. It reads the bias and auxiliary pointers' alignment from
-//!   the pointers themselves.
+//!   tell it each matrix's real alignment. No preference covers the bias and auxiliary pointers,
+//!   and other users of the epilogue report failures below 16-byte alignment (Marian NMT), so we
+//!   do not ask for an epilogue with a bias or auxiliary output aligned to less than 16 bytes.
 //! - The workspace must be 256-byte aligned (every device allocation is); NVIDIA recommends 32 MiB
 //!   on Hopper and 4 MiB before it.
 
@@ -246,6 +247,9 @@ fn queue(
 ) -> Result<Queued, LtError> {
     use sys::cublasLtMatmulDescAttributes_t as Attr;
     use sys::cublasLtMatmulPreferenceAttributes_t as Pref;
+    if alignment(bias) < 16 || pre_gelu.is_some_and(|aux| alignment(aux) < 16) {
+        return Ok(Queued::NoKernel);
+    }
     let lt_ = gpu.lt();
     // f32 sums and f32 alpha, beta, in both types (no TF32: as `gemm`).
     let desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F)
@@ -314,8 +318,12 @@ fn queue(
             gpu.stream().cu_stream() as sys::cudaStream_t,
         )
     };
-    r.map_err(lt_error("queuing cublasLtMatmul"))?;
-    Ok(Queued::Yes)
+    match r {
+        Ok(()) => Ok(Queued::Yes),
+        // Refused before anything was queued: the caller computes it without an epilogue.
+        Err(CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => Ok(Queued::NoKernel),
+        Err(e) => Err(lt_error("queuing cublasLtMatmul")(e)),
+    }
 }
 // ANCHOR_END: linear_epilogue
 

@@ -294,7 +294,7 @@ pub fn peak_flops(name: &str, dtype: DType) -> Option<f64> {
     let name = name.to_ascii_uppercase();
     let (f32_tflops, bf16_tflops) = if name.contains("H100") && name.contains("PCIE") {
         (51.2, 756.0)
-    } else if name.contains("H100") && name.contains("NVL") {
+    } else if (name.contains("H100") || name.contains("H200")) && name.contains("NVL") {
         (60.0, 835.0)
     } else if name.contains("H100") || name.contains("H200") || name.contains("GH200") {
         (66.9, 989.4)
@@ -322,6 +322,7 @@ mod tests {
         assert_eq!(peak_flops("NVIDIA H100 80GB HBM3", DType::BF16), Some(989.4e12));
         assert_eq!(peak_flops("NVIDIA H100 PCIe", DType::F32), Some(51.2e12));
         assert_eq!(peak_flops("NVIDIA H100 NVL", DType::BF16), Some(835e12));
+        assert_eq!(peak_flops("NVIDIA H200 NVL", DType::BF16), Some(835e12));
         assert_eq!(peak_flops("NVIDIA A100-SXM4-80GB", DType::BF16), Some(312e12));
         assert_eq!(peak_flops("Some Future GPU", DType::BF16), None);
     }

@@ -74,8 +74,8 @@ static LAYERNORM: Source = Source {
         "layernorm_forward_bf16",
         "layernorm_backward_input_f32",
         "layernorm_backward_input_bf16",
-        "layernorm_backward_params_f32",
-        "layernorm_backward_params_bf16",
+        "layernorm_backward_params_partial_f32",
+        "layernorm_backward_params_partial_bf16",
     ],
 };
 
@@ -106,7 +106,13 @@ static ADAMW: Source = Source { file: "adamw.cu", code: include_str!("kernels/ad
 static REDUCE: Source = Source {
     file: "reduce.cu",
     code: include_str!("kernels/reduce.cu"),
-    kernels: &["column_sum_f32", "column_sum_bf16", "sum_squares_partial", "sum_partials_sqrt"],
+    kernels: &[
+        "column_sum_partial_f32",
+        "column_sum_partial_bf16",
+        "add_column_partials",
+        "sum_squares_partial",
+        "sum_partials_sqrt",
+    ],
 };
 
 static SOURCES: [&Source; 9] =
@@ -187,9 +193,23 @@ fn warp_per_row(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (grid_size(rows.div_ceil(8)), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// One block of 32 x 32 threads per 32 columns of `cols` (the column-sum kernels).
-fn per_32_columns(cols: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (grid_size(cols.div_ceil(32)), 1, 1), block_dim: (32, 32, 1), shared_mem_bytes: 0 }
+/// How the column-sum kernels cut `rows`: into chunks of at least 256 rows (8 per thread of a
+/// 32 x 32 block), at most 32 of them. Fixed by the shape, so the order of the sums is too.
+fn column_chunks(rows: usize) -> (usize, usize) {
+    let chunks = rows.div_ceil(256).clamp(1, 32);
+    (chunks, rows.div_ceil(chunks).max(1))
+}
+
+/// Pass 1 of a column sum: a block of 32 x 32 threads per 32 columns and per chunk of rows.
+fn per_32_columns_and_chunk(cols: usize, chunks: usize) -> LaunchConfig {
+    let grid = (grid_size(cols.div_ceil(32)), grid_size(chunks), 1);
+    LaunchConfig { grid_dim: grid, block_dim: (32, 32, 1), shared_mem_bytes: 0 }
+}
+
+/// Pass 2 of a column sum: out [cols] += the sum, in chunk order, of partials [chunks, cols].
+fn add_column_partials(gpu: &Gpu, out: u64, partials: u64, chunks: usize, cols: usize) {
+    let args = [Ptr(out), Ptr(partials), Int(int(chunks)), Int(int(cols))];
+    launch(gpu, &REDUCE, "add_column_partials", per_element(cols), &args);
 }
 
 /// A size for an `int` kernel parameter or a cuBLAS dimension.
@@ -523,8 +543,12 @@ pub fn linear_backward(
     // dweight [c_in, c_out] = inpᵀ · dout, inp stored [bt, c_in] = [k, m].
     matmul(dweight, inp, dout, c_in, bt, c_out, true, false, true);
     if let Some(dbias) = dbias {
-        let args = [Ptr(dbias.ptr()), Ptr(dout.ptr()), Int(int(bt)), Int(int(c_out))];
-        launch(dbias.gpu(), &REDUCE, for_x!("column_sum", x), per_32_columns(c_out), &args);
+        let gpu = dbias.gpu();
+        let (chunks, chunk) = column_chunks(bt);
+        let partials = gpu.scratch(chunks * c_out, DType::F32);
+        let args = [Ptr(partials.ptr()), Ptr(dout.ptr()), Int(int(bt)), Int(int(c_out)), Int(int(chunk))];
+        launch(gpu, &REDUCE, for_x!("column_sum_partial", x), per_32_columns_and_chunk(c_out, chunks), &args);
+        add_column_partials(gpu, dbias.ptr(), partials.ptr(), chunks, c_out);
     }
 }
 // ANCHOR_END: linear_backward
@@ -670,17 +694,22 @@ pub fn layernorm_backward(
         Int(int(c)),
     ];
     launch(gpu, &LAYERNORM, for_x!("layernorm_backward_input", x), warp_per_row(rows), &args);
+    let (chunks, chunk) = column_chunks(rows);
+    let partials = gpu.scratch(2 * chunks * c, DType::F32); // dweight's [chunks, C], then dbias's
     let args = [
-        Ptr(dweight.ptr()),
-        Ptr(dbias.ptr()),
+        Ptr(partials.ptr()),
         Ptr(dout.ptr()),
         Ptr(inp.ptr()),
         Ptr(mean.ptr()),
         Ptr(rstd.ptr()),
         Int(int(rows)),
         Int(int(c)),
+        Int(int(chunk)),
     ];
-    launch(gpu, &LAYERNORM, for_x!("layernorm_backward_params", x), per_32_columns(c), &args);
+    let cfg = per_32_columns_and_chunk(c, chunks);
+    launch(gpu, &LAYERNORM, for_x!("layernorm_backward_params_partial", x), cfg, &args);
+    add_column_partials(gpu, dweight.ptr(), partials.ptr(), chunks, c);
+    add_column_partials(gpu, dbias.ptr(), partials.ptr() + (chunks * c * 4) as u64, chunks, c);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -85,18 +85,22 @@ __device__ __forceinline__ void layernorm_backward_input(X* dinp, const X* dout,
 //   dbias_c   += sum over rows of dout_c
 //   dweight_c += sum over rows of dout_c * norm_c
 //
-// A block of 32 x 32 threads owns 32 columns: thread (x, y) sums column x over the rows
-// y, y + 32, y + 64, ... (32 consecutive columns: coalesced reads), then row 0 of threads adds
-// the 32 partials of its column in order. Fixed order everywhere: deterministic, no atomics.
+// Pass 1 of two, as column_sum in reduce.cu: the rows are cut into gridDim.y chunks of `chunk`
+// rows, and a block of 32 x 32 threads sums 32 columns over one chunk (thread (x, y): column x,
+// rows y, y + 32, ... of the chunk, coalesced), then row 0 of threads adds the 32 partials of its
+// column in order into partials: [2, chunks, C], dweight's then dbias's. Pass 2 is
+// add_column_partials (reduce.cu), once for each. Fixed order everywhere: deterministic.
 template <typename X>
-__device__ __forceinline__ void layernorm_backward_params(float* dweight, float* dbias, const X* dout, const X* inp,
-                                                          const float* mean, const float* rstd, int N, int C) {
+__device__ __forceinline__ void layernorm_backward_params_partial(float* partials, const X* dout, const X* inp,
+                                                                  const float* mean, const float* rstd, int N, int C,
+                                                                  int chunk) {
     __shared__ float dweight_part[32][33];  // 33: no bank conflicts when row 0 reads a column
     __shared__ float dbias_part[32][33];
     int c = blockIdx.x * 32 + threadIdx.x;
+    long first = (long)blockIdx.y * chunk, end = min((long)N, first + chunk);
     float dw = 0.0f, db = 0.0f;
     if (c < C) {
-        for (long row = threadIdx.y; row < N; row += 32) {
+        for (long row = first + threadIdx.y; row < end; row += 32) {
             float dy = to_float(dout[row * C + c]);
             db += dy;
             dw += dy * (to_float(inp[row * C + c]) - mean[row]) * rstd[row];
@@ -111,8 +115,9 @@ __device__ __forceinline__ void layernorm_backward_params(float* dweight, float*
             dw_sum += dweight_part[y][threadIdx.x];
             db_sum += dbias_part[y][threadIdx.x];
         }
-        dweight[c] += dw_sum;
-        dbias[c] += db_sum;
+        long chunks = gridDim.y;
+        partials[(long)blockIdx.y * C + c] = dw_sum;
+        partials[(chunks + blockIdx.y) * C + c] = db_sum;
     }
 }
 // ANCHOR_END: layernorm_backward
@@ -127,14 +132,14 @@ extern "C" __global__ void layernorm_backward_input_bf16(bf16* dinp, const bf16*
                                                          int N, int C) {
     layernorm_backward_input(dinp, dout, inp, weight, mean, rstd, N, C);
 }
-// __launch_bounds__: blocks of 32 x 32 = 1024 threads (see per_32_columns in ops.rs).
+// __launch_bounds__: blocks of 32 x 32 = 1024 threads (see column_chunks in ops.rs).
 extern "C" __global__ void __launch_bounds__(1024)
-layernorm_backward_params_f32(float* dweight, float* dbias, const float* dout, const float* inp, const float* mean,
-                              const float* rstd, int N, int C) {
-    layernorm_backward_params(dweight, dbias, dout, inp, mean, rstd, N, C);
+layernorm_backward_params_partial_f32(float* partials, const float* dout, const float* inp, const float* mean,
+                                      const float* rstd, int N, int C, int chunk) {
+    layernorm_backward_params_partial(partials, dout, inp, mean, rstd, N, C, chunk);
 }
 extern "C" __global__ void __launch_bounds__(1024)
-layernorm_backward_params_bf16(float* dweight, float* dbias, const bf16* dout, const bf16* inp, const float* mean,
-                               const float* rstd, int N, int C) {
-    layernorm_backward_params(dweight, dbias, dout, inp, mean, rstd, N, C);
+layernorm_backward_params_partial_bf16(float* partials, const bf16* dout, const bf16* inp, const float* mean,
+                                       const float* rstd, int N, int C, int chunk) {
+    layernorm_backward_params_partial(partials, dout, inp, mean, rstd, N, C, chunk);
 }

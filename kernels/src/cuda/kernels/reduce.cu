@@ -4,34 +4,51 @@
 // ANCHOR: column_sum
 // inp [N, C] -> out [C] (f32):   out_c += sum over rows of inp[row, c]
 //
-// A block of 32 x 32 threads owns 32 columns: thread (x, y) sums column x over the rows
-// y, y + 32, y + 64, ... (a warp reads 32 consecutive columns: coalesced), then row 0 of threads
-// adds the 32 partials of its column in order.
+// In two passes, so that enough blocks share the work (one block per 32 columns would leave most
+// of a GPU idle: 24 blocks for C = 768 on an H100's 132 SMs). Pass 1: the rows are cut into
+// gridDim.y chunks of `chunk` rows; a block of 32 x 32 threads sums 32 columns over one chunk:
+// thread (x, y) sums column x over rows y, y + 32, ... of the chunk (a warp reads 32 consecutive
+// columns: coalesced), then row 0 of threads adds the 32 partials of its column in order, into
+// partials[chunk index, c]. Pass 2 (add_column_partials) adds the chunks' partials in order.
+// The same order every time: deterministic.
 template <typename X>
-__device__ __forceinline__ void column_sum(float* out, const X* inp, int N, int C) {
+__device__ __forceinline__ void column_sum_partial(float* partials, const X* inp, int N, int C, int chunk) {
     __shared__ float partial[32][33];  // 33: no bank conflicts when row 0 reads a column
     int c = blockIdx.x * 32 + threadIdx.x;
+    long first = (long)blockIdx.y * chunk, end = min((long)N, first + chunk);
     float sum = 0.0f;
     if (c < C) {
-        for (long row = threadIdx.y; row < N; row += 32) sum += to_float(inp[row * C + c]);
+        for (long row = first + threadIdx.y; row < end; row += 32) sum += to_float(inp[row * C + c]);
     }
     partial[threadIdx.y][threadIdx.x] = sum;
     __syncthreads();
     if (threadIdx.y == 0 && c < C) {
         float total = 0.0f;
         for (int y = 0; y < 32; y++) total += partial[y][threadIdx.x];
-        out[c] += total;
+        partials[(long)blockIdx.y * C + c] = total;
     }
 }
 // ANCHOR_END: column_sum
 
 // __launch_bounds__: the caller launches blocks of 32 x 32 = 1024 threads; this tells the
 // compiler, so that it keeps to the registers that many threads can have.
-extern "C" __global__ void __launch_bounds__(1024) column_sum_f32(float* out, const float* inp, int N, int C) {
-    column_sum(out, inp, N, C);
+extern "C" __global__ void __launch_bounds__(1024)
+column_sum_partial_f32(float* partials, const float* inp, int N, int C, int chunk) {
+    column_sum_partial(partials, inp, N, C, chunk);
 }
-extern "C" __global__ void __launch_bounds__(1024) column_sum_bf16(float* out, const bf16* inp, int N, int C) {
-    column_sum(out, inp, N, C);
+extern "C" __global__ void __launch_bounds__(1024)
+column_sum_partial_bf16(float* partials, const bf16* inp, int N, int C, int chunk) {
+    column_sum_partial(partials, inp, N, C, chunk);
+}
+
+// Pass 2 of the column sums: out_c += sum over chunks k, in order, of partials[k, c]. One thread
+// per column.
+extern "C" __global__ void add_column_partials(float* out, const float* partials, int chunks, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float total = 0.0f;
+    for (int k = 0; k < chunks; k++) total += partials[(long)k * C + c];
+    out[c] += total;
 }
 
 // Sum over the whole block in f64 (blockDim.x a multiple of 32, at most 1024); every thread gets
