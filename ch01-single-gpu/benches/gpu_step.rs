@@ -45,12 +45,7 @@ fn main() {
         let median = seconds[seconds.len() / 2];
         let tokens_per_sec = trainer.tokens_per_step() as f64 / median;
         let flops = tokens_per_sec * trainer.model.flops_per_token(1024);
-        let peak = match trainer.device {
-            kernels::Device::Cuda(n) => {
-                kernels::cuda::Gpu::get(n).ok().and_then(|g| kernels::cuda::peak_flops(&g.name, dtype))
-            }
-            kernels::Device::Cpu => None,
-        };
+        let peak = trainer.device.peak_flops(dtype);
         let mfu = peak.map_or("n/a".to_string(), |p| format!("{:.1}%", 100.0 * flops / p));
         println!(
             "{dtype:>5}: {:7.1} ms/step  {:9.0} tokens/s  {:6.1} TFLOP/s  MFU {mfu}  on {}",

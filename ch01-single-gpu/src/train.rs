@@ -796,12 +796,7 @@ impl Trainer {
             device: self.device.describe(),
             dtype: self.dtype,
             flops_per_token: self.model.flops_per_token(self.t),
-            peak_flops: match self.device {
-                Device::Cpu => None,
-                Device::Cuda(ordinal) => kernels::cuda::Gpu::get(ordinal)
-                    .ok()
-                    .and_then(|gpu| kernels::cuda::peak_flops(&gpu.name, self.dtype)),
-            },
+            peak_flops: self.device.peak_flops(self.dtype),
             n_params: self.n_params(),
             tokens_per_sec: if outcome.train_seconds > 0.0 { tokens / outcome.train_seconds } else { 0.0 },
             steps: outcome.steps,

@@ -62,10 +62,8 @@ impl DeviceRequest {
                 Ok(_) => Ok((Device::Cuda(*ordinal), Device::Cuda(*ordinal).describe())),
                 Err(e) => Err(DeviceError::CudaUnavailable { device: format!("cuda:{ordinal}"), reason: e.0 }),
             },
-            DeviceRequest::Auto => match cuda::device_count().and_then(|n| match n {
-                0 => Err(cuda::CudaError("the CUDA driver sees no GPU".into())),
-                _ => Gpu::get(0),
-            }) {
+            // Gpu::get checks the driver, the device count and the libraries, and says which failed.
+            DeviceRequest::Auto => match Gpu::get(0) {
                 Ok(_) => Ok((Device::Cuda(0), format!("{} (auto)", Device::Cuda(0).describe()))),
                 Err(e) => Ok((Device::Cpu, format!("{} (auto: no usable GPU: {})", Device::Cpu.describe(), e.0))),
             },
@@ -75,6 +73,15 @@ impl DeviceRequest {
 // ANCHOR_END: resolve
 
 impl Device {
+    /// This device's peak dense matmul FLOP/s in `dtype`, where known (`cuda::peak_flops`): the
+    /// denominator of MFU. None for the CPU.
+    pub fn peak_flops(&self, dtype: cuda::DType) -> Option<f64> {
+        match self {
+            Device::Cpu => None,
+            Device::Cuda(ordinal) => Gpu::get(*ordinal).ok().and_then(|gpu| cuda::peak_flops(&gpu.name, dtype)),
+        }
+    }
+
     /// The device and what it is: "cpu (2 threads)", "cuda:0 (NVIDIA H100 80GB HBM3, sm_90, 79.1 GiB)".
     pub fn describe(&self) -> String {
         match self {
