@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod model;
+pub mod optimizer;
 pub mod params;
 pub mod sample;
 pub mod schedule;

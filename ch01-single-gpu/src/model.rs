@@ -1,16 +1,35 @@
 //! GPT-2: pre-LayerNorm transformer blocks, learned position embeddings, an output projection
 //! tied to the token embedding. Forward is a loop over blocks; backward is the same loop
 //! reversed, accumulating into gradient buffers of the parameters' layout. No autograd.
+//!
+//! The model is three parts, each a forward/backward pair with its inputs and outputs passed
+//! explicitly: the embeddings, the blocks, and the head with the loss. Chapter 1's [`forward`]
+//! and [`backward`] run all three in turn; a pipeline stage runs some of the blocks, a recomputed
+//! block runs its forward again from its saved input. A block computes at a [`BlockShape`] and
+//! calls a [`BlockComm`] where a tensor-parallel shard of it must talk to the others; chapter 1's
+//! is [`Whole`], which has no one to talk to.
 
 use crate::config::ModelConfig;
-use crate::params::{BlockParams, GptParams, ParamLayout};
+use crate::params::{BlockParams, GptParams, ParamLayout, Part};
+use kernels::comm::CommError;
 use kernels::dispatch::{
     attention_backward, attention_forward, copy, embedding_backward, embedding_forward, gelu_backward,
     layernorm_backward, layernorm_forward, linear_backward, linear_forward, linear_gelu_forward, matmul,
     residual_forward, softmax_cross_entropy_backward, softmax_cross_entropy_forward, zero,
 };
 use kernels::{Category, CudaError, DType, Device, MemoryLedger, Rng, Tensor, TensorError, View, ViewMut};
-use std::ops::Range;
+
+/// What a pass can fail with: reading a result back from a GPU, allocating, or (in a sharded
+/// block) a collective.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
+    #[error(transparent)]
+    Tensor(#[from] TensorError),
+    #[error(transparent)]
+    Comm(#[from] CommError),
+}
 
 // ANCHOR: init_params
 /// Fresh parameters, GPT-2's initialisation: weights N(0, 0.02²), the two projections that write
@@ -39,23 +58,101 @@ pub fn init_params(cfg: &ModelConfig, layout: &ParamLayout, seed: u64, out: &mut
 }
 // ANCHOR_END: init_params
 
+// ANCHOR: block_shape
+/// The widths one block computes at. A whole block (chapter 1) has all the heads and the whole
+/// MLP; a tensor-parallel shard has its heads and its share of the MLP's units, and reads and
+/// writes the same full-width residual stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockShape {
+    /// C: the residual stream's width, never split.
+    pub n_embd: usize,
+    /// Heads this block computes, and the size of each.
+    pub n_head: usize,
+    pub head_size: usize,
+    /// Width of the MLP's hidden layer here (4C in a whole block).
+    pub mlp_hidden: usize,
+}
+
+impl BlockShape {
+    pub fn whole(cfg: &ModelConfig) -> BlockShape {
+        BlockShape { n_embd: cfg.n_embd, n_head: cfg.n_head, head_size: cfg.head_size(), mlp_hidden: 4 * cfg.n_embd }
+    }
+
+    /// One of `n` equal shards: n_head/n heads and 4C/n MLP units (`n` must divide both, as
+    /// `ParamLayout::shard` checks for the weights).
+    pub fn shard(cfg: &ModelConfig, n: usize) -> BlockShape {
+        let whole = BlockShape::whole(cfg);
+        BlockShape { n_head: whole.n_head / n, mlp_hidden: whole.mlp_hidden / n, ..whole }
+    }
+
+    /// Width of the attention output (and of each of q, k, v): heads · head size.
+    pub fn attn_width(&self) -> usize {
+        self.n_head * self.head_size
+    }
+}
+// ANCHOR_END: block_shape
+
+// ANCHOR: block_comm
+/// Where a shard of a block must talk to the other shards of its tensor-parallel group:
+/// Megatron's two points per branch (attention, then MLP). Each branch reads the replicated
+/// residual stream, computes with its own columns and rows, and writes a partial sum.
+pub trait BlockComm {
+    /// Forward, after a branch's output projection: this shard's partial sum becomes the full
+    /// sum (an all-reduce; its backward is the identity, since every shard gets all of d_out).
+    fn sum_branch_output(&mut self, partial: ViewMut<'_>) -> Result<(), CommError>;
+    /// Backward, at a branch's input: this shard's columns gave part of dL/d(input); it becomes
+    /// the full sum (the backward of the identity the input went through in forward).
+    fn sum_branch_input_grad(&mut self, partial: ViewMut<'_>) -> Result<(), CommError>;
+    /// Whether this shard adds the output projections' biases. Exactly one shard of a group must,
+    /// so that the sum holds each bias once.
+    fn adds_output_bias(&self) -> bool;
+}
+
+/// A whole block: nothing to sum with, and it adds its own biases.
+pub struct Whole;
+
+impl BlockComm for Whole {
+    fn sum_branch_output(&mut self, _partial: ViewMut<'_>) -> Result<(), CommError> {
+        Ok(())
+    }
+    fn sum_branch_input_grad(&mut self, _partial: ViewMut<'_>) -> Result<(), CommError> {
+        Ok(())
+    }
+    fn adds_output_bias(&self) -> bool {
+        true
+    }
+}
+// ANCHOR_END: block_comm
+
 // ANCHOR: activations
 /// What one block's forward saves for its backward. Every buffer is sized for the capacity
-/// (B, T) it was made with; a pass over a smaller batch or sequence uses a prefix.
+/// (B, T) it was made with; a pass over a smaller batch or sequence uses a prefix. A is the
+/// attention width and H the heads of the block's shape (C and n_head when whole), M its MLP
+/// width (4C when whole).
 pub struct BlockActivations {
     pub ln_1: Tensor,      // [B, T, C]
     pub ln_1_mean: Tensor, // [B, T]
     pub ln_1_rstd: Tensor, // [B, T]
-    pub qkv: Tensor,       // [B, T, 3C]
+    pub qkv: Tensor,       // [B, T, 3A]
     pub att: Tensor,       // [B, H, T, T]
-    pub att_y: Tensor,     // [B, T, C]   attention output, before its projection
+    pub att_y: Tensor,     // [B, T, A]   attention output, before its projection
     pub res_2: Tensor,     // [B, T, C]   residual stream after the attention branch
     pub ln_2: Tensor,      // [B, T, C]
     pub ln_2_mean: Tensor, // [B, T]
     pub ln_2_rstd: Tensor, // [B, T]
-    pub fc: Tensor,        // [B, T, 4C]
-    pub fc_gelu: Tensor,   // [B, T, 4C]
+    pub fc: Tensor,        // [B, T, M]
+    pub fc_gelu: Tensor,   // [B, T, M]
     pub out: Tensor,       // [B, T, C]   residual stream after the MLP branch: the block's output
+}
+
+/// What the head's forward saves: the final LayerNorm and the logits.
+pub struct HeadActivations {
+    pub ln_f: Tensor,      // [B, T, C]
+    pub ln_f_mean: Tensor, // [B, T]
+    pub ln_f_rstd: Tensor, // [B, T]
+    /// [B, T, Vp]: logits after forward, probabilities after the loss, dlogits after backward.
+    pub logits: Tensor,
+    pub losses: Tensor, // [B, T]
 }
 
 /// Everything forward saves, for a batch of up to `batch` sequences of up to `seq` tokens.
@@ -64,12 +161,7 @@ pub struct Activations {
     pub seq: usize,
     pub embedded: Tensor, // [B, T, C]   the first residual stream
     pub blocks: Vec<BlockActivations>,
-    pub ln_f: Tensor,      // [B, T, C]
-    pub ln_f_mean: Tensor, // [B, T]
-    pub ln_f_rstd: Tensor, // [B, T]
-    /// [B, T, Vp]: logits after forward, probabilities after the loss, dlogits after backward.
-    pub logits: Tensor,
-    pub losses: Tensor, // [B, T]
+    pub head: HeadActivations,
     /// A projection's output before it joins the residual stream. Not needed by backward, so
     /// one buffer serves every block.
     pub proj: Tensor, // [B, T, C]
@@ -77,24 +169,93 @@ pub struct Activations {
 // ANCHOR_END: activations
 
 // ANCHOR: gradients_scratch
-/// Backward's working buffers: gradients with respect to activations. One set serves every
-/// block, since block l's are dead once block l-1's backward starts.
-pub struct Gradients {
+/// Backward's working buffers: gradients with respect to activations (not parameters). One set
+/// serves every block, since block l's are dead once block l-1's backward starts.
+pub struct BackwardScratch {
     /// [B, T, C] each, used in turn: dL/d(block output) in one, dL/d(block input) out the other.
     pub d_res: [Tensor; 2],
-    pub block: BlockGradients,
+    pub block: BlockScratch,
 }
 
-/// The activation gradients inside one block's backward.
-pub struct BlockGradients {
+/// The activation gradients inside one block's backward (widths as in [`BlockActivations`]).
+pub struct BlockScratch {
     pub d_res_2: Tensor,   // [B, T, C]
     pub d_ln: Tensor,      // [B, T, C]
-    pub d_att_y: Tensor,   // [B, T, C]
-    pub d_qkv: Tensor,     // [B, T, 3C]
-    pub d_fc: Tensor,      // [B, T, 4C]
-    pub d_fc_gelu: Tensor, // [B, T, 4C]
+    pub d_att_y: Tensor,   // [B, T, A]
+    pub d_qkv: Tensor,     // [B, T, 3A]
+    pub d_fc: Tensor,      // [B, T, M]
+    pub d_fc_gelu: Tensor, // [B, T, M]
 }
 // ANCHOR_END: gradients_scratch
+
+/// Allocates tensors of one device, type and ledger category.
+struct Alloc<'a> {
+    device: Device,
+    dtype: DType,
+    category: Category,
+    ledger: &'a MemoryLedger,
+}
+
+impl Alloc<'_> {
+    fn t(&self, shape: &[usize]) -> Result<Tensor, TensorError> {
+        Tensor::zeros_on(shape, self.device, self.dtype, self.category, self.ledger)
+    }
+    /// LayerNorm statistics and losses stay f32 in a bf16 run.
+    fn stat(&self, shape: &[usize]) -> Result<Tensor, TensorError> {
+        Tensor::zeros_on(shape, self.device, DType::F32, self.category, self.ledger)
+    }
+}
+
+impl BlockActivations {
+    /// Buffers for one block of `shape` over passes of up to `batch` x `seq` tokens.
+    pub fn new(
+        shape: BlockShape,
+        batch: usize,
+        seq: usize,
+        device: Device,
+        dtype: DType,
+        ledger: &MemoryLedger,
+    ) -> Result<BlockActivations, TensorError> {
+        let a = Alloc { device, dtype, category: Category::Activations, ledger };
+        let (bt, c, w, m) = (batch * seq, shape.n_embd, shape.attn_width(), shape.mlp_hidden);
+        Ok(BlockActivations {
+            ln_1: a.t(&[bt, c])?,
+            ln_1_mean: a.stat(&[bt])?,
+            ln_1_rstd: a.stat(&[bt])?,
+            qkv: a.t(&[bt, 3 * w])?,
+            att: a.t(&[batch, shape.n_head, seq, seq])?,
+            att_y: a.t(&[bt, w])?,
+            res_2: a.t(&[bt, c])?,
+            ln_2: a.t(&[bt, c])?,
+            ln_2_mean: a.stat(&[bt])?,
+            ln_2_rstd: a.stat(&[bt])?,
+            fc: a.t(&[bt, m])?,
+            fc_gelu: a.t(&[bt, m])?,
+            out: a.t(&[bt, c])?,
+        })
+    }
+}
+
+impl HeadActivations {
+    pub fn new(
+        cfg: &ModelConfig,
+        batch: usize,
+        seq: usize,
+        device: Device,
+        dtype: DType,
+        ledger: &MemoryLedger,
+    ) -> Result<HeadActivations, TensorError> {
+        let a = Alloc { device, dtype, category: Category::Activations, ledger };
+        let (bt, c) = (batch * seq, cfg.n_embd);
+        Ok(HeadActivations {
+            ln_f: a.t(&[bt, c])?,
+            ln_f_mean: a.stat(&[bt])?,
+            ln_f_rstd: a.stat(&[bt])?,
+            logits: a.t(&[bt, cfg.padded_vocab_size()])?,
+            losses: a.stat(&[bt])?,
+        })
+    }
+}
 
 impl Activations {
     /// Buffers for passes of up to `batch` x `seq` tokens, on `device`, in `dtype` (the
@@ -107,40 +268,16 @@ impl Activations {
         dtype: DType,
         ledger: &MemoryLedger,
     ) -> Result<Activations, TensorError> {
-        let (bt, c, h) = (batch * seq, cfg.n_embd, cfg.n_head);
-        let t = |shape: &[usize]| Tensor::zeros_on(shape, device, dtype, Category::Activations, ledger);
-        let stat = |shape: &[usize]| Tensor::zeros_on(shape, device, DType::F32, Category::Activations, ledger);
+        let a = Alloc { device, dtype, category: Category::Activations, ledger };
+        let bt = batch * seq;
+        let embedded = a.t(&[bt, cfg.n_embd])?;
+        let shape = BlockShape::whole(cfg);
         let blocks = (0..cfg.n_layer)
-            .map(|_| {
-                Ok(BlockActivations {
-                    ln_1: t(&[bt, c])?,
-                    ln_1_mean: stat(&[bt])?,
-                    ln_1_rstd: stat(&[bt])?,
-                    qkv: t(&[bt, 3 * c])?,
-                    att: t(&[batch, h, seq, seq])?,
-                    att_y: t(&[bt, c])?,
-                    res_2: t(&[bt, c])?,
-                    ln_2: t(&[bt, c])?,
-                    ln_2_mean: stat(&[bt])?,
-                    ln_2_rstd: stat(&[bt])?,
-                    fc: t(&[bt, 4 * c])?,
-                    fc_gelu: t(&[bt, 4 * c])?,
-                    out: t(&[bt, c])?,
-                })
-            })
+            .map(|_| BlockActivations::new(shape, batch, seq, device, dtype, ledger))
             .collect::<Result<_, TensorError>>()?;
-        Ok(Activations {
-            batch,
-            seq,
-            embedded: t(&[bt, c])?,
-            blocks,
-            ln_f: t(&[bt, c])?,
-            ln_f_mean: stat(&[bt])?,
-            ln_f_rstd: stat(&[bt])?,
-            logits: t(&[bt, cfg.padded_vocab_size()])?,
-            losses: stat(&[bt])?,
-            proj: Tensor::zeros_on(&[bt, c], device, dtype, Category::Other, ledger)?,
-        })
+        let head = HeadActivations::new(cfg, batch, seq, device, dtype, ledger)?;
+        let proj = Alloc { category: Category::Other, ..a }.t(&[bt, cfg.n_embd])?;
+        Ok(Activations { batch, seq, embedded, blocks, head, proj })
     }
 
     // ANCHOR: floats_per_token
@@ -153,38 +290,38 @@ impl Activations {
     // ANCHOR_END: floats_per_token
 }
 
-impl Gradients {
+impl BackwardScratch {
+    /// Working buffers for the backward of blocks of `shape`.
     pub fn new(
-        cfg: &ModelConfig,
+        shape: BlockShape,
         batch: usize,
         seq: usize,
         device: Device,
         dtype: DType,
         ledger: &MemoryLedger,
-    ) -> Result<Gradients, TensorError> {
-        let (bt, c) = (batch * seq, cfg.n_embd);
-        let t = |shape: &[usize]| Tensor::zeros_on(shape, device, dtype, Category::Other, ledger);
-        Ok(Gradients {
-            d_res: [t(&[bt, c])?, t(&[bt, c])?],
-            block: BlockGradients {
-                d_res_2: t(&[bt, c])?,
-                d_ln: t(&[bt, c])?,
-                d_att_y: t(&[bt, c])?,
-                d_qkv: t(&[bt, 3 * c])?,
-                d_fc: t(&[bt, 4 * c])?,
-                d_fc_gelu: t(&[bt, 4 * c])?,
+    ) -> Result<BackwardScratch, TensorError> {
+        let a = Alloc { device, dtype, category: Category::Other, ledger };
+        let (bt, c, w, m) = (batch * seq, shape.n_embd, shape.attn_width(), shape.mlp_hidden);
+        Ok(BackwardScratch {
+            d_res: [a.t(&[bt, c])?, a.t(&[bt, c])?],
+            block: BlockScratch {
+                d_res_2: a.t(&[bt, c])?,
+                d_ln: a.t(&[bt, c])?,
+                d_att_y: a.t(&[bt, w])?,
+                d_qkv: a.t(&[bt, 3 * w])?,
+                d_fc: a.t(&[bt, m])?,
+                d_fc_gelu: a.t(&[bt, m])?,
             },
         })
     }
 }
 
-/// The sizes one pass runs at.
+/// The sizes one pass of a block runs at.
 #[derive(Clone, Copy, Debug)]
 pub struct Dims {
     pub b: usize,
     pub t: usize,
-    pub c: usize,
-    pub n_head: usize,
+    pub shape: BlockShape,
 }
 
 impl Dims {
@@ -198,29 +335,41 @@ impl BlockParams<View<'_>> {
     /// x [B, T, C] -> acts.out [B, T, C]:
     ///   res_2 = x + attn_proj(attention(c_attn(ln_1(x))))
     ///   out   = res_2 + mlp_proj(gelu(c_fc(ln_2(res_2))))
-    pub fn forward(&self, x: View<'_>, acts: &mut BlockActivations, mut proj: ViewMut<'_>, d: Dims) {
-        let (bt, c) = (d.bt(), d.c);
+    /// Each projection's output is a partial sum on a shard: `comm` completes it before it joins
+    /// the residual stream (and the one shard that adds biases adds them).
+    pub fn forward(
+        &self,
+        x: View<'_>,
+        acts: &mut BlockActivations,
+        mut proj: ViewMut<'_>,
+        d: Dims,
+        comm: &mut dyn BlockComm,
+    ) -> Result<(), CommError> {
+        let (bt, c, w, m) = (d.bt(), d.shape.n_embd, d.shape.attn_width(), d.shape.mlp_hidden);
         let a = acts;
+        let adds_bias = comm.adds_output_bias();
         let (mean, rstd) = (a.ln_1_mean.prefix_mut(bt), a.ln_1_rstd.prefix_mut(bt));
         layernorm_forward(a.ln_1.prefix_mut(bt * c), mean, rstd, x, self.ln_1_weight, self.ln_1_bias, c);
         let (ln_1, bias) = (a.ln_1.prefix(bt * c), Some(self.attn_c_attn_bias));
-        linear_forward(a.qkv.prefix_mut(bt * 3 * c), ln_1, self.attn_c_attn_weight, bias, bt, c, 3 * c);
-        let att = a.att.prefix_mut(d.b * d.n_head * d.t * d.t);
-        attention_forward(a.att_y.prefix_mut(bt * c), att, a.qkv.prefix(bt * 3 * c), d.t, c, d.n_head);
-        let (att_y, bias) = (a.att_y.prefix(bt * c), Some(self.attn_c_proj_bias));
-        linear_forward(proj.reborrow(), att_y, self.attn_c_proj_weight, bias, bt, c, c);
+        linear_forward(a.qkv.prefix_mut(bt * 3 * w), ln_1, self.attn_c_attn_weight, bias, bt, c, 3 * w);
+        let att = a.att.prefix_mut(d.b * d.shape.n_head * d.t * d.t);
+        attention_forward(a.att_y.prefix_mut(bt * w), att, a.qkv.prefix(bt * 3 * w), d.t, w, d.shape.n_head);
+        let (att_y, bias) = (a.att_y.prefix(bt * w), adds_bias.then_some(self.attn_c_proj_bias));
+        linear_forward(proj.reborrow(), att_y, self.attn_c_proj_weight, bias, bt, w, c);
+        comm.sum_branch_output(proj.reborrow())?;
         residual_forward(a.res_2.prefix_mut(bt * c), x, proj.as_view());
 
         let (mean, rstd) = (a.ln_2_mean.prefix_mut(bt), a.ln_2_rstd.prefix_mut(bt));
         let res_2 = a.res_2.prefix(bt * c);
         layernorm_forward(a.ln_2.prefix_mut(bt * c), mean, rstd, res_2, self.ln_2_weight, self.ln_2_bias, c);
         // fc = ln_2 @ W + b, fc_gelu = gelu(fc): one op, so that a GPU can do both in one matmul.
-        let (fc, fc_gelu, ln_2) =
-            (a.fc.prefix_mut(bt * 4 * c), a.fc_gelu.prefix_mut(bt * 4 * c), a.ln_2.prefix(bt * c));
-        linear_gelu_forward(fc_gelu, fc, ln_2, self.mlp_c_fc_weight, self.mlp_c_fc_bias, bt, c, 4 * c);
-        let (fc_gelu, bias) = (a.fc_gelu.prefix(bt * 4 * c), Some(self.mlp_c_proj_bias));
-        linear_forward(proj.reborrow(), fc_gelu, self.mlp_c_proj_weight, bias, bt, 4 * c, c);
+        let (fc, fc_gelu, ln_2) = (a.fc.prefix_mut(bt * m), a.fc_gelu.prefix_mut(bt * m), a.ln_2.prefix(bt * c));
+        linear_gelu_forward(fc_gelu, fc, ln_2, self.mlp_c_fc_weight, self.mlp_c_fc_bias, bt, c, m);
+        let (fc_gelu, bias) = (a.fc_gelu.prefix(bt * m), adds_bias.then_some(self.mlp_c_proj_bias));
+        linear_forward(proj.reborrow(), fc_gelu, self.mlp_c_proj_weight, bias, bt, m, c);
+        comm.sum_branch_output(proj.reborrow())?;
         residual_forward(a.out.prefix_mut(bt * c), a.res_2.prefix(bt * c), proj.as_view());
+        Ok(())
     }
 }
 // ANCHOR_END: block_forward
@@ -229,49 +378,52 @@ impl BlockParams<View<'_>> {
 impl BlockParams<View<'_>> {
     /// Given d_out = dL/d(out), accumulates the block's parameter gradients into `grads` and
     /// writes dL/dx into `d_x`: the forward above, read bottom to top.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         grads: &mut BlockParams<ViewMut<'_>>,
         d_out: View<'_>,
         x: View<'_>,
         acts: &BlockActivations,
-        g: &mut BlockGradients,
+        g: &mut BlockScratch,
         mut d_x: ViewMut<'_>,
         d: Dims,
-    ) {
-        let (bt, c) = (d.bt(), d.c);
+        comm: &mut dyn BlockComm,
+    ) -> Result<(), CommError> {
+        let (bt, c, w, m) = (d.bt(), d.shape.n_embd, d.shape.attn_width(), d.shape.mlp_hidden);
         let a = acts;
 
         // out = res_2 + mlp(res_2). A sum passes its gradient to both inputs unchanged
         // (residual_backward): d_out flows straight into d_res_2 through the skip, and is the
         // gradient of the MLP's output, whose backward then adds its share into d_res_2.
         copy(g.d_res_2.prefix_mut(bt * c), d_out);
-        zero(g.d_fc_gelu.prefix_mut(bt * 4 * c));
+        zero(g.d_fc_gelu.prefix_mut(bt * m));
         linear_backward(
-            Some(g.d_fc_gelu.prefix_mut(bt * 4 * c)),
+            Some(g.d_fc_gelu.prefix_mut(bt * m)),
             grads.mlp_c_proj_weight.reborrow(),
             Some(grads.mlp_c_proj_bias.reborrow()),
             d_out,
-            a.fc_gelu.prefix(bt * 4 * c),
+            a.fc_gelu.prefix(bt * m),
             self.mlp_c_proj_weight,
             bt,
-            4 * c,
+            m,
             c,
         );
-        zero(g.d_fc.prefix_mut(bt * 4 * c));
-        gelu_backward(g.d_fc.prefix_mut(bt * 4 * c), a.fc.prefix(bt * 4 * c), g.d_fc_gelu.prefix(bt * 4 * c));
+        zero(g.d_fc.prefix_mut(bt * m));
+        gelu_backward(g.d_fc.prefix_mut(bt * m), a.fc.prefix(bt * m), g.d_fc_gelu.prefix(bt * m));
         zero(g.d_ln.prefix_mut(bt * c));
         linear_backward(
             Some(g.d_ln.prefix_mut(bt * c)),
             grads.mlp_c_fc_weight.reborrow(),
             Some(grads.mlp_c_fc_bias.reborrow()),
-            g.d_fc.prefix(bt * 4 * c),
+            g.d_fc.prefix(bt * m),
             a.ln_2.prefix(bt * c),
             self.mlp_c_fc_weight,
             bt,
             c,
-            4 * c,
+            m,
         );
+        comm.sum_branch_input_grad(g.d_ln.prefix_mut(bt * c))?;
         layernorm_backward(
             g.d_res_2.prefix_mut(bt * c),
             grads.ln_2_weight.reborrow(),
@@ -287,40 +439,41 @@ impl BlockParams<View<'_>> {
         // res_2 = x + attn(x): the same again for the attention branch.
         let d_res_2 = g.d_res_2.prefix(bt * c);
         copy(d_x.reborrow(), d_res_2);
-        zero(g.d_att_y.prefix_mut(bt * c));
+        zero(g.d_att_y.prefix_mut(bt * w));
         linear_backward(
-            Some(g.d_att_y.prefix_mut(bt * c)),
+            Some(g.d_att_y.prefix_mut(bt * w)),
             grads.attn_c_proj_weight.reborrow(),
             Some(grads.attn_c_proj_bias.reborrow()),
             d_res_2,
-            a.att_y.prefix(bt * c),
+            a.att_y.prefix(bt * w),
             self.attn_c_proj_weight,
             bt,
-            c,
+            w,
             c,
         );
-        zero(g.d_qkv.prefix_mut(bt * 3 * c));
+        zero(g.d_qkv.prefix_mut(bt * 3 * w));
         attention_backward(
-            g.d_qkv.prefix_mut(bt * 3 * c),
-            g.d_att_y.prefix(bt * c),
-            a.qkv.prefix(bt * 3 * c),
-            a.att.prefix(d.b * d.n_head * d.t * d.t),
+            g.d_qkv.prefix_mut(bt * 3 * w),
+            g.d_att_y.prefix(bt * w),
+            a.qkv.prefix(bt * 3 * w),
+            a.att.prefix(d.b * d.shape.n_head * d.t * d.t),
             d.t,
-            c,
-            d.n_head,
+            w,
+            d.shape.n_head,
         );
         zero(g.d_ln.prefix_mut(bt * c));
         linear_backward(
             Some(g.d_ln.prefix_mut(bt * c)),
             grads.attn_c_attn_weight.reborrow(),
             Some(grads.attn_c_attn_bias.reborrow()),
-            g.d_qkv.prefix(bt * 3 * c),
+            g.d_qkv.prefix(bt * 3 * w),
             a.ln_1.prefix(bt * c),
             self.attn_c_attn_weight,
             bt,
             c,
-            3 * c,
+            3 * w,
         );
+        comm.sum_branch_input_grad(g.d_ln.prefix_mut(bt * c))?;
         layernorm_backward(
             d_x,
             grads.ln_1_weight.reborrow(),
@@ -332,6 +485,7 @@ impl BlockParams<View<'_>> {
             a.ln_1_rstd.prefix(bt),
             c,
         );
+        Ok(())
     }
 }
 // ANCHOR_END: block_backward
@@ -361,33 +515,67 @@ fn lm_head_backward(
 }
 // ANCHOR_END: lm_head
 
-// ANCHOR: model_forward
-/// tokens [B, T] -> logits [B, T, Vp] in `acts.logits`. With targets [B, T], also returns the
-/// mean loss, and `acts.logits` then holds the probabilities that backward needs. On a GPU,
-/// reading the loss back waits for the queued work, and reports its first error.
-pub fn forward(
-    p: &GptParams<View<'_>>,
-    cfg: &ModelConfig,
-    acts: &mut Activations,
-    tokens: &[u32],
-    targets: Option<&[u32]>,
-    b: usize,
-    t: usize,
-) -> Result<Option<f32>, CudaError> {
-    assert!(b <= acts.batch && t <= acts.seq && t <= cfg.block_size, "pass larger than its buffers");
-    assert_eq!(tokens.len(), b * t);
-    let d = Dims { b, t, c: cfg.n_embd, n_head: cfg.n_head };
-    let (bt, c, vp) = (b * t, cfg.n_embd, cfg.padded_vocab_size());
+// ANCHOR: model_parts
+/// The head's parameters: the final LayerNorm and the (tied) output projection.
+pub struct Head<T> {
+    pub ln_f_weight: T,
+    pub ln_f_bias: T,
+    /// [Vp, C]: the token embedding, read as the output projection.
+    pub wte: T,
+}
 
-    embedding_forward(acts.embedded.prefix_mut(bt * c), tokens, p.wte, p.wpe, t, c);
-    for (l, block) in p.blocks.iter().enumerate() {
-        let (done, todo) = acts.blocks.split_at_mut(l);
-        let x = done.last().map_or(&acts.embedded, |prev| &prev.out).prefix(bt * c);
-        block.forward(x, &mut todo[0], acts.proj.prefix_mut(bt * c), d);
+impl<'a> GptParams<View<'a>> {
+    pub fn head(&self) -> Head<View<'a>> {
+        Head { ln_f_weight: self.ln_f_weight, ln_f_bias: self.ln_f_bias, wte: self.wte }
     }
-    let last = acts.blocks.last().map_or(&acts.embedded, |b| &b.out).prefix(bt * c);
+}
+
+impl BlockParams<ViewMut<'_>> {
+    /// Read-only views of the block's tensors, in layout order.
+    pub fn views(&self) -> Vec<View<'_>> {
+        self.tensors().into_iter().map(ViewMut::as_view).collect()
+    }
+}
+
+/// Part 1, the embeddings: tokens [B, T] -> x [B, T, C] = wte[token] + wpe[position].
+pub fn embed_forward(x: ViewMut<'_>, tokens: &[u32], wte: View<'_>, wpe: View<'_>, t: usize, c: usize) {
+    embedding_forward(x, tokens, wte, wpe, t, c);
+}
+
+/// Part 2, blocks `blocks` in order: x [B, T, C] is the first block's input; block i's output
+/// is `acts[i].out`, and the last one's is the part's output.
+pub fn blocks_forward(
+    blocks: &[BlockParams<View<'_>>],
+    x: View<'_>,
+    acts: &mut [BlockActivations],
+    mut proj: ViewMut<'_>,
+    d: Dims,
+    comm: &mut dyn BlockComm,
+) -> Result<(), CommError> {
+    let bt_c = d.bt() * d.shape.n_embd;
+    for (l, block) in blocks.iter().enumerate() {
+        let (done, todo) = acts.split_at_mut(l);
+        let input = done.last().map_or(x, |prev| prev.out.prefix(bt_c));
+        block.forward(input, &mut todo[0], proj.reborrow(), d, comm)?;
+    }
+    Ok(())
+}
+
+/// Part 3, the head: x [B, T, C] -> logits [B, T, Vp] in `acts.logits`. With targets [B, T],
+/// also returns the mean loss, and `acts.logits` then holds the probabilities that backward
+/// needs. On a GPU, reading the loss back waits for the queued work, and reports its first error.
+#[allow(clippy::too_many_arguments)]
+pub fn head_forward(
+    p: &Head<View<'_>>,
+    cfg: &ModelConfig,
+    x: View<'_>,
+    acts: &mut HeadActivations,
+    targets: Option<&[u32]>,
+    bt: usize,
+) -> Result<Option<f32>, ModelError> {
+    let (c, vp) = (cfg.n_embd, cfg.padded_vocab_size());
     let (mean, rstd) = (acts.ln_f_mean.prefix_mut(bt), acts.ln_f_rstd.prefix_mut(bt));
-    layernorm_forward(acts.ln_f.prefix_mut(bt * c), mean, rstd, last, p.ln_f_weight, p.ln_f_bias, c);
+    layernorm_forward(acts.ln_f.prefix_mut(bt * c), mean, rstd, x, p.ln_f_weight, p.ln_f_bias, c);
     lm_head_forward(acts.logits.prefix_mut(bt * vp), acts.ln_f.prefix(bt * c), p.wte, bt, c, vp);
 
     let Some(targets) = targets else { return Ok(None) };
@@ -396,72 +584,150 @@ pub fn forward(
     let losses = acts.losses.prefix(bt).to_vec()?;
     Ok(Some((losses.iter().map(|&l| l as f64).sum::<f64>() / bt as f64) as f32))
 }
+
+/// Part 3 backward, for L = dloss · (sum of the token losses of the last `head_forward`):
+/// accumulates the head's gradients (ln_f, and the output projection's share of dwte) and
+/// writes dL/dx [B, T, C] into `d_x`. `d_ln` is [B, T, C] scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn head_backward(
+    p: &Head<View<'_>>,
+    grads: Head<ViewMut<'_>>,
+    cfg: &ModelConfig,
+    x: View<'_>,
+    acts: &mut HeadActivations,
+    mut d_ln: ViewMut<'_>,
+    mut d_x: ViewMut<'_>,
+    targets: &[u32],
+    dloss: f32,
+    bt: usize,
+) {
+    let (c, vp) = (cfg.n_embd, cfg.padded_vocab_size());
+    softmax_cross_entropy_backward(acts.logits.prefix_mut(bt * vp), targets, dloss, vp);
+    let (dlogits, ln_f) = (acts.logits.prefix(bt * vp), acts.ln_f.prefix(bt * c));
+    lm_head_backward(d_ln.reborrow(), grads.wte, dlogits, ln_f, p.wte, bt, c, vp);
+    zero(d_x.reborrow());
+    layernorm_backward(
+        d_x,
+        grads.ln_f_weight,
+        grads.ln_f_bias,
+        d_ln.as_view(),
+        x,
+        p.ln_f_weight,
+        acts.ln_f_mean.prefix(bt),
+        acts.ln_f_rstd.prefix(bt),
+        c,
+    );
+}
+
+/// Part 2 backward: blocks `blocks` from the last to the first, given d_out = dL/d(the last
+/// block's output) in `d_res[0]`; `x` is the first block's input. Leaves dL/dx in `d_res[0]`.
+/// `on_block_done(i, grads)` hears as block i's gradients become final.
+#[allow(clippy::too_many_arguments)]
+pub fn blocks_backward(
+    blocks: &[BlockParams<View<'_>>],
+    grads: &mut [BlockParams<ViewMut<'_>>],
+    x: View<'_>,
+    acts: &[BlockActivations],
+    scratch: &mut BackwardScratch,
+    d: Dims,
+    comm: &mut dyn BlockComm,
+    on_block_done: &mut dyn FnMut(usize, &BlockParams<ViewMut<'_>>),
+) -> Result<(), CommError> {
+    let bt_c = d.bt() * d.shape.n_embd;
+    let [d_a, d_b] = &mut scratch.d_res;
+    let (mut d_out, mut d_in) = (d_a, d_b);
+    for l in (0..blocks.len()).rev() {
+        let input = if l == 0 { x } else { acts[l - 1].out.prefix(bt_c) };
+        let (g, d_x) = (&mut scratch.block, d_in.prefix_mut(bt_c));
+        blocks[l].backward(&mut grads[l], d_out.prefix(bt_c), input, &acts[l], g, d_x, d, comm)?;
+        std::mem::swap(&mut d_out, &mut d_in);
+        on_block_done(l, &grads[l]);
+    }
+    // The gradient ended in whichever buffer the last swap left as d_out: keep it in d_res[0].
+    if blocks.len() % 2 == 1 {
+        scratch.d_res.swap(0, 1);
+    }
+    Ok(())
+}
+
+/// Part 1 backward: scatters dL/dx [B, T, C] into the rows of dwte and dwpe it came from.
+pub fn embed_backward(dwte: ViewMut<'_>, dwpe: ViewMut<'_>, d_x: View<'_>, tokens: &[u32], t: usize, c: usize) {
+    embedding_backward(dwte, dwpe, d_x, tokens, t, c);
+}
+// ANCHOR_END: model_parts
+
+// ANCHOR: model_forward
+/// tokens [B, T] -> logits [B, T, Vp] in `acts.head.logits`: the three parts in turn, on whole
+/// blocks. With targets [B, T], also returns the mean loss (see [`head_forward`]).
+pub fn forward(
+    p: &GptParams<View<'_>>,
+    cfg: &ModelConfig,
+    acts: &mut Activations,
+    tokens: &[u32],
+    targets: Option<&[u32]>,
+    b: usize,
+    t: usize,
+) -> Result<Option<f32>, ModelError> {
+    assert!(b <= acts.batch && t <= acts.seq && t <= cfg.block_size, "pass larger than its buffers");
+    assert_eq!(tokens.len(), b * t);
+    let d = Dims { b, t, shape: BlockShape::whole(cfg) };
+    let (bt, c) = (b * t, cfg.n_embd);
+
+    embed_forward(acts.embedded.prefix_mut(bt * c), tokens, p.wte, p.wpe, t, c);
+    let (x, proj) = (acts.embedded.prefix(bt * c), acts.proj.prefix_mut(bt * c));
+    blocks_forward(&p.blocks, x, &mut acts.blocks, proj, d, &mut Whole)?;
+    let last = acts.blocks.last().map_or(&acts.embedded, |b| &b.out).prefix(bt * c);
+    head_forward(&p.head(), cfg, last, &mut acts.head, targets, bt)
+}
 // ANCHOR_END: model_forward
 
 // ANCHOR: grads_ready
-/// Told, during backward, which parameters' gradients are now final: a range of indices into
-/// `ParamLayout::specs`, and read access to every gradient. They become final in reverse layout
-/// order: ln_f, then block L-1 down to block 0, then wte and wpe (wte last: it collects the
-/// output projection's gradient first and the embedding's at the very end). Chapter 2 hangs its
-/// gradient all-reduce here, to overlap communication with the rest of backward.
-pub type GradsReady<'a> = &'a mut dyn FnMut(Range<usize>, &GptParams<ViewMut<'_>>);
+/// Told, during backward, that a part's gradients are now final, with that part's gradient
+/// tensors in layout order (`ParamLayout::part_tensors` says which those are). They become final in the
+/// order of `ParamLayout::backward_order`: the head, block L-1 down to block 0, then the
+/// embeddings (wte last: it collects the output projection's gradient first and the embedding's
+/// at the very end). Chapter 2 hangs its gradient all-reduce here, to overlap communication with
+/// the rest of backward.
+pub type GradsReady<'a> = &'a mut dyn FnMut(Part, &[View<'_>]);
 // ANCHOR_END: grads_ready
 
 // ANCHOR: model_backward
 /// Accumulates dL/dθ into `grads` for L = dloss * (sum of the token losses of the last
-/// `forward`, which must have been given targets). dloss = 1/(tokens in the step) makes L the
-/// step's mean loss.
+/// `forward`, which must have been given targets): the three parts' backwards in reverse.
+/// dloss = 1/(tokens in the step) makes L the step's mean loss.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     p: &GptParams<View<'_>>,
     grads: &mut GptParams<ViewMut<'_>>,
     cfg: &ModelConfig,
     acts: &mut Activations,
-    g: &mut Gradients,
+    scratch: &mut BackwardScratch,
     tokens: &[u32],
     targets: &[u32],
     dloss: f32,
     b: usize,
     t: usize,
     on_ready: GradsReady<'_>,
-) {
-    let d = Dims { b, t, c: cfg.n_embd, n_head: cfg.n_head };
-    let (bt, c, vp) = (b * t, cfg.n_embd, cfg.padded_vocab_size());
-    let n_tensors = 2 + 12 * cfg.n_layer + 2;
+) -> Result<(), ModelError> {
+    let d = Dims { b, t, shape: BlockShape::whole(cfg) };
+    let (bt, c) = (b * t, cfg.n_embd);
 
-    softmax_cross_entropy_backward(acts.logits.prefix_mut(bt * vp), targets, dloss, vp);
-    let (dlogits, ln_f) = (acts.logits.prefix(bt * vp), acts.ln_f.prefix(bt * c));
-    lm_head_backward(g.block.d_ln.prefix_mut(bt * c), grads.wte.reborrow(), dlogits, ln_f, p.wte, bt, c, vp);
-
-    let [d_a, d_b] = &mut g.d_res;
-    let (mut d_out, mut d_in) = (d_a, d_b);
     let last = acts.blocks.last().map_or(&acts.embedded, |b| &b.out).prefix(bt * c);
-    zero(d_out.prefix_mut(bt * c));
-    layernorm_backward(
-        d_out.prefix_mut(bt * c),
-        grads.ln_f_weight.reborrow(),
-        grads.ln_f_bias.reborrow(),
-        g.block.d_ln.prefix(bt * c),
-        last,
-        p.ln_f_weight,
-        acts.ln_f_mean.prefix(bt),
-        acts.ln_f_rstd.prefix(bt),
-        c,
-    );
-    on_ready(n_tensors - 2..n_tensors, grads);
+    let head_grads = Head {
+        ln_f_weight: grads.ln_f_weight.reborrow(),
+        ln_f_bias: grads.ln_f_bias.reborrow(),
+        wte: grads.wte.reborrow(),
+    };
+    let (d_ln, d_x) = (scratch.block.d_ln.prefix_mut(bt * c), scratch.d_res[0].prefix_mut(bt * c));
+    head_backward(&p.head(), head_grads, cfg, last, &mut acts.head, d_ln, d_x, targets, dloss, bt);
+    on_ready(Part::Head, &[grads.ln_f_weight.as_view(), grads.ln_f_bias.as_view()]);
 
-    for l in (0..cfg.n_layer).rev() {
-        let x = match l {
-            0 => acts.embedded.prefix(bt * c),
-            _ => acts.blocks[l - 1].out.prefix(bt * c),
-        };
-        let (block_grads, acts_l) = (&mut grads.blocks[l], &acts.blocks[l]);
-        p.blocks[l].backward(block_grads, d_out.prefix(bt * c), x, acts_l, &mut g.block, d_in.prefix_mut(bt * c), d);
-        std::mem::swap(&mut d_out, &mut d_in);
-        on_ready(2 + 12 * l..2 + 12 * (l + 1), grads);
-    }
-    embedding_backward(grads.wte.reborrow(), grads.wpe.reborrow(), d_out.prefix(bt * c), tokens, t, c);
-    on_ready(0..2, grads);
+    let x = acts.embedded.prefix(bt * c);
+    let mut block_done = |l: usize, g: &BlockParams<ViewMut<'_>>| on_ready(Part::Block(l), &g.views());
+    blocks_backward(&p.blocks, &mut grads.blocks, x, &acts.blocks, scratch, d, &mut Whole, &mut block_done)?;
+    embed_backward(grads.wte.reborrow(), grads.wpe.reborrow(), scratch.d_res[0].prefix(bt * c), tokens, t, c);
+    on_ready(Part::Embeddings, &[grads.wte.as_view(), grads.wpe.as_view()]);
+    Ok(())
 }
 // ANCHOR_END: model_backward
 
@@ -497,7 +763,7 @@ mod tests {
     ) -> Vec<f32> {
         let ledger = MemoryLedger::new();
         let mut acts = Activations::new(cfg, b, t, Device::Cpu, DType::F32, &ledger).unwrap();
-        let mut scratch = Gradients::new(cfg, b, t, Device::Cpu, DType::F32, &ledger).unwrap();
+        let mut scratch = BackwardScratch::new(BlockShape::whole(cfg), b, t, Device::Cpu, DType::F32, &ledger).unwrap();
         let mut grads = vec![0.0; layout.total];
         let p = layout.views(View::Cpu(params));
         forward(&p, cfg, &mut acts, tokens, Some(targets), b, t).unwrap();
@@ -514,7 +780,8 @@ mod tests {
             b,
             t,
             hook,
-        );
+        )
+        .unwrap();
         grads
     }
 
@@ -578,20 +845,21 @@ mod tests {
         let (cfg, layout, params) = tiny();
         let tokens = [1u32, 2, 3, 4];
         let mut seen = Vec::new();
-        let mut hook = |ready: Range<usize>, g: &GptParams<ViewMut<'_>>| {
-            // What the hook reads is the final gradient: nonzero for every tensor but the unused
-            // positions' rows of wpe.
-            assert!(ready.clone().all(|i| g.tensors()[i].as_slice().iter().any(|&x| x != 0.0)));
-            seen.push(ready);
+        let mut hook = |part: Part, g: &[View<'_>]| {
+            // What the hook reads is the final gradient: nonzero for every tensor.
+            assert!(g.iter().all(|t| t.cpu().iter().any(|&x| x != 0.0)), "{part:?}");
+            let lens: Vec<usize> = g.iter().map(|t| t.len()).collect();
+            seen.push((part, lens));
         };
         gradient(&cfg, &layout, &params, &tokens, &tokens, 1, 4, &mut hook);
-        let n = layout.specs.len();
-        assert_eq!(seen.first(), Some(&(n - 2..n)), "ln_f first");
-        assert_eq!(seen.last(), Some(&(0..2)), "embeddings last");
-        for pair in seen.windows(2) {
-            assert_eq!(pair[1].end, pair[0].start, "contiguous, descending");
+        assert_eq!(seen.first().map(|s| s.0), Some(Part::Head), "ln_f first");
+        assert_eq!(seen.last().map(|s| s.0), Some(Part::Embeddings), "embeddings last");
+        let order: Vec<Part> = seen.iter().map(|s| s.0).collect();
+        assert_eq!(order, layout.backward_order(), "the layout states what backward does");
+        for (part, lens) in &seen {
+            let specs = &layout.specs[layout.part_tensors(*part)];
+            assert_eq!(lens, &specs.iter().map(|s| s.numel()).collect::<Vec<_>>(), "{part:?}: the part's tensors");
         }
-        assert_eq!(seen, layout.backward_units(), "the layout states what backward does");
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //! the k most likely tokens, sampled with a seeded generator.
 
 use crate::config::ModelConfig;
-use crate::model::{Activations, forward};
+use crate::model::{Activations, ModelError, forward};
 use crate::params::GptParams;
-use kernels::{DType, Device, MemoryLedger, Rng, TensorError, View};
+use kernels::{DType, Device, MemoryLedger, Rng, View};
 
 #[derive(Clone, Copy, Debug)]
 pub struct SampleConfig {
@@ -48,7 +48,7 @@ pub fn generate(
     cfg: SampleConfig,
     device: Device,
     dtype: DType,
-) -> Result<Vec<u32>, TensorError> {
+) -> Result<Vec<u32>, ModelError> {
     let mut rng = Rng::derive(cfg.seed, "sample");
     let window = model.block_size;
     let mut acts = Activations::new(model, 1, window, device, dtype, &MemoryLedger::new())?;
@@ -58,7 +58,7 @@ pub fn generate(
         let context = &tokens[tokens.len().saturating_sub(window)..];
         let t = context.len();
         forward(p, model, &mut acts, context, None, 1, t)?;
-        let last = acts.logits.view().slice((t - 1) * vp..(t - 1) * vp + model.vocab_size).to_vec()?;
+        let last = acts.head.logits.view().slice((t - 1) * vp..(t - 1) * vp + model.vocab_size).to_vec()?;
         tokens.push(sample_next(&last, cfg.temperature, cfg.top_k, &mut rng));
     }
     Ok(tokens.split_off(prompt.len()))

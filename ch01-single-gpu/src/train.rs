@@ -3,7 +3,8 @@
 use crate::checkpoint::{self, CheckpointContents, CheckpointError, RunShape, TrainerState};
 use crate::config::{ConfigError, ModelConfig};
 use crate::data::{Batch, BatchSampler, DataError, DataOrder, Dataset, SHAKESPEARE, sequential_batch};
-use crate::model::{Activations, Gradients, GradsReady, backward, forward};
+use crate::model::{Activations, BackwardScratch, BlockShape, GradsReady, ModelError, backward, forward};
+use crate::optimizer::{Optimizer, squared_norm};
 use crate::params::{GptParams, ParamLayout};
 use crate::sample::{SampleConfig, generate};
 use crate::schedule::{LrSchedule, learning_rate};
@@ -12,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kernels::cuda::Gpu;
 use kernels::cuda::timing::{StreamSpan, StreamTrace};
 use kernels::device::DeviceRequest;
-use kernels::dispatch::{adamw_update, copy, global_norm};
+use kernels::dispatch::copy;
 use kernels::ops::adamw::AdamWConfig;
 use kernels::ops::grad_norm::clip_scale;
 use kernels::{
@@ -142,6 +143,8 @@ pub enum TrainError {
     Tensor(#[from] TensorError),
     #[error(transparent)]
     Cuda(#[from] CudaError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
     #[error("{0} must be at least 1")]
     Zero(&'static str),
     #[error("seq_len {seq_len} exceeds the model's block size {block_size}")]
@@ -161,6 +164,10 @@ pub enum TrainError {
     NonFiniteLoss { step: u64, loss: f32, last_checkpoint: Option<(PathBuf, u64)> },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error(
+        "this trainer holds only part of the optimizer state: a checkpoint holds all of it, so gather the parts first"
+    )]
+    PartialOptimizer,
     /// A collective failed (in later chapters: usually because another rank failed first).
     #[error(transparent)]
     Comm(#[from] kernels::comm::CommError),
@@ -275,21 +282,6 @@ pub fn load_dataset(source: &DataSource, tokenizer: &Tokenizer) -> Result<Datase
     Ok(Dataset::new(tokenizer.encode(&text))?)
 }
 
-// ANCHOR: decay_groups
-/// Consecutive tensors that share a weight-decay setting, merged into one AdamW call each.
-fn decay_groups(layout: &ParamLayout, weight_decay: f32) -> Vec<(Range<usize>, f32)> {
-    let mut groups: Vec<(Range<usize>, f32)> = Vec::new();
-    for spec in &layout.specs {
-        let wd = if spec.weight_decay { weight_decay } else { 0.0 };
-        match groups.last_mut() {
-            Some((range, last_wd)) if *last_wd == wd && range.end == spec.offset => range.end = spec.range().end,
-            _ => groups.push((spec.range(), wd)),
-        }
-    }
-    groups
-}
-// ANCHOR_END: decay_groups
-
 fn check_config(cfg: &TrainConfig, model: &ModelConfig) -> Result<usize, TrainError> {
     for (value, name) in
         [(cfg.batch_size, "batch size"), (cfg.grad_accum, "grad_accum"), (cfg.val_batches, "val_batches")]
@@ -346,18 +338,16 @@ pub struct Trainer {
     /// The corpus, tokenized once and shared by every trainer of a run (data-parallel ranks).
     pub dataset: Arc<Dataset>,
     run: RunShape,
-    /// Parameters, their gradients and AdamW's two moments: four buffers of one layout, f32 on
-    /// the device. In a bf16 run, `params_copy` is the bf16 copy of the parameters that forward
-    /// and backward compute with, rewritten after each update.
+    /// Parameters and their gradients, two buffers of one layout, f32 on the device; AdamW's
+    /// two moments (in `optimizer`) make four. In a bf16 run, `params_copy` is the bf16 copy of
+    /// the parameters that forward and backward compute with, rewritten after each update.
     params: Tensor,
     params_copy: Option<Tensor>,
     grads: Tensor,
-    adam_m: Tensor,
-    adam_v: Tensor,
+    optimizer: Optimizer,
     acts: Activations,
-    scratch: Gradients,
+    scratch: BackwardScratch,
     sampler: BatchSampler,
-    decay_groups: Vec<(Range<usize>, f32)>,
     /// Optimizer steps completed.
     pub step: u64,
     /// Sequences of each micro-batch this trainer computes (all B here; a data-parallel rank
@@ -415,8 +405,8 @@ impl Trainer {
         let buffer = |category| Tensor::zeros_on(&[layout.total], device, DType::F32, category, &ledger);
         let mut params = buffer(Category::Parameters)?;
         let grads = buffer(Category::Gradients)?;
-        let mut adam_m = buffer(Category::OptimizerState)?;
-        let mut adam_v = buffer(Category::OptimizerState)?;
+        let owned = 0..layout.total; // this trainer updates every parameter
+        let mut optimizer = Optimizer::new(&layout, owned, cfg.weight_decay, cfg.adam, device, &ledger)?;
         // ANCHOR_END: four_buffers
         // Weights and moments are read and initialised on the host, then copied to the device.
         let mut host = vec![0.0f32; layout.total];
@@ -438,8 +428,7 @@ impl Trainer {
             checkpoint::load_weights(dir, &model, &layout, &mut host)?;
             let (mut m, mut v) = (vec![0.0f32; layout.total], vec![0.0f32; layout.total]);
             checkpoint::load_optimizer(dir, &layout, &mut m, &mut v)?;
-            adam_m.copy_from(&m)?;
-            adam_v.copy_from(&v)?;
+            optimizer.load_moments(&m, &v)?;
             (step, sampler) = (state.step, state.sampler);
         } else if let Some(dir) = &cfg.init {
             checkpoint::load_weights(dir, &model, &layout, &mut host)?;
@@ -457,8 +446,7 @@ impl Trainer {
         };
 
         let acts = Activations::new(&model, rows, t, device, cfg.dtype, &ledger)?;
-        let scratch = Gradients::new(&model, rows, t, device, cfg.dtype, &ledger)?;
-        let decay_groups = decay_groups(&layout, cfg.weight_decay);
+        let scratch = BackwardScratch::new(BlockShape::whole(&model), rows, t, device, cfg.dtype, &ledger)?;
         let trace = if cfg.trace.is_some() { Trace::enabled() } else { Trace::disabled() };
         let gpu_trace = match device {
             Device::Cuda(ordinal) => Some(StreamTrace::new(Gpu::get(ordinal)?, trace.lane(0, 1))),
@@ -477,12 +465,10 @@ impl Trainer {
             params,
             params_copy,
             grads,
-            adam_m,
-            adam_v,
+            optimizer,
             acts,
             scratch,
             sampler,
-            decay_groups,
             step,
             rows,
             t,
@@ -568,7 +554,7 @@ impl Trainer {
         gpu.end(gpu_span);
         let (_span, gpu_span) = (self.trace.span("backward"), gpu.start("backward"));
         let mut g = self.layout.views_mut(self.grads.view_mut());
-        backward(&p, &mut g, model, &mut self.acts, &mut self.scratch, inputs, targets, dloss, b, t, on_ready);
+        backward(&p, &mut g, model, &mut self.acts, &mut self.scratch, inputs, targets, dloss, b, t, on_ready)?;
         gpu.end(gpu_span);
         Ok(loss)
     }
@@ -586,26 +572,32 @@ impl Trainer {
     }
 
     // ANCHOR: apply_gradients
-    /// Ends a step: checks the loss, clips the gradient to `grad_clip`, takes the AdamW step with
-    /// the scheduled learning rate, and counts the step.
+    /// Ends a step of a trainer that holds the whole model: its squared gradient norm is the
+    /// global one, so it takes the step with it.
     pub fn apply_gradients(&mut self, loss: f32, started: Instant) -> Result<StepRecord, TrainError> {
+        let squared = self.grad_squared_norm(0..self.layout.total)?;
+        self.take_step(loss, squared.sqrt() as f32, started)
+    }
+
+    /// The optimizer's part one: Σ g² over `range` of the gradient buffer (see
+    /// [`optimizer::squared_norm`](crate::optimizer::squared_norm)).
+    pub fn grad_squared_norm(&self, range: Range<usize>) -> Result<f64, TrainError> {
+        Ok(squared_norm(self.grads.view(), range)?)
+    }
+
+    /// Part two: checks the loss, clips the gradient with the global norm `grad_norm` to
+    /// `grad_clip`, takes the AdamW step with the scheduled learning rate on the parameters this
+    /// trainer owns, and counts the step.
+    pub fn take_step(&mut self, loss: f32, grad_norm: f32, started: Instant) -> Result<StepRecord, TrainError> {
         if !loss.is_finite() {
             return Err(TrainError::NonFiniteLoss { step: self.step + 1, loss, last_checkpoint: None });
         }
         let _span = self.trace.span("optimizer");
         let gpu_span = GpuSpans(self.gpu_trace.as_mut()).start("optimizer");
-        let grad_norm = global_norm(self.grads.view())?;
         let scale = clip_scale(grad_norm, self.cfg.grad_clip);
         let cfg = &self.cfg;
         let lr = learning_rate(cfg.lr_schedule, cfg.lr, self.step, cfg.steps, cfg.warmup_steps);
-        for (range, wd) in &self.decay_groups {
-            let p = self.params.view_mut().slice_into(range.clone());
-            let p_copy = self.params_copy.as_mut().map(|c| c.view_mut().slice_into(range.clone()));
-            let g = self.grads.view().slice(range.clone());
-            let (m, v) =
-                (self.adam_m.view_mut().slice_into(range.clone()), self.adam_v.view_mut().slice_into(range.clone()));
-            adamw_update(p, p_copy, g, m, v, cfg.adam, lr, *wd, scale, self.step + 1);
-        }
+        self.optimizer.update(&mut self.params, self.params_copy.as_mut(), &self.grads, lr, scale, self.step + 1);
         GpuSpans(self.gpu_trace.as_mut()).end(gpu_span);
         // On a GPU the update is only queued: wait for it, so that the step's time is its own.
         if let Device::Cuda(ordinal) = self.device {
@@ -648,7 +640,10 @@ impl Trainer {
     pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
         let _span = self.trace.span("save");
         let state = TrainerState { step: self.step, sampler: self.sampler.clone(), run: self.run.clone() };
-        let (params, m, v) = (self.params.to_vec()?, self.adam_m.to_vec()?, self.adam_v.to_vec()?);
+        if self.optimizer.owned != (0..self.layout.total) {
+            return Err(TrainError::PartialOptimizer);
+        }
+        let (params, m, v) = (self.params.to_vec()?, self.optimizer.adam_m.to_vec()?, self.optimizer.adam_v.to_vec()?);
         let contents = CheckpointContents {
             cfg: &self.model,
             layout: &self.layout,
@@ -851,19 +846,4 @@ impl GpuSpans<'_> {
 
 fn write_trace(trace: &Trace, path: &Path) -> Result<(), TrainError> {
     trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn decay_groups_merge_neighbours() {
-        let model = ModelConfig::preset("tiny", 256).unwrap();
-        let layout = ParamLayout::new(&model);
-        let groups = decay_groups(&layout, 0.1);
-        assert_eq!(groups.iter().map(|g| g.0.len()).sum::<usize>(), layout.total);
-        assert_eq!(groups[0], (0..layout.get("h.0.ln_1.weight").unwrap().offset, 0.1), "wte and wpe together");
-        assert!(groups.windows(2).all(|w| w[0].1 != w[1].1 && w[0].0.end == w[1].0.start));
-    }
 }

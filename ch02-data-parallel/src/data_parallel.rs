@@ -6,22 +6,19 @@
 //! L_r = (1/(B·T·accum)) · (sum of rank r's token losses). Gradients are linear, so
 //! ∇L = Σ_r ∇L_r: each rank backpropagates its own L_r, one all-reduce adds them up.
 
-use crate::buckets::{Bucket, plan_buckets};
-use crate::overlap::{Done, Job, comm_worker};
+use crate::grad_sync::GradSync;
 use ch01_single_gpu::data::Dataset;
-use ch01_single_gpu::params::GptParams;
+use ch01_single_gpu::params::Part;
 use ch01_single_gpu::tokenizer::Tokenizer;
 use ch01_single_gpu::train::{StepRecord, TrainSteps, Trainer, drive, load_dataset};
 use ch01_single_gpu::{TrainConfig, TrainError, TrainReport};
-use kernels::comm::thread::{ThreadComm, launch};
-use kernels::comm::{CommError, CommStats, Communicator, ReduceOp};
+use kernels::comm::thread::{LaunchError, ThreadComm, launch};
+use kernels::comm::{CommStats, Communicator, ReduceOp};
 use kernels::device::DeviceRequest;
-use kernels::memory::Allocation;
-use kernels::{Category, MemoryReport, Trace, ViewMut};
+use kernels::{MemoryReport, Trace, View};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::Instant;
 
 /// Thread ranks on the CPU: more than this only thrashes a machine, and is almost surely a typo.
@@ -52,8 +49,11 @@ pub enum DpError {
     TooManyRanks { dp: usize, available: usize, what: &'static str },
     #[error("--bucket-mb must be a finite number of MiB, 0 or more (got {0})")]
     BadBucketSize(f64),
-    #[error("{0}")]
-    Launch(String),
+    /// A rank failed: which one, and why (the other ranks' failures are its consequences).
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error("rank 0 returned no report")]
+    NoReport,
     #[error(
         "chapter 2's ranks are threads on the CPU (GPU ranks communicate through NCCL, which chapter 5 uses); run it with --device cpu or auto"
     )]
@@ -99,63 +99,10 @@ struct DpRank {
     trainer: Trainer,
     rank: usize,
     dp: usize,
-    buckets: Vec<Bucket>,
-    /// For each tensor, its bucket.
-    bucket_of: Vec<usize>,
-    /// Each bucket's communication buffer, while the compute thread holds it.
-    buffers: Vec<Option<Vec<f32>>>,
-    _buffer_bytes: Allocation,
-    /// Launch buckets from backward's hook (true), or all after backward (false).
-    overlap: bool,
-    jobs: Sender<Job>,
-    done: Receiver<Result<Done, CommError>>,
-    comm_seconds: f64,
-    exposed_seconds: f64,
+    sync: GradSync,
 }
-
-fn comm_failed() -> TrainError {
-    TrainError::Comm(CommError::Backend("the communication thread stopped".into()))
-}
-
-// ANCHOR: launch_bucket
-/// Copies bucket `b`'s gradients out of `grads` and queues its all-reduce.
-fn launch_bucket(
-    b: usize,
-    bucket: &Bucket,
-    grads: &[&[f32]],
-    buffer: &mut Option<Vec<f32>>,
-    jobs: &Sender<Job>,
-) -> Result<(), TrainError> {
-    let mut data = buffer.take().ok_or_else(comm_failed)?;
-    let mut at = 0;
-    for g in grads {
-        data[at..at + g.len()].copy_from_slice(g);
-        at += g.len();
-    }
-    debug_assert_eq!(at, bucket.range.len());
-    jobs.send(Job::ReduceBucket { bucket: b, data }).map_err(|_| comm_failed())
-}
-// ANCHOR_END: launch_bucket
 
 impl DpRank {
-    fn reduce_scalars(&mut self, values: Vec<f32>, op: ReduceOp) -> Result<Vec<f32>, TrainError> {
-        self.jobs.send(Job::ReduceScalars { values, op }).map_err(|_| comm_failed())?;
-        match self.done.recv().map_err(|_| comm_failed())? {
-            Ok(Done::Scalars(values)) => Ok(values),
-            Ok(_) => Err(comm_failed()),
-            Err(e) => Err(TrainError::Comm(e)),
-        }
-    }
-
-    fn stop(&mut self) -> Result<CommStats, TrainError> {
-        self.jobs.send(Job::Stop).map_err(|_| comm_failed())?;
-        match self.done.recv().map_err(|_| comm_failed())? {
-            Ok(Done::Stopped(stats)) => Ok(stats),
-            Ok(_) => Err(comm_failed()),
-            Err(e) => Err(TrainError::Comm(e)),
-        }
-    }
-
     /// This rank's rows of a micro-batch of B rows.
     fn my_rows(&self) -> Range<usize> {
         let (rows, t) = self.trainer.shard_shape();
@@ -173,63 +120,26 @@ impl TrainSteps for DpRank {
         let accum = self.trainer.cfg.grad_accum;
         let dloss = self.trainer.dloss(); // 1/(global tokens per step), on every rank
         let mut loss_sum = 0.0f64;
-        let mut launched = vec![false; self.buckets.len()];
         for micro in 0..accum {
             let batch = self.trainer.next_micro_batch();
             let mine = self.my_rows();
             let (inputs, targets) = (&batch.inputs[mine.clone()], &batch.targets[mine]);
             // Only the last micro-batch's backward communicates: before it, gradients are still
             // accumulating locally (what PyTorch's DDP calls no_sync).
-            let communicate = self.overlap && micro + 1 == accum;
-            let Self { trainer, buckets, bucket_of, buffers, jobs, .. } = self;
-            let mut remaining: Vec<usize> = buckets.iter().map(|b| b.tensors.len()).collect();
-            let mut error = None;
-            let mut on_ready = |ready: Range<usize>, grads: &GptParams<ViewMut<'_>>| {
-                if !communicate || error.is_some() {
-                    return;
-                }
-                let tensors = grads.tensors();
-                for i in ready {
-                    let b = bucket_of[i];
-                    remaining[b] -= 1;
-                    if remaining[b] == 0 {
-                        let bucket = &buckets[b];
-                        let slices: Vec<&[f32]> = bucket.tensors.clone().map(|j| tensors[j].as_slice()).collect();
-                        match launch_bucket(b, bucket, &slices, &mut buffers[b], jobs) {
-                            Ok(()) => launched[b] = true,
-                            Err(e) => error = Some(e),
-                        }
-                    }
+            let last = micro + 1 == accum;
+            let Self { trainer, sync, .. } = self;
+            sync.begin();
+            let mut on_ready = |part: Part, grads: &[View<'_>]| {
+                if last {
+                    sync.on_ready(part, grads)
                 }
             };
             loss_sum += trainer.forward_backward(inputs, targets, dloss, &mut on_ready)? as f64;
-            if let Some(e) = error {
-                return Err(e);
-            }
         }
-        // Without overlap (or for buckets the hook did not launch), reduce after backward.
-        for (b, bucket) in self.buckets.iter().enumerate().filter(|(b, _)| !launched[*b]) {
-            let grads = &self.trainer.grads()[bucket.range.clone()];
-            launch_bucket(b, bucket, &[grads], &mut self.buffers[b], &self.jobs)?;
-        }
-        // Wait for every bucket and copy the sums back. Time spent here is communication that
-        // backward did not hide.
-        let waiting = Instant::now();
-        for _ in 0..self.buckets.len() {
-            match self.done.recv().map_err(|_| comm_failed())? {
-                Ok(Done::Bucket { bucket, data, seconds }) => {
-                    let range = self.buckets[bucket].range.clone();
-                    self.trainer.grads_mut()[range].copy_from_slice(&data);
-                    self.buffers[bucket] = Some(data);
-                    self.comm_seconds += seconds;
-                }
-                Ok(_) => return Err(comm_failed()),
-                Err(e) => return Err(TrainError::Comm(e)),
-            }
-        }
-        self.exposed_seconds += waiting.elapsed().as_secs_f64();
+        // Sends what the hook did not, waits for every sum, and writes the sums back.
+        self.sync.finish(self.trainer.grads_mut())?;
         // Every rank's rows are the same number of tokens: the step's loss is the ranks' mean.
-        let loss = self.reduce_scalars(vec![(loss_sum / accum as f64) as f32], ReduceOp::Avg)?[0];
+        let loss = self.sync.reduce_scalars(vec![(loss_sum / accum as f64) as f32], ReduceOp::Avg)?[0];
         self.trainer.apply_gradients(loss, started)
     }
     // ANCHOR_END: dp_step
@@ -241,7 +151,7 @@ impl TrainSteps for DpRank {
         let n = (self.trainer.cfg.val_batches * self.dp) as u64;
         let mine = (self.rank as u64..n).step_by(self.dp);
         let sum = self.trainer.val_loss_sum(mine)? as f32;
-        Ok(self.reduce_scalars(vec![sum], ReduceOp::Sum)?[0] / n as f32)
+        Ok(self.sync.reduce_scalars(vec![sum], ReduceOp::Sum)?[0] / n as f32)
     }
     // ANCHOR_END: dp_evaluate
 
@@ -295,53 +205,25 @@ fn run_rank(
     let rank = comm.rank();
     let mut trainer = Trainer::with_shard(&cfg.train, cfg.train.batch_size / dp, dataset)?;
     trainer.trace = trace.lane(rank as u32, 0);
-    // One rank has nothing to all-reduce: no buckets, no communication buffers.
-    let buckets =
-        if dp == 1 { Vec::new() } else { plan_buckets(&trainer.layout, (cfg.bucket_mb * 1024.0 * 1024.0) as usize) };
-    let mut bucket_of = vec![0; trainer.layout.specs.len()];
-    for (b, bucket) in buckets.iter().enumerate() {
-        bucket.tensors.clone().for_each(|i| bucket_of[i] = b);
-    }
-    let bucketed: usize = buckets.iter().map(|b| b.range.len()).sum();
-    let buffer_bytes = trainer.ledger.allocate(Category::Communication, (bucketed * 4) as u64);
-    let buffers = buckets.iter().map(|b| Some(vec![0.0f32; b.range.len()])).collect();
+    let bucket_bytes = (cfg.bucket_mb * 1024.0 * 1024.0) as usize;
+    let sync = GradSync::new(comm, &trainer.layout, bucket_bytes, &trainer.ledger, trace.lane(rank as u32, 1));
     let grad_bytes = (trainer.layout.total * 4) as u64;
-
-    let (jobs, job_queue) = mpsc::channel();
-    let (done_tx, done) = mpsc::channel();
-    let comm_trace = trace.lane(rank as u32, 1);
-    std::thread::scope(|scope| {
-        scope.spawn(move || comm_worker(comm, job_queue, done_tx, comm_trace));
-        let mut me = DpRank {
-            trainer,
-            rank,
-            dp,
-            overlap: cfg.bucket_mb > 0.0 && !buckets.is_empty(),
-            buckets,
-            bucket_of,
-            buffers,
-            _buffer_bytes: buffer_bytes,
-            jobs,
-            done,
-            comm_seconds: 0.0,
-            exposed_seconds: 0.0,
-        };
-        let header =
-            format!("{} | data parallel: {dp} ranks, {} rows each", me.trainer.header(), cfg.train.batch_size / dp);
-        let outcome = drive(&cfg.train, &mut me, rank == 0, &header)?;
-        let comm = me.stop()?;
-        let report = RankReport {
-            rank,
-            memory: me.trainer.ledger.report(),
-            comm,
-            comm_seconds: me.comm_seconds,
-            exposed_seconds: me.exposed_seconds,
-            params_fingerprint: fingerprint(&me.trainer.params()?),
-        };
-        // Rank 0 reports for the run (and generates the sample); the replicas are identical.
-        let leader = if rank == 0 { Some(me.trainer.report(outcome)?) } else { None };
-        Ok((leader, report, grad_bytes))
-    })
+    let mut me = DpRank { trainer, rank, dp, sync };
+    let header =
+        format!("{} | data parallel: {dp} ranks, {} rows each", me.trainer.header(), cfg.train.batch_size / dp);
+    let outcome = drive(&cfg.train, &mut me, rank == 0, &header)?;
+    let comm = me.sync.stop()?;
+    let report = RankReport {
+        rank,
+        memory: me.trainer.ledger.report(),
+        comm,
+        comm_seconds: me.sync.comm_seconds,
+        exposed_seconds: me.sync.exposed_seconds,
+        params_fingerprint: fingerprint(&me.trainer.params()?),
+    };
+    // Rank 0 reports for the run (and generates the sample); the replicas are identical.
+    let leader = if rank == 0 { Some(me.trainer.report(outcome)?) } else { None };
+    Ok((leader, report, grad_bytes))
 }
 // ANCHOR_END: run_rank
 
@@ -356,8 +238,7 @@ pub fn train(cfg: &DpConfig) -> Result<DpReport, DpError> {
     let traced = cfg.train.trace.is_some() || cfg.timeline.is_some();
     let trace = if traced { Trace::enabled() } else { Trace::disabled() };
     // The launcher names the rank that failed first, and why ("rank 1 failed: ...").
-    let results = launch(dp, |comm| run_rank(cfg, dp, comm, dataset.clone(), &trace))
-        .map_err(|e| DpError::Launch(e.to_string()))?;
+    let results = launch(dp, |comm| run_rank(cfg, dp, comm, dataset.clone(), &trace))?;
     if let Some(path) = &cfg.train.trace {
         trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
     }
@@ -377,7 +258,7 @@ pub fn train(cfg: &DpConfig) -> Result<DpReport, DpError> {
         grad_bytes = bytes;
         ranks.push(rank_report);
     }
-    let report = leader.ok_or_else(|| DpError::Launch("rank 0 returned no report".into()))?;
+    let report = leader.ok_or(DpError::NoReport)?;
     Ok(DpReport { dp, report, ranks, grad_bytes })
 }
 // ANCHOR_END: train

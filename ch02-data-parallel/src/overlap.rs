@@ -6,7 +6,6 @@
 //! same order everywhere), which is what makes the collectives match up across ranks.
 
 use kernels::Trace;
-use kernels::comm::thread::ThreadComm;
 use kernels::comm::{CommError, CommStats, Communicator, ReduceOp};
 use std::sync::mpsc::{Receiver, Sender};
 use std::time::Instant;
@@ -28,7 +27,12 @@ pub enum Done {
 
 // ANCHOR: comm_worker
 /// Runs on the communication thread until `Stop` (or until the compute thread hangs up).
-pub fn comm_worker(mut comm: ThreadComm, jobs: Receiver<Job>, done: Sender<Result<Done, CommError>>, trace: Trace) {
+pub fn comm_worker<C: Communicator>(
+    mut comm: C,
+    jobs: Receiver<Job>,
+    done: Sender<Result<Done, CommError>>,
+    trace: Trace,
+) {
     for job in jobs {
         let result = match job {
             Job::ReduceBucket { bucket, mut data } => {

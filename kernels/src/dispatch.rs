@@ -318,6 +318,15 @@ pub fn global_norm(grads: View<'_>) -> Result<f32, CudaError> {
     }
 }
 
+/// See [`ops::grad_norm::squared_norm`]. On a GPU: the square of the device's norm (exact to f32,
+/// which is all a GPU run's norm promises).
+pub fn squared_norm(grads: View<'_>) -> Result<f64, CudaError> {
+    match grads {
+        View::Cpu(g) => Ok(ops::grad_norm::squared_norm(g)),
+        View::Cuda(g) => Ok((cuda::ops::global_norm(g)? as f64).powi(2)),
+    }
+}
+
 /// dst = src (on a GPU, converting between f32 and bf16 if their types differ).
 pub fn copy(dst: ViewMut<'_>, src: View<'_>) {
     match dst {

@@ -8,8 +8,14 @@ const CHUNK: usize = 16 * 1024;
 /// sqrt(sum of g^2) over every gradient, accumulated in f64 over fixed chunks summed in order
 /// (deterministic whatever the thread count).
 pub fn global_norm(grads: &[f32]) -> f32 {
+    squared_norm(grads).sqrt() as f32
+}
+
+/// sum of g^2, in f64, the same way: the part of the squared global norm that one rank's
+/// gradients contribute, when ranks hold different parts of the model.
+pub fn squared_norm(grads: &[f32]) -> f64 {
     let partials: Vec<f64> = grads.par_chunks(CHUNK).map(|c| c.iter().map(|&g| g as f64 * g as f64).sum()).collect();
-    partials.iter().sum::<f64>().sqrt() as f32
+    partials.iter().sum::<f64>()
 }
 
 /// The factor that brings a gradient of global norm `norm` down to at most `max_norm`:
