@@ -734,6 +734,7 @@ pub fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::params::Placement;
 
     fn tiny() -> (ModelConfig, ParamLayout, Vec<f32>) {
         let cfg = ModelConfig { n_layer: 2, n_head: 2, n_embd: 16, block_size: 8, vocab_size: 200 };
@@ -796,6 +797,142 @@ mod tests {
     ) -> f32 {
         let mut acts = Activations::new(cfg, b, t, Device::Cpu, DType::F32, &MemoryLedger::new()).unwrap();
         forward(&layout.views(View::Cpu(params)), cfg, &mut acts, tokens, Some(targets), b, t).unwrap().unwrap()
+    }
+
+    // ANCHOR: shard_test
+    /// A test's stand-in for a tensor-parallel group of two thread ranks: `sum` adds the two
+    /// ranks' buffers by hand (each writes its own, both read the sum).
+    struct PairSum {
+        rank: usize,
+        slots: std::sync::Arc<std::sync::Mutex<[Vec<f32>; 2]>>,
+        barrier: std::sync::Arc<std::sync::Barrier>,
+    }
+
+    impl PairSum {
+        fn sum(&mut self, buf: ViewMut<'_>) -> Result<(), CommError> {
+            let ViewMut::Cpu(buf) = buf else { unreachable!("CPU test") };
+            self.slots.lock().unwrap()[self.rank] = buf.to_vec();
+            self.barrier.wait();
+            let slots = self.slots.lock().unwrap();
+            buf.iter_mut().enumerate().for_each(|(i, x)| *x = slots[0][i] + slots[1][i]);
+            drop(slots);
+            self.barrier.wait(); // nobody overwrites a slot before both have read it
+            Ok(())
+        }
+    }
+
+    impl BlockComm for PairSum {
+        fn sum_branch_output(&mut self, partial: ViewMut<'_>) -> Result<(), CommError> {
+            self.sum(partial)
+        }
+        fn sum_branch_input_grad(&mut self, partial: ViewMut<'_>) -> Result<(), CommError> {
+            self.sum(partial)
+        }
+        fn adds_output_bias(&self) -> bool {
+            self.rank == 0
+        }
+    }
+
+    /// One block's forward and backward at `shape`: (output, dL/dx, the block's gradients in
+    /// `layout`'s buffer).
+    fn block_pass(
+        layout: &ParamLayout,
+        params: &[f32],
+        shape: BlockShape,
+        x: &[f32],
+        d_out: &[f32],
+        (b, t): (usize, usize),
+        comm: &mut dyn BlockComm,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let ledger = MemoryLedger::new();
+        let mut acts = BlockActivations::new(shape, b, t, Device::Cpu, DType::F32, &ledger).unwrap();
+        let mut scratch = BackwardScratch::new(shape, b, t, Device::Cpu, DType::F32, &ledger).unwrap();
+        let mut proj = vec![0.0; x.len()];
+        let (p, d) = (layout.views(View::Cpu(params)), Dims { b, t, shape });
+        p.blocks[0].forward(View::Cpu(x), &mut acts, ViewMut::Cpu(&mut proj), d, comm).unwrap();
+        let mut grads = vec![0.0; layout.total];
+        let mut d_x = vec![0.0; x.len()];
+        let mut g = layout.views_mut(ViewMut::Cpu(&mut grads));
+        let (d_out, x) = (View::Cpu(d_out), View::Cpu(x));
+        p.blocks[0].backward(&mut g.blocks[0], d_out, x, &acts, &mut scratch.block, ViewMut::Cpu(&mut d_x), d, comm).unwrap();
+        (acts.out.as_slice().to_vec(), d_x, grads)
+    }
+
+    #[test]
+    fn a_block_split_in_two_by_hand_computes_the_whole_block() {
+        // Two heads, 16 dims: each shard has one head (its q, k and v columns of c_attn) and 32
+        // of the MLP's 64 units; the sums at the hook points make the two one block.
+        let (cfg, layout, params) = tiny();
+        let (b, t, n) = (2, 8, 2);
+        let mut rng = Rng::new(5);
+        let x: Vec<f32> = (0..b * t * cfg.n_embd).map(|_| rng.normal() as f32).collect();
+        let d_out: Vec<f32> = (0..x.len()).map(|_| rng.normal() as f32 * 0.1).collect();
+        let (out, d_x, grads) = block_pass(&layout, &params, BlockShape::whole(&cfg), &x, &d_out, (b, t), &mut Whole);
+
+        let shard = layout.shard(n).unwrap();
+        let slots = std::sync::Arc::new(std::sync::Mutex::new([Vec::new(), Vec::new()]));
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(n));
+        let results: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..n)
+                .map(|rank| {
+                    let (layout, shard, params, x, d_out, cfg) = (&layout, &shard, &params, &x, &d_out, &cfg);
+                    let mut comm = PairSum { rank, slots: slots.clone(), barrier: barrier.clone() };
+                    scope.spawn(move || {
+                        let mut mine = vec![0.0; shard.total];
+                        layout.take_shard(shard, params, rank, n, &mut mine);
+                        block_pass(shard, &mine, BlockShape::shard(cfg, n), x, d_out, (b, t), &mut comm)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+
+        let close = |what: &str, a: &[f32], b: &[f32]| {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{what}[{i}]: {x} vs {y}");
+            }
+        };
+        let mut gathered = vec![0.0; layout.total];
+        for (rank, (out_r, d_x_r, grads_r)) in results.iter().enumerate() {
+            close("out", &out, out_r);
+            close("d_x", &d_x, d_x_r);
+            layout.put_shard(&shard, grads_r, rank, n, &mut gathered);
+            // Replicated tensors (LayerNorms, output biases): every shard has the whole gradient.
+            for (whole, mine) in layout.specs.iter().zip(&shard.specs).filter(|(s, _)| s.placement == Placement::Replicated) {
+                close(&whole.name, &grads[whole.range()], &grads_r[mine.range()]);
+            }
+        }
+        for spec in layout.specs.iter().filter(|s| s.part == Part::Block(0)) {
+            close(&spec.name, &grads[spec.range()], &gathered[spec.range()]);
+        }
+    }
+    // ANCHOR_END: shard_test
+
+    #[test]
+    fn shards_cover_every_parameter_once_and_gather_back() {
+        let (_, layout, params) = tiny();
+        let n = 2;
+        let shard = layout.shard(n).unwrap();
+        // Split tensors halve, replicated ones stay: the shards hold less than two copies.
+        assert!(shard.total < layout.total && 2 * shard.total > layout.total);
+        let c_attn = shard.get("h.1.attn.c_attn.weight").unwrap();
+        assert_eq!(c_attn.shape, vec![16, 24], "one head of q, k and v: 3 x 8 columns");
+        let mut gathered = vec![0.0; layout.total];
+        for rank in 0..n {
+            let mut mine = vec![0.0; shard.total];
+            layout.take_shard(&shard, &params, rank, n, &mut mine);
+            layout.put_shard(&shard, &mine, rank, n, &mut gathered);
+        }
+        assert_eq!(gathered, params);
+        // Rank 1's q columns of c_attn start at column 8 of the full tensor's first row.
+        let full = layout.get("h.0.attn.c_attn.weight").unwrap().offset;
+        let mut mine = vec![0.0; shard.total];
+        layout.take_shard(&shard, &params, 1, n, &mut mine);
+        let at = shard.get("h.0.attn.c_attn.weight").unwrap().offset;
+        assert_eq!(mine[at..at + 8], params[full + 8..full + 16], "q of head 1");
+        assert_eq!(mine[at + 8..at + 16], params[full + 24..full + 32], "k of head 1");
+        let err = layout.shard(3).unwrap_err();
+        assert!(err.to_string().contains("wte.weight cannot be split 3 ways"), "{err}");
     }
 
     // ANCHOR: whole_model_gradient_check
