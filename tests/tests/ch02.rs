@@ -6,10 +6,9 @@
 //! parameters' update within a relative 1e-5 over these short runs (the largest seen: 7e-6, for
 //! the parameters at dp 4 with accumulation).
 
-use ch01_single_gpu::train::Trainer;
 use ch01_single_gpu::{TrainConfig, TrainReport};
 use ch02_data_parallel::{DpConfig, DpReport};
-use scale_tests::{assert_close, tiny_config};
+use scale_tests::{assert_matches_ch01, tiny_config};
 
 fn ch01(cfg: &TrainConfig) -> TrainReport {
     ch01_single_gpu::train(cfg).unwrap()
@@ -20,25 +19,10 @@ fn dp(cfg: &TrainConfig, dp: usize, bucket_mb: f64) -> DpReport {
 }
 
 // ANCHOR: assert_matches_single_device
-/// The step losses, the validation loss and every parameter match chapter 1.
+/// Chapter 1's check (`scale_tests::assert_matches_ch01`: losses, grad norms, validation losses,
+/// parameters), plus what data parallelism adds: every replica ended with the same parameters.
 fn assert_matches_single_device(cfg: &TrainConfig, single: &TrainReport, parallel: &DpReport) {
-    assert_close("loss", &single.losses(), &parallel.report.losses(), 1e-5);
-    // The gradient itself, not only its effect: clipping and AdamW both cancel a constant factor,
-    // so a gradient n times too large (each rank scaling by its own token count) would leave the
-    // losses right and only show here.
-    let norms = |r: &TrainReport| r.steps.iter().map(|s| s.grad_norm).collect::<Vec<f32>>();
-    assert_close("grad norm", &norms(single), &norms(&parallel.report), 1e-5);
-    let val = |r: &TrainReport| r.val_losses.iter().map(|v| v.1).collect::<Vec<f32>>();
-    assert_close("val loss", &val(single), &val(&parallel.report), 1e-5);
-    // Parameters: the error relative to what training changed, ||p_dp - p_1|| / ||p_1 - p_0||.
-    // (Element by element, Adam's update m/sqrt(v) amplifies rounding for a parameter whose
-    // gradient is near 0, so single elements are not a fair measure of the whole.)
-    let p0 = Trainer::new(cfg).unwrap().params().unwrap(); // the same seed: the same start
-    let norm = |it: &mut dyn Iterator<Item = f64>| it.map(|x| x * x).sum::<f64>().sqrt();
-    let diff = norm(&mut single.params.iter().zip(&parallel.report.params).map(|(a, b)| (*a - *b) as f64));
-    let moved = norm(&mut single.params.iter().zip(&p0).map(|(a, b)| (*a - *b) as f64));
-    eprintln!("relative parameter error {:.2e}", diff / moved);
-    assert!(diff <= 1e-5 * moved, "parameters differ by {diff:.3e}, {:.2e} of the update", diff / moved);
+    assert_matches_ch01(cfg, single, &parallel.report, 1e-5);
     let first = parallel.ranks[0].params_fingerprint;
     assert!(parallel.ranks.iter().all(|r| r.params_fingerprint == first), "replicas diverged");
 }
