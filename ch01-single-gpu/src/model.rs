@@ -854,7 +854,9 @@ mod tests {
         let mut d_x = vec![0.0; x.len()];
         let mut g = layout.views_mut(ViewMut::Cpu(&mut grads));
         let (d_out, x) = (View::Cpu(d_out), View::Cpu(x));
-        p.blocks[0].backward(&mut g.blocks[0], d_out, x, &acts, &mut scratch.block, ViewMut::Cpu(&mut d_x), d, comm).unwrap();
+        p.blocks[0]
+            .backward(&mut g.blocks[0], d_out, x, &acts, &mut scratch.block, ViewMut::Cpu(&mut d_x), d, comm)
+            .unwrap();
         (acts.out.as_slice().to_vec(), d_x, grads)
     }
 
@@ -898,7 +900,9 @@ mod tests {
             close("d_x", &d_x, d_x_r);
             layout.put_shard(&shard, grads_r, rank, n, &mut gathered);
             // Replicated tensors (LayerNorms, output biases): every shard has the whole gradient.
-            for (whole, mine) in layout.specs.iter().zip(&shard.specs).filter(|(s, _)| s.placement == Placement::Replicated) {
+            for (whole, mine) in
+                layout.specs.iter().zip(&shard.specs).filter(|(s, _)| s.placement == Placement::Replicated)
+            {
                 close(&whole.name, &grads[whole.range()], &grads_r[mine.range()]);
             }
         }

@@ -147,6 +147,8 @@ pub enum TrainError {
     Model(#[from] ModelError),
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+    #[error("a trainer computes between 1 and all {batch} rows of each micro-batch, not {rows}")]
+    RowsPerRank { rows: usize, batch: usize },
     #[error("seq_len {seq_len} exceeds the model's block size {block_size}")]
     SeqLenTooLong { seq_len: usize, block_size: usize },
     #[error("cannot read data file {path}: {source}")]
@@ -379,7 +381,7 @@ impl Trainer {
         let seq_len = check_config(cfg, &model)?;
         let (b, t) = (cfg.batch_size, seq_len);
         if rows == 0 || rows > b {
-            return Err(TrainError::Zero("rows per rank"));
+            return Err(TrainError::RowsPerRank { rows, batch: b });
         }
         dataset.check_seq_len(t)?;
         let run = RunShape {
