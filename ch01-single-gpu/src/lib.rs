@@ -10,6 +10,8 @@ pub mod config;
 pub mod data;
 pub mod model;
 pub mod params;
+pub mod plot;
+pub mod report;
 pub mod sample;
 pub mod schedule;
 pub mod tokenizer;

@@ -7,5 +7,6 @@
 pub mod buckets;
 pub mod data_parallel;
 pub mod overlap;
+pub mod report;
 
 pub use data_parallel::{DpConfig, DpError, DpReport, RankReport, train};
