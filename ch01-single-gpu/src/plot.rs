@@ -171,7 +171,10 @@ pub fn memory_chart(report: &RunReport) -> Result<String, PlotError> {
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(draw_error)?;
-        let caption = format!("memory at the peak, by category ({n} rank{})", if n == 1 { "" } else { "s" });
+        let caption = match report.ranks.as_slice() {
+            [one] => format!("memory at the peak, by category: {} in all", format_bytes(one.memory.peak_total)),
+            _ => format!("memory at each rank's peak, by category ({n} ranks)"),
+        };
         // Category i spans [i, i + 1) on x; its label sits at i + 0.5.
         let mut chart = ChartBuilder::on(&root)
             .caption(caption, ("sans-serif", 20))
