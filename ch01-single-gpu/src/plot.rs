@@ -6,6 +6,8 @@
 use crate::report::RunReport;
 use kernels::Category;
 use kernels::memory::format_bytes;
+use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::{Path, PathBuf};
@@ -100,23 +102,49 @@ const COLOURS: [(RGBColor, RGBColor); 3] = [
     (RGBColor(140, 200, 140), RGBColor(60, 140, 60)),
 ];
 
+type Root<'b> = DrawingArea<SVGBackend<'b>, Shift>;
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// An SVG document of one captioned chart over `x` by `y`, drawn by `draw`, which says where
+/// the legend goes (if there is one).
+fn svg_chart(
+    caption: &str,
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+    draw: impl FnOnce(&Root<'_>, &mut Chart<'_, '_>) -> Result<Option<SeriesLabelPosition>, PlotError>,
+) -> Result<String, PlotError> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
+        root.fill(&WHITE).map_err(draw_error)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(caption, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(x, y)
+            .map_err(draw_error)?;
+        if let Some(position) = draw(&root, &mut chart)? {
+            chart
+                .configure_series_labels()
+                .position(position)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(draw_error)?;
+        }
+        root.present().map_err(draw_error)?;
+    }
+    Ok(svg)
+}
+
 // ANCHOR: loss_chart
 /// The loss curves of `runs` as an SVG document: step on x, loss (nats per token) on y; the
 /// first run drawn last, on top. Legend entries are "LABEL train" and "LABEL validation".
 pub fn loss_chart(runs: &[LossCurves]) -> Result<String, PlotError> {
     let points = || runs.iter().flat_map(|r| r.train.iter().chain(&r.val));
     let (steps, losses) = (span(points().map(|p| p.0), 0.0), span(points().map(|p| p.1), 0.05));
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
-        root.fill(&WHITE).map_err(draw_error)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption("loss", ("sans-serif", 20))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(48)
-            .build_cartesian_2d(steps, losses)
-            .map_err(draw_error)?;
+    svg_chart("loss", steps, losses, |_, chart| {
         chart
             .configure_mesh()
             .light_line_style(RGBColor(240, 240, 240))
@@ -141,16 +169,8 @@ pub fn loss_chart(runs: &[LossCurves]) -> Result<String, PlotError> {
                 .label(format!("{} validation", run.label))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], val));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(draw_error)?;
-        root.present().map_err(draw_error)?;
-    }
-    Ok(svg)
+        Ok(Some(SeriesLabelPosition::UpperRight))
+    })
 }
 // ANCHOR_END: loss_chart
 
@@ -167,22 +187,13 @@ pub fn memory_chart(report: &RunReport) -> Result<String, PlotError> {
         Category::ALL.into_iter().filter(|&c| ranks.clone().any(|r| at_peak(r, c) > 0)).collect();
     let highest = ranks.clone().flat_map(|r| categories.iter().map(move |&c| at_peak(r, c))).max().unwrap_or(0);
     let n = report.ranks.len().max(1);
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
-        root.fill(&WHITE).map_err(draw_error)?;
-        let caption = match report.ranks.as_slice() {
-            [one] => format!("memory at the peak, by category: {} in all", format_bytes(one.memory.peak_total)),
-            _ => format!("memory at each rank's peak, by category ({n} ranks)"),
-        };
-        // Category i spans [i, i + 1) on x; its label sits at i + 0.5.
-        let mut chart = ChartBuilder::on(&root)
-            .caption(caption, ("sans-serif", 20))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(56)
-            .build_cartesian_2d(0.0..categories.len().max(1) as f64, 0.0..(highest as f64 / MIB * 1.15).max(1e-3))
-            .map_err(draw_error)?;
+    let caption = match report.ranks.as_slice() {
+        [one] => format!("memory at the peak, by category: {} in all", format_bytes(one.memory.peak_total)),
+        _ => format!("memory at each rank's peak, by category ({n} ranks)"),
+    };
+    // Category i spans [i, i + 1) on x; its bars sit in the middle 80%.
+    let (x, y) = (0.0..categories.len().max(1) as f64, 0.0..(highest as f64 / MIB * 1.15).max(1e-3));
+    svg_chart(&caption, x, y, |root, chart| {
         chart
             .configure_mesh()
             .disable_x_mesh()
@@ -220,18 +231,8 @@ pub fn memory_chart(report: &RunReport) -> Result<String, PlotError> {
             });
             chart.draw_series(sizes).map_err(draw_error)?;
         }
-        if n > 1 {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(draw_error)?;
-        }
-        root.present().map_err(draw_error)?;
-    }
-    Ok(svg)
+        Ok((n > 1).then_some(SeriesLabelPosition::UpperLeft))
+    })
 }
 // ANCHOR_END: memory_chart
 
