@@ -176,3 +176,12 @@ fn bad_plot_and_report_paths_get_one_line_before_training() {
         assert!(!Path::new(&metrics).exists() && !Path::new(&plot).exists(), "{args:?} trained first");
     }
 }
+
+#[test]
+fn help_lists_the_report_and_plot_flags() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ch01-single-gpu")).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--report <PATH>", "--plot <PATH.svg>", "--plot-compare <FILE>", "--plot-memory <PATH.svg>"] {
+        assert!(help.contains(flag), "--help does not list {flag}");
+    }
+}
