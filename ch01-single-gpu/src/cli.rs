@@ -213,7 +213,6 @@ pub fn print_summary(report: &TrainReport) {
     }
 }
 
-// ANCHOR: run_outputs
 /// The files a run writes about itself when it ends, drawn from its [`RunReport`]. Every
 /// chapter's command line has them (they are part of [`CommonArgs`]).
 #[derive(Args, Debug, Clone, Default)]
@@ -268,4 +267,3 @@ impl RunOutputs {
         Ok(())
     }
 }
-// ANCHOR_END: run_outputs

@@ -138,7 +138,6 @@ fn svg_chart(
     Ok(svg)
 }
 
-// ANCHOR: loss_chart
 /// The loss curves of `runs` as an SVG document: step on x, loss (nats per token) on y; the
 /// first run drawn last, on top. Legend entries are "LABEL train" and "LABEL validation".
 pub fn loss_chart(runs: &[LossCurves]) -> Result<String, PlotError> {
@@ -172,11 +171,9 @@ pub fn loss_chart(runs: &[LossCurves]) -> Result<String, PlotError> {
         Ok(Some(SeriesLabelPosition::UpperRight))
     })
 }
-// ANCHOR_END: loss_chart
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-// ANCHOR: memory_chart
 /// The memory of every rank at its peak, by ledger category, as an SVG bar chart in MiB: one
 /// group of bars per category (categories no rank uses are left out), one bar per rank (with
 /// its size written above it when there is one rank).
@@ -234,7 +231,6 @@ pub fn memory_chart(report: &RunReport) -> Result<String, PlotError> {
         Ok((n > 1).then_some(SeriesLabelPosition::UpperLeft))
     })
 }
-// ANCHOR_END: memory_chart
 
 /// Writes an SVG document.
 pub fn write_svg(path: &Path, svg: &str) -> Result<(), PlotError> {

@@ -26,7 +26,6 @@ fn int(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("{v} is not an integer"))
 }
 
-// ANCHOR: ring_bytes_test
 #[test]
 fn report_bytes_are_the_ring_all_reduce_formula() {
     let dir = tempfile::tempdir().unwrap();
@@ -70,7 +69,6 @@ fn report_bytes_are_the_ring_all_reduce_formula() {
         assert_eq!(total.1, total.0, "dp {dp}: bytes received by all ranks");
     }
 }
-// ANCHOR_END: ring_bytes_test
 
 #[test]
 fn plots_show_this_run_on_another_and_every_rank_memory() {
