@@ -2,6 +2,8 @@
 //! printed at the end of a run.
 
 use crate::data::DataOrder;
+use crate::plot::{LossCurves, loss_chart, memory_chart, write_svg};
+use crate::report::RunReport;
 use crate::schedule::LrSchedule;
 use crate::tokenizer::TokenizerKind;
 use crate::{DataSource, TrainConfig, TrainReport};
@@ -9,7 +11,7 @@ use anyhow::Context;
 use clap::Args;
 use kernels::memory::format_bytes;
 use kernels::{Category, ops::adamw::AdamWConfig};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The flags every chapter's trainer shares; later chapters `#[command(flatten)]` them next to
 /// their own (`--dp`, `--tp`, ...).
@@ -124,6 +126,9 @@ pub struct CommonArgs {
     /// No progress bar or evaluation lines; only the summary.
     #[arg(long)]
     quiet: bool,
+    /// What to write about the run when it ends: --report, --plot, --plot-compare, --plot-memory.
+    #[command(flatten)]
+    pub outputs: RunOutputs,
 }
 
 impl CommonArgs {
@@ -205,5 +210,60 @@ pub fn print_summary(report: &TrainReport) {
     }
     if let Some(sample) = &report.sample {
         println!("sample\n{sample}");
+    }
+}
+
+/// The files a run writes about itself when it ends, drawn from its [`RunReport`]. Every
+/// chapter's command line has them (they are part of [`CommonArgs`]).
+#[derive(Args, Debug, Clone, Default)]
+pub struct RunOutputs {
+    /// Write the run as JSON: config, every step, validation losses, throughput, and per rank its
+    /// grid coordinates, memory by category and bytes sent and received per collective.
+    #[arg(long, value_name = "PATH")]
+    pub report: Option<PathBuf>,
+    /// Draw the training and validation loss curves as SVG.
+    #[arg(long, value_name = "PATH.svg")]
+    pub plot: Option<PathBuf>,
+    /// Lay another run's --metrics file over the --plot curves (named by its file name).
+    #[arg(long, value_name = "FILE")]
+    pub plot_compare: Option<PathBuf>,
+    /// Draw each rank's memory at its peak, by ledger category, as an SVG bar chart.
+    #[arg(long, value_name = "PATH.svg")]
+    pub plot_memory: Option<PathBuf>,
+}
+
+impl RunOutputs {
+    /// Checks what can be checked before training (so that a typo does not cost a whole run)
+    /// and reads the --plot-compare file.
+    pub fn prepare(&self) -> anyhow::Result<Option<LossCurves>> {
+        let outputs = [("--report", &self.report), ("--plot", &self.plot), ("--plot-memory", &self.plot_memory)];
+        for (flag, path) in outputs.into_iter().filter_map(|(flag, path)| Some((flag, path.as_deref()?))) {
+            let dir = path.parent().unwrap_or(Path::new(""));
+            if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                anyhow::bail!("{flag} {}: there is no directory {}", path.display(), dir.display());
+            }
+        }
+        match &self.plot_compare {
+            Some(_) if self.plot.is_none() => {
+                anyhow::bail!("--plot-compare draws onto --plot: give --plot PATH.svg too")
+            }
+            Some(path) => Ok(Some(LossCurves::from_metrics_file(path).context("--plot-compare")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes the report and the pictures the flags ask for; `compare` is what [`Self::prepare`] read.
+    pub fn write(&self, report: &RunReport, compare: Option<LossCurves>) -> anyhow::Result<()> {
+        if let Some(path) = &self.report {
+            report.write(path).context("--report")?;
+        }
+        if let Some(path) = &self.plot {
+            let runs: Vec<LossCurves> = std::iter::once(LossCurves::from_report(report)).chain(compare).collect();
+            write_svg(path, &loss_chart(&runs)?).context("--plot")?;
+        }
+        if let Some(path) = &self.plot_memory {
+            write_svg(path, &memory_chart(report)?).context("--plot-memory")?;
+        }
+        Ok(())
     }
 }

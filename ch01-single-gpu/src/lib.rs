@@ -11,6 +11,8 @@ pub mod data;
 pub mod model;
 pub mod optimizer;
 pub mod params;
+pub mod plot;
+pub mod report;
 pub mod sample;
 pub mod schedule;
 pub mod tokenizer;

@@ -2,6 +2,7 @@
 //! [`ch01_single_gpu::train`]; every flag maps onto a field of `TrainConfig` (see `cli.rs`).
 
 use ch01_single_gpu::cli::{CommonArgs, print_summary};
+use ch01_single_gpu::report::RunReport;
 use ch01_single_gpu::train;
 use clap::Parser;
 use std::process::ExitCode;
@@ -17,13 +18,18 @@ struct Cli {
     common: CommonArgs,
 }
 
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let outputs = cli.common.outputs.clone();
+    let compare = outputs.prepare()?;
+    let cfg = cli.common.into_config()?;
+    let report = train(&cfg)?;
+    print_summary(&report);
+    outputs.write(&RunReport::single_device(&cfg, &report), compare)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.common.into_config().and_then(|cfg| Ok(train(&cfg)?)) {
-        Ok(report) => {
-            print_summary(&report);
-            ExitCode::SUCCESS
-        }
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE

@@ -8,5 +8,6 @@ pub mod buckets;
 pub mod data_parallel;
 pub mod grad_sync;
 pub mod overlap;
+pub mod report;
 
 pub use data_parallel::{DpConfig, DpError, DpReport, RankReport, train};

@@ -48,18 +48,20 @@ fn print_data_parallel(r: &DpReport) {
     println!("  communication hidden by backward: {:.0}%", 100.0 * r.hidden_fraction());
 }
 
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let outputs = cli.common.outputs.clone();
+    let compare = outputs.prepare()?;
+    let cfg =
+        DpConfig { train: cli.common.into_config()?, dp: cli.dp, bucket_mb: cli.bucket_mb, timeline: cli.timeline };
+    let report = train(&cfg)?;
+    print_summary(&report.report);
+    print_data_parallel(&report);
+    outputs.write(&report.run_report(&cfg), compare)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = cli.common.into_config().and_then(|train_cfg| {
-        let cfg = DpConfig { train: train_cfg, dp: cli.dp, bucket_mb: cli.bucket_mb, timeline: cli.timeline.clone() };
-        Ok(train(&cfg)?)
-    });
-    match result {
-        Ok(report) => {
-            print_summary(&report.report);
-            print_data_parallel(&report);
-            ExitCode::SUCCESS
-        }
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
