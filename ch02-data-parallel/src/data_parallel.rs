@@ -60,9 +60,10 @@ pub enum DpError {
     GpuRanks,
 }
 
-/// One rank's account of a run.
+/// One data-parallel replica's account of a run (the JSON report's per-rank entry is
+/// `ch01_single_gpu::report::RankReport`, built from this).
 #[derive(Clone, Debug)]
-pub struct RankReport {
+pub struct ReplicaReport {
     pub rank: usize,
     pub memory: MemoryReport,
     pub comm: CommStats,
@@ -78,7 +79,7 @@ pub struct DpReport {
     pub dp: usize,
     /// Rank 0's report (every rank ends with the same parameters).
     pub report: TrainReport,
-    pub ranks: Vec<RankReport>,
+    pub ranks: Vec<ReplicaReport>,
     /// Bytes of the gradient buffer reduced each step.
     pub grad_bytes: u64,
 }
@@ -201,7 +202,7 @@ fn run_rank(
     comm: ThreadComm,
     dataset: Arc<Dataset>,
     trace: &Trace,
-) -> Result<(Option<TrainReport>, RankReport, u64), DpError> {
+) -> Result<(Option<TrainReport>, ReplicaReport, u64), DpError> {
     let rank = comm.rank();
     let mut trainer = Trainer::with_shard(&cfg.train, cfg.train.batch_size / dp, dataset)?;
     trainer.trace = trace.lane(rank as u32, 0);
@@ -213,7 +214,7 @@ fn run_rank(
         format!("{} | data parallel: {dp} ranks, {} rows each", me.trainer.header(), cfg.train.batch_size / dp);
     let outcome = drive(&cfg.train, &mut me, rank == 0, &header)?;
     let comm = me.sync.stop()?;
-    let report = RankReport {
+    let report = ReplicaReport {
         rank,
         memory: me.trainer.ledger.report(),
         comm,
