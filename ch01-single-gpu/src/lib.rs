@@ -8,10 +8,14 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod interrupt;
+pub mod metrics;
 pub mod model;
 pub mod params;
+pub mod preflight;
 pub mod sample;
 pub mod schedule;
+pub mod testing;
 pub mod tokenizer;
 pub mod train;
 

@@ -1,8 +1,8 @@
 //! `ch01-single-gpu`: train GPT-2 on one device. A thin command line around
 //! [`ch01_single_gpu::train`]; every flag maps onto a field of `TrainConfig` (see `cli.rs`).
 
-use ch01_single_gpu::cli::{CommonArgs, print_summary};
-use ch01_single_gpu::train;
+use ch01_single_gpu::cli::{CommonArgs, finish, parse_args, print_summary};
+use ch01_single_gpu::{interrupt, train};
 use clap::Parser;
 use std::process::ExitCode;
 
@@ -18,15 +18,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.common.into_config().and_then(|cfg| Ok(train(&cfg)?)) {
-        Ok(report) => {
-            print_summary(&report);
-            ExitCode::SUCCESS
-        }
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let cli: Cli = parse_args();
+    interrupt::install();
+    finish(cli.common.into_config().and_then(|cfg| Ok(train(&cfg)?)), print_summary)
 }

@@ -1,7 +1,8 @@
 //! `ch02-data-parallel`: chapter 1's trainer on `--dp` ranks, gradients averaged by a bucketed
 //! ring all-reduce that overlaps backward.
 
-use ch01_single_gpu::cli::{CommonArgs, print_summary};
+use ch01_single_gpu::cli::{CommonArgs, finish, parse_args, print_summary};
+use ch01_single_gpu::interrupt;
 use ch02_data_parallel::{DpConfig, DpReport, train};
 use clap::Parser;
 use kernels::memory::format_bytes;
@@ -49,20 +50,14 @@ fn print_data_parallel(r: &DpReport) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = parse_args();
+    interrupt::install();
     let result = cli.common.into_config().and_then(|train_cfg| {
         let cfg = DpConfig { train: train_cfg, dp: cli.dp, bucket_mb: cli.bucket_mb, timeline: cli.timeline.clone() };
         Ok(train(&cfg)?)
     });
-    match result {
-        Ok(report) => {
-            print_summary(&report.report);
-            print_data_parallel(&report);
-            ExitCode::SUCCESS
-        }
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    finish(result, |report| {
+        print_summary(&report.report);
+        print_data_parallel(report);
+    })
 }
