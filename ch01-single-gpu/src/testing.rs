@@ -3,7 +3,24 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs `command` to completion, or kills it and panics after `limit`: a test of "nothing
+/// hangs" must not hang itself.
+pub fn output_within(command: &mut Command, limit: Duration) -> Output {
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("the command starts");
+    let started = Instant::now();
+    while child.try_wait().expect("the child can be waited for").is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running after {limit:?}: it hangs");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("the output can be read")
+}
 
 /// Exit status non-zero (and not a panic's 101 or a signal's abort), no panic message, and
 /// stderr exactly one line that starts with `error: ` and says `expected`: no backtrace, no

@@ -800,10 +800,13 @@ pub fn drive(
         bar.inc(1);
         outcome.steps.push(record);
         if let Some(dir) = &cfg.save
-            && leader
             && (done == cfg.steps || (cfg.save_every > 0 && done.is_multiple_of(cfg.save_every)))
         {
-            trainer.save(dir)?;
+            if leader {
+                trainer.save(dir)?;
+            }
+            // Every rank knows where the last checkpoint is: the leader saves before its next
+            // step, which no rank can finish without it.
             last_checkpoint = Some((dir.clone(), done));
         }
     }
