@@ -210,9 +210,9 @@ impl RunShape {
         let (field, here, there) = differ(&settings).or_else(|| differ(&ours))?;
         let hint = match field.as_str() {
             f if f.starts_with("data.") => "--data is not the text that run trained on".to_string(),
-            f => format!("resume with the flags of the run that wrote it ({})", flag_of(f)),
+            f => format!("resume with that run's flags ({})", flag_of(f)),
         };
-        Some(format!("{field} is {there} in the checkpoint but {here} here: {hint}"))
+        Some(format!("it was written by a different run: {field} is {there} in the checkpoint but {here} here; {hint}"))
     }
 }
 
@@ -349,6 +349,7 @@ pub fn save(dir: &Path, contents: &CheckpointContents<'_>) -> Result<(), Checkpo
 pub const CHECKPOINT_FILES: [&str; 4] =
     ["model.safetensors", "config.json", "optimizer.safetensors", "trainer_state.json"];
 
+// ANCHOR: check_replaceable
 /// Whether a save may replace what is at `dir`: nothing, an empty directory, or a checkpoint.
 /// A file, or a directory holding anything but checkpoint files, is refused (and not touched).
 pub fn check_replaceable(dir: &Path) -> Result<(), CheckpointError> {
@@ -371,6 +372,7 @@ pub fn check_replaceable(dir: &Path) -> Result<(), CheckpointError> {
         None => Ok(()),
     }
 }
+// ANCHOR_END: check_replaceable
 
 /// Where a save into `dir` stages its files: `.NAME.staging` beside it.
 pub fn staging_dir(dir: &Path) -> Result<PathBuf, CheckpointError> {

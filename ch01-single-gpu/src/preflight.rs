@@ -22,7 +22,8 @@ impl TrainConfig {
         let positive = |flag, x: f32| range(flag, "a finite number above 0", x, x.is_finite() && x > 0.0);
         let non_negative = |flag, x: f32| range(flag, "a finite number, 0 or more", x, x.is_finite() && x >= 0.0);
         let beta = |flag, x: f32| range(flag, "at least 0 and below 1", x, (0.0..1.0).contains(&x));
-        positive("--lr", self.lr)?;
+        // 0 is allowed: it trains nothing, which evaluating a checkpoint's weights may want.
+        non_negative("--lr", self.lr)?;
         non_negative("--weight-decay", self.weight_decay)?;
         beta("--beta1", self.adam.beta1)?;
         beta("--beta2", self.adam.beta2)?;
@@ -242,8 +243,8 @@ mod tests {
         let ok = TrainConfig::default();
         assert!(ok.validate().is_ok());
         for (bad, says) in [
-            (TrainConfig { lr: -0.01, ..ok.clone() }, "--lr must be a finite number above 0 (got -0.01)"),
-            (TrainConfig { lr: f32::NAN, ..ok.clone() }, "--lr must be a finite number above 0 (got NaN)"),
+            (TrainConfig { lr: -0.01, ..ok.clone() }, "--lr must be a finite number, 0 or more (got -0.01)"),
+            (TrainConfig { lr: f32::NAN, ..ok.clone() }, "--lr must be a finite number, 0 or more (got NaN)"),
             (TrainConfig { grad_clip: 0.0, ..ok.clone() }, "--grad-clip must be a finite number above 0 (got 0)"),
             (TrainConfig { weight_decay: f32::NAN, ..ok.clone() }, "--weight-decay must be"),
             (TrainConfig { temperature: -1.0, ..ok.clone() }, "--temperature must be"),

@@ -46,7 +46,7 @@ fn bad_settings_and_paths_get_one_line_before_the_ranks_start() {
     let metrics = dir.path().join("m.jsonl");
     let m = metrics.to_str().unwrap();
     assert_one_error_line(&run(&["--dp", "2", "--save", thesis.to_str().unwrap()]), "not part of a checkpoint");
-    assert_one_error_line(&run(&["--dp", "2", "--lr", "-0.01"]), "--lr must be a finite number above 0 (got -0.01)");
+    assert_one_error_line(&run(&["--dp", "2", "--lr", "-0.01"]), "--lr must be a finite number, 0 or more (got -0.01)");
     assert_one_error_line(
         &run(&["--dp", "2", "--metrics", m, "--timeline", "/proc/step.svg"]),
         "--timeline /proc/step.svg",
