@@ -56,7 +56,7 @@ pub enum CheckpointError {
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
     move |source| {
         if is_disk_full(&source) {
-            CheckpointError::DiskFull { path: path.to_path_buf(), needed: None, free: free_bytes(path) }
+            CheckpointError::DiskFull { path: path.to_path_buf(), needed: None, free: free_bytes(path).unwrap_or(0) }
         } else {
             CheckpointError::Io { path: path.to_path_buf(), source }
         }
@@ -72,8 +72,9 @@ pub fn is_disk_full(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::StorageFull
 }
 
-/// Bytes free to us on the file system holding `path` (or its nearest existing ancestor).
-pub fn free_bytes(path: &Path) -> u64 {
+/// Bytes free to us on the file system holding `path` (or its nearest existing ancestor), where
+/// the system says.
+pub fn free_bytes(path: &Path) -> Option<u64> {
     #[cfg(unix)]
     {
         use std::os::unix::ffi::OsStrExt;
@@ -83,12 +84,12 @@ pub fn free_bytes(path: &Path) -> u64 {
             // SAFETY: `c` is a valid NUL-terminated path and `stat` a properly sized buffer.
             let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
             if unsafe { libc::statvfs(c.as_ptr(), &mut stat) } == 0 {
-                return (stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64);
+                return Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64));
             }
         }
     }
     let _ = path;
-    0
+    None
 }
 
 const LAYER_NORM_EPSILON: f64 = 1e-5;
@@ -337,10 +338,17 @@ impl CheckpointContents<'_> {
 // ANCHOR: save
 /// Writes a checkpoint into `dir`, replacing what was there only once the new one is complete.
 pub fn save(dir: &Path, contents: &CheckpointContents<'_>) -> Result<(), CheckpointError> {
+    let needed = contents.bytes();
+    let disk_full = |free| CheckpointError::DiskFull { path: dir.to_path_buf(), needed: Some(needed), free };
+    // The new checkpoint is written beside the old one: it needs its whole size free. Refused
+    // before writing, rather than filling the disk for everyone else first.
+    if let Some(free) = free_bytes(dir)
+        && free < needed
+    {
+        return Err(disk_full(free));
+    }
     save_atomically(dir, |staging| write_files(staging, contents)).map_err(|e| match e {
-        CheckpointError::DiskFull { .. } => {
-            CheckpointError::DiskFull { path: dir.to_path_buf(), needed: Some(contents.bytes()), free: free_bytes(dir) }
-        }
+        CheckpointError::DiskFull { .. } => disk_full(free_bytes(dir).unwrap_or(0)),
         e => e,
     })
 }

@@ -84,7 +84,8 @@ pub struct CommonArgs {
     /// Validation batches per evaluation.
     #[arg(long, default_value_t = TrainConfig::default().val_batches, allow_negative_numbers = true)]
     val_batches: usize,
-    /// Write a checkpoint here at the end (Hugging Face GPT-2 layout + optimizer state).
+    /// Write a checkpoint here at the end (Hugging Face GPT-2 layout + optimizer state). It
+    /// replaces only a checkpoint or an empty directory.
     #[arg(long)]
     save: Option<PathBuf>,
     /// Also save every this many steps (0: only at the end).
@@ -96,7 +97,8 @@ pub struct CommonArgs {
     /// Continue a run from its checkpoint, exactly as if it had never stopped.
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Write one JSON object per step (step, loss, lr, grad_norm, tokens_per_sec, val_loss).
+    /// Write one JSON object per step (step, loss, lr, grad_norm, tokens_per_sec, val_loss); a
+    /// resumed run continues the file.
     #[arg(long)]
     metrics: Option<PathBuf>,
     /// Write a Chrome trace of the run (open it in https://ui.perfetto.dev).

@@ -84,7 +84,7 @@ fn write_error(path: &Path, source: std::io::Error) -> TrainError {
         TrainError::Checkpoint(CheckpointError::DiskFull {
             path: path.to_path_buf(),
             needed: None,
-            free: free_bytes(path),
+            free: free_bytes(path).unwrap_or(0),
         })
     } else {
         TrainError::Io { path: path.to_path_buf(), source }
