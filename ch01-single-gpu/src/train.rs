@@ -334,6 +334,15 @@ fn check_config(cfg: &TrainConfig, model: &ModelConfig) -> Result<usize, TrainEr
     if seq_len > model.block_size {
         return Err(TrainError::SeqLenTooLong { seq_len, block_size: model.block_size });
     }
+    // Tokens per step (the loss's divisor) and the validation windows must be countable.
+    if cfg.batch_size.checked_mul(seq_len).and_then(|n| n.checked_mul(cfg.grad_accum)).is_none() {
+        let expected = "small enough that batch size x seq_len x grad_accum tokens fit in 64 bits";
+        return Err(TrainError::OutOfRange { flag: "--grad-accum", expected, value: cfg.grad_accum.to_string() });
+    }
+    if cfg.val_batches.checked_mul(cfg.batch_size).and_then(|n| n.checked_mul(seq_len)).is_none() {
+        let expected = "small enough that val_batches x batch size x seq_len tokens fit in 64 bits";
+        return Err(TrainError::OutOfRange { flag: "--val-batches", expected, value: cfg.val_batches.to_string() });
+    }
     if cfg.init.is_some() && cfg.resume.is_some() {
         return Err(TrainError::InitAndResume);
     }

@@ -337,6 +337,8 @@ fn impossible_sizes_and_an_empty_prompt_get_one_line() {
     assert_one_error_line(&tiny(&["--n-embd", "18446744073709551615", "--n-head", "1"]), "overflow 64 bits");
     assert_one_error_line(&tiny(&["--block-size", "18446744073709551615"]), "overflow 64 bits");
     assert_one_error_line(&tiny(&["--batch-size", "1000000000"]), "the run needs ");
+    assert_one_error_line(&tiny(&["--grad-accum", "18446744073709551615"]), "fit in 64 bits");
+    assert_one_error_line(&tiny(&["--val-batches", "18446744073709551615"]), "fit in 64 bits");
 }
 
 // Item 8: values outside their range, negative ones included, are refused before training.
