@@ -42,3 +42,7 @@ pub fn unigram_entropy(tokens: &[u32]) -> f64 {
     let n = tokens.len() as f64;
     counts.values().map(|&c| -(c as f64 / n) * (c as f64 / n).ln()).sum()
 }
+
+/// Every chapter's command-line suite asserts bad input the same way: one error line, no panic,
+/// nothing touched (defined in chapter 1, which every chapter's tests can reach).
+pub use ch01_single_gpu::testing::{Snapshot, assert_one_error_line, output_within};
