@@ -217,6 +217,15 @@ impl RunShape {
     }
 }
 
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps completed (AdamW's t).
+    pub step: u64,
+    pub sampler: BatchSampler,
+    pub run: RunShape,
+}
+// ANCHOR_END: trainer_state
+
 /// The first field (in a fixed order) where two JSON values differ, with both values.
 fn first_difference(at: &str, a: &serde_json::Value, b: &serde_json::Value) -> Option<(String, String, String)> {
     use serde_json::Value;
@@ -259,15 +268,6 @@ fn flag_of(field: &str) -> String {
     };
     format!("--{}", name.replace('_', "-"))
 }
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TrainerState {
-    /// Optimizer steps completed (AdamW's t).
-    pub step: u64,
-    pub sampler: BatchSampler,
-    pub run: RunShape,
-}
-// ANCHOR_END: trainer_state
 
 /// A tensor to write: shape + f32 data, little-endian on disk.
 struct F32View<'a> {
@@ -353,61 +353,6 @@ pub fn save(dir: &Path, contents: &CheckpointContents<'_>) -> Result<(), Checkpo
     })
 }
 
-/// The files of a checkpoint: a directory holding anything else is not one of ours.
-pub const CHECKPOINT_FILES: [&str; 4] =
-    ["model.safetensors", "config.json", "optimizer.safetensors", "trainer_state.json"];
-
-// ANCHOR: check_replaceable
-/// Whether a save may replace what is at `dir`: nothing, an empty directory, or a checkpoint.
-/// A file, or a directory holding anything but checkpoint files, is refused (and not touched).
-pub fn check_replaceable(dir: &Path) -> Result<(), CheckpointError> {
-    let refuse = |reason: String| CheckpointError::NotACheckpoint { path: dir.to_path_buf(), reason };
-    let meta = match fs::symlink_metadata(dir) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io(dir)(e)),
-    };
-    if !meta.is_dir() {
-        return Err(refuse("it is a file, not a directory".into()));
-    }
-    let mut entries: Vec<String> = Vec::new();
-    for entry in fs::read_dir(dir).map_err(io(dir))? {
-        entries.push(entry.map_err(io(dir))?.file_name().to_string_lossy().into_owned());
-    }
-    entries.sort();
-    match entries.iter().find(|name| !CHECKPOINT_FILES.contains(&name.as_str())) {
-        Some(name) => Err(refuse(format!("it holds {name}, which is not part of a checkpoint"))),
-        None => Ok(()),
-    }
-}
-// ANCHOR_END: check_replaceable
-
-/// Where a save into `dir` stages its files: `.NAME.staging` beside it.
-pub fn staging_dir(dir: &Path) -> Result<PathBuf, CheckpointError> {
-    let name = dir.file_name().ok_or_else(|| CheckpointError::Io {
-        path: dir.to_path_buf(),
-        source: std::io::Error::other("a checkpoint path must name a directory"),
-    })?;
-    Ok(parent_of(dir).join(format!(".{}.staging", name.to_string_lossy())))
-}
-
-fn parent_of(dir: &Path) -> PathBuf {
-    match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
-/// Deletes a staging directory that a run killed mid-save left beside `dir`: it never replaced
-/// anything. Call it only while holding the [`SaveLock`] (a live run's staging is in use).
-pub fn remove_leftover_staging(dir: &Path) -> Result<(), CheckpointError> {
-    let staging = staging_dir(dir)?;
-    if fs::symlink_metadata(&staging).is_ok() {
-        fs::remove_dir_all(&staging).map_err(io(&staging))?;
-    }
-    Ok(())
-}
-
 fn write_files(dir: &Path, c: &CheckpointContents<'_>) -> Result<(), CheckpointError> {
     let model: Vec<(String, F32View<'_>)> = c
         .layout
@@ -465,6 +410,61 @@ pub fn save_atomically(
     sync_path(&parent)
 }
 // ANCHOR_END: save
+
+/// The files of a checkpoint: a directory holding anything else is not one of ours.
+pub const CHECKPOINT_FILES: [&str; 4] =
+    ["model.safetensors", "config.json", "optimizer.safetensors", "trainer_state.json"];
+
+// ANCHOR: check_replaceable
+/// Whether a save may replace what is at `dir`: nothing, an empty directory, or a checkpoint.
+/// A file, or a directory holding anything but checkpoint files, is refused (and not touched).
+pub fn check_replaceable(dir: &Path) -> Result<(), CheckpointError> {
+    let refuse = |reason: String| CheckpointError::NotACheckpoint { path: dir.to_path_buf(), reason };
+    let meta = match fs::symlink_metadata(dir) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    if !meta.is_dir() {
+        return Err(refuse("it is a file, not a directory".into()));
+    }
+    let mut entries: Vec<String> = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io(dir))? {
+        entries.push(entry.map_err(io(dir))?.file_name().to_string_lossy().into_owned());
+    }
+    entries.sort();
+    match entries.iter().find(|name| !CHECKPOINT_FILES.contains(&name.as_str())) {
+        Some(name) => Err(refuse(format!("it holds {name}, which is not part of a checkpoint"))),
+        None => Ok(()),
+    }
+}
+// ANCHOR_END: check_replaceable
+
+/// Where a save into `dir` stages its files: `.NAME.staging` beside it.
+pub fn staging_dir(dir: &Path) -> Result<PathBuf, CheckpointError> {
+    let name = dir.file_name().ok_or_else(|| CheckpointError::Io {
+        path: dir.to_path_buf(),
+        source: std::io::Error::other("a checkpoint path must name a directory"),
+    })?;
+    Ok(parent_of(dir).join(format!(".{}.staging", name.to_string_lossy())))
+}
+
+fn parent_of(dir: &Path) -> PathBuf {
+    match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Deletes a staging directory that a run killed mid-save left beside `dir`: it never replaced
+/// anything. Call it only while holding the [`SaveLock`] (a live run's staging is in use).
+pub fn remove_leftover_staging(dir: &Path) -> Result<(), CheckpointError> {
+    let staging = staging_dir(dir)?;
+    if fs::symlink_metadata(&staging).is_ok() {
+        fs::remove_dir_all(&staging).map_err(io(&staging))?;
+    }
+    Ok(())
+}
 
 fn sync_path(path: &Path) -> Result<(), CheckpointError> {
     fs::File::open(path).and_then(|f| f.sync_all()).map_err(io(path))
@@ -746,6 +746,41 @@ mod tests {
         let mut loaded = vec![0.0; layout.total];
         load_weights(&ckpt, &cfg, &layout, &mut loaded).unwrap();
         assert_eq!(loaded[0], 42.0);
+    }
+
+    #[test]
+    fn resume_names_the_first_difference_and_accepts_checkpoints_without_data() {
+        let shape = RunShape {
+            model: ModelConfig::preset("tiny", 256).unwrap(),
+            tokenizer: TokenizerKind::Byte,
+            batch_size: 4,
+            seq_len: 16,
+            grad_accum: 1,
+            data_order: DataOrder::Random,
+            seed: 1,
+            steps: 10,
+            lr: 3e-3,
+            lr_schedule: LrSchedule::Constant,
+            warmup_steps: 0,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            adam: AdamWConfig::default(),
+            data: Some(DataIdentity { tokens: 100, fingerprint: "00000000000000aa".into() }),
+        };
+        assert_eq!(shape.difference(&RunShape { steps: 5, ..shape.clone() }), None, "a constant schedule extends");
+        assert_eq!(shape.difference(&RunShape { data: None, ..shape.clone() }), None, "older checkpoints resume");
+        let other = RunShape {
+            seed: 2,
+            data: Some(DataIdentity { tokens: 7, ..shape.data.clone().unwrap() }),
+            ..shape.clone()
+        };
+        let reason = shape.difference(&other).unwrap();
+        assert!(
+            reason.contains("seed is 2 in the checkpoint but 1 here; resume with that run's flags (--seed)"),
+            "{reason}"
+        );
+        let reason = shape.difference(&RunShape { seed: 1, ..other }).unwrap();
+        assert!(reason.contains("data.tokens is 7 in the checkpoint but 100 here"), "{reason}");
     }
 
     #[test]
