@@ -10,24 +10,41 @@
 //! Atomic: everything is written into a staging directory beside the target, flushed to disk,
 //! and only then swapped in. A kill at any moment leaves either the old checkpoint or the new
 //! one, never a mix.
+//!
+//! Safe: a save only ever replaces a checkpoint (a directory holding nothing but the four files
+//! above) or an empty directory; anything else is refused before a byte is written. A run that
+//! saves holds a lock beside the directory ([`SaveLock`]), so two runs never save to one place.
 
 use crate::config::ModelConfig;
-use crate::data::{BatchSampler, DataOrder};
+use crate::data::{BatchSampler, DataIdentity, DataOrder};
 use crate::params::{ParamLayout, ParamSpec};
 use crate::schedule::LrSchedule;
 use crate::tokenizer::TokenizerKind;
+use kernels::memory::format_bytes;
 use kernels::ops::adamw::AdamWConfig;
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs;
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {path}: the disk is full{}", match .needed {
+        Some(needed) => format!(" (the checkpoint needs {}, {} are free)", format_bytes(*needed), format_bytes(*free)),
+        None => String::new(),
+    })]
+    DiskFull { path: PathBuf, needed: Option<u64>, free: u64 },
+    #[error(
+        "refusing to save to {path}: {reason}; a save replaces only a checkpoint directory (or an empty one), so choose another --save"
+    )]
+    NotACheckpoint { path: PathBuf, reason: String },
+    #[error("{path} is in use: another run (process {pid}) is saving there (its lock is {lock})")]
+    Locked { path: PathBuf, pid: String, lock: PathBuf },
     #[error("{path}: not a valid safetensors file ({reason})")]
     Corrupt { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
@@ -37,7 +54,42 @@ pub enum CheckpointError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+    move |source| {
+        if is_disk_full(&source) {
+            CheckpointError::DiskFull { path: path.to_path_buf(), needed: None, free: free_bytes(path).unwrap_or(0) }
+        } else {
+            CheckpointError::Io { path: path.to_path_buf(), source }
+        }
+    }
+}
+
+/// No space left (ENOSPC), or over a quota (EDQUOT): either way, the disk is full for us.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    #[cfg(unix)]
+    if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
+        return true;
+    }
+    e.kind() == std::io::ErrorKind::StorageFull
+}
+
+/// Bytes free to us on the file system holding `path` (or its nearest existing ancestor), where
+/// the system says.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let existing = path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("."));
+        let existing = if existing.as_os_str().is_empty() { Path::new(".") } else { existing };
+        if let Ok(c) = std::ffi::CString::new(existing.as_os_str().as_bytes()) {
+            // SAFETY: `c` is a valid NUL-terminated path and `stat` a properly sized buffer.
+            let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+            if unsafe { libc::statvfs(c.as_ptr(), &mut stat) } == 0 {
+                return Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64));
+            }
+        }
+    }
+    let _ = path;
+    None
 }
 
 const LAYER_NORM_EPSILON: f64 = 1e-5;
@@ -134,15 +186,34 @@ pub struct RunShape {
     pub weight_decay: f32,
     pub grad_clip: f32,
     pub adam: AdamWConfig,
+    /// The text trained on, as tokenized. Absent in checkpoints written before it was recorded:
+    /// those resume without the check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataIdentity>,
 }
 
 impl RunShape {
     /// Whether a run of shape `self` resumed from a checkpoint of shape `saved` takes exactly the
-    /// steps the saved run would have taken. Everything must match, except the total number of
-    /// steps under a constant schedule, which nothing depends on: such a run may be extended.
-    pub fn continues(&self, saved: &RunShape) -> bool {
+    /// steps the saved run would have taken: `None` if so, else the first setting that differs
+    /// and its two values. Everything must match, except the total number of steps under a
+    /// constant schedule, which nothing depends on: such a run may be extended.
+    pub fn difference(&self, saved: &RunShape) -> Option<String> {
         let extendable = self.lr_schedule == LrSchedule::Constant;
-        *self == RunShape { steps: if extendable { self.steps } else { saved.steps }, ..saved.clone() }
+        let ours = RunShape {
+            steps: if extendable { saved.steps } else { self.steps },
+            data: if saved.data.is_none() { None } else { self.data.clone() },
+            ..self.clone()
+        };
+        // The data last: a different tokenizer also changes the tokens, and is the cause.
+        let settings = RunShape { data: saved.data.clone(), ..ours.clone() };
+        let theirs = serde_json::to_value(saved).ok()?;
+        let differ = |shape: &RunShape| first_difference("", &serde_json::to_value(shape).ok()?, &theirs);
+        let (field, here, there) = differ(&settings).or_else(|| differ(&ours))?;
+        let hint = match field.as_str() {
+            f if f.starts_with("data.") => "--data is not the text that run trained on".to_string(),
+            f => format!("resume with that run's flags ({})", flag_of(f)),
+        };
+        Some(format!("it was written by a different run: {field} is {there} in the checkpoint but {here} here; {hint}"))
     }
 }
 
@@ -154,6 +225,49 @@ pub struct TrainerState {
     pub run: RunShape,
 }
 // ANCHOR_END: trainer_state
+
+/// The first field (in a fixed order) where two JSON values differ, with both values.
+fn first_difference(at: &str, a: &serde_json::Value, b: &serde_json::Value) -> Option<(String, String, String)> {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            keys.into_iter().find_map(|k| {
+                let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+                first_difference(&path, a.get(k).unwrap_or(&Value::Null), b.get(k).unwrap_or(&Value::Null))
+            })
+        }
+        _ if a == b => None,
+        _ => Some((at.to_string(), show(a), show(b))),
+    }
+}
+
+/// A JSON value as a user wrote it: strings unquoted, an f32 (widened to f64 on the way to
+/// JSON) in its shortest form.
+fn show(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => match n.as_f64() {
+            Some(x) if n.is_f64() && (x as f32) as f64 == x => (x as f32).to_string(),
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// The flag that sets a field of [`RunShape`].
+fn flag_of(field: &str) -> String {
+    let name = match field {
+        "model.vocab_size" | "tokenizer" => "tokenizer",
+        "model.n_layer" | "model.n_head" | "model.n_embd" | "model.block_size" => &field[6..],
+        "adam.beta1" | "adam.beta2" => &field[5..],
+        "adam.eps" => "adam_eps",
+        other => other,
+    };
+    format!("--{}", name.replace('_', "-"))
+}
 
 /// A tensor to write: shape + f32 data, little-endian on disk.
 struct F32View<'a> {
@@ -184,8 +298,10 @@ fn hf_shape(spec: &ParamSpec, cfg: &ModelConfig) -> Vec<usize> {
 fn write_safetensors(path: &Path, tensors: Vec<(String, F32View<'_>)>) -> Result<(), CheckpointError> {
     // transformers refuses safetensors files without format = "pt" in their metadata.
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(tensors, Some(metadata), path)
-        .map_err(|e| CheckpointError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })?;
+    safetensors::serialize_to_file(tensors, Some(metadata), path).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(source) => io(path)(source),
+        e => CheckpointError::Corrupt { path: path.to_path_buf(), reason: e.to_string() },
+    })?;
     // The safetensors writer goes through a private temporary file (mode 0600); give the
     // checkpoint the permissions of every other file we write.
     #[cfg(unix)]
@@ -211,10 +327,30 @@ pub struct CheckpointContents<'a> {
     pub optimizer: Option<(&'a [f32], &'a [f32], &'a TrainerState)>,
 }
 
+impl CheckpointContents<'_> {
+    /// About what the checkpoint takes on disk: the tensors' bytes (headers and JSON are small).
+    pub fn bytes(&self) -> u64 {
+        let moments = if self.optimizer.is_some() { 2 * self.layout.total } else { 0 };
+        (4 * (self.params.len() + moments)) as u64 + 64 * 1024
+    }
+}
+
 // ANCHOR: save
 /// Writes a checkpoint into `dir`, replacing what was there only once the new one is complete.
 pub fn save(dir: &Path, contents: &CheckpointContents<'_>) -> Result<(), CheckpointError> {
-    save_atomically(dir, |staging| write_files(staging, contents))
+    let needed = contents.bytes();
+    let disk_full = |free| CheckpointError::DiskFull { path: dir.to_path_buf(), needed: Some(needed), free };
+    // The new checkpoint is written beside the old one: it needs its whole size free. Refused
+    // before writing, rather than filling the disk for everyone else first.
+    if let Some(free) = free_bytes(dir)
+        && free < needed
+    {
+        return Err(disk_full(free));
+    }
+    save_atomically(dir, |staging| write_files(staging, contents)).map_err(|e| match e {
+        CheckpointError::DiskFull { .. } => disk_full(free_bytes(dir).unwrap_or(0)),
+        e => e,
+    })
 }
 
 fn write_files(dir: &Path, c: &CheckpointContents<'_>) -> Result<(), CheckpointError> {
@@ -252,26 +388,19 @@ pub fn save_atomically(
     dir: &Path,
     write: impl FnOnce(&Path) -> Result<(), CheckpointError>,
 ) -> Result<(), CheckpointError> {
-    let name = dir.file_name().ok_or_else(|| CheckpointError::Io {
-        path: dir.to_path_buf(),
-        source: std::io::Error::other("a checkpoint path must name a directory"),
-    })?;
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let staging = staging_dir(dir)?;
+    let parent = parent_of(dir);
+    // Refused before anything is written: a save replaces only a checkpoint of ours.
+    check_replaceable(dir)?;
     fs::create_dir_all(&parent).map_err(io(&parent))?;
-    let staging = parent.join(format!(".{}.staging", name.to_string_lossy()));
-    if staging.exists() {
-        // Left behind by a run killed mid-save: it never replaced anything, so drop it.
-        fs::remove_dir_all(&staging).map_err(io(&staging))?;
-    }
+    // Left behind by a run killed mid-save: it never replaced anything, so drop it.
+    remove_leftover_staging(dir)?;
     fs::create_dir(&staging).map_err(io(&staging))?;
     if let Err(e) = write(&staging).and_then(|()| sync_dir_and_files(&staging)) {
         let _ = fs::remove_dir_all(&staging);
         return Err(e);
     }
-    if dir.exists() {
+    if fs::symlink_metadata(dir).is_ok() {
         swap_dirs(&staging, dir)?;
         // `staging` now holds the previous checkpoint.
         fs::remove_dir_all(&staging).map_err(io(&staging))?;
@@ -281,6 +410,61 @@ pub fn save_atomically(
     sync_path(&parent)
 }
 // ANCHOR_END: save
+
+/// The files of a checkpoint: a directory holding anything else is not one of ours.
+pub const CHECKPOINT_FILES: [&str; 4] =
+    ["model.safetensors", "config.json", "optimizer.safetensors", "trainer_state.json"];
+
+// ANCHOR: check_replaceable
+/// Whether a save may replace what is at `dir`: nothing, an empty directory, or a checkpoint.
+/// A file, or a directory holding anything but checkpoint files, is refused (and not touched).
+pub fn check_replaceable(dir: &Path) -> Result<(), CheckpointError> {
+    let refuse = |reason: String| CheckpointError::NotACheckpoint { path: dir.to_path_buf(), reason };
+    let meta = match fs::symlink_metadata(dir) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    if !meta.is_dir() {
+        return Err(refuse("it is a file, not a directory".into()));
+    }
+    let mut entries: Vec<String> = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io(dir))? {
+        entries.push(entry.map_err(io(dir))?.file_name().to_string_lossy().into_owned());
+    }
+    entries.sort();
+    match entries.iter().find(|name| !CHECKPOINT_FILES.contains(&name.as_str())) {
+        Some(name) => Err(refuse(format!("it holds {name}, which is not part of a checkpoint"))),
+        None => Ok(()),
+    }
+}
+// ANCHOR_END: check_replaceable
+
+/// Where a save into `dir` stages its files: `.NAME.staging` beside it.
+pub fn staging_dir(dir: &Path) -> Result<PathBuf, CheckpointError> {
+    let name = dir.file_name().ok_or_else(|| CheckpointError::Io {
+        path: dir.to_path_buf(),
+        source: std::io::Error::other("a checkpoint path must name a directory"),
+    })?;
+    Ok(parent_of(dir).join(format!(".{}.staging", name.to_string_lossy())))
+}
+
+fn parent_of(dir: &Path) -> PathBuf {
+    match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Deletes a staging directory that a run killed mid-save left beside `dir`: it never replaced
+/// anything. Call it only while holding the [`SaveLock`] (a live run's staging is in use).
+pub fn remove_leftover_staging(dir: &Path) -> Result<(), CheckpointError> {
+    let staging = staging_dir(dir)?;
+    if fs::symlink_metadata(&staging).is_ok() {
+        fs::remove_dir_all(&staging).map_err(io(&staging))?;
+    }
+    Ok(())
+}
 
 fn sync_path(path: &Path) -> Result<(), CheckpointError> {
     fs::File::open(path).and_then(|f| f.sync_all()).map_err(io(path))
@@ -292,6 +476,86 @@ fn sync_dir_and_files(dir: &Path) -> Result<(), CheckpointError> {
     }
     sync_path(dir)
 }
+
+// ANCHOR: save_lock
+/// A run's claim on its save directory, held from before its first step to its end:
+/// `.NAME.lock` beside the directory (not inside it: each save swaps the directory out),
+/// holding the process id. The lock is an `flock`, which the kernel releases when the process
+/// ends, however it ends: a lock file left by a killed run never blocks the next one.
+pub struct SaveLock {
+    path: PathBuf,
+    _file: fs::File,
+}
+
+impl SaveLock {
+    pub fn take(dir: &Path) -> Result<SaveLock, CheckpointError> {
+        let name = staging_dir(dir)?.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let parent = parent_of(dir);
+        fs::create_dir_all(&parent).map_err(io(&parent))?;
+        let path = parent.join(name.replace(".staging", ".lock"));
+        loop {
+            let mut file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(io(&path))?;
+            if !try_lock(&file).map_err(io(&path))? {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = if pid.trim().is_empty() { "unknown".to_string() } else { pid.trim().to_string() };
+                return Err(CheckpointError::Locked { path: dir.to_path_buf(), pid, lock: path });
+            }
+            // Its last holder may have removed the file between our open and our lock: only the
+            // file that is still at `path` counts.
+            if same_file(&file, &path) {
+                file.set_len(0).map_err(io(&path))?;
+                file.rewind().map_err(io(&path))?;
+                writeln!(file, "{}", std::process::id()).map_err(io(&path))?;
+                return Ok(SaveLock { path, _file: file });
+            }
+        }
+    }
+}
+
+impl Drop for SaveLock {
+    fn drop(&mut self) {
+        // Removed while still locked; closing the file then releases the lock.
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(unix)]
+fn try_lock(file: &fs::File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the duration of the call.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) { Ok(false) } else { Err(e) }
+}
+
+#[cfg(not(unix))]
+fn try_lock(_file: &fs::File) -> std::io::Result<bool> {
+    Ok(true)
+}
+
+#[cfg(unix)]
+fn same_file(file: &fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(_file: &fs::File, path: &Path) -> bool {
+    path.exists()
+}
+// ANCHOR_END: save_lock
 
 // ANCHOR: swap_dirs
 /// Exchanges two directories in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); where that
@@ -310,7 +574,7 @@ fn swap_dirs(a: &Path, b: &Path) -> Result<(), CheckpointError> {
             return Ok(());
         }
     }
-    let old = b.with_extension("old");
+    let old = PathBuf::from(format!("{}.old", b.display()));
     fs::rename(b, &old).map_err(io(b))?;
     fs::rename(a, b).map_err(io(b))?;
     fs::rename(&old, a).map_err(io(a))
@@ -330,7 +594,17 @@ pub fn read_hf_config(dir: &Path) -> Result<HfConfig, CheckpointError> {
 pub fn read_trainer_state(dir: &Path) -> Result<TrainerState, CheckpointError> {
     let path = dir.join("trainer_state.json");
     let text = fs::read_to_string(&path).map_err(io(&path))?;
-    serde_json::from_str(&text).map_err(|e| CheckpointError::Json { path, reason: e.to_string() })
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| CheckpointError::Json { path: path.clone(), reason: e.to_string() })?;
+    state.sampler.check().map_err(|e| CheckpointError::Json { path: path.clone(), reason: e.to_string() })?;
+    if state.sampler.order != state.run.data_order {
+        let reason = format!(
+            "the sampler's order ({:?}) is not the run's ({:?}) (a corrupt file)",
+            state.sampler.order, state.run.data_order
+        );
+        return Err(CheckpointError::Json { path, reason });
+    }
+    Ok(state)
 }
 
 /// Copies tensor `name` (looked up as is, or under `prefix`) into `out`, checking dtype and shape.
@@ -464,13 +738,94 @@ mod tests {
         let (cfg, layout, mut params) = tiny();
         let ckpt = dir.path().join("ckpt");
         save(&ckpt, &CheckpointContents { cfg: &cfg, layout: &layout, params: &params, optimizer: None }).unwrap();
-        fs::write(ckpt.join("stale.txt"), "from the old checkpoint").unwrap();
+        // A stale file of ours (as if from a full save) does not survive a weights-only save.
+        fs::write(ckpt.join("trainer_state.json"), "{}").unwrap();
         params[0] = 42.0;
         save(&ckpt, &CheckpointContents { cfg: &cfg, layout: &layout, params: &params, optimizer: None }).unwrap();
-        assert!(!ckpt.join("stale.txt").exists());
+        assert!(!ckpt.join("trainer_state.json").exists());
         let mut loaded = vec![0.0; layout.total];
         load_weights(&ckpt, &cfg, &layout, &mut loaded).unwrap();
         assert_eq!(loaded[0], 42.0);
+    }
+
+    #[test]
+    fn resume_names_the_first_difference_and_accepts_checkpoints_without_data() {
+        let shape = RunShape {
+            model: ModelConfig::preset("tiny", 256).unwrap(),
+            tokenizer: TokenizerKind::Byte,
+            batch_size: 4,
+            seq_len: 16,
+            grad_accum: 1,
+            data_order: DataOrder::Random,
+            seed: 1,
+            steps: 10,
+            lr: 3e-3,
+            lr_schedule: LrSchedule::Constant,
+            warmup_steps: 0,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            adam: AdamWConfig::default(),
+            data: Some(DataIdentity { tokens: 100, fingerprint: "00000000000000aa".into() }),
+        };
+        assert_eq!(shape.difference(&RunShape { steps: 5, ..shape.clone() }), None, "a constant schedule extends");
+        assert_eq!(shape.difference(&RunShape { data: None, ..shape.clone() }), None, "older checkpoints resume");
+        let other = RunShape {
+            seed: 2,
+            data: Some(DataIdentity { tokens: 7, ..shape.data.clone().unwrap() }),
+            ..shape.clone()
+        };
+        let reason = shape.difference(&other).unwrap();
+        assert!(
+            reason.contains("seed is 2 in the checkpoint but 1 here; resume with that run's flags (--seed)"),
+            "{reason}"
+        );
+        let reason = shape.difference(&RunShape { seed: 1, ..other }).unwrap();
+        assert!(reason.contains("data.tokens is 7 in the checkpoint but 100 here"), "{reason}");
+    }
+
+    #[test]
+    fn a_save_replaces_nothing_but_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, layout, params) = tiny();
+        let contents = CheckpointContents { cfg: &cfg, layout: &layout, params: &params, optimizer: None };
+        let thesis = dir.path().join("thesis");
+        fs::create_dir_all(thesis.join("chapters")).unwrap();
+        fs::write(thesis.join("thesis.txt"), "years of work").unwrap();
+        let err = save(&thesis, &contents).unwrap_err();
+        assert!(err.to_string().contains("it holds chapters, which is not part of a checkpoint"), "{err}");
+        assert_eq!(fs::read_to_string(thesis.join("thesis.txt")).unwrap(), "years of work");
+        let file = dir.path().join("notes.txt");
+        fs::write(&file, "notes").unwrap();
+        let err = save(&file, &contents).unwrap_err();
+        assert!(err.to_string().contains("it is a file, not a directory"), "{err}");
+        assert_eq!(fs::read_to_string(&file).unwrap(), "notes");
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "nothing staged or moved aside: {names:?}");
+        // An empty directory is fine, and so is a leftover staging directory, which is ours.
+        let empty = dir.path().join("empty");
+        fs::create_dir(&empty).unwrap();
+        fs::create_dir(dir.path().join(".empty.staging")).unwrap();
+        save(&empty, &contents).unwrap();
+        assert!(empty.join("model.safetensors").exists() && !dir.path().join(".empty.staging").exists());
+    }
+
+    #[test]
+    fn a_second_lock_names_the_first_holder_and_a_dropped_lock_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("ckpt");
+        let lock = SaveLock::take(&ckpt).unwrap();
+        let err = SaveLock::take(&ckpt).err().expect("the second lock is refused");
+        assert!(err.to_string().contains(&format!("another run (process {})", std::process::id())), "{err}");
+        drop(lock);
+        assert!(!dir.path().join(".ckpt.lock").exists());
+        let _again = SaveLock::take(&ckpt).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_full_disk_says_so() {
+        let err = io(Path::new("/tmp/x"))(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert!(err.to_string().starts_with("cannot write /tmp/x: the disk is full"), "{err}");
     }
 
     #[test]

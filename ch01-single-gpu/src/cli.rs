@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Args;
 use kernels::memory::format_bytes;
 use kernels::{Category, ops::adamw::AdamWConfig};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The flags every chapter's trainer shares; later chapters `#[command(flatten)]` them next to
 /// their own (`--dp`, `--tp`, ...).
@@ -21,16 +21,16 @@ pub struct CommonArgs {
     #[arg(long, default_value = "small")]
     model: String,
     /// Override the preset's number of transformer blocks.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     n_layer: Option<usize>,
     /// Override the preset's number of attention heads (must divide n_embd).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     n_head: Option<usize>,
     /// Override the preset's embedding width.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     n_embd: Option<usize>,
     /// Override the preset's maximum sequence length (the position table's size).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     block_size: Option<usize>,
     /// Tokenizer: bytes (vocabulary 256) or GPT-2's BPE (50257, padded to 50304).
     #[arg(long, value_enum, default_value_t = TokenizerKind::Byte)]
@@ -42,55 +42,56 @@ pub struct CommonArgs {
     #[arg(long, value_enum, default_value_t = DataOrder::Random)]
     data_order: DataOrder,
     /// Optimizer steps in total (a resumed run continues up to this number).
-    #[arg(long, default_value_t = TrainConfig::default().steps)]
+    #[arg(long, default_value_t = TrainConfig::default().steps, allow_negative_numbers = true)]
     steps: u64,
     /// Sequences per micro-batch.
-    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    #[arg(long, default_value_t = TrainConfig::default().batch_size, allow_negative_numbers = true)]
     batch_size: usize,
     /// Tokens per sequence [default: the model's block size].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     seq_len: Option<usize>,
     /// Micro-batches whose gradients are summed before each optimizer step.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     grad_accum: usize,
     /// Peak learning rate.
-    #[arg(long, default_value_t = TrainConfig::default().lr)]
+    #[arg(long, default_value_t = TrainConfig::default().lr, allow_negative_numbers = true)]
     lr: f32,
     /// Learning-rate schedule: linear warmup then cosine decay to 10%, or constant.
     #[arg(long, value_enum, default_value_t = LrSchedule::Cosine)]
     lr_schedule: LrSchedule,
     /// Warmup steps of the cosine schedule.
-    #[arg(long, default_value_t = TrainConfig::default().warmup_steps)]
+    #[arg(long, default_value_t = TrainConfig::default().warmup_steps, allow_negative_numbers = true)]
     warmup_steps: u64,
     /// AdamW weight decay (applied to matmul weights and embeddings only).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
     weight_decay: f32,
     /// AdamW beta1.
-    #[arg(long, default_value_t = AdamWConfig::default().beta1)]
+    #[arg(long, default_value_t = AdamWConfig::default().beta1, allow_negative_numbers = true)]
     beta1: f32,
     /// AdamW beta2.
-    #[arg(long, default_value_t = AdamWConfig::default().beta2)]
+    #[arg(long, default_value_t = AdamWConfig::default().beta2, allow_negative_numbers = true)]
     beta2: f32,
     /// AdamW epsilon.
-    #[arg(long, default_value_t = AdamWConfig::default().eps)]
+    #[arg(long, default_value_t = AdamWConfig::default().eps, allow_negative_numbers = true)]
     adam_eps: f32,
     /// Clip the global gradient norm to this value.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     grad_clip: f32,
     /// Seed for initialisation, batch order and sampling.
-    #[arg(long, default_value_t = TrainConfig::default().seed)]
+    #[arg(long, default_value_t = TrainConfig::default().seed, allow_negative_numbers = true)]
     seed: u64,
     /// Evaluate the validation loss every this many steps (0: only at the end).
-    #[arg(long, default_value_t = TrainConfig::default().eval_every)]
+    #[arg(long, default_value_t = TrainConfig::default().eval_every, allow_negative_numbers = true)]
     eval_every: u64,
     /// Validation batches per evaluation.
-    #[arg(long, default_value_t = TrainConfig::default().val_batches)]
+    #[arg(long, default_value_t = TrainConfig::default().val_batches, allow_negative_numbers = true)]
     val_batches: usize,
-    /// Write a checkpoint here at the end (Hugging Face GPT-2 layout + optimizer state).
+    /// Write a checkpoint here at the end (Hugging Face GPT-2 layout + optimizer state). It
+    /// replaces only a checkpoint or an empty directory.
     #[arg(long)]
     save: Option<PathBuf>,
     /// Also save every this many steps (0: only at the end).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     save_every: u64,
     /// Start from the weights of a GPT-2 checkpoint directory (ours or Hugging Face's).
     #[arg(long)]
@@ -98,20 +99,21 @@ pub struct CommonArgs {
     /// Continue a run from its checkpoint, exactly as if it had never stopped.
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Write one JSON object per step (step, loss, lr, grad_norm, tokens_per_sec, val_loss).
+    /// Write one JSON object per step (step, loss, lr, grad_norm, tokens_per_sec, val_loss); a
+    /// resumed run continues the file.
     #[arg(long)]
     metrics: Option<PathBuf>,
     /// Write a Chrome trace of the run (open it in https://ui.perfetto.dev).
     #[arg(long)]
     trace: Option<PathBuf>,
     /// Tokens of text to generate at the end (0: none).
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 400, allow_negative_numbers = true)]
     sample_tokens: usize,
     /// Sampling temperature (0: always the most likely token).
-    #[arg(long, default_value_t = TrainConfig::default().temperature)]
+    #[arg(long, default_value_t = TrainConfig::default().temperature, allow_negative_numbers = true)]
     temperature: f32,
     /// Sample among the k most likely tokens (0: all).
-    #[arg(long, default_value_t = TrainConfig::default().top_k)]
+    #[arg(long, default_value_t = TrainConfig::default().top_k, allow_negative_numbers = true)]
     top_k: usize,
     /// Text the sample starts from.
     #[arg(long, default_value = "\n")]
@@ -172,6 +174,55 @@ impl CommonArgs {
         })
     }
 }
+
+// ANCHOR: one_line_errors
+/// Parses the command line; a mistake in it is one line on stderr ("error: ... (see --help)")
+/// and exit status 2, like every other bad input, instead of clap's usage block.
+pub fn parse_args<T: clap::Parser>() -> T {
+    use clap::error::ErrorKind;
+    match T::try_parse() {
+        Ok(args) => args,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => e.exit(),
+        Err(e) => {
+            let rendered = e.render().to_string();
+            let first = rendered.lines().find(|l| !l.trim().is_empty()).unwrap_or("error: bad arguments");
+            eprintln!("{} (see --help)", first.trim_end());
+            std::process::exit(2)
+        }
+    }
+}
+
+/// An error and its causes as one line, each cause said once: an I/O error that a message
+/// already quotes is not repeated ("ck: No such file or directory", not that twice).
+pub fn error_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        if !line.contains(text.trim()) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(text.trim());
+        }
+    }
+    line
+}
+
+/// How a binary ends: the summary printer on success; on failure, one line on stderr and exit
+/// status 1 (130 after Ctrl-C, as shells expect).
+pub fn finish<R>(result: anyhow::Result<R>, print: impl FnOnce(&R)) -> std::process::ExitCode {
+    match result {
+        Ok(report) => {
+            print(&report);
+            std::process::ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {}", error_line(&err));
+            std::process::ExitCode::from(if crate::interrupt::requested() { 130 } else { 1 })
+        }
+    }
+}
+// ANCHOR_END: one_line_errors
 
 /// The end-of-run summary: losses, throughput, peak memory by category, the sample.
 pub fn print_summary(report: &TrainReport) {
@@ -238,10 +289,7 @@ impl RunOutputs {
     pub fn prepare(&self) -> anyhow::Result<Option<LossCurves>> {
         let outputs = [("--report", &self.report), ("--plot", &self.plot), ("--plot-memory", &self.plot_memory)];
         for (flag, path) in outputs.into_iter().filter_map(|(flag, path)| Some((flag, path.as_deref()?))) {
-            let dir = path.parent().unwrap_or(Path::new(""));
-            if !dir.as_os_str().is_empty() && !dir.is_dir() {
-                anyhow::bail!("{flag} {}: there is no directory {}", path.display(), dir.display());
-            }
+            crate::preflight::check_output_file(flag, path)?;
         }
         match &self.plot_compare {
             Some(_) if self.plot.is_none() => {

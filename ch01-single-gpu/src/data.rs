@@ -21,6 +21,8 @@ pub enum DataError {
     Empty,
     #[error("the {split} split has {len} tokens, too few for sequences of {seq_len} (it needs at least {needed})")]
     TooShort { split: &'static str, len: usize, seq_len: usize, needed: usize },
+    #[error("the data sampler's random generator state is all zeros, which no run can reach (a corrupt file)")]
+    ZeroRngState,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -59,11 +61,34 @@ impl Dataset {
     /// Both splits must hold at least one full window (T inputs plus the last target).
     pub fn check_seq_len(&self, seq_len: usize) -> Result<(), DataError> {
         for (split, tokens) in [("train", &self.train), ("validation", &self.val)] {
-            if tokens.len() < seq_len + 2 {
-                return Err(DataError::TooShort { split, len: tokens.len(), seq_len, needed: seq_len + 2 });
+            let needed = seq_len.saturating_add(2);
+            if tokens.len() < needed {
+                return Err(DataError::TooShort { split, len: tokens.len(), seq_len, needed });
             }
         }
         Ok(())
+    }
+}
+
+/// What identifies the text a run trains on, as the tokenizer cut it: the number of tokens and a
+/// hash of them (FNV-1a over their little-endian bytes). A checkpoint stores it, so that
+/// `--resume` with another `--data` (or the same text tokenized differently) is refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataIdentity {
+    pub tokens: usize,
+    /// 16 hex digits.
+    pub fingerprint: String,
+}
+
+impl Dataset {
+    pub fn identity(&self) -> DataIdentity {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for token in self.train.iter().chain(&self.val) {
+            for byte in token.to_le_bytes() {
+                h = (h ^ byte as u64).wrapping_mul(0x0000_0100_0000_01B3);
+            }
+        }
+        DataIdentity { tokens: self.train.len() + self.val.len(), fingerprint: format!("{h:016x}") }
     }
 }
 
@@ -99,6 +124,15 @@ pub struct BatchSampler {
 impl BatchSampler {
     pub fn new(order: DataOrder, seed: u64) -> BatchSampler {
         BatchSampler { order, next: 0, rng: Rng::derive(seed, "data") }
+    }
+
+    /// Refuses a state read from a file that no run can have written: xoshiro's all-zero state
+    /// is a fixed point (every draw is 0, and drawing a window position would loop forever).
+    pub fn check(&self) -> Result<(), DataError> {
+        // The all-zero state is the only state one draw leaves unchanged.
+        let mut probe = self.rng.clone();
+        probe.next_u64();
+        if probe == self.rng { Err(DataError::ZeroRngState) } else { Ok(()) }
     }
 
     // ANCHOR: next_batch
@@ -141,6 +175,19 @@ mod tests {
         let b1 = sequential_batch(&split, 1, 2, 3);
         assert_eq!(b1.inputs, vec![6, 7, 8, 9, 0, 1]);
         assert_eq!(b1.targets, vec![7, 8, 9, 0, 1, 2]);
+    }
+
+    #[test]
+    fn identity_and_corrupt_sampler_state() {
+        let a = Dataset::new((0..100).collect()).unwrap().identity();
+        assert_eq!(a, Dataset::new((0..100).collect()).unwrap().identity());
+        assert_ne!(a.fingerprint, Dataset::new((1..101).collect()).unwrap().identity().fingerprint);
+        let sampler = BatchSampler::new(DataOrder::Random, 1);
+        assert_eq!(sampler.check(), Ok(()));
+        let mut json = serde_json::to_value(&sampler).unwrap();
+        json["rng"]["state"] = serde_json::json!([0, 0, 0, 0]);
+        let zero: BatchSampler = serde_json::from_value(json).unwrap();
+        assert_eq!(zero.check(), Err(DataError::ZeroRngState));
     }
 
     #[test]

@@ -8,13 +8,17 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod interrupt;
+pub mod metrics;
 pub mod model;
 pub mod optimizer;
 pub mod params;
 pub mod plot;
+pub mod preflight;
 pub mod report;
 pub mod sample;
 pub mod schedule;
+pub mod testing;
 pub mod tokenizer;
 pub mod train;
 

@@ -1,9 +1,9 @@
 //! `ch01-single-gpu`: train GPT-2 on one device. A thin command line around
 //! [`ch01_single_gpu::train`]; every flag maps onto a field of `TrainConfig` (see `cli.rs`).
 
-use ch01_single_gpu::cli::{CommonArgs, print_summary};
+use ch01_single_gpu::cli::{CommonArgs, finish, parse_args, print_summary};
 use ch01_single_gpu::report::RunReport;
-use ch01_single_gpu::train;
+use ch01_single_gpu::{interrupt, train};
 use clap::Parser;
 use std::process::ExitCode;
 
@@ -28,11 +28,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let cli: Cli = parse_args();
+    interrupt::install();
+    finish(run(cli), |()| {})
 }

@@ -21,7 +21,6 @@ use kernels::{
 };
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -159,11 +158,26 @@ pub enum TrainError {
     InitAndResume,
     #[error("cannot resume from {path}: {reason}")]
     Resume { path: PathBuf, reason: String },
-    #[error("loss is {loss} at step {step}: training stopped{}", match .last_checkpoint {
-        Some((dir, at)) => format!(" (the last good checkpoint, from step {at}, is in {})", dir.display()),
-        None => String::new(),
-    })]
-    NonFiniteLoss { step: u64, loss: f32, last_checkpoint: Option<(PathBuf, u64)> },
+    /// The loss or the gradient norm of a step came out NaN or infinite; the step changed nothing.
+    #[error("loss is {loss} and the gradient norm {grad_norm} at step {step}: training stopped, the weights are those of step {}{}", .step - 1, last_checkpoint_clause(.last_checkpoint))]
+    NonFiniteLoss { step: u64, loss: f32, grad_norm: f32, last_checkpoint: Option<(PathBuf, u64)> },
+    /// Ctrl-C: the loop stopped between steps.
+    #[error("interrupted after step {step}{}", last_checkpoint_clause(.last_checkpoint))]
+    Interrupted { step: u64, last_checkpoint: Option<(PathBuf, u64)> },
+    /// A setting outside the range where it means anything.
+    #[error("{flag} must be {expected} (got {value})")]
+    OutOfRange { flag: &'static str, expected: &'static str, value: String },
+    /// An output path that cannot be written, found before the first step.
+    #[error("{flag} {path}: {reason}")]
+    Output { flag: &'static str, path: PathBuf, reason: String },
+    /// The buffers the run needs do not fit (or their sizes overflow 64 bits).
+    #[error("{0}")]
+    OutOfMemory(String),
+    /// `--metrics` of a resumed run holds lines that are not this run's step records.
+    #[error(
+        "--metrics {path}: line {line} is not a step record, so the file is not this run's log; refusing to append to it (pass another --metrics)"
+    )]
+    NotAMetricsLog { path: PathBuf, line: usize },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error(
@@ -175,16 +189,27 @@ pub enum TrainError {
     Comm(#[from] kernels::comm::CommError),
 }
 
+fn last_checkpoint_clause(last: &Option<(PathBuf, u64)>) -> String {
+    match last {
+        Some((dir, at)) => {
+            format!("; the last good checkpoint, from step {at}, is in {} (continue with --resume {0})", dir.display())
+        }
+        None => "; no checkpoint was saved (--save DIR --save-every N saves as the run goes)".to_string(),
+    }
+}
+
 /// One optimizer step, as written to `--metrics` (one JSON object per line).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StepRecord {
     /// 1-based: the number of optimizer steps completed.
     pub step: u64,
+    #[serde(serialize_with = "crate::metrics::number")]
     pub loss: f32,
     pub lr: f32,
+    #[serde(serialize_with = "crate::metrics::number")]
     pub grad_norm: f32,
     pub tokens_per_sec: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "crate::metrics::optional_number")]
     pub val_loss: Option<f32>,
 }
 
@@ -285,6 +310,7 @@ pub fn load_dataset(source: &DataSource, tokenizer: &Tokenizer) -> Result<Datase
 }
 
 fn check_config(cfg: &TrainConfig, model: &ModelConfig) -> Result<usize, TrainError> {
+    cfg.validate()?;
     for (value, name) in
         [(cfg.batch_size, "batch size"), (cfg.grad_accum, "grad_accum"), (cfg.val_batches, "val_batches")]
     {
@@ -301,6 +327,15 @@ fn check_config(cfg: &TrainConfig, model: &ModelConfig) -> Result<usize, TrainEr
     }
     if seq_len > model.block_size {
         return Err(TrainError::SeqLenTooLong { seq_len, block_size: model.block_size });
+    }
+    // Tokens per step (the loss's divisor) and the validation windows must be countable.
+    if cfg.batch_size.checked_mul(seq_len).and_then(|n| n.checked_mul(cfg.grad_accum)).is_none() {
+        let expected = "small enough that batch size x seq_len x grad_accum tokens fit in 64 bits";
+        return Err(TrainError::OutOfRange { flag: "--grad-accum", expected, value: cfg.grad_accum.to_string() });
+    }
+    if cfg.val_batches.checked_mul(cfg.batch_size).and_then(|n| n.checked_mul(seq_len)).is_none() {
+        let expected = "small enough that val_batches x batch size x seq_len tokens fit in 64 bits";
+        return Err(TrainError::OutOfRange { flag: "--val-batches", expected, value: cfg.val_batches.to_string() });
     }
     if cfg.init.is_some() && cfg.resume.is_some() {
         return Err(TrainError::InitAndResume);
@@ -384,6 +419,7 @@ impl Trainer {
             return Err(TrainError::RowsPerRank { rows, batch: b });
         }
         dataset.check_seq_len(t)?;
+        crate::preflight::check_memory(cfg, &model, rows, t, device, 1)?;
         let run = RunShape {
             model: model.clone(),
             tokenizer: cfg.tokenizer,
@@ -399,6 +435,7 @@ impl Trainer {
             weight_decay: cfg.weight_decay,
             grad_clip: cfg.grad_clip,
             adam: cfg.adam,
+            data: Some(dataset.identity()),
         };
 
         // ANCHOR: four_buffers
@@ -416,11 +453,7 @@ impl Trainer {
         let mut step = 0;
         if let Some(dir) = &cfg.resume {
             let state = checkpoint::read_trainer_state(dir)?;
-            if !run.continues(&state.run) {
-                let reason = format!(
-                    "it was written by a different run ({:?}); resume with the same flags as that run",
-                    state.run
-                );
+            if let Some(reason) = run.difference(&state.run) {
                 return Err(TrainError::Resume { path: dir.clone(), reason });
             }
             if state.step >= cfg.steps {
@@ -587,12 +620,14 @@ impl Trainer {
         Ok(squared_norm(self.grads.view(), range)?)
     }
 
-    /// Part two: checks the loss, clips the gradient with the global norm `grad_norm` to
-    /// `grad_clip`, takes the AdamW step with the scheduled learning rate on the parameters this
-    /// trainer owns, and counts the step.
+    /// Part two: clips the gradient with the global norm `grad_norm` to `grad_clip`, takes the
+    /// AdamW step with the scheduled learning rate on the parameters this trainer owns, and
+    /// counts the step.
     pub fn take_step(&mut self, loss: f32, grad_norm: f32, started: Instant) -> Result<StepRecord, TrainError> {
-        if !loss.is_finite() {
-            return Err(TrainError::NonFiniteLoss { step: self.step + 1, loss, last_checkpoint: None });
+        // A NaN or infinite gradient would poison the weights (its clip scale is NaN, or 1):
+        // such a step updates nothing, and the run stops with the weights of the last good step.
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            return Err(TrainError::NonFiniteLoss { step: self.step + 1, loss, grad_norm, last_checkpoint: None });
         }
         let _span = self.trace.span("optimizer");
         let gpu_span = GpuSpans(self.gpu_trace.as_mut()).start("optimizer");
@@ -671,6 +706,10 @@ pub trait TrainSteps {
     fn save(&self, dir: &Path) -> Result<(), TrainError>;
     /// Optimizer steps completed (more than 0 on a resumed run).
     fn steps_done(&self) -> u64;
+    /// How many ranks run the loop in lockstep (each calling `step` and `evaluate` together).
+    fn ranks(&self) -> usize {
+        1
+    }
 }
 
 impl TrainSteps for Trainer {
@@ -700,32 +739,55 @@ pub struct LoopOutcome {
 // ANCHOR: drive
 /// The training loop: step until `cfg.steps`, evaluating every `eval_every` steps and after the
 /// last, and saving every `save_every` and at the end. Only the `leader` (rank 0) shows
-/// progress, writes metrics and saves checkpoints; `header` is its first line.
+/// progress, writes metrics and saves checkpoints; `header` is its first line (after, on a
+/// resumed run, the line saying what it resumed). Ctrl-C (see [`crate::interrupt`]) stops the
+/// loop between steps.
 pub fn drive(
     cfg: &TrainConfig,
     trainer: &mut dyn TrainSteps,
     leader: bool,
     header: &str,
 ) -> Result<LoopOutcome, TrainError> {
-    let mut metrics = match &cfg.metrics {
-        Some(path) if leader => {
-            Some(std::fs::File::create(path).map_err(|source| TrainError::Io { path: path.clone(), source })?)
+    let resumed = trainer.steps_done();
+    // Held until the loop returns: a second run saving to the same place is refused.
+    let _lock = match &cfg.save {
+        Some(dir) if leader => {
+            let lock = checkpoint::SaveLock::take(dir)?;
+            checkpoint::remove_leftover_staging(dir)?;
+            Some(lock)
         }
         _ => None,
     };
+    let mut metrics = match &cfg.metrics {
+        Some(path) if leader => Some(crate::metrics::MetricsLog::open(path, resumed)?),
+        _ => None,
+    };
     let progress = cfg.progress && leader;
-    let bar = progress_bar(&TrainConfig { progress, ..cfg.clone() }, trainer.steps_done());
+    let bar = progress_bar(&TrainConfig { progress, ..cfg.clone() }, resumed);
+    // A resumed run starts from its checkpoint, which is also the last good one until it saves.
+    let mut last_checkpoint: Option<(PathBuf, u64)> = cfg.resume.clone().filter(|_| resumed > 0).map(|d| (d, resumed));
+    if let Some((dir, at)) = &last_checkpoint {
+        say(&bar, progress, &format!("resuming from step {at} of {} ({})", cfg.steps, dir.display()));
+    }
     say(&bar, progress, header);
 
     let mut outcome = LoopOutcome { steps: Vec::new(), val_losses: Vec::new(), train_seconds: 0.0 };
-    let mut last_checkpoint: Option<(PathBuf, u64)> = None;
+    // Ranks in lockstep stop at the same step: one step after the first to see the interrupt.
+    let lag = u64::from(trainer.ranks() > 1);
     while trainer.steps_done() < cfg.steps {
+        if crate::interrupt::stop_at(trainer.steps_done() + lag).is_some_and(|at| trainer.steps_done() >= at) {
+            bar.abandon();
+            return Err(TrainError::Interrupted { step: trainer.steps_done(), last_checkpoint });
+        }
         let started = Instant::now();
         let mut record = match trainer.step() {
             Ok(record) => record,
-            Err(TrainError::NonFiniteLoss { step, loss, .. }) => {
+            Err(TrainError::NonFiniteLoss { step, loss, grad_norm, .. }) => {
                 bar.abandon();
-                return Err(TrainError::NonFiniteLoss { step, loss, last_checkpoint });
+                if let Some(log) = metrics.as_mut() {
+                    log.write_stopped(step, loss, grad_norm)?;
+                }
+                return Err(TrainError::NonFiniteLoss { step, loss, grad_norm, last_checkpoint });
             }
             Err(e) => return Err(e),
         };
@@ -737,19 +799,20 @@ pub fn drive(
             outcome.val_losses.push((done, val));
             say(&bar, progress, &format!("step {done:>6}: train loss {:.4}, val loss {val:.4}", record.loss));
         }
-        if let Some(file) = metrics.as_mut() {
-            let line = serde_json::to_string(&record).unwrap_or_default();
-            writeln!(file, "{line}")
-                .map_err(|source| TrainError::Io { path: cfg.metrics.clone().unwrap_or_default(), source })?;
+        if let Some(log) = metrics.as_mut() {
+            log.write(&record)?;
         }
         bar.set_message(format!("loss {:.4} | lr {:.2e} | {:.0} tok/s", record.loss, record.lr, record.tokens_per_sec));
         bar.inc(1);
         outcome.steps.push(record);
         if let Some(dir) = &cfg.save
-            && leader
             && (done == cfg.steps || (cfg.save_every > 0 && done.is_multiple_of(cfg.save_every)))
         {
-            trainer.save(dir)?;
+            if leader {
+                trainer.save(dir)?;
+            }
+            // Every rank knows where the last checkpoint is: the leader saves before its next
+            // step, which no rank can finish without it.
             last_checkpoint = Some((dir.clone(), done));
         }
     }

@@ -9,8 +9,9 @@
 use crate::grad_sync::GradSync;
 use ch01_single_gpu::data::Dataset;
 use ch01_single_gpu::params::Part;
+use ch01_single_gpu::preflight;
 use ch01_single_gpu::tokenizer::Tokenizer;
-use ch01_single_gpu::train::{StepRecord, TrainSteps, Trainer, drive, load_dataset};
+use ch01_single_gpu::train::{StepRecord, TrainSteps, Trainer, drive, load_dataset, model_config};
 use ch01_single_gpu::{TrainConfig, TrainError, TrainReport};
 use kernels::comm::thread::{LaunchError, ThreadComm, launch};
 use kernels::comm::{CommStats, Communicator, ReduceOp};
@@ -163,6 +164,10 @@ impl TrainSteps for DpRank {
     fn steps_done(&self) -> u64 {
         self.trainer.step
     }
+
+    fn ranks(&self) -> usize {
+        self.dp
+    }
 }
 
 /// FNV-1a over the parameters' bits.
@@ -190,6 +195,19 @@ fn check_config(cfg: &DpConfig) -> Result<usize, DpError> {
     }
     if !cfg.bucket_mb.is_finite() || cfg.bucket_mb < 0.0 {
         return Err(DpError::BadBucketSize(cfg.bucket_mb));
+    }
+    // Before any rank allocates or steps: chapter 1's ranges and paths, then ours.
+    let train = &cfg.train;
+    train.validate()?;
+    if let Some(path) = &cfg.timeline {
+        preflight::check_output_file("--timeline", path)?;
+    }
+    // dp replicas in one process (their communication buffers, a quarter of the parameters'
+    // four buffers, come on top).
+    let model = model_config(train, Tokenizer::new(train.tokenizer).vocab_size())?;
+    let t = train.seq_len.unwrap_or(model.block_size);
+    if batch > 0 && t > 0 {
+        preflight::check_memory(train, &model, batch / dp, t, kernels::Device::Cpu, dp)?;
     }
     Ok(dp)
 }

@@ -1,7 +1,8 @@
 //! `ch02-data-parallel`: chapter 1's trainer on `--dp` ranks, gradients averaged by a bucketed
 //! ring all-reduce that overlaps backward.
 
-use ch01_single_gpu::cli::{CommonArgs, print_summary};
+use ch01_single_gpu::cli::{CommonArgs, finish, parse_args, print_summary};
+use ch01_single_gpu::interrupt;
 use ch02_data_parallel::{DpConfig, DpReport, train};
 use clap::Parser;
 use kernels::memory::format_bytes;
@@ -60,11 +61,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let cli: Cli = parse_args();
+    interrupt::install();
+    finish(run(cli), |()| {})
 }

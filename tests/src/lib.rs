@@ -73,3 +73,7 @@ pub fn assert_matches_ch01(cfg: &TrainConfig, single: &TrainReport, other: &Trai
     );
 }
 // ANCHOR_END: assert_matches_ch01
+
+/// Every chapter's command-line suite asserts bad input the same way: one error line, no panic,
+/// nothing touched (defined in chapter 1, which every chapter's tests can reach).
+pub use ch01_single_gpu::testing::{Snapshot, assert_one_error_line, output_within};
