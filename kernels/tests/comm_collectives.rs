@@ -185,6 +185,71 @@ fn reduce_scatter_gives_rank_r_the_reduced_chunk_r() {
     }
 }
 
+/// The elementwise max over ranks `ranks` of their step-`step` inputs.
+fn max_of(ranks: &[Rank], step: usize, len: usize) -> Vec<f32> {
+    let mut max = vec![f32::NEG_INFINITY; len];
+    for &r in ranks {
+        max.iter_mut().zip(input(r, step, len)).for_each(|(m, x)| *m = m.max(x));
+    }
+    max
+}
+
+fn bits(values: &[f32]) -> Vec<u32> {
+    values.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn all_reduce_max_is_the_elementwise_max_bit_for_bit_on_every_rank() {
+    for n in [1, 2, 3, 4, 8] {
+        for len in [0, 1, 5, 64, 1001] {
+            let out = run(n, move |comm| {
+                let mut buf = input(comm.rank(), 4, len);
+                comm.all_reduce(&mut buf, ReduceOp::Max).map(|()| buf)
+            });
+            let want = bits(&max_of(&(0..n).collect::<Vec<_>>(), 4, len));
+            for (r, got) in out.iter().enumerate() {
+                assert_eq!(bits(got), want, "n = {n}, len = {len}, rank {r}");
+            }
+        }
+    }
+}
+
+#[test]
+fn reduce_scatter_max_gives_rank_r_the_max_of_chunk_r() {
+    for n in [1, 2, 3, 4, 8] {
+        for m in [0, 1, 7, 100] {
+            let out = run(n, move |comm| {
+                let mut output = vec![0.0; m];
+                comm.reduce_scatter(&input(comm.rank(), 5, n * m), &mut output, ReduceOp::Max).map(|()| output)
+            });
+            let max = max_of(&(0..n).collect::<Vec<_>>(), 5, n * m);
+            for (r, got) in out.iter().enumerate() {
+                assert_eq!(bits(got), bits(&max[r * m..(r + 1) * m]), "n = {n}, m = {m}, rank {r}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_nan_on_one_rank_makes_the_max_nan_everywhere() {
+    // Rank 2's value 3 is NaN; every other value is finite. Whichever rank's copy of chunk 0
+    // (values 0..4 of 12 on 3 ranks) starts the ring, the NaN must survive it.
+    let out = run(3, |comm| {
+        let mut buf = input(comm.rank(), 6, 12);
+        if comm.rank() == 2 {
+            buf[3] = f32::NAN;
+        }
+        comm.all_reduce(&mut buf, ReduceOp::Max).map(|()| buf)
+    });
+    let mut want = max_of(&[0, 1, 2], 6, 12);
+    want[3] = f32::NAN;
+    for (r, got) in out.iter().enumerate() {
+        assert!(got[3].is_nan(), "rank {r}: {got:?}");
+        assert_eq!(bits(got), bits(&out[0]), "rank {r} differs from rank 0");
+        assert_eq!(bits(&got[4..]), bits(&want[4..]), "rank {r}");
+    }
+}
+
 #[test]
 fn all_gather_concatenates_every_rank_in_rank_order() {
     for n in [1, 2, 3, 4, 8] {

@@ -110,13 +110,13 @@ type Outputs = (Vec<Vec<f32>>, CommStats);
 fn every_collective(comm: &mut dyn Communicator) -> Result<Outputs, CommError> {
     let (r, n) = (comm.rank(), comm.world_size());
     let mut out = Vec::new();
-    for (step, (len, op)) in [(1, ReduceOp::Sum), (1003, ReduceOp::Sum), (4096, ReduceOp::Avg)].into_iter().enumerate()
-    {
+    let all_reduces = [(1, ReduceOp::Sum), (1003, ReduceOp::Sum), (4096, ReduceOp::Avg), (2049, ReduceOp::Max)];
+    for (step, (len, op)) in all_reduces.into_iter().enumerate() {
         let mut buf = input(r, step, len);
         comm.all_reduce(&mut buf, op)?;
         out.push(buf);
     }
-    for (step, op) in [ReduceOp::Sum, ReduceOp::Avg].into_iter().enumerate() {
+    for (step, op) in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max].into_iter().enumerate() {
         let m = 257;
         let mut shard = vec![0.0; m];
         comm.reduce_scatter(&input(r, 10 + step, n * m), &mut shard, op)?;
@@ -176,10 +176,10 @@ fn assert_same(threads: &[Outputs], gpus: &[Outputs]) {
     }
 }
 
-/// [`every_collective`]'s first three outputs (all-reduces) are the same on every rank, bit for
+/// [`every_collective`]'s first four outputs (all-reduces) are the same on every rank, bit for
 /// bit.
 fn assert_all_reduce_identical_on_every_rank(gpus: &[Outputs]) {
-    for (i, first) in gpus[0].0.iter().take(3).enumerate() {
+    for (i, first) in gpus[0].0.iter().take(4).enumerate() {
         for (r, (got, _)) in gpus.iter().enumerate() {
             assert!(
                 got[i].iter().zip(first).all(|(a, b)| a.to_bits() == b.to_bits()),

@@ -31,6 +31,9 @@ pub enum ReduceOp {
     Sum,
     /// The sum divided by the number of ranks.
     Avg,
+    /// The largest value (a NaN on any rank makes it NaN on thread ranks): vocabulary-parallel
+    /// cross-entropy's row max. NCCL's `ncclMax`.
+    Max,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]

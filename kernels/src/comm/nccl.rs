@@ -762,6 +762,7 @@ fn nccl_op(op: ReduceOp) -> cudarc::nccl::ReduceOp {
     match op {
         ReduceOp::Sum => cudarc::nccl::ReduceOp::Sum,
         ReduceOp::Avg => cudarc::nccl::ReduceOp::Avg,
+        ReduceOp::Max => cudarc::nccl::ReduceOp::Max,
     }
 }
 

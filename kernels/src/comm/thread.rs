@@ -191,9 +191,9 @@ impl ring::Wire for Link<'_> {
         Ok(())
     }
 
-    fn recv_add(&mut self, from: Rank, into: &mut [f32]) -> Result<(), CommError> {
+    fn recv_reduce(&mut self, from: Rank, into: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
         let data = self.take(from, into.len())?;
-        into.iter_mut().zip(&data).for_each(|(a, b)| *a += b);
+        ring::combine(into, &data, op);
         self.recycle(data);
         Ok(())
     }
