@@ -304,6 +304,84 @@ fn send_and_recv_deliver_in_order_and_count_bytes() {
 }
 
 #[test]
+fn two_ranks_that_send_to_each_other_at_once_both_receive() {
+    // 1F1B's steady state: stage 0 sends an activation forward while stage 1 sends a gradient
+    // back, both before either receives.
+    let out = run(2, |comm| {
+        let (r, peer) = (comm.rank(), 1 - comm.rank());
+        let mut got = vec![0.0; 300];
+        comm.sendrecv(&input(r, 7, 300), peer, &mut got, peer)?;
+        Ok((got, comm.stats()))
+    });
+    let send_recv = Collective::SendRecv;
+    for (r, (got, stats)) in out.iter().enumerate() {
+        assert_eq!(*got, input(1 - r, 7, 300), "rank {r}");
+        assert_eq!((stats.sent[&send_recv], stats.received[&send_recv]), (bytes(300), bytes(300)), "rank {r}");
+        assert_eq!(stats.calls[&send_recv], 1);
+    }
+}
+
+#[test]
+fn a_ring_shift_moves_every_buffer_one_rank_right() {
+    let n = 4;
+    let out = run(n, move |comm| {
+        let (r, next, prev) = (comm.rank(), (comm.rank() + 1) % n, (comm.rank() + n - 1) % n);
+        let mut shifted = Vec::new();
+        let mut buf = input(r, 8, 501);
+        // n shifts bring every buffer home: after shift k, rank r holds rank r - k's.
+        for _ in 0..n {
+            let mut got = vec![0.0; buf.len()];
+            comm.sendrecv(&buf, next, &mut got, prev)?;
+            buf = got;
+            shifted.push(buf.clone());
+        }
+        Ok((shifted, comm.stats()))
+    });
+    for (r, (shifted, stats)) in out.iter().enumerate() {
+        for (k, got) in shifted.iter().enumerate() {
+            assert_eq!(*got, input((r + n - (k + 1) % n) % n, 8, 501), "rank {r}, shift {}", k + 1);
+        }
+        assert_eq!(stats.sent[&Collective::SendRecv], bytes(n * 501));
+        assert_eq!(stats.received[&Collective::SendRecv], bytes(n * 501));
+    }
+}
+
+#[test]
+fn a_sub_group_communicator_moves_to_another_thread() {
+    fn assert_send<T: Send>() {}
+    assert_send::<Box<dyn Communicator>>();
+    // Each rank's pair communicator runs on a thread of its own, while the rank's own thread
+    // runs world all-reduces at the same time (chapter 2's compute and communication threads).
+    let out = run(4, |comm| {
+        let r = comm.rank();
+        let pair: Vec<Rank> = vec![r / 2 * 2, r / 2 * 2 + 1];
+        let mut pair_comm: Box<dyn Communicator> = comm.split(&pair)?;
+        let worker = std::thread::spawn(move || -> Result<Vec<f32>, CommError> {
+            let mut sums = Vec::new();
+            for step in 0..10 {
+                let mut buf = [(r * 10 + step) as f32];
+                pair_comm.all_reduce(&mut buf, ReduceOp::Sum)?;
+                sums.push(buf[0]);
+            }
+            Ok(sums)
+        });
+        let mut world = [r as f32];
+        for _ in 0..10 {
+            world = [r as f32];
+            comm.all_reduce(&mut world, ReduceOp::Sum)?;
+        }
+        let sums = worker.join().unwrap_or_else(|e| std::panic::resume_unwind(e))?;
+        Ok((sums, world[0]))
+    });
+    for (r, (sums, world)) in out.iter().enumerate() {
+        let first = r / 2 * 2;
+        let want: Vec<f32> = (0..10).map(|step| ((first * 10 + step) + ((first + 1) * 10 + step)) as f32).collect();
+        assert_eq!(*sums, want, "rank {r}'s pair, on its own thread");
+        assert_eq!(*world, 6.0, "rank {r}'s world");
+    }
+}
+
+#[test]
 fn barrier_waits_for_every_rank() {
     let n = 4;
     let arrived = AtomicUsize::new(0);

@@ -3,7 +3,7 @@
 
 use kernels::comm::thread::{DEFAULT_TIMEOUT, LaunchError, ThreadComm, launch};
 use kernels::comm::{Collective, CommError, Communicator, Rank, ReduceOp};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[test]
@@ -147,6 +147,8 @@ fn bad_arguments_are_errors_on_the_calling_rank() {
         invalid(comm.broadcast(&mut [0.0; 2], 2), Collective::Broadcast);
         invalid(comm.send(&[0.0], 7), Collective::SendRecv);
         invalid(comm.recv(&mut [0.0], 2), Collective::SendRecv);
+        invalid(comm.sendrecv(&[0.0], 2, &mut [0.0], 0), Collective::SendRecv);
+        invalid(comm.sendrecv(&[0.0], 0, &mut [0.0], 5), Collective::SendRecv);
         let r = comm.rank();
         for bad in [vec![2], vec![r, r], vec![1 - r]] {
             invalid(comm.split_group(&bad).map(drop), Collective::Split);
@@ -156,4 +158,48 @@ fn bad_arguments_are_errors_on_the_calling_rank() {
         comm.all_reduce(&mut buf, ReduceOp::Sum).map(|()| buf[0])
     });
     assert_eq!(out, Ok(vec![2.0, 2.0]));
+}
+
+#[test]
+fn an_exchange_of_different_sizes_is_an_invalid_argument() {
+    let seen = Arc::new(Mutex::new(None));
+    let seen_by_rank_0 = seen.clone();
+    let result = launch(2, move |mut comm| {
+        // Rank 1 sends 5 values where rank 0 expects 4; rank 0 sends the 4 that rank 1 expects.
+        let (r, peer) = (comm.rank(), 1 - comm.rank());
+        let result = comm.sendrecv(&vec![1.0; 4 + r], peer, &mut [0.0; 4], peer);
+        if r == 0 {
+            *seen_by_rank_0.lock().unwrap() = result.clone().err();
+        }
+        result
+    });
+    assert_eq!(result.expect_err("rank 0 got 5 values").rank(), 0);
+    let seen = seen.lock().unwrap().clone();
+    match seen {
+        Some(CommError::InvalidArgument { collective: Collective::SendRecv, reason }) => {
+            assert!(reason.contains("rank 1 sent 5 values where 4 were expected"), "{reason}")
+        }
+        other => panic!("expected an invalid SendRecv, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_peer_that_fails_during_an_exchange_ends_it_with_peer_failed() {
+    let seen = Arc::new(Mutex::new(None));
+    let seen_by_rank_0 = seen.clone();
+    let start = Instant::now();
+    let result = launch(2, move |mut comm| {
+        if comm.rank() == 1 {
+            // Rank 0 is already waiting in its exchange when this stage fails.
+            std::thread::sleep(Duration::from_millis(50));
+            return Err("stage 1 ran out of memory".to_string());
+        }
+        let result = comm.sendrecv(&[1.0; 8], 1, &mut [0.0; 8], 1);
+        *seen_by_rank_0.lock().unwrap() = result.clone().err();
+        result.map_err(|e| e.to_string())
+    });
+    assert_eq!(result, Err(LaunchError::Failed { rank: 1, message: "stage 1 ran out of memory".into() }));
+    let reason = "stage 1 ran out of memory".to_string();
+    assert_eq!(*seen.lock().unwrap(), Some(CommError::PeerFailed { rank: 1, reason }));
+    assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
 }

@@ -87,8 +87,9 @@ impl CommStats {
 }
 
 // ANCHOR: communicator
-/// One rank's view of a group of ranks.
-pub trait Communicator {
+/// One rank's view of a group of ranks. `Send`, so that a communicator (a sub-group's too) can
+/// move to the thread that runs its collectives.
+pub trait Communicator: Send {
     fn rank(&self) -> Rank;
     fn world_size(&self) -> usize;
 
@@ -106,6 +107,11 @@ pub trait Communicator {
     /// Point to point: pairs with `recv` on rank `to`.
     fn send(&mut self, buf: &[f32], to: Rank) -> Result<(), CommError>;
     fn recv(&mut self, buf: &mut [f32], from: Rank) -> Result<(), CommError>;
+    /// Both at once: sends `send` to rank `to` while it receives `recv` from rank `from`, and
+    /// neither half waits for the other. Two pipeline stages that send to each other, or a ring
+    /// shift (everyone sends right, receives from the left), cannot deadlock. Pairs with a
+    /// `sendrecv` (or a `recv`, and a `send`) on `to` and on `from`.
+    fn sendrecv(&mut self, send: &[f32], to: Rank, recv: &mut [f32], from: Rank) -> Result<(), CommError>;
     fn barrier(&mut self) -> Result<(), CommError>;
 
     /// A communicator over a sub-group: `ranks` lists members by their rank in `self`, in the

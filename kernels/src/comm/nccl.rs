@@ -621,11 +621,16 @@ impl NcclComm {
         CommError::InvalidArgument { collective, reason }
     }
 
-    fn check_peer(&self, peer: Rank, collective: Collective) -> Result<(), CommError> {
+    fn check_in_group(&self, peer: Rank, collective: Collective) -> Result<(), CommError> {
         let n = self.world_size();
         if peer >= n {
             return Err(Self::invalid(collective, format!("rank {peer} is not in a group of {n}")));
         }
+        Ok(())
+    }
+
+    fn check_peer(&self, peer: Rank, collective: Collective) -> Result<(), CommError> {
+        self.check_in_group(peer, collective)?;
         if peer == self.rank {
             let reason = format!("rank {peer} cannot send to itself: a blocking NCCL send waits for its receive");
             return Err(Self::invalid(collective, reason));
@@ -756,6 +761,16 @@ impl Staging<'_> {
         let input = upload(self.stream, self.input, data)?;
         Ok((input, output))
     }
+}
+
+/// Runs `calls` between ncclGroupStart and ncclGroupEnd: NCCL starts the operations queued in
+/// between together, at the end, so a send and a receive of one group never wait for each other.
+fn group(calls: impl FnOnce() -> Result<(), NcclError>) -> Result<(), NcclError> {
+    cudarc::nccl::result::group_start()?;
+    let queued = calls();
+    // Every start needs its end, also after a failed call.
+    let ended = cudarc::nccl::result::group_end();
+    queued.and(ended.map(|_| ()))
 }
 
 fn nccl_op(op: ReduceOp) -> cudarc::nccl::ReduceOp {
@@ -906,6 +921,39 @@ impl Communicator for NcclComm {
             self.download(false, buf)?;
         }
         self.count(collective, (0, len));
+        Ok(())
+    }
+
+    /// One NCCL group (ncclGroupStart, ncclSend, ncclRecv, ncclGroupEnd): NCCL starts both
+    /// halves together, so two ranks that send to each other do not wait on each other. Empty
+    /// halves are left out (their partner's half is empty too).
+    fn sendrecv(&mut self, send: &[f32], to: Rank, recv: &mut [f32], from: Rank) -> Result<(), CommError> {
+        let collective = Collective::SendRecv;
+        self.check_in_group(to, collective)?;
+        self.check_in_group(from, collective)?;
+        self.enter(collective)?;
+        let (sent, received) = (send.len(), recv.len());
+        if sent + received > 0 {
+            self.submit(collective, Some(from), |comm, staging| {
+                let Staging { stream, input, output } = staging;
+                let src = if sent > 0 { Some(upload(stream, input, send)?) } else { None };
+                let dst = if received > 0 { Some(grow(stream, output, received)?) } else { None };
+                let queued = group(|| {
+                    if let Some(src) = src {
+                        comm.send(&src.slice(..sent), to as i32)?;
+                    }
+                    if let Some(dst) = dst {
+                        comm.recv(&mut dst.slice_mut(..received), from as i32)?;
+                    }
+                    Ok(())
+                });
+                queued.map_err(|e| nccl_error("running ncclSend and ncclRecv in a group", e))
+            })?;
+            if received > 0 {
+                self.download(true, recv)?;
+            }
+        }
+        self.count(collective, (sent, received));
         Ok(())
     }
 

@@ -7,7 +7,7 @@
 //!
 //! Sends never wait for their receive (messages queue up). Code that is to run on NCCL as well
 //! must not rely on that for point-to-point messages: there, two ranks that both send before
-//! they receive wait on each other.
+//! they receive wait on each other. An exchange is [`Communicator::sendrecv`], on both.
 
 use super::mailbox::{GroupId, GroupKey, Message, PostOffice};
 use super::{Collective, CommError, CommStats, Communicator, Rank, ReduceOp, ring};
@@ -232,6 +232,16 @@ impl Communicator for ThreadComm {
     fn recv(&mut self, buf: &mut [f32], from: Rank) -> Result<(), CommError> {
         self.check_peer(from, Collective::SendRecv)?;
         self.run(Collective::SendRecv, |link| ring::Wire::recv(link, from, buf))
+    }
+
+    /// Sends never wait here, so sending and then receiving is already both at once.
+    fn sendrecv(&mut self, send: &[f32], to: Rank, recv: &mut [f32], from: Rank) -> Result<(), CommError> {
+        self.check_peer(to, Collective::SendRecv)?;
+        self.check_peer(from, Collective::SendRecv)?;
+        self.run(Collective::SendRecv, |link| {
+            ring::Wire::send(link, to, send)?;
+            ring::Wire::recv(link, from, recv)
+        })
     }
 
     fn barrier(&mut self) -> Result<(), CommError> {
