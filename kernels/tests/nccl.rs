@@ -10,6 +10,7 @@ use kernels::comm::nccl::{self, NcclComm, cuda_devices, cuda_driver_present};
 use kernels::comm::rendezvous::RendezvousConfig;
 use kernels::comm::thread::{self, LaunchError};
 use kernels::comm::{Collective, CommError, CommStats, Communicator, Rank, ReduceOp};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -34,12 +35,15 @@ fn cuda_devices_answers_without_panicking() {
 
 #[test]
 fn launch_fails_with_one_clear_error_when_ranks_cannot_have_a_gpu() {
-    let started = AtomicUsize::new(0);
-    let count = |_: NcclComm| {
-        started.fetch_add(1, Ordering::SeqCst);
-        Ok::<(), CommError>(())
+    let started = Arc::new(AtomicUsize::new(0));
+    let count = {
+        let started = started.clone();
+        move |_: NcclComm| {
+            started.fetch_add(1, Ordering::SeqCst);
+            Ok::<(), CommError>(())
+        }
     };
-    assert_eq!(nccl::launch(0, count), Ok(vec![]), "no ranks, nothing to check");
+    assert_eq!(nccl::launch(0, count.clone()), Ok(vec![]), "no ranks, nothing to check");
     // One rank more than there are devices: none (no driver, or no GPU) or all of them.
     let devices = cuda_devices();
     let ranks = devices.as_ref().map_or(2, |n| n + 1);
@@ -152,12 +156,15 @@ fn every_collective(comm: &mut dyn Communicator) -> Result<Outputs, CommError> {
     Ok((out, comm.stats()))
 }
 
-fn on_threads(n: usize, f: impl Fn(&mut dyn Communicator) -> Result<Outputs, CommError> + Sync) -> Vec<Outputs> {
-    thread::launch(n, |mut comm| f(&mut comm)).unwrap_or_else(|e| panic!("thread ranks: {e}"))
+/// What every rank runs, on thread ranks and on NCCL ranks.
+type RankFn = fn(&mut dyn Communicator) -> Result<Outputs, CommError>;
+
+fn on_threads(n: usize, f: RankFn) -> Vec<Outputs> {
+    thread::launch(n, move |mut comm| f(&mut comm)).unwrap_or_else(|e| panic!("thread ranks: {e}"))
 }
 
-fn on_gpus(n: usize, f: impl Fn(&mut dyn Communicator) -> Result<Outputs, CommError> + Sync) -> Vec<Outputs> {
-    nccl::launch(n, |mut comm| {
+fn on_gpus(n: usize, f: RankFn) -> Vec<Outputs> {
+    nccl::launch(n, move |mut comm| {
         assert_eq!(comm.device(), comm.rank(), "rank r drives device r");
         f(&mut comm)
     })
@@ -327,6 +334,7 @@ fn bad_arguments_are_errors_not_hangs() {
         assert!(invalid(comm.all_gather(&[1.0; 3], &mut [0.0; 2]).unwrap_err()));
         assert!(invalid(comm.broadcast(&mut [0.0; 2], 1).unwrap_err()));
         assert!(invalid(comm.send(&[1.0], 0).unwrap_err()), "a send to itself");
+        assert!(invalid(comm.sendrecv(&[1.0], 1, &mut [0.0], 0).unwrap_err()), "no rank 1");
         assert!(invalid(comm.split_group(&[0, 0]).unwrap_err()));
         // Still usable afterwards.
         let mut buf = vec![2.0; 3];

@@ -15,6 +15,7 @@
 
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 mod launcher;
 mod mailbox;
@@ -25,6 +26,30 @@ pub mod thread;
 
 /// A rank's index in its communicator: 0..world_size.
 pub type Rank = usize;
+
+/// How long a collective waits before [`CommError::Timeout`], unless [`TIMEOUT_VAR`] or
+/// `set_timeout` says otherwise: 30 minutes, far longer than any save or metrics write of one
+/// rank, because a slow rank is not a failed one (failures are reported at once, not timed).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// The environment variable that sets every communicator's timeout, in whole seconds.
+pub const TIMEOUT_VAR: &str = "SFS_COMM_TIMEOUT_SECS";
+
+/// The timeout [`TIMEOUT_VAR`] asks for, or [`DEFAULT_TIMEOUT`] where it is not set.
+pub fn timeout_from_env() -> Result<Duration, CommError> {
+    let value = std::env::var_os(TIMEOUT_VAR).map(|v| v.to_string_lossy().into_owned());
+    parse_timeout(value.as_deref())
+}
+
+/// [`timeout_from_env`] on a value: `None` is the default, anything but a whole number of
+/// seconds above 0 is an error naming the variable (waiting forever is not an option).
+pub fn parse_timeout(value: Option<&str>) -> Result<Duration, CommError> {
+    let Some(text) = value else { return Ok(DEFAULT_TIMEOUT) };
+    match text.trim().parse::<u64>() {
+        Ok(seconds) if seconds > 0 => Ok(Duration::from_secs(seconds)),
+        _ => Err(CommError::Backend(format!("{TIMEOUT_VAR}={text:?} is not a whole number of seconds above 0"))),
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReduceOp {
@@ -56,9 +81,12 @@ pub enum CommError {
     /// Another rank returned an error or panicked; this collective cannot complete.
     #[error("rank {rank} failed: {reason}")]
     PeerFailed { rank: Rank, reason: String },
-    /// The last resort when a peer neither answers nor fails (a deadlock in the caller's code,
-    /// say): the timeout is generous, because a slow peer is not a failed one.
-    #[error("{collective:?} timed out after {seconds} s waiting for rank {peer}")]
+    /// The last resort when a peer neither answers nor fails. Thread ranks give up only when
+    /// every rank they wait for, directly or through others, is waiting too and nothing moved for
+    /// the whole timeout (a deadlock: the ranks made different calls); a rank that is busy (a
+    /// long save) is waited for. NCCL cannot tell, and gives up when a call takes longer than the
+    /// timeout: [`DEFAULT_TIMEOUT`], far longer than any save, or [`TIMEOUT_VAR`].
+    #[error("{collective:?} timed out after {seconds} s waiting for rank {peer} ({TIMEOUT_VAR} sets the limit)")]
     Timeout { collective: Collective, peer: Rank, seconds: u64 },
     #[error("{collective:?}: {reason}")]
     InvalidArgument { collective: Collective, reason: String },
