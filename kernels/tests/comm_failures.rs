@@ -188,6 +188,33 @@ fn a_rank_stuck_forever_does_not_keep_launch_from_reporting_the_first_failure() 
 }
 
 #[test]
+fn a_failure_seen_by_a_rank_that_never_ends_is_still_reported() {
+    // Rank 0 returns while rank 1's communication thread waits for its message: that thread
+    // records the failure ("rank 0 finished while ...") and ends, but rank 1's own thread is
+    // stuck, so no failing rank ever returns to tell the launcher.
+    let release = Arc::new((Mutex::new(false), Condvar::new()));
+    let stuck = release.clone();
+    let start = Instant::now();
+    let result = launch(2, move |mut comm| {
+        if comm.rank() == 0 {
+            return Ok(());
+        }
+        std::thread::spawn(move || comm.recv(&mut [0.0; 4], 0));
+        let (released, wake) = &*stuck;
+        let _released = wake.wait_while(released.lock().unwrap(), |released| !*released).unwrap();
+        Ok::<(), CommError>(())
+    });
+    let returned = start.elapsed();
+    let err = result.expect_err("rank 0 left while rank 1 waited for it");
+    assert_eq!(err.rank(), 0);
+    assert!(err.to_string().contains("finished while rank 1 still waited"), "{err}");
+    assert!(returned < FAILURE_GRACE + Duration::from_secs(5), "it took {returned:?}");
+    let (released, wake) = &*release;
+    *released.lock().unwrap() = true;
+    wake.notify_all();
+}
+
+#[test]
 fn the_timeout_comes_from_the_environment_or_is_thirty_minutes() {
     assert_eq!(parse_timeout(None), Ok(DEFAULT_TIMEOUT));
     assert_eq!(DEFAULT_TIMEOUT, Duration::from_secs(1800));

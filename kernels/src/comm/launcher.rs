@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 /// one that is not back by then is left running while the failure is reported.
 pub const FAILURE_GRACE: Duration = Duration::from_secs(5);
 
+/// How often [`launch`] looks for a failure while no rank's thread ends.
+const POLL: Duration = Duration::from_millis(50);
+
 /// The first rank to fail, and why. Later failures are left out: they are the other ranks
 /// learning of the first one ([`CommError::PeerFailed`](super::CommError::PeerFailed)).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -93,6 +96,28 @@ where
         .collect()
 }
 
+/// Every rank's result as its thread ends: all of them, or, once a failure is known, those that
+/// end within [`FAILURE_GRACE`] of it.
+fn collect<T>(world_size: usize, office: &PostOffice, ended: &Receiver<(Rank, Option<T>)>) -> Vec<Option<T>> {
+    let mut results: Vec<Option<T>> = (0..world_size).map(|_| None).collect();
+    let mut give_up = None;
+    loop {
+        if give_up.is_none() && office.failure().is_some() {
+            give_up = Some(Instant::now() + FAILURE_GRACE);
+        }
+        // Until a failure is known, look again every `POLL`: a rank that records one need not
+        // end (it saw a peer leave early, and its own thread is stuck elsewhere).
+        let wait = give_up.map_or(POLL, |at: Instant| at.saturating_duration_since(Instant::now()));
+        match ended.recv_timeout(wait) {
+            Ok((rank, value)) => results[rank] = value,
+            Err(RecvTimeoutError::Timeout) if give_up.is_none() => {}
+            // Every thread has ended (or never started), or the grace is over.
+            Err(_) => return results,
+        }
+    }
+}
+// ANCHOR_END: launch
+
 /// One rank's closure, with its failure (an error or a panic) recorded for every rank to see.
 fn run_rank<T, E: Display>(
     rank: Rank,
@@ -115,23 +140,3 @@ fn run_rank<T, E: Display>(
         }
     }
 }
-
-/// Every rank's result as its thread ends: all of them, or, once a failure is known, those that
-/// end within [`FAILURE_GRACE`] of it.
-fn collect<T>(world_size: usize, office: &PostOffice, ended: &Receiver<(Rank, Option<T>)>) -> Vec<Option<T>> {
-    let mut results: Vec<Option<T>> = (0..world_size).map(|_| None).collect();
-    let mut give_up = None;
-    loop {
-        if give_up.is_none() && office.failure().is_some() {
-            give_up = Some(Instant::now() + FAILURE_GRACE);
-        }
-        let next = match give_up {
-            None => ended.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            Some(at) => ended.recv_timeout(at.saturating_duration_since(Instant::now())),
-        };
-        // Disconnected: every thread has ended (or never started). Timeout: the grace is over.
-        let Ok((rank, value)) = next else { return results };
-        results[rank] = value;
-    }
-}
-// ANCHOR_END: launch

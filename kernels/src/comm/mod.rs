@@ -12,6 +12,19 @@
 //! Every call is a collective: all ranks of the communicator make the same calls in the same
 //! order with buffers of the same size. A rank that fails makes every other rank's pending or
 //! next collective return [`CommError::PeerFailed`] within a bounded time: nothing ever hangs.
+//! A rank that is only slow (rank 0 writing a checkpoint) is waited for: the one time-out,
+//! [`DEFAULT_TIMEOUT`] (30 minutes, or [`TIMEOUT_VAR`]), is for deadlocks, and for what NCCL
+//! cannot see. The thread launcher returns within [`thread::FAILURE_GRACE`] of the first failure,
+//! even if some rank's thread never ends.
+//!
+//! ## Host slices, device buffers
+//! Every collective takes host slices (`&[f32]`). Thread ranks hand them from thread to thread,
+//! and a TCP transport would write them to sockets: the ring algorithms run on any host
+//! [`ring::Wire`]. A tensor on a GPU is staged through the host for now: its owner copies it
+//! out (`Tensor::to_vec`), runs the collective, and copies the result back
+//! (`Tensor::copy_from`). NCCL works on device memory, and stages the host slices it is given
+//! through device buffers of its own ([`nccl`]); handing it a tensor's device buffer directly,
+//! with no host copy, is not built yet.
 
 use serde::Serialize;
 use std::collections::BTreeMap;

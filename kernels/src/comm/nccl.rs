@@ -9,12 +9,13 @@
 //!   each process drives device `LOCAL_RANK`.
 //!
 //! ## Host buffers, staged
-//! The interface takes host slices, because the CUDA backend of this crate does not exist yet.
-//! So every call stages its buffers through device memory: copy host -> device on the rank's
-//! stream, run the NCCL collective on that stream, wait for it, copy device -> host. The device
-//! buffers are kept and reused (they only grow), so a training step allocates nothing. This
-//! costs two PCIe copies per call that a real run would not make: a device-buffer path, where
-//! tensors already on the GPU go to NCCL directly, comes with the CUDA backend.
+//! The interface takes host slices, as every [`Communicator`] does (see [the module
+//! doc](super)). So every call stages its buffers through device memory: copy host -> device on
+//! the rank's stream, run the NCCL collective on that stream, wait for it, copy device -> host.
+//! The device buffers are kept and reused (they only grow), so a training step allocates
+//! nothing. This costs two PCIe copies per call that a real run would not make (four, for a
+//! tensor that lives on the GPU and is copied out to call us): a device-buffer path, where
+//! tensors already on the GPU go to NCCL directly, is not built yet.
 //!
 //! ## What the byte counts mean
 //! NCCL picks its own algorithm (ring, tree, NVLS, ...) and protocol per call, and does not
@@ -36,7 +37,9 @@
 //!   rendezvous; in a split, a message from each member to the group's rank 0): a rank that
 //!   fails to start fails before the others are stuck.
 //! - A rank that returns early (its closure ends while others still call collectives) leaves
-//!   them waiting until the timeout: NCCL cannot tell "not yet" from "never".
+//!   them waiting until the timeout: NCCL cannot tell "not yet" from "never". Nor can it tell a
+//!   slow rank from a dead one, which is why the timeout ([`DEFAULT_TIMEOUT`](super::DEFAULT_TIMEOUT),
+//!   30 minutes, or [`TIMEOUT_VAR`](super::TIMEOUT_VAR)) is far longer than any save.
 //! - Across processes there is no shared failure state: a dead process is noticed by the
 //!   timeout (or by NCCL itself, as a remote error).
 //! - NCCL does not check that ranks pass buffers of the same size, or call the same
