@@ -62,8 +62,8 @@ pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
 /// the launcher waits [`FAILURE_GRACE`] for them, and no longer: a rank stuck outside the
 /// collectives (in a loop, on a lock) cannot keep the failure from being reported. Its thread is
 /// left behind, which is why `f` and its results own their data (`'static`: share with `Arc`).
-/// The communicators' timeout is [`TIMEOUT_VAR`](super::TIMEOUT_VAR)'s, or the default. `world_size` 0 runs nothing
-/// and returns no results.
+/// The communicators' timeout is [`TIMEOUT_VAR`](super::TIMEOUT_VAR)'s, or the default.
+/// `world_size` 0 runs nothing and returns no results.
 pub fn launch<T, E, F>(world_size: usize, f: F) -> Result<Vec<T>, LaunchError>
 where
     T: Send + 'static,

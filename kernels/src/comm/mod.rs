@@ -69,8 +69,8 @@ pub enum ReduceOp {
     Sum,
     /// The sum divided by the number of ranks.
     Avg,
-    /// The largest value (a NaN on any rank makes it NaN on thread ranks): vocabulary-parallel
-    /// cross-entropy's row max. NCCL's `ncclMax`.
+    /// The largest value: vocabulary-parallel cross-entropy's row max. On thread ranks a NaN
+    /// anywhere makes it NaN; NCCL runs its own `ncclMax`.
     Max,
 }
 
@@ -151,7 +151,8 @@ pub trait Communicator: Send {
     /// Both at once: sends `send` to rank `to` while it receives `recv` from rank `from`, and
     /// neither half waits for the other. Two pipeline stages that send to each other, or a ring
     /// shift (everyone sends right, receives from the left), cannot deadlock. Pairs with a
-    /// `sendrecv` (or a `recv`, and a `send`) on `to` and on `from`.
+    /// `sendrecv` on `to` and on `from` (on NCCL, pairing it with a plain `send` or `recv` is
+    /// undefined); `to` and `from` may be this rank.
     fn sendrecv(&mut self, send: &[f32], to: Rank, recv: &mut [f32], from: Rank) -> Result<(), CommError>;
     fn barrier(&mut self) -> Result<(), CommError>;
 

@@ -38,8 +38,9 @@
 //!   fails to start fails before the others are stuck.
 //! - A rank that returns early (its closure ends while others still call collectives) leaves
 //!   them waiting until the timeout: NCCL cannot tell "not yet" from "never". Nor can it tell a
-//!   slow rank from a dead one, which is why the timeout ([`DEFAULT_TIMEOUT`](super::DEFAULT_TIMEOUT),
-//!   30 minutes, or [`TIMEOUT_VAR`](super::TIMEOUT_VAR)) is far longer than any save.
+//!   slow rank from a dead one, which is why the timeout (30 minutes,
+//!   [`DEFAULT_TIMEOUT`](super::DEFAULT_TIMEOUT), or [`TIMEOUT_VAR`](super::TIMEOUT_VAR)) is
+//!   far longer than any save.
 //! - Across processes there is no shared failure state: a dead process is noticed by the
 //!   timeout (or by NCCL itself, as a remote error).
 //! - NCCL does not check that ranks pass buffers of the same size, or call the same
@@ -334,7 +335,9 @@ impl Drop for Ended<'_> {
 /// returns the results in rank order, or the first failure (an error or a panic), like
 /// [`thread::launch`]. Fails with one [`LaunchError::Failed`] (rank 0's, or the first rank
 /// without a device), before starting any thread, where there is no CUDA driver, fewer devices
-/// than ranks, or no NCCL. `world_size` 0 runs nothing and returns no results.
+/// than ranks, or no NCCL. Like the thread launcher, it reports a failure within
+/// [`thread::FAILURE_GRACE`] even if some rank never returns. `world_size` 0 runs nothing and
+/// returns no results.
 pub fn launch<T, E, F>(world_size: usize, f: F) -> Result<Vec<T>, LaunchError>
 where
     T: Send + 'static,
