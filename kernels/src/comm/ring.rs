@@ -247,6 +247,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn combine_adds_or_keeps_the_larger_and_a_nan_always_wins() {
+        let (into, values) = ([1.0, 5.0, f32::NAN, 2.0, -1.0], [3.0, 4.0, 1.0, f32::NAN, -2.0]);
+        let mut sum = into;
+        combine(&mut sum, &values, ReduceOp::Sum);
+        assert_eq!(sum.map(f32::is_nan), [false, false, true, true, false]);
+        assert_eq!((sum[0], sum[1], sum[4]), (4.0, 9.0, -3.0));
+        let mut max = into;
+        combine(&mut max, &values, ReduceOp::Max);
+        assert_eq!(max.map(f32::is_nan), [false, false, true, true, false], "NaN on either side");
+        assert_eq!((max[0], max[1], max[4]), (3.0, 5.0, -1.0));
+    }
+
+    #[test]
     fn chunks_cover_the_buffer_in_order_and_differ_by_at_most_one() {
         for (len, n) in [(0, 3), (2, 3), (10, 3), (12, 4), (1003, 8)] {
             let chunks: Vec<_> = (0..n).map(|i| chunk(len, n, i)).collect();
