@@ -329,26 +329,28 @@ fn two_ranks_that_send_to_each_other_at_once_both_receive() {
 
 #[test]
 fn a_ring_shift_moves_every_buffer_one_rank_right() {
-    let n = 4;
-    let out = run(n, move |comm| {
-        let (r, next, prev) = (comm.rank(), (comm.rank() + 1) % n, (comm.rank() + n - 1) % n);
-        let mut shifted = Vec::new();
-        let mut buf = input(r, 8, 501);
-        // n shifts bring every buffer home: after shift k, rank r holds rank r - k's.
-        for _ in 0..n {
-            let mut got = vec![0.0; buf.len()];
-            comm.sendrecv(&buf, next, &mut got, prev)?;
-            buf = got;
-            shifted.push(buf.clone());
+    // On 1 rank the shift is an exchange with itself.
+    for n in [1, 3, 4] {
+        let out = run(n, move |comm| {
+            let (r, next, prev) = (comm.rank(), (comm.rank() + 1) % n, (comm.rank() + n - 1) % n);
+            let mut shifted = Vec::new();
+            let mut buf = input(r, 8, 501);
+            // n shifts bring every buffer home: after shift k, rank r holds rank r - k's.
+            for _ in 0..n {
+                let mut got = vec![0.0; buf.len()];
+                comm.sendrecv(&buf, next, &mut got, prev)?;
+                buf = got;
+                shifted.push(buf.clone());
+            }
+            Ok((shifted, comm.stats()))
+        });
+        for (r, (shifted, stats)) in out.iter().enumerate() {
+            for (k, got) in shifted.iter().enumerate() {
+                assert_eq!(*got, input((r + n - (k + 1) % n) % n, 8, 501), "n = {n}, rank {r}, shift {}", k + 1);
+            }
+            assert_eq!(stats.sent[&Collective::SendRecv], bytes(n * 501), "n = {n}");
+            assert_eq!(stats.received[&Collective::SendRecv], bytes(n * 501), "n = {n}");
         }
-        Ok((shifted, comm.stats()))
-    });
-    for (r, (shifted, stats)) in out.iter().enumerate() {
-        for (k, got) in shifted.iter().enumerate() {
-            assert_eq!(*got, input((r + n - (k + 1) % n) % n, 8, 501), "rank {r}, shift {}", k + 1);
-        }
-        assert_eq!(stats.sent[&Collective::SendRecv], bytes(n * 501));
-        assert_eq!(stats.received[&Collective::SendRecv], bytes(n * 501));
     }
 }
 
