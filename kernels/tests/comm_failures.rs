@@ -1,5 +1,7 @@
-//! Failure never hangs: a rank that errs, panics, leaves early or goes silent ends every rank
-//! promptly, and the launcher names the first rank that failed and why.
+//! Failure never hangs, and slowness is not failure: a rank that errs, panics or leaves early
+//! ends every rank promptly, ranks that wait on each other time out, a rank that is only slow is
+//! waited for, and the launcher names the first rank that failed and why, even if another rank
+//! never ends.
 
 use kernels::comm::thread::{DEFAULT_TIMEOUT, FAILURE_GRACE, LaunchError, ThreadComm, launch};
 use kernels::comm::{Collective, CommError, Communicator, Rank, ReduceOp, TIMEOUT_VAR, parse_timeout};
