@@ -256,8 +256,10 @@ pub fn train(cfg: &DpConfig) -> Result<DpReport, DpError> {
     let dataset = Arc::new(load_dataset(&cfg.train.data, &Tokenizer::new(cfg.train.tokenizer))?);
     let traced = cfg.train.trace.is_some() || cfg.timeline.is_some();
     let trace = if traced { Trace::enabled() } else { Trace::disabled() };
-    // The launcher names the rank that failed first, and why ("rank 1 failed: ...").
-    let results = launch(dp, |comm| run_rank(cfg, dp, comm, dataset.clone(), &trace))?;
+    // The launcher names the rank that failed first, and why ("rank 1 failed: ..."). Each rank
+    // owns what it uses (`'static`): a rank stuck after a failure cannot hold up the report.
+    let (rank_cfg, rank_trace) = (cfg.clone(), trace.clone());
+    let results = launch(dp, move |comm| run_rank(&rank_cfg, dp, comm, dataset.clone(), &rank_trace))?;
     if let Some(path) = &cfg.train.trace {
         trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
     }

@@ -134,7 +134,7 @@ fn measure(op: Op, n: usize, size: usize) -> Result<Duration, String> {
     // Whole f32s, and a count the n ranks divide (the collectives' contract for these two).
     let count = size / 4 / n * n;
     let calls = calls_per_rep(size);
-    let times = launch(n, |mut comm| -> Result<Vec<Duration>, CommError> {
+    let times = launch(n, move |mut comm| -> Result<Vec<Duration>, CommError> {
         let mut big = vec![1.0f32; count];
         let mut small = vec![1.0f32; count / n];
         let mut once = |comm: &mut ThreadComm| match op {

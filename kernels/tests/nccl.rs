@@ -10,6 +10,7 @@ use kernels::comm::nccl::{self, NcclComm, cuda_devices, cuda_driver_present};
 use kernels::comm::rendezvous::RendezvousConfig;
 use kernels::comm::thread::{self, LaunchError};
 use kernels::comm::{Collective, CommError, CommStats, Communicator, Rank, ReduceOp};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -34,12 +35,15 @@ fn cuda_devices_answers_without_panicking() {
 
 #[test]
 fn launch_fails_with_one_clear_error_when_ranks_cannot_have_a_gpu() {
-    let started = AtomicUsize::new(0);
-    let count = |_: NcclComm| {
-        started.fetch_add(1, Ordering::SeqCst);
-        Ok::<(), CommError>(())
+    let started = Arc::new(AtomicUsize::new(0));
+    let count = {
+        let started = started.clone();
+        move |_: NcclComm| {
+            started.fetch_add(1, Ordering::SeqCst);
+            Ok::<(), CommError>(())
+        }
     };
-    assert_eq!(nccl::launch(0, count), Ok(vec![]), "no ranks, nothing to check");
+    assert_eq!(nccl::launch(0, count.clone()), Ok(vec![]), "no ranks, nothing to check");
     // One rank more than there are devices: none (no driver, or no GPU) or all of them.
     let devices = cuda_devices();
     let ranks = devices.as_ref().map_or(2, |n| n + 1);
@@ -110,13 +114,13 @@ type Outputs = (Vec<Vec<f32>>, CommStats);
 fn every_collective(comm: &mut dyn Communicator) -> Result<Outputs, CommError> {
     let (r, n) = (comm.rank(), comm.world_size());
     let mut out = Vec::new();
-    for (step, (len, op)) in [(1, ReduceOp::Sum), (1003, ReduceOp::Sum), (4096, ReduceOp::Avg)].into_iter().enumerate()
-    {
+    let all_reduces = [(1, ReduceOp::Sum), (1003, ReduceOp::Sum), (4096, ReduceOp::Avg), (2049, ReduceOp::Max)];
+    for (step, (len, op)) in all_reduces.into_iter().enumerate() {
         let mut buf = input(r, step, len);
         comm.all_reduce(&mut buf, op)?;
         out.push(buf);
     }
-    for (step, op) in [ReduceOp::Sum, ReduceOp::Avg].into_iter().enumerate() {
+    for (step, op) in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max].into_iter().enumerate() {
         let m = 257;
         let mut shard = vec![0.0; m];
         comm.reduce_scatter(&input(r, 10 + step, n * m), &mut shard, op)?;
@@ -143,16 +147,24 @@ fn every_collective(comm: &mut dyn Communicator) -> Result<Outputs, CommError> {
         }
         out.push(got);
     }
+    // Everyone sends right and receives from the left at once (on one rank: to itself).
+    let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+    let mut got = vec![0.0; 222];
+    comm.sendrecv(&input(r, 41, 222), next, &mut got, prev)?;
+    out.push(got);
     comm.barrier()?;
     Ok((out, comm.stats()))
 }
 
-fn on_threads(n: usize, f: impl Fn(&mut dyn Communicator) -> Result<Outputs, CommError> + Sync) -> Vec<Outputs> {
-    thread::launch(n, |mut comm| f(&mut comm)).unwrap_or_else(|e| panic!("thread ranks: {e}"))
+/// What every rank runs, on thread ranks and on NCCL ranks.
+type RankFn = fn(&mut dyn Communicator) -> Result<Outputs, CommError>;
+
+fn on_threads(n: usize, f: RankFn) -> Vec<Outputs> {
+    thread::launch(n, move |mut comm| f(&mut comm)).unwrap_or_else(|e| panic!("thread ranks: {e}"))
 }
 
-fn on_gpus(n: usize, f: impl Fn(&mut dyn Communicator) -> Result<Outputs, CommError> + Sync) -> Vec<Outputs> {
-    nccl::launch(n, |mut comm| {
+fn on_gpus(n: usize, f: RankFn) -> Vec<Outputs> {
+    nccl::launch(n, move |mut comm| {
         assert_eq!(comm.device(), comm.rank(), "rank r drives device r");
         f(&mut comm)
     })
@@ -176,10 +188,10 @@ fn assert_same(threads: &[Outputs], gpus: &[Outputs]) {
     }
 }
 
-/// [`every_collective`]'s first three outputs (all-reduces) are the same on every rank, bit for
+/// [`every_collective`]'s first four outputs (all-reduces) are the same on every rank, bit for
 /// bit.
 fn assert_all_reduce_identical_on_every_rank(gpus: &[Outputs]) {
-    for (i, first) in gpus[0].0.iter().take(3).enumerate() {
+    for (i, first) in gpus[0].0.iter().take(4).enumerate() {
         for (r, (got, _)) in gpus.iter().enumerate() {
             assert!(
                 got[i].iter().zip(first).all(|(a, b)| a.to_bits() == b.to_bits()),
@@ -322,6 +334,7 @@ fn bad_arguments_are_errors_not_hangs() {
         assert!(invalid(comm.all_gather(&[1.0; 3], &mut [0.0; 2]).unwrap_err()));
         assert!(invalid(comm.broadcast(&mut [0.0; 2], 1).unwrap_err()));
         assert!(invalid(comm.send(&[1.0], 0).unwrap_err()), "a send to itself");
+        assert!(invalid(comm.sendrecv(&[1.0], 1, &mut [0.0], 0).unwrap_err()), "no rank 1");
         assert!(invalid(comm.split_group(&[0, 0]).unwrap_err()));
         // Still usable afterwards.
         let mut buf = vec![2.0; 3];

@@ -4,11 +4,17 @@
 //! It also holds the world's fate. The first rank to fail records why and wakes every waiting
 //! rank, whose receive then returns [`CommError::PeerFailed`]: a failure anywhere reaches every
 //! rank within one wake-up, with no polling. A rank that waits on a peer that has already
-//! finished its closure is told so too, and the timeout catches everything else.
+//! finished its closure is told so too.
+//!
+//! What is left for the timeout is a deadlock, and the post office can tell one from a slow rank
+//! (rank 0 writing a checkpoint while the others wait): it counts who waits on whom. A wait
+//! gives up only if, after a whole timeout, every rank it waits for, directly or through
+//! others, is itself waiting in a receive, and no message was posted anywhere meanwhile. A rank
+//! with no thread in a receive is working, and will send, finish or fail: all three are seen.
 
 use super::{Collective, CommError, Rank};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -61,6 +67,26 @@ pub(crate) struct PostOffice {
     failure: Mutex<Option<Failure>>,
     finished: Vec<AtomicBool>,
     groups: Mutex<HashMap<GroupKey, GroupId>>,
+    /// `waiting[to * n + from]`: how many threads of rank `to` wait in a receive from `from`.
+    waiting: Vec<AtomicUsize>,
+    /// Messages posted so far, world-wide: a wait that sees it move knows some rank moved on.
+    posted: AtomicU64,
+}
+
+/// Counts a thread as waiting on a peer for as long as it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn on(count: &'a AtomicUsize) -> Waiting<'a> {
+        count.fetch_add(1, Ordering::SeqCst);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// No code runs while these locks are held but our own few lines, which cannot leave the state
@@ -77,6 +103,8 @@ impl PostOffice {
             failure: Mutex::new(None),
             finished: (0..world_size).map(|_| AtomicBool::new(false)).collect(),
             groups: Mutex::new(HashMap::new()),
+            waiting: (0..world_size * world_size).map(|_| AtomicUsize::new(0)).collect(),
+            posted: AtomicU64::new(0),
         }
     }
 
@@ -132,13 +160,36 @@ impl PostOffice {
         self.check()?;
         let inbox = &self.inboxes[to];
         lock(&inbox.queues).entry((group, from)).or_default().push_back(message);
+        self.posted.fetch_add(1, Ordering::SeqCst);
         inbox.changed.notify_all();
         Ok(())
     }
 
+    /// Whether every rank that `rank` waits for, directly or through others, is itself waiting
+    /// in a receive: then none of them can send, and only a deadlock looks like this for long.
+    /// One rank with no thread in a receive (computing, saving) means someone is still working.
+    fn all_waiting_from(&self, rank: Rank) -> bool {
+        let n = self.world_size();
+        let waits_on = |r: Rank| (0..n).filter(move |&p| self.waiting[r * n + p].load(Ordering::SeqCst) > 0);
+        let (mut seen, mut todo) = (vec![false; n], vec![rank]);
+        seen[rank] = true;
+        while let Some(r) = todo.pop() {
+            let mut peers = waits_on(r).peekable();
+            if peers.peek().is_none() {
+                return false; // rank r is working
+            }
+            for p in peers {
+                if !std::mem::replace(&mut seen[p], true) {
+                    todo.push(p);
+                }
+            }
+        }
+        true
+    }
+
     // ANCHOR: take
-    /// The next message for world rank `to` from world rank `from` in `group`, waiting up to
-    /// `timeout` for it.
+    /// The next message for world rank `to` from world rank `from` in `group`. Gives up after
+    /// `timeout` only if nothing moved meanwhile and everyone it waits for is waiting too.
     pub fn take(
         &self,
         group: GroupId,
@@ -147,7 +198,8 @@ impl PostOffice {
         collective: Collective,
         timeout: Duration,
     ) -> Result<Message, CommError> {
-        let deadline = Instant::now() + timeout;
+        let _waiting = Waiting::on(&self.waiting[to * self.world_size() + from]);
+        let (mut deadline, mut posted) = (Instant::now() + timeout, self.posted.load(Ordering::SeqCst));
         let inbox = &self.inboxes[to];
         let mut queues = lock(&inbox.queues);
         loop {
@@ -165,7 +217,12 @@ impl PostOffice {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(CommError::Timeout { collective, peer: from, seconds: timeout.as_secs() });
+                // A slow rank is not a failed one: wait on while anything moves or anyone works.
+                let posted_now = self.posted.load(Ordering::SeqCst);
+                if posted_now == posted && self.all_waiting_from(from) {
+                    return Err(CommError::Timeout { collective, peer: from, seconds: timeout.as_secs() });
+                }
+                (deadline, posted) = (now + timeout, posted_now);
             }
             queues = inbox.changed.wait_timeout(queues, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }

@@ -12,9 +12,23 @@
 //! Every call is a collective: all ranks of the communicator make the same calls in the same
 //! order with buffers of the same size. A rank that fails makes every other rank's pending or
 //! next collective return [`CommError::PeerFailed`] within a bounded time: nothing ever hangs.
+//! A rank that is only slow (rank 0 writing a checkpoint) is waited for: the one time-out,
+//! [`DEFAULT_TIMEOUT`] (30 minutes, or [`TIMEOUT_VAR`]), is for deadlocks, and for what NCCL
+//! cannot see. The thread launcher returns within [`thread::FAILURE_GRACE`] of the first failure,
+//! even if some rank's thread never ends.
+//!
+//! ## Host slices, device buffers
+//! Every collective takes host slices (`&[f32]`). Thread ranks hand them from thread to thread,
+//! and a TCP transport would write them to sockets: the ring algorithms run on any host
+//! [`ring::Wire`]. A tensor on a GPU is staged through the host for now: its owner copies it
+//! out (`Tensor::to_vec`), runs the collective, and copies the result back
+//! (`Tensor::copy_from`). NCCL works on device memory, and stages the host slices it is given
+//! through device buffers of its own ([`nccl`]); handing it a tensor's device buffer directly,
+//! with no host copy, is not built yet.
 
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 mod launcher;
 mod mailbox;
@@ -26,11 +40,38 @@ pub mod thread;
 /// A rank's index in its communicator: 0..world_size.
 pub type Rank = usize;
 
+/// How long a collective waits before [`CommError::Timeout`], unless [`TIMEOUT_VAR`] or
+/// `set_timeout` says otherwise: 30 minutes, far longer than any save or metrics write of one
+/// rank, because a slow rank is not a failed one (failures are reported at once, not timed).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// The environment variable that sets every communicator's timeout, in whole seconds.
+pub const TIMEOUT_VAR: &str = "SFS_COMM_TIMEOUT_SECS";
+
+/// The timeout [`TIMEOUT_VAR`] asks for, or [`DEFAULT_TIMEOUT`] where it is not set.
+pub fn timeout_from_env() -> Result<Duration, CommError> {
+    let value = std::env::var_os(TIMEOUT_VAR).map(|v| v.to_string_lossy().into_owned());
+    parse_timeout(value.as_deref())
+}
+
+/// [`timeout_from_env`] on a value: `None` is the default, anything but a whole number of
+/// seconds above 0 is an error naming the variable (waiting forever is not an option).
+pub fn parse_timeout(value: Option<&str>) -> Result<Duration, CommError> {
+    let Some(text) = value else { return Ok(DEFAULT_TIMEOUT) };
+    match text.trim().parse::<u64>() {
+        Ok(seconds) if seconds > 0 => Ok(Duration::from_secs(seconds)),
+        _ => Err(CommError::Backend(format!("{TIMEOUT_VAR}={text:?} is not a whole number of seconds above 0"))),
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReduceOp {
     Sum,
     /// The sum divided by the number of ranks.
     Avg,
+    /// The largest value: vocabulary-parallel cross-entropy's row max. On thread ranks a NaN
+    /// anywhere makes it NaN; NCCL runs its own `ncclMax`.
+    Max,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -53,9 +94,12 @@ pub enum CommError {
     /// Another rank returned an error or panicked; this collective cannot complete.
     #[error("rank {rank} failed: {reason}")]
     PeerFailed { rank: Rank, reason: String },
-    /// The last resort when a peer neither answers nor fails (a deadlock in the caller's code,
-    /// say): the timeout is generous, because a slow peer is not a failed one.
-    #[error("{collective:?} timed out after {seconds} s waiting for rank {peer}")]
+    /// The last resort when a peer neither answers nor fails. Thread ranks give up only when
+    /// every rank they wait for, directly or through others, is waiting too and nothing moved for
+    /// the whole timeout (a deadlock: the ranks made different calls); a rank that is busy (a
+    /// long save) is waited for. NCCL cannot tell, and gives up when a call takes longer than the
+    /// timeout: [`DEFAULT_TIMEOUT`], far longer than any save, or [`TIMEOUT_VAR`].
+    #[error("{collective:?} timed out after {seconds} s waiting for rank {peer} ({TIMEOUT_VAR} sets the limit)")]
     Timeout { collective: Collective, peer: Rank, seconds: u64 },
     #[error("{collective:?}: {reason}")]
     InvalidArgument { collective: Collective, reason: String },
@@ -84,8 +128,9 @@ impl CommStats {
 }
 
 // ANCHOR: communicator
-/// One rank's view of a group of ranks.
-pub trait Communicator {
+/// One rank's view of a group of ranks. `Send`, so that a communicator (a sub-group's too) can
+/// move to the thread that runs its collectives.
+pub trait Communicator: Send {
     fn rank(&self) -> Rank;
     fn world_size(&self) -> usize;
 
@@ -103,6 +148,12 @@ pub trait Communicator {
     /// Point to point: pairs with `recv` on rank `to`.
     fn send(&mut self, buf: &[f32], to: Rank) -> Result<(), CommError>;
     fn recv(&mut self, buf: &mut [f32], from: Rank) -> Result<(), CommError>;
+    /// Both at once: sends `send` to rank `to` while it receives `recv` from rank `from`, and
+    /// neither half waits for the other. Two pipeline stages that send to each other, or a ring
+    /// shift (everyone sends right, receives from the left), cannot deadlock. Pairs with a
+    /// `sendrecv` on `to` and on `from` (on NCCL, pairing it with a plain `send` or `recv` is
+    /// undefined); `to` and `from` may be this rank.
+    fn sendrecv(&mut self, send: &[f32], to: Rank, recv: &mut [f32], from: Rank) -> Result<(), CommError>;
     fn barrier(&mut self) -> Result<(), CommError>;
 
     /// A communicator over a sub-group: `ranks` lists members by their rank in `self`, in the

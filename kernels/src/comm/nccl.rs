@@ -9,12 +9,13 @@
 //!   each process drives device `LOCAL_RANK`.
 //!
 //! ## Host buffers, staged
-//! The interface takes host slices, because the CUDA backend of this crate does not exist yet.
-//! So every call stages its buffers through device memory: copy host -> device on the rank's
-//! stream, run the NCCL collective on that stream, wait for it, copy device -> host. The device
-//! buffers are kept and reused (they only grow), so a training step allocates nothing. This
-//! costs two PCIe copies per call that a real run would not make: a device-buffer path, where
-//! tensors already on the GPU go to NCCL directly, comes with the CUDA backend.
+//! The interface takes host slices, as every [`Communicator`] does (see [the module
+//! doc](super)). So every call stages its buffers through device memory: copy host -> device on
+//! the rank's stream, run the NCCL collective on that stream, wait for it, copy device -> host.
+//! The device buffers are kept and reused (they only grow), so a training step allocates
+//! nothing. This costs two PCIe copies per call that a real run would not make (four, for a
+//! tensor that lives on the GPU and is copied out to call us): a device-buffer path, where
+//! tensors already on the GPU go to NCCL directly, is not built yet.
 //!
 //! ## What the byte counts mean
 //! NCCL picks its own algorithm (ring, tree, NVLS, ...) and protocol per call, and does not
@@ -36,7 +37,10 @@
 //!   rendezvous; in a split, a message from each member to the group's rank 0): a rank that
 //!   fails to start fails before the others are stuck.
 //! - A rank that returns early (its closure ends while others still call collectives) leaves
-//!   them waiting until the timeout: NCCL cannot tell "not yet" from "never".
+//!   them waiting until the timeout: NCCL cannot tell "not yet" from "never". Nor can it tell a
+//!   slow rank from a dead one, which is why the timeout (30 minutes,
+//!   [`DEFAULT_TIMEOUT`](super::DEFAULT_TIMEOUT), or [`TIMEOUT_VAR`](super::TIMEOUT_VAR)) is
+//!   far longer than any save.
 //! - Across processes there is no shared failure state: a dead process is noticed by the
 //!   timeout (or by NCCL itself, as a remote error).
 //! - NCCL does not check that ranks pass buffers of the same size, or call the same
@@ -61,7 +65,7 @@ use super::launcher::{LaunchError, panic_message};
 use super::mailbox::Failure;
 use super::rendezvous::{RendezvousConfig, rendezvous};
 use super::thread::{self, ThreadComm};
-use super::{Collective, CommError, CommStats, Communicator, Rank, ReduceOp};
+use super::{Collective, CommError, CommStats, Communicator, Rank, ReduceOp, timeout_from_env};
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DriverError};
 use cudarc::nccl::result::NcclError;
 use cudarc::nccl::sys::ncclResult_t;
@@ -69,7 +73,7 @@ use cudarc::nccl::{Comm, Id};
 use std::ffi::c_char;
 use std::fmt::{self, Display};
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -272,11 +276,14 @@ struct World {
     /// operation. `None` once [`launch`] has returned: a communicator that outlives it (returned
     /// by its rank) is torn down when dropped.
     retired: Mutex<Option<Vec<Endpoint>>>,
+    /// Ranks whose closure has returned (or panicked).
+    ended: AtomicUsize,
 }
 
 impl World {
     fn new() -> World {
-        World { failed: AtomicBool::new(false), failure: Mutex::new(None), retired: Mutex::new(Some(Vec::new())) }
+        let (failed, failure, ended) = (AtomicBool::new(false), Mutex::new(None), AtomicUsize::new(0));
+        World { failed, failure, retired: Mutex::new(Some(Vec::new())), ended }
     }
 
     /// Keeps `endpoint` until the launch ends, or tears it down now if it has ended.
@@ -305,16 +312,38 @@ impl World {
     }
 }
 
+impl Drop for World {
+    /// The communicators still kept when the last rank lets go (after a launch that returned
+    /// without waiting for a rank that was left behind).
+    fn drop(&mut self) {
+        let retired = self.retired.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        retired.into_iter().flatten().for_each(discard);
+    }
+}
+
+/// Counts a rank's closure as ended when it returns or unwinds.
+struct Ended<'a>(&'a AtomicUsize);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 // ANCHOR: launch
 /// Runs `f` once per rank, rank r on its own thread with an [`NcclComm`] on CUDA device r, and
 /// returns the results in rank order, or the first failure (an error or a panic), like
 /// [`thread::launch`]. Fails with one [`LaunchError::Failed`] (rank 0's, or the first rank
 /// without a device), before starting any thread, where there is no CUDA driver, fewer devices
-/// than ranks, or no NCCL. `world_size` 0 runs nothing and returns no results.
-pub fn launch<T: Send, E: Display>(
-    world_size: usize,
-    f: impl Fn(NcclComm) -> Result<T, E> + Sync,
-) -> Result<Vec<T>, LaunchError> {
+/// than ranks, or no NCCL. Like the thread launcher, it reports a failure within
+/// [`thread::FAILURE_GRACE`] even if some rank never returns. `world_size` 0 runs nothing and
+/// returns no results.
+pub fn launch<T, E, F>(world_size: usize, f: F) -> Result<Vec<T>, LaunchError>
+where
+    T: Send + 'static,
+    E: Display,
+    F: Fn(NcclComm) -> Result<T, E> + Send + Sync + 'static,
+{
     if world_size == 0 {
         return Ok(Vec::new());
     }
@@ -328,10 +357,12 @@ pub fn launch<T: Send, E: Display>(
     let world = Arc::new(World::new());
     // The thread launcher starts the threads, catches panics and collects the results; `world`
     // adds what it cannot see: NCCL calls poll it, so one rank's failure ends the others' waits.
-    let result = thread::launch(world_size, |control| {
-        let rank = control.rank();
+    let ranks_world = world.clone();
+    let result = thread::launch(world_size, move |control| {
+        let (world, rank) = (&ranks_world, control.rank());
+        let _ended = Ended(&world.ended);
         let run = || -> Result<T, String> {
-            let comm = NcclComm::in_process(control, &world).map_err(|e| e.to_string())?;
+            let comm = NcclComm::in_process(control, world).map_err(|e| e.to_string())?;
             f(comm).map_err(|e| format!("{e:#}"))
         };
         match catch_unwind(AssertUnwindSafe(run)) {
@@ -346,9 +377,12 @@ pub fn launch<T: Send, E: Display>(
             }
         }
     });
-    // Every rank has returned: nothing can still be reading from a communicator.
-    let retired = lock(&world.retired).take();
-    retired.into_iter().flatten().for_each(discard);
+    // Once every rank has returned, nothing can still be reading from a communicator. A rank
+    // left behind after a failure may: the communicators then go with the last `world`.
+    if world.ended.load(Ordering::SeqCst) == world_size {
+        let retired = lock(&world.retired).take();
+        retired.into_iter().flatten().for_each(discard);
+    }
     // `world` saw each failure before the thread launcher did (a rank records it, then returns),
     // so its first is the first; the launcher's may be a peer that learned of it sooner.
     result.map_err(|e| world.failure().map_or(e, LaunchError::from))
@@ -408,9 +442,10 @@ impl NcclComm {
         world: Option<Arc<World>>,
         members: Arc<[Rank]>,
         rank: Rank,
+        timeout: Duration,
     ) -> NcclComm {
         let endpoint = Some(Endpoint { comm, input: None, output: None });
-        let (broken, timeout, stats) = (None, thread::DEFAULT_TIMEOUT, CommStats::default());
+        let (broken, stats) = (None, CommStats::default());
         NcclComm { endpoint, broken, stream, done, world, members, rank, timeout, stats }
     }
 
@@ -420,7 +455,7 @@ impl NcclComm {
     /// `ncclCommInitRank`, which would wait forever for a rank that failed (the broadcast alone
     /// does not: its root returns as soon as it has sent).
     fn in_process(mut control: ThreadComm, world: &Arc<World>) -> Result<NcclComm, CommError> {
-        let (rank, n) = (control.rank(), control.world_size());
+        let (rank, n, timeout) = (control.rank(), control.world_size(), control.timeout());
         let (stream, done) = open_device(rank)?;
         let mut id = [0.0; ID_VALUES];
         if rank == 0 {
@@ -430,7 +465,7 @@ impl NcclComm {
         control.barrier()?;
         let comm = Comm::from_rank(stream.clone(), rank, n, unpack_id(&id))
             .map_err(|e| nccl_error("making the communicator (ncclCommInitRank)", e))?;
-        Ok(NcclComm::new(comm, stream, done, Some(world.clone()), (0..n).collect(), rank))
+        Ok(NcclComm::new(comm, stream, done, Some(world.clone()), (0..n).collect(), rank, timeout))
     }
 
     /// This process's communicator in a job started by torchrun or any launcher that sets
@@ -445,6 +480,7 @@ impl NcclComm {
     /// the device first, then meets the other processes (rank 0 makes the unique id and the
     /// rendezvous hands it out), then makes the communicator.
     pub fn from_rendezvous(config: &RendezvousConfig, timeout: Duration) -> Result<NcclComm, CommError> {
+        let comm_timeout = timeout_from_env()?;
         check_device(config.local_rank, &format!("LOCAL_RANK={}", config.local_rank))?;
         nccl_version()?;
         let (stream, done) = open_device(config.local_rank)?;
@@ -458,7 +494,7 @@ impl NcclComm {
         let comm = Comm::from_rank(stream.clone(), config.rank, config.world_size, id_from_bytes(&bytes))
             .map_err(|e| nccl_error("making the communicator (ncclCommInitRank)", e))?;
         let members: Arc<[Rank]> = (0..config.world_size).collect();
-        Ok(NcclComm::new(comm, stream, done, None, members, config.rank))
+        Ok(NcclComm::new(comm, stream, done, None, members, config.rank, comm_timeout))
     }
 
     /// This rank's rank in the world the launcher (or the job) started: the one errors name.
@@ -480,7 +516,9 @@ impl NcclComm {
         self.timeout
     }
 
-    /// How long a call waits before it aborts the communicator and fails; communicators split
+    /// How long a call waits before it aborts the communicator and fails: from
+    /// [`TIMEOUT_VAR`](super::TIMEOUT_VAR), or [`DEFAULT_TIMEOUT`](super::DEFAULT_TIMEOUT), far
+    /// longer than any save, as NCCL cannot tell a slow rank from a dead one. Communicators split
     /// from this one afterwards inherit it.
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
@@ -621,11 +659,16 @@ impl NcclComm {
         CommError::InvalidArgument { collective, reason }
     }
 
-    fn check_peer(&self, peer: Rank, collective: Collective) -> Result<(), CommError> {
+    fn check_in_group(&self, peer: Rank, collective: Collective) -> Result<(), CommError> {
         let n = self.world_size();
         if peer >= n {
             return Err(Self::invalid(collective, format!("rank {peer} is not in a group of {n}")));
         }
+        Ok(())
+    }
+
+    fn check_peer(&self, peer: Rank, collective: Collective) -> Result<(), CommError> {
+        self.check_in_group(peer, collective)?;
         if peer == self.rank {
             let reason = format!("rank {peer} cannot send to itself: a blocking NCCL send waits for its receive");
             return Err(Self::invalid(collective, reason));
@@ -699,9 +742,8 @@ impl NcclComm {
         let comm = Comm::from_rank(self.stream.clone(), new_rank, ranks.len(), unpack_id(&id))
             .map_err(|e| nccl_error("making the sub-group's communicator (ncclCommInitRank)", e))?;
         let members: Arc<[Rank]> = ranks.iter().map(|&r| self.members[r]).collect();
-        let mut sub = NcclComm::new(comm, self.stream.clone(), done, self.world.clone(), members, new_rank);
-        sub.timeout = self.timeout;
-        Ok(sub)
+        let (stream, world) = (self.stream.clone(), self.world.clone());
+        Ok(NcclComm::new(comm, stream, done, world, members, new_rank, self.timeout))
     }
 }
 
@@ -758,10 +800,21 @@ impl Staging<'_> {
     }
 }
 
+/// Runs `calls` between ncclGroupStart and ncclGroupEnd: NCCL starts the operations queued in
+/// between together, at the end, so a send and a receive of one group never wait for each other.
+fn group(calls: impl FnOnce() -> Result<(), NcclError>) -> Result<(), NcclError> {
+    cudarc::nccl::result::group_start()?;
+    let queued = calls();
+    // Every start needs its end, also after a failed call.
+    let ended = cudarc::nccl::result::group_end();
+    queued.and(ended.map(|_| ()))
+}
+
 fn nccl_op(op: ReduceOp) -> cudarc::nccl::ReduceOp {
     match op {
         ReduceOp::Sum => cudarc::nccl::ReduceOp::Sum,
         ReduceOp::Avg => cudarc::nccl::ReduceOp::Avg,
+        ReduceOp::Max => cudarc::nccl::ReduceOp::Max,
     }
 }
 
@@ -908,6 +961,39 @@ impl Communicator for NcclComm {
         Ok(())
     }
 
+    /// One NCCL group (ncclGroupStart, ncclSend, ncclRecv, ncclGroupEnd): NCCL starts both
+    /// halves together, so two ranks that send to each other do not wait on each other. Empty
+    /// halves are left out (their partner's half is empty too).
+    fn sendrecv(&mut self, send: &[f32], to: Rank, recv: &mut [f32], from: Rank) -> Result<(), CommError> {
+        let collective = Collective::SendRecv;
+        self.check_in_group(to, collective)?;
+        self.check_in_group(from, collective)?;
+        self.enter(collective)?;
+        let (sent, received) = (send.len(), recv.len());
+        if sent + received > 0 {
+            self.submit(collective, Some(from), |comm, staging| {
+                let Staging { stream, input, output } = staging;
+                let src = if sent > 0 { Some(upload(stream, input, send)?) } else { None };
+                let dst = if received > 0 { Some(grow(stream, output, received)?) } else { None };
+                let queued = group(|| {
+                    if let Some(src) = src {
+                        comm.send(&src.slice(..sent), to as i32)?;
+                    }
+                    if let Some(dst) = dst {
+                        comm.recv(&mut dst.slice_mut(..received), from as i32)?;
+                    }
+                    Ok(())
+                });
+                queued.map_err(|e| nccl_error("running ncclSend and ncclRecv in a group", e))
+            })?;
+            if received > 0 {
+                self.download(true, recv)?;
+            }
+        }
+        self.count(collective, (sent, received));
+        Ok(())
+    }
+
     /// An all-reduce of one value: it completes on a rank only once every rank has called it.
     /// Counted as no bytes, as for thread ranks: a barrier carries no data of the caller's.
     fn barrier(&mut self) -> Result<(), CommError> {
@@ -937,7 +1023,7 @@ mod tests {
     fn ring_byte_formulas_match_what_thread_ranks_measure() {
         for n in 1..=5 {
             for len in [0, 1, 2, 7, 100, 1003] {
-                let measured = thread::launch(n, |mut comm| {
+                let measured = thread::launch(n, move |mut comm| {
                     let mut buf = vec![1.0; len];
                     comm.all_reduce(&mut buf, ReduceOp::Sum)?;
                     for root in 0..n {
@@ -968,7 +1054,7 @@ mod tests {
         // Bytes 0xff make NaN patterns: copies must keep them, as they do.
         let bytes: [u8; ID_BYTES] = std::array::from_fn(|i| if i % 9 == 0 { 0xff } else { (i * 37 % 256) as u8 });
         let id = id_from_bytes(&bytes);
-        let received = thread::launch(3, |mut comm| {
+        let received = thread::launch(3, move |mut comm| {
             let mut values = if comm.rank() == 0 { pack_id(&id) } else { [0.0; ID_VALUES] };
             comm.broadcast(&mut values, 0)?;
             Ok::<_, CommError>(*unpack_id(&values).internal())

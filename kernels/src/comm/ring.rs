@@ -31,6 +31,11 @@
 //! `ReduceOp::Avg` divides the owned chunk by n between the two halves, so each quotient is
 //! computed once and copied everywhere.
 //!
+//! ## Max: the same ring, another combine
+//! Nothing above needs the reduction to be a sum, only to combine two partial results into one:
+//! `ReduceOp::Max` keeps the larger value where `Sum` adds ([`combine`]). Max is exact (no
+//! rounding), and the all-gather copies each chunk's one result, so every rank has the same bits.
+//!
 //! ## What it costs
 //! Each step sends one chunk and receives one chunk. Per rank, for a buffer of S bytes:
 //!
@@ -78,8 +83,9 @@ pub trait Wire {
     fn send(&mut self, to: Rank, data: &[f32]) -> Result<(), CommError>;
     /// Receives the next message from rank `from`, which must have exactly `into.len()` values.
     fn recv(&mut self, from: Rank, into: &mut [f32]) -> Result<(), CommError>;
-    /// Like [`Wire::recv`], but adds the message into `into`, value by value.
-    fn recv_add(&mut self, from: Rank, into: &mut [f32]) -> Result<(), CommError>;
+    /// Like [`Wire::recv`], but combines the message into `into`, value by value, with `op`
+    /// ([`combine`]: adds, or keeps the larger).
+    fn recv_reduce(&mut self, from: Rank, into: &mut [f32], op: ReduceOp) -> Result<(), CommError>;
 }
 // ANCHOR_END: wire
 
@@ -110,15 +116,15 @@ impl Ring {
     }
 }
 
-/// In place: afterwards rank r's `buf[chunk(len, n, r)]` holds the sum of that chunk over all
-/// ranks; the rest of `buf` holds partial sums.
-fn reduce_scatter_in_place(wire: &mut impl Wire, buf: &mut [f32]) -> Result<(), CommError> {
+/// In place: afterwards rank r's `buf[chunk(len, n, r)]` holds the sum (or max) of that chunk
+/// over all ranks; the rest of `buf` holds partial results.
+fn reduce_scatter_in_place(wire: &mut impl Wire, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
     let Ring { rank: r, size: n, next, prev } = Ring::of(wire);
     let len = buf.len();
     // s ≤ n - 2, so r + n - s - 2 ≥ r: the indices below never go negative.
     for s in 0..n - 1 {
         wire.send(next, &buf[chunk(len, n, (r + n - s - 1) % n)])?;
-        wire.recv_add(prev, &mut buf[chunk(len, n, (r + n - s - 2) % n)])?;
+        wire.recv_reduce(prev, &mut buf[chunk(len, n, (r + n - s - 2) % n)], op)?;
     }
     Ok(())
 }
@@ -135,6 +141,20 @@ fn all_gather_in_place(wire: &mut impl Wire, buf: &mut [f32]) -> Result<(), Comm
 }
 // ANCHOR_END: ring_halves
 
+/// `into[i] = into[i] ∘ values[i]`: `+` for `Sum` and `Avg` (Avg divides once, at the end), the
+/// larger for `Max`, where a NaN on either side wins (a NaN logit must not vanish in a row max).
+pub fn combine(into: &mut [f32], values: &[f32], op: ReduceOp) {
+    let pairs = into.iter_mut().zip(values);
+    match op {
+        ReduceOp::Sum | ReduceOp::Avg => pairs.for_each(|(a, b)| *a += b),
+        ReduceOp::Max => pairs.for_each(|(a, &b)| {
+            if b > *a || b.is_nan() {
+                *a = b;
+            }
+        }),
+    }
+}
+
 fn divide(values: &mut [f32], n: usize) {
     let n = n as f32;
     values.iter_mut().for_each(|v| *v /= n);
@@ -143,7 +163,7 @@ fn divide(values: &mut [f32], n: usize) {
 // ANCHOR: all_reduce
 /// Ring all-reduce: reduce-scatter, then all-gather, over the same n chunks of `buf`.
 pub fn all_reduce(wire: &mut impl Wire, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
-    reduce_scatter_in_place(wire, buf)?;
+    reduce_scatter_in_place(wire, buf, op)?;
     if op == ReduceOp::Avg {
         let (n, own) = (wire.size(), chunk(buf.len(), wire.size(), wire.rank()));
         divide(&mut buf[own], n);
@@ -174,7 +194,7 @@ pub fn reduce_scatter(wire: &mut impl Wire, input: &[f32], output: &mut [f32], o
     for s in 0..n - 1 {
         wire.send(next, output)?;
         output.copy_from_slice(own(r + n - s - 2));
-        wire.recv_add(prev, output)?;
+        wire.recv_reduce(prev, output, op)?;
     }
     if op == ReduceOp::Avg {
         divide(output, n);
@@ -225,6 +245,19 @@ pub fn barrier(wire: &mut impl Wire) -> Result<(), CommError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn combine_adds_or_keeps_the_larger_and_a_nan_always_wins() {
+        let (into, values) = ([1.0, 5.0, f32::NAN, 2.0, -1.0], [3.0, 4.0, 1.0, f32::NAN, -2.0]);
+        let mut sum = into;
+        combine(&mut sum, &values, ReduceOp::Sum);
+        assert_eq!(sum.map(f32::is_nan), [false, false, true, true, false]);
+        assert_eq!((sum[0], sum[1], sum[4]), (4.0, 9.0, -3.0));
+        let mut max = into;
+        combine(&mut max, &values, ReduceOp::Max);
+        assert_eq!(max.map(f32::is_nan), [false, false, true, true, false], "NaN on either side");
+        assert_eq!((max[0], max[1], max[4]), (3.0, 5.0, -1.0));
+    }
 
     #[test]
     fn chunks_cover_the_buffer_in_order_and_differ_by_at_most_one() {

@@ -7,7 +7,7 @@
 //!
 //! Sends never wait for their receive (messages queue up). Code that is to run on NCCL as well
 //! must not rely on that for point-to-point messages: there, two ranks that both send before
-//! they receive wait on each other.
+//! they receive wait on each other. An exchange is [`Communicator::sendrecv`], on both.
 
 use super::mailbox::{GroupId, GroupKey, Message, PostOffice};
 use super::{Collective, CommError, CommStats, Communicator, Rank, ReduceOp, ring};
@@ -15,11 +15,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use super::launcher::{LaunchError, launch};
-
-/// How long a receive waits for a peer that neither answers nor fails. Generous: it is the last
-/// resort against a deadlock in the caller, not a way to detect failures (those arrive at once).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+pub use super::DEFAULT_TIMEOUT;
+pub use super::launcher::{FAILURE_GRACE, LaunchError, launch};
 
 /// How many spare message buffers a communicator keeps: the buffers that arrive are reused as
 /// the buffers that leave, because a fresh multi-megabyte `Vec` per step costs page faults that would dominate
@@ -43,14 +40,15 @@ pub struct ThreadComm {
 
 impl ThreadComm {
     /// One communicator per rank of a new world of `office.world_size()` ranks.
-    pub(crate) fn world(office: &Arc<PostOffice>) -> Vec<ThreadComm> {
+    pub(crate) fn world(office: &Arc<PostOffice>, timeout: Duration) -> Vec<ThreadComm> {
         let members: Arc<[Rank]> = (0..office.world_size()).collect();
-        (0..members.len()).map(|rank| ThreadComm::new(office.clone(), 0, members.clone(), rank)).collect()
+        let comm = |rank| ThreadComm::new(office.clone(), 0, members.clone(), rank, timeout);
+        (0..members.len()).map(comm).collect()
     }
 
-    fn new(office: Arc<PostOffice>, group: GroupId, members: Arc<[Rank]>, rank: Rank) -> ThreadComm {
+    fn new(office: Arc<PostOffice>, group: GroupId, members: Arc<[Rank]>, rank: Rank, timeout: Duration) -> ThreadComm {
         let (stats, splits, spare) = Default::default();
-        ThreadComm { office, group, members, rank, timeout: DEFAULT_TIMEOUT, stats, splits, spare }
+        ThreadComm { office, group, members, rank, timeout, stats, splits, spare }
     }
 
     /// This rank's rank in the world the launcher started (the one errors name).
@@ -62,8 +60,10 @@ impl ThreadComm {
         self.timeout
     }
 
-    /// How long a receive waits before [`CommError::Timeout`]; communicators split from this one
-    /// afterwards inherit it.
+    /// How long a receive waits, while every rank it waits for is waiting too and nothing
+    /// moves, before [`CommError::Timeout`] (a busy rank is waited for however long it takes).
+    /// [`launch`] starts from [`TIMEOUT_VAR`](super::TIMEOUT_VAR) or [`DEFAULT_TIMEOUT`];
+    /// communicators split from this one afterwards inherit it.
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
     }
@@ -89,9 +89,7 @@ impl ThreadComm {
         *count += 1;
         let members: Arc<[Rank]> = ranks.iter().map(|&r| self.members[r]).collect();
         let group = self.office.group_id(GroupKey { parent: self.group, members: members.to_vec(), occurrence });
-        let mut comm = ThreadComm::new(self.office.clone(), group, members, new_rank);
-        comm.timeout = self.timeout;
-        Ok(comm)
+        Ok(ThreadComm::new(self.office.clone(), group, members, new_rank, self.timeout))
     }
 
     /// Runs one collective: fails at once if a peer already failed, counts the call, and hands
@@ -191,9 +189,9 @@ impl ring::Wire for Link<'_> {
         Ok(())
     }
 
-    fn recv_add(&mut self, from: Rank, into: &mut [f32]) -> Result<(), CommError> {
+    fn recv_reduce(&mut self, from: Rank, into: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
         let data = self.take(from, into.len())?;
-        into.iter_mut().zip(&data).for_each(|(a, b)| *a += b);
+        ring::combine(into, &data, op);
         self.recycle(data);
         Ok(())
     }
@@ -232,6 +230,16 @@ impl Communicator for ThreadComm {
     fn recv(&mut self, buf: &mut [f32], from: Rank) -> Result<(), CommError> {
         self.check_peer(from, Collective::SendRecv)?;
         self.run(Collective::SendRecv, |link| ring::Wire::recv(link, from, buf))
+    }
+
+    /// Sends never wait here, so sending and then receiving is already both at once.
+    fn sendrecv(&mut self, send: &[f32], to: Rank, recv: &mut [f32], from: Rank) -> Result<(), CommError> {
+        self.check_peer(to, Collective::SendRecv)?;
+        self.check_peer(from, Collective::SendRecv)?;
+        self.run(Collective::SendRecv, |link| {
+            ring::Wire::send(link, to, send)?;
+            ring::Wire::recv(link, from, recv)
+        })
     }
 
     fn barrier(&mut self) -> Result<(), CommError> {
