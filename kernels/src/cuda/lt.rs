@@ -30,7 +30,7 @@
 //! - The workspace must be 256-byte aligned (every device allocation is); NVIDIA recommends 32 MiB
 //!   on Hopper and 4 MiB before it.
 
-use super::{DType, Gpu, driver_error};
+use super::{DType, Exclusive, driver_error};
 use cudarc::cublaslt::result::{self as lt, CublasError};
 use cudarc::cublaslt::sys;
 use cudarc::driver::sys::CUdeviceptr;
@@ -41,7 +41,8 @@ use std::sync::Arc;
 /// enough before it.
 pub const WORKSPACE_BYTES: usize = 32 << 20;
 
-/// A cuBLASLt handle and the workspace its matmuls use, one per [`Gpu`]. The workspace is its own
+/// A cuBLASLt handle and the workspace its matmuls use, one per [`super::Gpu`], reached through
+/// [`Exclusive`] only. The workspace is its own
 /// allocation, not `Gpu::scratch`: an op that holds the scratch (attention backward) could then
 /// not call a fused matmul without the two overwriting each other.
 pub struct Lt {
@@ -53,10 +54,9 @@ pub struct Lt {
 
 // SAFETY: the handle is an opaque pointer, "not tied to any particular CUDA context" (cuBLAS
 // documentation, cublasLtHandle_t); it is used, like the cuBLAS handle, from whichever thread runs
-// an op, one op at a time per GPU in this program, every matmul queued on the GPU's one stream.
+// an op. Not `Sync`: one thread at a time, the one whose turn (`Gpu::exclusive`) it is, uses the
+// handle and the workspace, every matmul queued on the GPU's one stream.
 unsafe impl Send for Lt {}
-// SAFETY: as for Send: the handle is only read (passed to cuBLASLt calls), never mutated here.
-unsafe impl Sync for Lt {}
 
 impl Lt {
     /// Creates the handle and allocates the workspace, with `ctx` current on this thread.
@@ -192,7 +192,7 @@ fn alignment(ptr: CUdeviceptr) -> u32 {
 ///   n to be a multiple of 8 (the caller checks; this asserts).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_epilogue(
-    gpu: &Gpu,
+    gpu: &Exclusive,
     x: DType,
     out: u64,
     pre_gelu: Option<u64>,
@@ -206,9 +206,6 @@ pub fn linear_epilogue(
     assert!(m > 0 && k > 0 && n > 0, "linear_epilogue of an empty matrix");
     if pre_gelu.is_some() {
         assert!(n.is_multiple_of(8), "linear_epilogue: GELU's auxiliary output needs n = {n} a multiple of 8");
-    }
-    if gpu.record("binding the context for cuBLASLt", gpu.bind()).is_none() {
-        return Queued::Yes;
     }
     let what = match pre_gelu {
         Some(_) => "a cuBLASLt matmul with bias and GELU",
@@ -236,7 +233,7 @@ pub enum Queued {
 
 #[allow(clippy::too_many_arguments)]
 fn queue(
-    gpu: &Gpu,
+    gpu: &Exclusive,
     x: DType,
     out: u64,
     pre_gelu: Option<u64>,
