@@ -175,8 +175,9 @@ fn alignment(ptr: CUdeviceptr) -> u32 {
 /// Row-major  out [m, n] = inp [m, k] · weight [k, n] + bias [n], every row getting the bias;
 /// with `pre_gelu`, that sum is written to pre_gelu [m, n] and out = gelu(pre_gelu) (GPT-2's tanh
 /// form). All of type `x`; the sums, the bias and GELU in f32, each output rounded once to `x`.
-/// Queued on the GPU's stream; an error (no kernel for this case, a failed call) is recorded and
-/// reported at the next sync, and out is then left unwritten.
+/// Queued on the GPU's stream, or `Queued::NoKernel` where cuBLASLt has no kernel for the case
+/// (the heuristic finds none, or says NOT_SUPPORTED), and the caller computes it without an
+/// epilogue; the error of a failed call is recorded and reported at the next sync.
 ///
 /// The column-major mapping is `gemm`'s (see its comment): the memory of a row-major [r, c] matrix
 /// with row stride c is the column-major [c, r] matrix of its transpose, leading dimension c. So
@@ -283,11 +284,15 @@ fn queue(
     let status = unsafe {
         sys::cublasLtMatmulAlgoGetHeuristic(lt_.handle, desc.0, a.0, b.0, d.0, d.0, pref.0, 1, &mut result, &mut count)
     };
-    status.result().map_err(lt_error("asking cuBLASLt for a kernel (cublasLtMatmulAlgoGetHeuristic)"))?;
-    if count == 0 {
+    let found = heuristic_found(status, count)
+        .and_then(|found| match found {
+            true => heuristic_found(result.state, 1),
+            false => Ok(false),
+        })
+        .map_err(lt_error("asking cuBLASLt for a kernel (cublasLtMatmulAlgoGetHeuristic)"))?;
+    if !found {
         return Ok(Queued::NoKernel);
     }
-    result.state.result().map_err(lt_error("cuBLASLt's heuristic result"))?;
 
     let (alpha, beta) = (1.0f32, 0.0f32);
     // SAFETY: the caller checked that every pointer holds the matrix its layout describes (weight
@@ -324,9 +329,31 @@ fn queue(
 }
 // ANCHOR_END: linear_epilogue
 
+/// Whether the heuristic found a kernel: `count` of them with `status` SUCCESS. NOT_SUPPORTED
+/// ("no algorithm" for this description: types, epilogue, alignments) is an answer, not an
+/// error: the caller's path without an epilogue, as for a count of 0.
+fn heuristic_found(status: sys::cublasStatus_t, count: i32) -> Result<bool, CublasError> {
+    match status {
+        sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED => Ok(false),
+        status => status.result().map(|()| count > 0),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_algorithm_is_the_fallback_and_other_failures_are_errors() {
+        use sys::cublasStatus_t as S;
+        assert_eq!(heuristic_found(S::CUBLAS_STATUS_SUCCESS, 1), Ok(true));
+        assert_eq!(heuristic_found(S::CUBLAS_STATUS_SUCCESS, 0), Ok(false), "a count of 0");
+        assert_eq!(heuristic_found(S::CUBLAS_STATUS_NOT_SUPPORTED, 0), Ok(false), "NOT_SUPPORTED: the same");
+        assert_eq!(
+            heuristic_found(S::CUBLAS_STATUS_INVALID_VALUE, 0),
+            Err(CublasError(S::CUBLAS_STATUS_INVALID_VALUE))
+        );
+    }
 
     #[test]
     fn alignment_is_the_largest_power_of_two_up_to_256() {
