@@ -8,7 +8,9 @@
 //! - the others need a GPU: each op, forward and backward, on random inputs, against the CPU, in
 //!   f32 with tolerances tight enough that a wrong index fails, and in bf16 for a few ops.
 //!   `cargo test --release -p kernels --test cuda_ops -- --ignored`
-//!   They fail, never pass, where there is no GPU.
+//!   They fail, never pass, where there is no GPU. They run on as many test threads as the
+//!   runner likes: each op holds the GPU's lock (`Gpu::exclusive`) from its first launch to its
+//!   last, and each thread hears only of its own launches' errors.
 //!
 //! Sizes are odd on purpose (T = 7, C = 12, V = 50 padded to 64): nothing is a multiple of 32,
 //! so a missing bounds check or a wrong stride shows. Gradient buffers start nonzero on both

@@ -1,6 +1,7 @@
 //! Chapter 1 on a GPU against chapter 1 on the CPU. Every test needs a CUDA device: they are
 //! ignored by default and run by `scripts/gpu-check`, which fails when there is no device.
-//! Each one fails (never passes quietly) where no GPU can be opened.
+//! Each one fails (never passes quietly) where no GPU can be opened. They train at once on as
+//! many test threads as the runner has (one GPU, one process): each op takes the GPU's lock.
 
 use ch01_single_gpu::checkpoint;
 use ch01_single_gpu::params::ParamLayout;

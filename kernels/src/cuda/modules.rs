@@ -237,16 +237,17 @@ fn gpu_target(capability: (i32, i32)) -> Result<Target, CudaError> {
 mod tests {
     use super::*;
 
-    const CUDA_12_9: [i32; 11] = [50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 90];
+    /// An NVRTC that knows sm_80 and sm_90, but not sm_86 or sm_100.
+    const SOME_NVRTC: [i32; 11] = [50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 90];
 
     #[test]
     fn a_gpu_nvrtc_knows_gets_its_own_code_and_a_newer_one_ptx() {
-        assert_eq!(Target::choose((9, 0), &CUDA_12_9), Some(Target::Cubin(90)));
-        assert_eq!(Target::choose((8, 0), &CUDA_12_9), Some(Target::Cubin(80)));
+        assert_eq!(Target::choose((9, 0), &SOME_NVRTC), Some(Target::Cubin(90)));
+        assert_eq!(Target::choose((8, 0), &SOME_NVRTC), Some(Target::Cubin(80)));
         // A GPU newer than the NVRTC: the newest PTX before it, which the driver compiles.
-        assert_eq!(Target::choose((10, 0), &CUDA_12_9), Some(Target::Ptx(90)));
-        assert_eq!(Target::choose((8, 6), &CUDA_12_9), Some(Target::Ptx(80)));
-        assert_eq!(Target::choose((3, 5), &CUDA_12_9), None, "older than every architecture it knows");
+        assert_eq!(Target::choose((10, 0), &SOME_NVRTC), Some(Target::Ptx(90)));
+        assert_eq!(Target::choose((8, 6), &SOME_NVRTC), Some(Target::Ptx(80)));
+        assert_eq!(Target::choose((3, 5), &SOME_NVRTC), None, "older than every architecture it knows");
         assert_eq!(compile_options(Target::Cubin(90))[0], "--gpu-architecture=sm_90");
         assert_eq!(compile_options(Target::Ptx(90))[0], "--gpu-architecture=compute_90");
     }
