@@ -56,3 +56,27 @@ gpu_test_count() {
     list=$("$1" --ignored --list --format terse 2>/dev/null) || true
     grep -c ': test$' <<<"$list" || true
 }
+
+# cuda_majors DIR...: the CUDA major versions of the cuBLAS libraries in the DIRs
+# (libcublas.so.12 is 12), one a line.
+cuda_majors() {
+    local dir file
+    for dir in "$@"; do
+        for file in "$dir"/libcublas.so.[0-9]*; do
+            if [[ -e $file ]]; then
+                file=${file##*/libcublas.so.}
+                echo "${file%%.*}"
+            fi
+        done
+    done | sort -u
+}
+
+# group_name PATH: a test binary's name without the hash cargo appends (cuda_ops-0123456789abcdef
+# is cuda_ops).
+group_name() {
+    local name=${1##*/}
+    if [[ $name =~ ^(.*)-[0-9a-f]{16}$ ]]; then
+        name=${BASH_REMATCH[1]}
+    fi
+    echo "$name"
+}

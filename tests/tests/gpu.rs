@@ -162,6 +162,9 @@ mod harness {
         assert_eq!(library("nccl_link \"$@\"", &args), vec![link_dir.display().to_string()]);
         let target = std::fs::read_link(link_dir.join("libnccl.so")).unwrap();
         assert_eq!(target, site.join("nvidia/nccl/lib/libnccl.so.2"), "libnccl.so names the wheel's library");
+        touch(&tmp.path().join("cu13/libcublas.so.13.0.2"));
+        let cu13 = tmp.path().join("cu13");
+        assert_eq!(library("cuda_majors \"$@\"", &[&dirs[0], &dirs[1], &cu13]), ["12", "13"], "CUDA 12 and 13 cuBLAS");
     }
 
     #[test]
