@@ -14,6 +14,9 @@
 //! of one of the `.cu` files, templated over X and instantiated as `<kernel>_f32` and
 //! `<kernel>_bf16`. A wrong dtype or length is a bug in the caller: it panics, before anything is
 //! queued. Errors of the GPU itself are kept by `Gpu::record` and reported at the next sync.
+//!
+//! Every op holds its GPU's turn (`Gpu::exclusive`) from its first launch to its last, which is
+//! what `launch`, `gemm` and the scratch buffers take: no other thread's work comes between.
 
 use super::lt;
 use super::modules::Source;
