@@ -2,12 +2,15 @@
 //!
 //! Two kinds of tests, both `#[ignore]`d because an ordinary machine has neither:
 //! - `nvrtc_compiles_every_kernel` needs only libnvrtc (no GPU): every `.cu` file compiles for
-//!   sm_80 and sm_90 and defines every kernel its `Source` lists.
+//!   sm_80 and sm_90, to the cubin a GPU loads and to the PTX fallback, and defines every kernel
+//!   its `Source` lists.
 //!   `cargo test --release -p kernels --test cuda_ops -- --ignored nvrtc`
 //! - the others need a GPU: each op, forward and backward, on random inputs, against the CPU, in
 //!   f32 with tolerances tight enough that a wrong index fails, and in bf16 for a few ops.
 //!   `cargo test --release -p kernels --test cuda_ops -- --ignored`
-//!   They fail, never pass, where there is no GPU.
+//!   They fail, never pass, where there is no GPU. They run on as many test threads as the
+//!   runner likes: each op holds the GPU's lock (`Gpu::exclusive`) from its first launch to its
+//!   last, and each thread hears only of its own launches' errors.
 //!
 //! Sizes are odd on purpose (T = 7, C = 12, V = 50 padded to 64): nothing is a multiple of 32,
 //! so a missing bounds check or a wrong stride shows. Gradient buffers start nonzero on both
@@ -78,30 +81,31 @@ const BF_ABS: f32 = 2e-2;
 #[test]
 #[ignore = "needs libnvrtc"]
 fn nvrtc_compiles_every_kernel() {
+    use kernels::cuda::modules::{self, Compiled, Target};
     // SAFETY: a dlopen and a dlclose of libnvrtc.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         panic!("libnvrtc not found (tried {})", kernels::cuda::library_names("nvrtc"));
     }
+    let archs = modules::nvrtc_architectures().unwrap_or_else(|e| panic!("{e}"));
+    println!("NVRTC {:?} writes code for {archs:?}", modules::nvrtc_version());
     for capability in [(8, 0), (9, 0)] {
-        for source in gpu_ops::sources() {
-            let text = kernels::cuda::modules::full_text(source);
-            let options = kernels::cuda::modules::compile_options(capability);
-            let ptx = cudarc::nvrtc::compile_ptx_with_opts(text, options)
-                .unwrap_or_else(|e| panic!("{} for sm_{}{}: {e}", source.file, capability.0, capability.1))
-                .to_src();
-            for kernel in source.kernels {
-                assert!(
-                    ptx.contains(&format!(".entry {kernel}(")),
-                    "{} for sm_{}{}: no kernel {kernel} in the PTX",
-                    source.file,
-                    capability.0,
-                    capability.1
-                );
-            }
-            let entries = ptx.matches(".entry ").count();
-            assert_eq!(entries, source.kernels.len(), "{}: the PTX has kernels its Source does not list", source.file);
-            if let Some(ptxas) = std::env::var_os("PTXAS") {
-                assemble(&ptxas, &ptx, source.file, capability);
+        let arch = capability.0 * 10 + capability.1;
+        // What a GPU of this architecture loads (its own code), and the PTX fallback.
+        assert_eq!(Target::choose(capability, &archs), Some(Target::Cubin(arch)), "NVRTC knows sm_{arch}");
+        for target in [Target::Cubin(arch), Target::Ptx(arch)] {
+            for source in gpu_ops::sources() {
+                let what = format!("{} for {}", source.file, target.name());
+                let compiled = modules::compile(source, target).unwrap_or_else(|e| panic!("{e}"));
+                for kernel in source.kernels {
+                    assert!(compiled.defines(kernel), "{what}: no kernel {kernel}");
+                }
+                if let Compiled::Ptx(ptx) = &compiled {
+                    let entries = ptx.matches(".entry ").count();
+                    assert_eq!(entries, source.kernels.len(), "{what}: kernels its Source does not list");
+                    if let Some(ptxas) = std::env::var_os("PTXAS") {
+                        assemble(&ptxas, ptx, source.file, capability);
+                    }
+                }
             }
         }
     }

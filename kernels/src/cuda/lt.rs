@@ -30,7 +30,7 @@
 //! - The workspace must be 256-byte aligned (every device allocation is); NVIDIA recommends 32 MiB
 //!   on Hopper and 4 MiB before it.
 
-use super::{DType, Gpu, driver_error};
+use super::{DType, Exclusive, driver_error};
 use cudarc::cublaslt::result::{self as lt, CublasError};
 use cudarc::cublaslt::sys;
 use cudarc::driver::sys::CUdeviceptr;
@@ -41,7 +41,8 @@ use std::sync::Arc;
 /// enough before it.
 pub const WORKSPACE_BYTES: usize = 32 << 20;
 
-/// A cuBLASLt handle and the workspace its matmuls use, one per [`Gpu`]. The workspace is its own
+/// A cuBLASLt handle and the workspace its matmuls use, one per [`super::Gpu`], reached through
+/// [`Exclusive`] only. The workspace is its own
 /// allocation, not `Gpu::scratch`: an op that holds the scratch (attention backward) could then
 /// not call a fused matmul without the two overwriting each other.
 pub struct Lt {
@@ -53,10 +54,9 @@ pub struct Lt {
 
 // SAFETY: the handle is an opaque pointer, "not tied to any particular CUDA context" (cuBLAS
 // documentation, cublasLtHandle_t); it is used, like the cuBLAS handle, from whichever thread runs
-// an op, one op at a time per GPU in this program, every matmul queued on the GPU's one stream.
+// an op. Not `Sync`: one thread at a time, the one whose turn (`Gpu::exclusive`) it is, uses the
+// handle and the workspace, every matmul queued on the GPU's one stream.
 unsafe impl Send for Lt {}
-// SAFETY: as for Send: the handle is only read (passed to cuBLASLt calls), never mutated here.
-unsafe impl Sync for Lt {}
 
 impl Lt {
     /// Creates the handle and allocates the workspace, with `ctx` current on this thread.
@@ -175,8 +175,9 @@ fn alignment(ptr: CUdeviceptr) -> u32 {
 /// Row-major  out [m, n] = inp [m, k] · weight [k, n] + bias [n], every row getting the bias;
 /// with `pre_gelu`, that sum is written to pre_gelu [m, n] and out = gelu(pre_gelu) (GPT-2's tanh
 /// form). All of type `x`; the sums, the bias and GELU in f32, each output rounded once to `x`.
-/// Queued on the GPU's stream; an error (no kernel for this case, a failed call) is recorded and
-/// reported at the next sync, and out is then left unwritten.
+/// Queued on the GPU's stream, or `Queued::NoKernel` where cuBLASLt has no kernel for the case
+/// (the heuristic finds none, or says NOT_SUPPORTED), and the caller computes it without an
+/// epilogue; the error of a failed call is recorded and reported at the next sync.
 ///
 /// The column-major mapping is `gemm`'s (see its comment): the memory of a row-major [r, c] matrix
 /// with row stride c is the column-major [c, r] matrix of its transpose, leading dimension c. So
@@ -192,7 +193,7 @@ fn alignment(ptr: CUdeviceptr) -> u32 {
 ///   n to be a multiple of 8 (the caller checks; this asserts).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_epilogue(
-    gpu: &Gpu,
+    gpu: &Exclusive,
     x: DType,
     out: u64,
     pre_gelu: Option<u64>,
@@ -206,9 +207,6 @@ pub fn linear_epilogue(
     assert!(m > 0 && k > 0 && n > 0, "linear_epilogue of an empty matrix");
     if pre_gelu.is_some() {
         assert!(n.is_multiple_of(8), "linear_epilogue: GELU's auxiliary output needs n = {n} a multiple of 8");
-    }
-    if gpu.record("binding the context for cuBLASLt", gpu.bind()).is_none() {
-        return Queued::Yes;
     }
     let what = match pre_gelu {
         Some(_) => "a cuBLASLt matmul with bias and GELU",
@@ -236,7 +234,7 @@ pub enum Queued {
 
 #[allow(clippy::too_many_arguments)]
 fn queue(
-    gpu: &Gpu,
+    gpu: &Exclusive,
     x: DType,
     out: u64,
     pre_gelu: Option<u64>,
@@ -286,11 +284,15 @@ fn queue(
     let status = unsafe {
         sys::cublasLtMatmulAlgoGetHeuristic(lt_.handle, desc.0, a.0, b.0, d.0, d.0, pref.0, 1, &mut result, &mut count)
     };
-    status.result().map_err(lt_error("asking cuBLASLt for a kernel (cublasLtMatmulAlgoGetHeuristic)"))?;
-    if count == 0 {
+    let found = heuristic_found(status, count)
+        .and_then(|found| match found {
+            true => heuristic_found(result.state, 1),
+            false => Ok(false),
+        })
+        .map_err(lt_error("asking cuBLASLt for a kernel (cublasLtMatmulAlgoGetHeuristic)"))?;
+    if !found {
         return Ok(Queued::NoKernel);
     }
-    result.state.result().map_err(lt_error("cuBLASLt's heuristic result"))?;
 
     let (alpha, beta) = (1.0f32, 0.0f32);
     // SAFETY: the caller checked that every pointer holds the matrix its layout describes (weight
@@ -327,9 +329,31 @@ fn queue(
 }
 // ANCHOR_END: linear_epilogue
 
+/// Whether the heuristic found a kernel: `count` of them with `status` SUCCESS. NOT_SUPPORTED
+/// ("no algorithm" for this description: types, epilogue, alignments) is an answer, not an
+/// error: the caller's path without an epilogue, as for a count of 0.
+fn heuristic_found(status: sys::cublasStatus_t, count: i32) -> Result<bool, CublasError> {
+    match status {
+        sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED => Ok(false),
+        status => status.result().map(|()| count > 0),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_algorithm_is_the_fallback_and_other_failures_are_errors() {
+        use sys::cublasStatus_t as S;
+        assert_eq!(heuristic_found(S::CUBLAS_STATUS_SUCCESS, 1), Ok(true));
+        assert_eq!(heuristic_found(S::CUBLAS_STATUS_SUCCESS, 0), Ok(false), "a count of 0");
+        assert_eq!(heuristic_found(S::CUBLAS_STATUS_NOT_SUPPORTED, 0), Ok(false), "NOT_SUPPORTED: the same");
+        assert_eq!(
+            heuristic_found(S::CUBLAS_STATUS_INVALID_VALUE, 0),
+            Err(CublasError(S::CUBLAS_STATUS_INVALID_VALUE))
+        );
+    }
 
     #[test]
     fn alignment_is_the_largest_power_of_two_up_to_256() {

@@ -10,9 +10,16 @@
 //! Errors of a kernel launch are not returned by each op (on the CPU the ops cannot fail, and the
 //! model code is the same for both): the first one is kept, and [`Gpu::synchronize`] (which every
 //! read back to the host goes through) reports it. This is how CUDA itself reports the errors of
-//! asynchronous work: at the next synchronisation.
+//! asynchronous work: at the next synchronisation. The errors are kept per thread, so a thread
+//! hears of its own launches' errors (a fault inside a running kernel is the exception: CUDA
+//! reports it to whoever synchronises next, and every later call on the GPU fails with it).
+//!
+//! A `Gpu` is shared by every thread of the process; what one op uses from its first launch to
+//! its last (the scratch buffers, the cuBLAS and cuBLASLt handles) is reached only through
+//! [`Gpu::exclusive`], which one thread at a time holds (see [`exclusive`]).
 
 pub mod buffer;
+pub mod exclusive;
 pub mod lt;
 pub mod modules;
 pub mod ops;
@@ -21,8 +28,10 @@ pub mod timing;
 pub use buffer::{DType, DevBuffer, DevView, DevViewMut};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::sys::CUresult;
+use cudarc::driver::sys::{CUdeviceptr, CUresult};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
+use exclusive::{FirstErrors, Held, ReentrantLock, assert_not_impl};
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -88,8 +97,9 @@ pub(crate) fn driver_error(what: &str, e: DriverError) -> CudaError {
     CudaError(format!("CUDA error while {what}: {e:?}"))
 }
 
-/// One GPU, ready to run ops: its context, the one stream every op is queued on, a cuBLAS handle
-/// bound to that stream, a cuBLASLt handle and its workspace, and the kernels compiled so far.
+// ANCHOR: gpu
+/// One GPU, ready to run ops: its context, the one stream every op is queued on, the kernels
+/// compiled for it, and (behind a lock) what one op at a time uses.
 pub struct Gpu {
     pub ordinal: usize,
     pub name: String,
@@ -98,18 +108,49 @@ pub struct Gpu {
     pub total_memory: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    /// The first error of each thread's asynchronous work, reported at its next synchronisation.
+    errors: FirstErrors,
+    shared: ReentrantLock<Shared>,
+}
+
+/// What an op uses from its first launch to its last, one thread at a time: a cuBLAS handle bound
+/// to the stream, a cuBLASLt handle and its workspace, and two kept device buffers. Not `Sync`
+/// (the buffers are `Cell`s): only the thread holding [`Gpu::exclusive`] can reach it.
+struct Shared {
     blas: CudaBlas,
     lt: lt::Lt,
-    functions: Mutex<HashMap<&'static str, CudaFunction>>,
-    /// The first error of asynchronous work, reported at the next synchronisation.
-    error: Mutex<Option<String>>,
     /// Device scratch for token ids, which the ops take from the host (see `upload_indices`).
-    /// (address, capacity in ids); never freed: a GPU, once opened, lives as long as the process.
-    indices: Mutex<(cudarc::driver::sys::CUdeviceptr, usize)>,
+    indices: Cell<Kept>,
     /// Working memory of the ops that need some (attention backward, the norm), kept and grown
     /// rather than allocated per call: freeing device memory waits for the whole GPU.
-    scratch: Mutex<(cudarc::driver::sys::CUdeviceptr, usize)>,
+    scratch: Cell<Kept>,
 }
+
+/// A device buffer kept for reuse: never freed but to grow, since a GPU, once opened, lives as
+/// long as the process.
+#[derive(Clone, Copy, Default)]
+struct Kept {
+    ptr: CUdeviceptr,
+    bytes: usize,
+}
+
+/// This thread's turn on a GPU, from [`Gpu::exclusive`]: the only way to the cuBLAS handles and
+/// the kept buffers, and a view of those buffers cannot outlive it. Dereferences to the [`Gpu`].
+pub struct Exclusive<'g> {
+    gpu: &'g Gpu,
+    shared: Held<'g, Shared>,
+}
+// ANCHOR_END: gpu
+
+// What the types promise: a Gpu is shared between threads (an `Arc<Gpu>` in every tensor); what
+// it shares only through its lock cannot be shared any other way; and a turn stays on its thread.
+const _: fn() = || {
+    fn shared_between_threads<T: Send + Sync>() {}
+    shared_between_threads::<Gpu>();
+};
+assert_not_impl!(Shared: Sync);
+assert_not_impl!(Exclusive<'static>: Send);
 
 impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -148,6 +189,7 @@ impl Gpu {
         let stream = ctx.new_stream().map_err(|e| driver_error("creating a stream", e))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError(format!("starting cuBLAS: {e:?}")))?;
         let lt = lt::Lt::new(&ctx)?;
+        let shared = Shared { blas, lt, indices: Cell::default(), scratch: Cell::default() };
         let gpu = Gpu {
             ordinal,
             name: ctx.name().unwrap_or_else(|_| "unknown GPU".into()),
@@ -155,12 +197,9 @@ impl Gpu {
             total_memory: ctx.total_mem().unwrap_or(0),
             ctx,
             stream,
-            blas,
-            lt,
             functions: Mutex::new(HashMap::new()),
-            error: Mutex::new(None),
-            indices: Mutex::new((0, 0)),
-            scratch: Mutex::new((0, 0)),
+            errors: FirstErrors::default(),
+            shared: ReentrantLock::new(shared),
         };
         for source in ops::sources() {
             gpu.load_kernels(source)?;
@@ -182,14 +221,18 @@ impl Gpu {
         &self.ctx
     }
 
-    pub fn blas(&self) -> &CudaBlas {
-        &self.blas
+    // ANCHOR: exclusive
+    /// This thread's turn on the GPU: waits while another thread has it, and is re-entrant (an op
+    /// takes it, and so may an op it calls, or a caller around a sequence of ops). Every op holds
+    /// it from its first launch to its last, so no other thread's launches come between them on
+    /// the stream, and nothing it keeps in the scratch is overwritten or freed before its last
+    /// kernel has read it.
+    pub fn exclusive(&self) -> Exclusive<'_> {
+        let shared = self.shared.lock();
+        self.record("binding the context to this thread", self.bind());
+        Exclusive { gpu: self, shared }
     }
-
-    /// The cuBLASLt handle and its workspace (see [`lt`]).
-    pub(crate) fn lt(&self) -> &lt::Lt {
-        &self.lt
-    }
+    // ANCHOR_END: exclusive
 
     // ANCHOR: async_errors
     /// Keeps the first error of work queued on the stream, to report at the next sync.
@@ -197,17 +240,17 @@ impl Gpu {
         match result {
             Ok(v) => Some(v),
             Err(e) => {
-                let mut slot = self.error.lock().unwrap_or_else(|e| e.into_inner());
-                slot.get_or_insert_with(|| format!("CUDA error while {what}: {e:?}"));
+                self.errors.keep(|| format!("CUDA error while {what}: {e:?}"));
                 None
             }
         }
     }
 
-    /// Waits for everything queued so far; the first error of any of it, if there was one.
+    /// Waits for everything queued so far; the first error of this thread's work since its last
+    /// sync, if there was one.
     pub fn synchronize(&self) -> Result<(), CudaError> {
         let sync = self.stream.synchronize();
-        if let Some(first) = self.error.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(first) = self.errors.take() {
             return Err(CudaError(first));
         }
         sync.map_err(|e| driver_error("running queued work", e))
@@ -239,50 +282,78 @@ impl Gpu {
         functions.get(name).cloned().unwrap_or_else(|| panic!("{} does not list kernel {name}", source.file))
     }
     // ANCHOR_END: function
+}
+
+impl std::ops::Deref for Exclusive<'_> {
+    type Target = Gpu;
+
+    fn deref(&self) -> &Gpu {
+        self.gpu
+    }
+}
+
+impl<'g> Exclusive<'g> {
+    /// The GPU, for as long as it lives (beyond this turn).
+    pub fn gpu(&self) -> &'g Gpu {
+        self.gpu
+    }
+
+    pub(crate) fn blas(&self) -> &CudaBlas {
+        &self.shared.blas
+    }
+
+    /// The cuBLASLt handle and its workspace (see [`lt`]).
+    pub(crate) fn lt(&self) -> &lt::Lt {
+        &self.shared.lt
+    }
 
     /// Copies token ids to the device, into a scratch buffer the next upload reuses. Safe to
     /// reuse without waiting: the next copy is queued on the same stream, after every kernel
     /// queued before it, so it cannot overwrite ids a kernel has still to read.
     pub(crate) fn upload_indices(&self, ids: &[u32]) -> DevView<'_> {
-        let ptr = self.grow(&self.indices, ids.len() * 4, "token-id scratch");
+        let ptr = self.grow(&self.shared.indices, ids.len() * 4, "token-id scratch");
         if ptr != 0 {
             // SAFETY: the scratch holds at least ids.len() u32s.
             let r = unsafe { cudarc::driver::result::memcpy_htod_async(ptr, ids, self.stream.cu_stream()) };
             self.record("copying token ids to the GPU", r);
         }
-        DevView::from_raw(self, ptr, ids.len(), DType::U32)
+        DevView::from_raw(self.gpu, ptr, ids.len(), DType::U32)
     }
 
     /// `len` elements of working memory for one op. Reused by the next op that asks, which is
-    /// safe for the same reason as in `upload_indices`: its work is queued after this op's.
+    /// safe for the same reason as in `upload_indices`: its work is queued after this op's, and
+    /// this turn keeps other threads' work from coming between. (An op that holds the scratch
+    /// must not call another op that takes it.)
     pub(crate) fn scratch(&self, len: usize, dtype: DType) -> DevViewMut<'_> {
-        let ptr = self.grow(&self.scratch, len * dtype.size(), "op scratch");
-        DevViewMut::from_raw(self, ptr, len, dtype)
+        let ptr = self.grow(&self.shared.scratch, len * dtype.size(), "op scratch");
+        DevViewMut::from_raw(self.gpu, ptr, len, dtype)
     }
 
     /// The address of a kept buffer of at least `bytes`, reallocated (never shrunk) when too
     /// small. 0 if allocation failed: the error is recorded and reported at the next sync.
-    fn grow(&self, slot: &Mutex<(cudarc::driver::sys::CUdeviceptr, usize)>, bytes: usize, what: &str) -> u64 {
+    fn grow(&self, slot: &Cell<Kept>, bytes: usize, what: &str) -> CUdeviceptr {
         use cudarc::driver::result;
-        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.1 < bytes {
-            let _ = self.bind();
-            // The old buffer may still be read by queued kernels: wait before freeing it.
-            let _ = self.stream.synchronize();
-            let capacity = bytes.next_power_of_two().max(4096);
-            // SAFETY: freed once (here, when replaced), allocated with this context current.
-            unsafe {
-                if slot.1 > 0 {
-                    let _ = result::free_sync(slot.0);
-                }
-                let ptr = result::malloc_sync(capacity);
-                *slot = match self.record(&format!("allocating {what}"), ptr) {
-                    Some(ptr) => (ptr, capacity),
-                    None => (0, 0),
-                };
-            }
+        let kept = slot.get();
+        if kept.bytes >= bytes {
+            return kept.ptr;
         }
-        slot.0
+        // The old buffer may still be read by queued kernels: wait before freeing it.
+        let _ = self.stream.synchronize();
+        let capacity = bytes.next_power_of_two().max(4096);
+        // SAFETY: freed once (here, when replaced), allocated with this context current (bound
+        // by `Gpu::exclusive`).
+        unsafe {
+            if kept.bytes > 0 {
+                let _ = result::free_sync(kept.ptr);
+            }
+            let ptr = result::malloc_sync(capacity);
+            let grown = match self.record(&format!("allocating {what}"), ptr) {
+                Some(ptr) => Kept { ptr, bytes: capacity },
+                None => Kept::default(),
+            };
+            slot.set(grown);
+            grown.ptr
+        }
     }
 }
 

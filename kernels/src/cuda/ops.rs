@@ -14,10 +14,13 @@
 //! of one of the `.cu` files, templated over X and instantiated as `<kernel>_f32` and
 //! `<kernel>_bf16`. A wrong dtype or length is a bug in the caller: it panics, before anything is
 //! queued. Errors of the GPU itself are kept by `Gpu::record` and reported at the next sync.
+//!
+//! Every op holds its GPU's turn (`Gpu::exclusive`) from its first launch to its last, which is
+//! what `launch`, `gemm` and the scratch buffers take: no other thread's work comes between.
 
 use super::lt;
 use super::modules::Source;
-use super::{DType, DevView, DevViewMut, Gpu};
+use super::{DType, DevView, DevViewMut, Exclusive};
 use cudarc::cublas::result as cublas;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -147,7 +150,7 @@ enum Arg {
 use Arg::{Float, Int, Long, Ptr};
 
 /// Queues kernel `name` of `source`. Nothing to do (an empty grid) queues nothing.
-fn launch(gpu: &Gpu, source: &Source, name: &'static str, cfg: LaunchConfig, args: &[Arg]) {
+fn launch(gpu: &Exclusive, source: &Source, name: &'static str, cfg: LaunchConfig, args: &[Arg]) {
     if cfg.grid_dim.0 == 0 {
         return;
     }
@@ -207,7 +210,7 @@ fn per_32_columns_and_chunk(cols: usize, chunks: usize) -> LaunchConfig {
 }
 
 /// Pass 2 of a column sum: out [cols] += the sum, in chunk order, of partials [chunks, cols].
-fn add_column_partials(gpu: &Gpu, out: u64, partials: u64, chunks: usize, cols: usize) {
+fn add_column_partials(gpu: &Exclusive, out: u64, partials: u64, chunks: usize, cols: usize) {
     let args = [Ptr(out), Ptr(partials), Int(int(chunks)), Int(int(cols))];
     launch(gpu, &REDUCE, "add_column_partials", per_element(cols), &args);
 }
@@ -242,7 +245,7 @@ fn assert_len(op: &str, name: &str, len: usize, expected: usize) {
 
 /// Uploads token ids after checking that each is below `limit` (a bad id would read out of
 /// bounds on the device, where nothing checks).
-fn upload_tokens<'a>(op: &str, gpu: &'a Gpu, ids: &[u32], limit: usize) -> DevView<'a> {
+fn upload_tokens<'a>(op: &str, gpu: &'a Exclusive<'_>, ids: &[u32], limit: usize) -> DevView<'a> {
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= limit) {
         panic!("{op}: token id {bad} is not below {limit}");
     }
@@ -291,7 +294,7 @@ struct Mat {
 /// So the flags are (b_t, a_t) in that order, and every leading dimension is the row stride.
 #[allow(clippy::too_many_arguments)]
 fn gemm(
-    gpu: &Gpu,
+    gpu: &Exclusive,
     x: DType,
     c_type: DType,
     c: Mat,
@@ -306,9 +309,6 @@ fn gemm(
 ) {
     assert!(m > 0 && k > 0 && n > 0 && batch > 0, "gemm of an empty matrix");
     let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
-    if gpu.record("binding the context for cuBLAS", gpu.bind()).is_none() {
-        return;
-    }
     let handle = *gpu.blas().handle();
     let (alpha, beta) = (&alpha as *const f32 as *const c_void, &beta as *const f32 as *const c_void);
     let (a_ptr, b_ptr, c_ptr) = (a.ptr as *const c_void, b.ptr as *const c_void, c.ptr as *mut c_void);
@@ -408,7 +408,7 @@ pub fn matmul(
     let b_mat = Mat { ptr: b.ptr(), ld: if b_t { k } else { n }, stride: 0 };
     let c_mat = Mat { ptr: c.ptr(), ld: n, stride: 0 };
     let beta = if accumulate { 1.0 } else { 0.0 }; // beta 0: cuBLAS does not read C (NaN-safe)
-    gemm(c.gpu(), x, c.dtype(), c_mat, a_mat, a_t, b_mat, b_t, (m, k, n), 1.0, beta, 1);
+    gemm(&c.gpu().exclusive(), x, c.dtype(), c_mat, a_mat, a_t, b_mat, b_t, (m, k, n), 1.0, beta, 1);
 }
 
 // ANCHOR: linear_forward
@@ -440,10 +440,10 @@ pub fn linear_forward(
     if bt == 0 || c_out == 0 {
         return;
     }
-    let gpu = out.gpu();
+    let gpu = out.gpu().exclusive();
     // One cuBLASLt matmul that adds the bias as it writes out (c_in = 0, an empty sum, has none).
     if c_in > 0
-        && lt::linear_epilogue(gpu, x, out.ptr(), None, inp.ptr(), weight.ptr(), bias.ptr(), bt, c_in, c_out)
+        && lt::linear_epilogue(&gpu, x, out.ptr(), None, inp.ptr(), weight.ptr(), bias.ptr(), bt, c_in, c_out)
             == lt::Queued::Yes
     {
         return;
@@ -459,7 +459,7 @@ pub fn linear_forward(
 fn broadcast_rows(out: DevViewMut<'_>, bias: DevView<'_>, rows: usize, cols: usize) {
     let x = activation_type("broadcast_rows", &[out.dtype(), bias.dtype()]);
     let args = [Ptr(out.ptr()), Ptr(bias.ptr()), Long(long(rows)), Int(int(cols))];
-    launch(out.gpu(), &ELEMENTWISE, for_x!("broadcast_rows", x), per_element(rows * cols), &args);
+    launch(&out.gpu().exclusive(), &ELEMENTWISE, for_x!("broadcast_rows", x), per_element(rows * cols), &args);
 }
 
 // ANCHOR: linear_gelu_forward
@@ -499,8 +499,8 @@ pub fn linear_gelu_forward(
     // accuracy: where it uses a fast tanh, the difference (up to ~1e-4) would be visible against
     // the CPU in f32, and nowhere against bf16's own rounding (~4e-3).
     if x == DType::BF16 && c_in > 0 && c_out.is_multiple_of(8) {
-        let (gpu, aux) = (out.gpu(), Some(pre_gelu.ptr()));
-        let queued = lt::linear_epilogue(gpu, x, out.ptr(), aux, inp.ptr(), weight.ptr(), bias.ptr(), bt, c_in, c_out);
+        let (gpu, aux) = (out.gpu().exclusive(), Some(pre_gelu.ptr()));
+        let queued = lt::linear_epilogue(&gpu, x, out.ptr(), aux, inp.ptr(), weight.ptr(), bias.ptr(), bt, c_in, c_out);
         if queued == lt::Queued::Yes {
             return;
         }
@@ -543,12 +543,12 @@ pub fn linear_backward(
     // dweight [c_in, c_out] = inpᵀ · dout, inp stored [bt, c_in] = [k, m].
     matmul(dweight, inp, dout, c_in, bt, c_out, true, false, true);
     if let Some(dbias) = dbias {
-        let gpu = dbias.gpu();
+        let gpu = dbias.gpu().exclusive();
         let (chunks, chunk) = column_chunks(bt);
         let partials = gpu.scratch(chunks * c_out, DType::F32);
         let args = [Ptr(partials.ptr()), Ptr(dout.ptr()), Int(int(bt)), Int(int(c_out)), Int(int(chunk))];
-        launch(gpu, &REDUCE, for_x!("column_sum_partial", x), per_32_columns_and_chunk(c_out, chunks), &args);
-        add_column_partials(gpu, dbias.ptr(), partials.ptr(), chunks, c_out);
+        launch(&gpu, &REDUCE, for_x!("column_sum_partial", x), per_32_columns_and_chunk(c_out, chunks), &args);
+        add_column_partials(&gpu, dbias.ptr(), partials.ptr(), chunks, c_out);
     }
 }
 // ANCHOR_END: linear_backward
@@ -575,11 +575,11 @@ pub fn embedding_forward(
     assert_len(op, "out", out.len(), bt * c);
     assert!(wte.len().is_multiple_of(c), "{op}: wte of {} is not rows of {c}", wte.len());
     assert!(wpe.len() >= t_len * c, "{op}: wpe of {} has fewer than {t_len} rows of {c}", wpe.len());
-    let gpu = out.gpu();
-    let ids = upload_tokens(op, gpu, tokens, wte.len() / c);
+    let gpu = out.gpu().exclusive();
+    let ids = upload_tokens(op, &gpu, tokens, wte.len() / c);
     let args =
         [Ptr(out.ptr()), Ptr(ids.ptr()), Ptr(wte.ptr()), Ptr(wpe.ptr()), Long(long(bt)), Int(int(t_len)), Int(int(c))];
-    launch(gpu, &EMBEDDING, for_x!("embedding_forward", x), per_element(bt * c), &args);
+    launch(&gpu, &EMBEDDING, for_x!("embedding_forward", x), per_element(bt * c), &args);
 }
 
 /// dwte[token] += dout row; dwpe[t] += dout row. dwte, dwpe F32; dout X.
@@ -606,13 +606,13 @@ pub fn embedding_backward(
     assert_len(op, "dout", dout.len(), bt * c);
     assert!(dwte.len().is_multiple_of(c), "{op}: dwte of {} is not rows of {c}", dwte.len());
     assert!(dwpe.len() >= t_len * c, "{op}: dwpe of {} has fewer than {t_len} rows of {c}", dwpe.len());
-    let gpu = dout.gpu();
-    let ids = upload_tokens(op, gpu, tokens, dwte.len() / c);
+    let gpu = dout.gpu().exclusive();
+    let ids = upload_tokens(op, &gpu, tokens, dwte.len() / c);
     let b = bt / t_len;
     let args = [Ptr(dwpe.ptr()), Ptr(dout.ptr()), Int(int(b)), Int(int(t_len)), Int(int(c))];
-    launch(gpu, &EMBEDDING, for_x!("embedding_backward_wpe", x), per_element(t_len * c), &args);
+    launch(&gpu, &EMBEDDING, for_x!("embedding_backward_wpe", x), per_element(t_len * c), &args);
     let args = [Ptr(dwte.ptr()), Ptr(dout.ptr()), Ptr(ids.ptr()), Long(long(bt)), Int(int(c))];
-    launch(gpu, &EMBEDDING, for_x!("embedding_backward_wte", x), per_element(bt * c), &args);
+    launch(&gpu, &EMBEDDING, for_x!("embedding_backward_wte", x), per_element(bt * c), &args);
 }
 
 /// out (X), mean, rstd (F32, [rows]); inp, weight, bias X. eps 1e-5, biased variance.
@@ -647,7 +647,7 @@ pub fn layernorm_forward(
         Int(int(rows)),
         Int(int(c)),
     ];
-    launch(out.gpu(), &LAYERNORM, for_x!("layernorm_forward", x), warp_per_row(rows), &args);
+    launch(&out.gpu().exclusive(), &LAYERNORM, for_x!("layernorm_forward", x), warp_per_row(rows), &args);
 }
 
 /// dinp (X) +=, dweight, dbias (F32) +=; dout, inp, weight X; mean, rstd F32.
@@ -682,7 +682,7 @@ pub fn layernorm_backward(
         assert_f32(op, name, dtype);
         assert_len(op, name, len, expected);
     }
-    let gpu = dinp.gpu();
+    let gpu = dinp.gpu().exclusive();
     let args = [
         Ptr(dinp.ptr()),
         Ptr(dout.ptr()),
@@ -693,7 +693,7 @@ pub fn layernorm_backward(
         Int(int(rows)),
         Int(int(c)),
     ];
-    launch(gpu, &LAYERNORM, for_x!("layernorm_backward_input", x), warp_per_row(rows), &args);
+    launch(&gpu, &LAYERNORM, for_x!("layernorm_backward_input", x), warp_per_row(rows), &args);
     let (chunks, chunk) = column_chunks(rows);
     let partials = gpu.scratch(2 * chunks * c, DType::F32); // dweight's [chunks, C], then dbias's
     let args = [
@@ -707,9 +707,9 @@ pub fn layernorm_backward(
         Int(int(chunk)),
     ];
     let cfg = per_32_columns_and_chunk(c, chunks);
-    launch(gpu, &LAYERNORM, for_x!("layernorm_backward_params_partial", x), cfg, &args);
-    add_column_partials(gpu, dweight.ptr(), partials.ptr(), chunks, c);
-    add_column_partials(gpu, dbias.ptr(), partials.ptr() + (chunks * c * 4) as u64, chunks, c);
+    launch(&gpu, &LAYERNORM, for_x!("layernorm_backward_params_partial", x), cfg, &args);
+    add_column_partials(&gpu, dweight.ptr(), partials.ptr(), chunks, c);
+    add_column_partials(&gpu, dbias.ptr(), partials.ptr() + (chunks * c * 4) as u64, chunks, c);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -787,22 +787,22 @@ pub fn attention_forward(
     let s = AttentionShape::new(op, qkv.len(), t_len, c, n_head);
     assert_len(op, "out", out.len(), s.b * s.t * s.c);
     assert_len(op, "att", att.len(), s.b * s.h * s.t * s.t);
-    let gpu = out.gpu();
+    let gpu = out.gpu().exclusive();
     let (t, hs) = (s.t, s.hs);
     for b in 0..s.b {
         // scores [T, T] = scale · Q [T, hs] · Kᵀ, K stored [T, hs] = [n, k]: b_t.
         let (q, k) = (s.qkv_heads(qkv.ptr(), x, b, 0), s.qkv_heads(qkv.ptr(), x, b, 1));
         let scores = s.att_heads(att.ptr(), x, b);
-        gemm(gpu, x, x, scores, q, false, k, true, (t, hs, t), s.scale(), 0.0, s.h);
+        gemm(&gpu, x, x, scores, q, false, k, true, (t, hs, t), s.scale(), 0.0, s.h);
     }
     let rows = s.b * s.h * s.t;
     let args = [Ptr(att.ptr()), Long(long(rows)), Int(int(t))];
-    launch(gpu, &ATTENTION, for_x!("attention_softmax", x), warp_per_row(rows), &args);
+    launch(&gpu, &ATTENTION, for_x!("attention_softmax", x), warp_per_row(rows), &args);
     for b in 0..s.b {
         // out_h [T, hs] = att [T, T] · V [T, hs].
         let (probs, v) = (s.att_heads(att.ptr(), x, b), s.qkv_heads(qkv.ptr(), x, b, 2));
         let y = s.out_heads(out.ptr(), x, b);
-        gemm(gpu, x, x, y, probs, false, v, false, (t, t, hs), 1.0, 0.0, s.h);
+        gemm(&gpu, x, x, y, probs, false, v, false, (t, t, hs), 1.0, 0.0, s.h);
     }
 }
 // ANCHOR_END: attention_forward
@@ -834,7 +834,7 @@ pub fn attention_backward(
     assert_len(op, "dqkv", dqkv.len(), qkv.len());
     assert_len(op, "dout", dout.len(), s.b * s.t * s.c);
     assert_len(op, "att", att.len(), s.b * s.h * s.t * s.t);
-    let gpu = dqkv.gpu();
+    let gpu = dqkv.gpu().exclusive();
     let scratch = gpu.scratch(s.h * s.t * s.t, x);
     let (t, hs) = (s.t, s.hs);
     let ds = s.att_heads(scratch.ptr(), x, 0);
@@ -846,16 +846,16 @@ pub fn attention_backward(
         let dy = s.out_heads(dout.ptr(), x, b);
         let probs = s.att_heads(att.ptr(), x, b);
         // d att [T, T] = dY [T, hs] · Vᵀ, V stored [T, hs] = [n, k]: b_t.
-        gemm(gpu, x, x, ds, dy, false, v, true, (t, hs, t), 1.0, 0.0, s.h);
+        gemm(&gpu, x, x, ds, dy, false, v, true, (t, hs, t), 1.0, 0.0, s.h);
         // dV [T, hs] += attᵀ · dY, att stored [t, u] = [k, m]: a_t.
-        gemm(gpu, x, x, dv, probs, true, dy, false, (t, t, hs), 1.0, 1.0, s.h);
+        gemm(&gpu, x, x, dv, probs, true, dy, false, (t, t, hs), 1.0, 1.0, s.h);
         let rows = s.h * s.t;
         let args = [Ptr(ds.ptr), Ptr(probs.ptr), Long(long(rows)), Int(int(t))];
-        launch(gpu, &ATTENTION, for_x!("attention_softmax_backward", x), warp_per_row(rows), &args);
+        launch(&gpu, &ATTENTION, for_x!("attention_softmax_backward", x), warp_per_row(rows), &args);
         // dQ [T, hs] += scale · dS [T, T] · K [T, hs].
-        gemm(gpu, x, x, dq, ds, false, k, false, (t, t, hs), s.scale(), 1.0, s.h);
+        gemm(&gpu, x, x, dq, ds, false, k, false, (t, t, hs), s.scale(), 1.0, s.h);
         // dK [T, hs] += scale · dSᵀ · Q, dS stored [t, u] = [k, m]: a_t.
-        gemm(gpu, x, x, dk, ds, true, q, false, (t, t, hs), s.scale(), 1.0, s.h);
+        gemm(&gpu, x, x, dk, ds, true, q, false, (t, t, hs), s.scale(), 1.0, s.h);
     }
 }
 // ANCHOR_END: attention_backward
@@ -869,7 +869,7 @@ pub fn gelu_forward(out: DevViewMut<'_>, inp: DevView<'_>) {
     let x = activation_type("gelu_forward", &[out.dtype(), inp.dtype()]);
     assert_len("gelu_forward", "out", out.len(), inp.len());
     let args = [Ptr(out.ptr()), Ptr(inp.ptr()), Long(long(inp.len()))];
-    launch(out.gpu(), &GELU, for_x!("gelu_forward", x), per_element(inp.len()), &args);
+    launch(&out.gpu().exclusive(), &GELU, for_x!("gelu_forward", x), per_element(inp.len()), &args);
 }
 // ANCHOR_END: gelu_forward
 
@@ -879,7 +879,7 @@ pub fn gelu_backward(dinp: DevViewMut<'_>, inp: DevView<'_>, dout: DevView<'_>) 
     assert_len("gelu_backward", "dinp", dinp.len(), inp.len());
     assert_len("gelu_backward", "dout", dout.len(), inp.len());
     let args = [Ptr(dinp.ptr()), Ptr(inp.ptr()), Ptr(dout.ptr()), Long(long(inp.len()))];
-    launch(dinp.gpu(), &GELU, for_x!("gelu_backward", x), per_element(inp.len()), &args);
+    launch(&dinp.gpu().exclusive(), &GELU, for_x!("gelu_backward", x), per_element(inp.len()), &args);
 }
 
 /// out = a + b. X.
@@ -888,7 +888,7 @@ pub fn residual_forward(out: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>) {
     assert_len("residual_forward", "a", a.len(), out.len());
     assert_len("residual_forward", "b", b.len(), out.len());
     let args = [Ptr(out.ptr()), Ptr(a.ptr()), Ptr(b.ptr()), Long(long(out.len()))];
-    launch(out.gpu(), &RESIDUAL, for_x!("residual_forward", x), per_element(out.len()), &args);
+    launch(&out.gpu().exclusive(), &RESIDUAL, for_x!("residual_forward", x), per_element(out.len()), &args);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -913,11 +913,11 @@ pub fn softmax_cross_entropy_forward(
     assert_len(op, "logits", logits_to_probs.len(), n * vp);
     assert_f32(op, "losses", losses.dtype());
     assert_len(op, "losses", losses.len(), n);
-    let gpu = logits_to_probs.gpu();
-    let ids = upload_tokens(op, gpu, targets, v);
+    let gpu = logits_to_probs.gpu().exclusive();
+    let ids = upload_tokens(op, &gpu, targets, v);
     let cfg = LaunchConfig { grid_dim: (grid_size(n), 1, 1), block_dim: (SOFTMAX_BLOCK, 1, 1), shared_mem_bytes: 0 };
     let args = [Ptr(logits_to_probs.ptr()), Ptr(losses.ptr()), Ptr(ids.ptr()), Int(int(v)), Int(int(vp))];
-    launch(gpu, &SOFTMAX_CROSS_ENTROPY, for_x!("softmax_cross_entropy_forward", x), cfg, &args);
+    launch(&gpu, &SOFTMAX_CROSS_ENTROPY, for_x!("softmax_cross_entropy_forward", x), cfg, &args);
 }
 
 /// In place: dlogits = dloss · (probs - onehot(target)). X.
@@ -926,10 +926,10 @@ pub fn softmax_cross_entropy_backward(probs_to_dlogits: DevViewMut<'_>, targets:
     let x = activation_type(op, &[probs_to_dlogits.dtype()]);
     let n = targets.len();
     assert_len(op, "probs", probs_to_dlogits.len(), n * vp);
-    let gpu = probs_to_dlogits.gpu();
-    let ids = upload_tokens(op, gpu, targets, vp);
+    let gpu = probs_to_dlogits.gpu().exclusive();
+    let ids = upload_tokens(op, &gpu, targets, vp);
     let args = [Ptr(probs_to_dlogits.ptr()), Ptr(ids.ptr()), Float(dloss), Long(long(n)), Int(int(vp))];
-    launch(gpu, &SOFTMAX_CROSS_ENTROPY, for_x!("softmax_cross_entropy_backward", x), per_element(n * vp), &args);
+    launch(&gpu, &SOFTMAX_CROSS_ENTROPY, for_x!("softmax_cross_entropy_backward", x), per_element(n * vp), &args);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -984,7 +984,7 @@ pub fn adamw_update(
         Float(correction1),
         Float(correction2),
     ];
-    launch(params.gpu(), &ADAMW, "adamw_update", per_element(n), &args);
+    launch(&params.gpu().exclusive(), &ADAMW, "adamw_update", per_element(n), &args);
 }
 
 /// Blocks of the first pass of `global_norm`: fixed, so the order of the sum is too.
@@ -997,7 +997,7 @@ const NORM_BLOCKS: usize = 256;
 /// one block sums the partials and writes the square root as f32.
 pub fn global_norm(grads: DevView<'_>) -> Result<f32, super::CudaError> {
     assert_f32("global_norm", "grads", grads.dtype());
-    let gpu = grads.gpu();
+    let gpu = grads.gpu().exclusive();
     // NORM_BLOCKS f64 partials (two f32 slots each: allocations are 256-byte aligned, so the
     // f64s are aligned too), then the f32 result.
     let scratch = gpu.scratch(2 * NORM_BLOCKS + 1, DType::F32);
@@ -1005,10 +1005,10 @@ pub fn global_norm(grads: DevView<'_>) -> Result<f32, super::CudaError> {
     let result = scratch.as_view().slice(2 * NORM_BLOCKS..2 * NORM_BLOCKS + 1);
     let cfg = LaunchConfig { grid_dim: (NORM_BLOCKS as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
     let args = [Ptr(partials), Ptr(grads.ptr()), Long(long(grads.len()))];
-    launch(gpu, &REDUCE, "sum_squares_partial", cfg, &args);
+    launch(&gpu, &REDUCE, "sum_squares_partial", cfg, &args);
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let args = [Ptr(result.ptr()), Ptr(partials), Int(int(NORM_BLOCKS))];
-    launch(gpu, &REDUCE, "sum_partials_sqrt", cfg, &args);
+    launch(&gpu, &REDUCE, "sum_partials_sqrt", cfg, &args);
     Ok(result.to_vec_f32()?[0])
 }
 
@@ -1027,13 +1027,13 @@ pub fn convert(dst: DevViewMut<'_>, src: DevView<'_>) {
         (from, to) => panic!("convert: from {from} to {to}: only f32 and bf16 convert"),
     };
     let args = [Ptr(dst.ptr()), Ptr(src.ptr()), Long(long(src.len()))];
-    launch(dst.gpu(), &ELEMENTWISE, name, per_element(src.len()), &args);
+    launch(&dst.gpu().exclusive(), &ELEMENTWISE, name, per_element(src.len()), &args);
 }
 
 /// Sets every element to zero.
 pub fn zero(dst: DevViewMut<'_>) {
-    let gpu = dst.gpu();
-    if dst.is_empty() || gpu.record("binding the context", gpu.bind()).is_none() {
+    let gpu = dst.gpu().exclusive();
+    if dst.is_empty() {
         return;
     }
     // SAFETY: the range is the view's own; the memset is queued on the GPU's one stream, after
