@@ -160,13 +160,12 @@ impl Trace {
         let mut events: Vec<TraceEvent> = self.events().into_iter().filter(inside).collect();
         // Longer spans first, so that a span's children are drawn on top of it.
         events.sort_by(|a, b| b.dur_us.total_cmp(&a.dur_us));
-        let end_us = to_us;
         let mut lanes: Vec<(u32, u32)> = events.iter().map(|e| (e.pid, e.tid)).collect();
         lanes.sort();
         lanes.dedup();
 
         let plot_w = SVG_WIDTH - SVG_LANE_LABEL_W - SVG_MARGIN;
-        let x = |us: f64| SVG_LANE_LABEL_W + (us - from_us) / (end_us - from_us).max(1e-9) * plot_w;
+        let x = |us: f64| SVG_LANE_LABEL_W + (us - from_us) / (to_us - from_us).max(1e-9) * plot_w;
         let axis_y = SVG_MARGIN + lanes.len() as f64 * SVG_ROW_H + 4.0;
         let legend_y = axis_y + 48.0;
         let height = legend_y + 16.0;
@@ -215,13 +214,13 @@ impl Trace {
         }
 
         // The time axis: a tick at every multiple of a round interval, one label for the axis.
-        let span_ms = (end_us - from_us) / 1000.0;
+        let span_ms = (to_us - from_us) / 1000.0;
         let tick = round_interval(span_ms / 10.0);
         let decimals = (-tick.log10().floor()).max(0.0) as usize;
         svg += &format!(
             "<line x1=\"{:.1}\" y1=\"{axis_y:.1}\" x2=\"{:.1}\" y2=\"{axis_y:.1}\" stroke=\"#555\"/>\n",
             x(from_us),
-            x(end_us)
+            x(to_us)
         );
         let mut k = 0.0;
         while k * tick <= span_ms * (1.0 + 1e-9) {
