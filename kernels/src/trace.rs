@@ -167,11 +167,8 @@ impl Trace {
         let plot_w = SVG_WIDTH - SVG_LANE_LABEL_W - SVG_MARGIN;
         let x = |us: f64| SVG_LANE_LABEL_W + (us - from_us) / (to_us - from_us).max(1e-9) * plot_w;
         let axis_y = SVG_MARGIN + lanes.len() as f64 * SVG_ROW_H + 4.0;
-        let legend_y = axis_y + 48.0;
-        let height = legend_y + 16.0;
-        let mut svg = format!(
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{SVG_WIDTH}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"{SVG_FONT}\">\n"
-        );
+        // The header, with the height, is written last: the legend may take more than one line.
+        let mut svg = String::new();
         let contains = |o: &TraceEvent, e: &TraceEvent| {
             (o.pid, o.tid) == (e.pid, e.tid)
                 && o.dur_us > e.dur_us
@@ -239,24 +236,33 @@ impl Trace {
             axis_y + 32.0
         );
 
-        // The legend: the colours that appear, in a fixed order.
-        let mut lx = SVG_LANE_LABEL_W;
+        // The legend: the colours that appear, in a fixed order, in lines that fit the width.
+        let (mut lx, mut legend_y) = (SVG_LANE_LABEL_W, axis_y + 48.0);
         svg += "<g class=\"legend\">";
         for &(_, colour, meaning) in SPAN_KINDS.iter().zip(&kinds_seen).filter(|(_, seen)| **seen).map(|(k, _)| k) {
+            let entry_w = 16.0 + label_width(meaning) + 16.0;
+            if lx + entry_w > SVG_WIDTH && lx > SVG_LANE_LABEL_W {
+                (lx, legend_y) = (SVG_LANE_LABEL_W, legend_y + 18.0);
+            }
             svg += &format!(
                 "<rect x=\"{lx:.1}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{colour}\" stroke=\"#555\" stroke-width=\"0.5\"/><text x=\"{:.1}\" y=\"{legend_y:.1}\">{meaning}</text>",
                 legend_y - 10.0,
                 lx + 16.0
             );
-            lx += 16.0 + label_width(meaning) + 16.0;
+            lx += entry_w;
         }
         svg += "</g>\n</svg>\n";
-        svg
+        let header = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{SVG_WIDTH}\" height=\"{:.0}\" font-family=\"sans-serif\" font-size=\"{SVG_FONT}\">\n",
+            legend_y + 16.0
+        );
+        header + &svg
     }
     // ANCHOR_END: to_svg
 }
 
-const SVG_WIDTH: f64 = 900.0;
+// The book's text column is 750 px wide: at this width the figure is drawn at its own size.
+const SVG_WIDTH: f64 = 750.0;
 const SVG_LANE_LABEL_W: f64 = 150.0;
 const SVG_MARGIN: f64 = 10.0;
 const SVG_ROW_H: f64 = 34.0;
@@ -439,6 +445,33 @@ mod tests {
             assert!(legend.contains(&format!(">{entry}</text>")), "no {entry} in {legend}");
         }
         assert!(!legend.contains("evaluation"), "only the colours that appear: {legend}");
+        for entry in legend.split("<text x=\"").skip(1) {
+            let x: f64 = entry[..entry.find('"').unwrap()].parse().unwrap();
+            let text = &entry[entry.find('>').unwrap() + 1..entry.find("</text>").unwrap()];
+            assert!(x + label_width(text) <= SVG_WIDTH, "legend entry {text:?} past the right edge");
+        }
+    }
+
+    #[test]
+    fn the_legend_wraps_within_the_width() {
+        let trace = Trace::enabled();
+        let names = ["step", "forward", "backward", "optimizer", "all-reduce 0", "eval", "save", "send activations"];
+        for (i, name) in names.iter().enumerate() {
+            trace.lane(0, i as u32).record(*name, 0.0, 1_000.0);
+        }
+        let svg = trace.to_svg(0.0, 1_000.0, |_, tid| format!("lane {tid}"));
+        let legend = svg.lines().find(|l| l.starts_with("<g class=\"legend\">")).expect("a legend");
+        let mut rows = Vec::new();
+        for entry in legend.split("<text x=\"").skip(1) {
+            let x: f64 = entry[..entry.find('"').unwrap()].parse().unwrap();
+            let text = &entry[entry.find('>').unwrap() + 1..entry.find("</text>").unwrap()];
+            assert!(x + label_width(text) <= SVG_WIDTH, "legend entry {text:?} past the right edge");
+            rows.push(attr(&format!(" x=\"{entry}"), "y"));
+        }
+        assert_eq!(rows.len(), SPAN_KINDS.len(), "every kind, \"other\" included: {legend}");
+        assert!(rows.windows(2).any(|w| w[1] > w[0]), "eight entries take two lines: {legend}");
+        let height = attr(svg.lines().next().unwrap(), "height");
+        assert!(height >= rows.iter().fold(0.0, |m, &y| f64::max(m, y)), "the last line is inside the figure");
     }
 
     #[test]
