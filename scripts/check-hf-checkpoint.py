@@ -55,12 +55,10 @@ def gpt2_logits(p, cfg, tokens):
     return x @ p["wte.weight"].T  # tied output projection
 
 
-def main():
-    ckpt, data, B, T, batches, expected = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]), float(sys.argv[6])
-    cfg = json.load(open(f"{ckpt}/config.json"))
-    assert cfg["model_type"] == "gpt2"
-    p = {k: v.astype(np.float64) for k, v in load_file(f"{ckpt}/model.safetensors").items()}
-    assert p["wte.weight"].shape == (cfg["vocab_size"], cfg["n_embd"]), "vocabulary must be unpadded"
+def validation_loss(logits_of, data, B, T, batches):
+    """The book's evaluation protocol: the mean over `batches` batches of the mean cross-entropy
+    of `logits_of(tokens [B, T]) -> logits [B, T, V]`, batch k row r being the window of the
+    byte-tokenized corpus's last 10% that starts at token (k*B + r)*T, wrapping around."""
     tokens = np.frombuffer(open(data, "rb").read(), dtype=np.uint8).astype(np.int64)
     val = tokens[len(tokens) * 9 // 10 :]
     losses = []
@@ -68,11 +66,20 @@ def main():
         starts = [((k * B + r) * T) for r in range(B)]
         idx = np.array([[(s + i) % len(val) for i in range(T + 1)] for s in starts])
         x, y = val[idx[:, :-1]], val[idx[:, 1:]]
-        logits = gpt2_logits(p, cfg, x)
+        logits = np.array(logits_of(x), dtype=np.float64)  # a copy: a JAX array is read-only
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         losses.append(-np.take_along_axis(logp, y[..., None], -1).mean())
-    loss = float(np.mean(losses))
+    return float(np.mean(losses))
+
+
+def main():
+    ckpt, data, B, T, batches, expected = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]), float(sys.argv[6])
+    cfg = json.load(open(f"{ckpt}/config.json"))
+    assert cfg["model_type"] == "gpt2"
+    p = {k: v.astype(np.float64) for k, v in load_file(f"{ckpt}/model.safetensors").items()}
+    assert p["wte.weight"].shape == (cfg["vocab_size"], cfg["n_embd"]), "vocabulary must be unpadded"
+    loss = validation_loss(lambda x: gpt2_logits(p, cfg, x), data, B, T, batches)
     print(f"numpy GPT-2 on the checkpoint: val loss {loss:.4f}; the trainer printed {expected:.4f}")
     if abs(loss - expected) > 1e-3:
         sys.exit("error: the checkpoint does not compute what the trainer computed")

@@ -264,7 +264,7 @@ pub fn train(cfg: &DpConfig) -> Result<DpReport, DpError> {
         trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
     }
     if let Some(path) = &cfg.timeline
-        && let Some((from, to)) = trace.last_span("step", 0, 0)
+        && let Some((from, to)) = trace.last_spans("step")
     {
         let lanes =
             |rank: u32, lane: u32| format!("rank {rank} {}", if lane == 0 { "compute" } else { "communication" });
