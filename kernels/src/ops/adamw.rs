@@ -39,9 +39,12 @@ pub fn adamw_update(
     grad_scale: f32,
     t: u64,
 ) {
+    // EXERCISE(ch01-adamw, points = 5): update the moments m and v from g = grad_scale * grad, correct their bias by 1 - beta^t, then step p with the decoupled weight decay
+    // TESTS: -p kernels --lib -- ops::adamw::tests::
     assert!(t >= 1, "AdamW steps are numbered from 1");
     let AdamWConfig { beta1, beta2, eps } = cfg;
     let correction1 = (1.0 - (beta1 as f64).powf(t as f64)) as f32;
+    // WRONG(no bias correction of the first moment): `(1.0 - (beta1 as f64).powf(t as f64)) as f32` -> `1.0`
     let correction2 = (1.0 - (beta2 as f64).powf(t as f64)) as f32;
     params
         .par_chunks_mut(CHUNK)
@@ -55,8 +58,10 @@ pub fn adamw_update(
                 let m_hat = m[i] / correction1;
                 let v_hat = v[i] / correction2;
                 p[i] -= lr * (m_hat / (v_hat.sqrt() + eps) + weight_decay * p[i]);
+                // WRONG(weight decay not scaled by the learning rate): `lr * (m_hat / (v_hat.sqrt() + eps) + weight_decay * p[i])` -> `lr * m_hat / (v_hat.sqrt() + eps) + weight_decay * p[i]`
             }
         });
+    // END EXERCISE
 }
 // ANCHOR_END: adamw
 
