@@ -6,7 +6,7 @@ function body or a whole expression, between two comment lines:
     // EXERCISE(ch01-layernorm-backward, points = 10): the hint the student sees
     // TESTS: -p kernels --lib -- ops::layernorm::tests::backward_matches_finite_differences
     ...the solution, which CI builds and tests every day...
-    // WRONG(forgets the mean term): `dnorm - dnorm_mean - norm` -> `dnorm - norm`
+    // WRONG(forgets the mean term): `(dnorm - dnorm_mean - norm * dnorm_norm_mean)` -> `(dnorm - norm * dnorm_norm_mean)`
     ...
     // END EXERCISE
 
@@ -14,8 +14,11 @@ function body or a whole expression, between two comment lines:
   the exercise: a package and target selection, `--`, then test-name filters (substrings, as
   libtest matches them).
 - WRONG is a plausible wrong answer: in the nearest code line above it, replace the first
-  fragment (which must occur there exactly once) by the second. Its tests must fail on it, and
-  no other exercise's tests may (scripts/check-assignments checks both).
+  fragment (which must occur there exactly once) by the second. Each fragment must be a whole
+  expression, or whole statements ending in `;`, or nothing: the check compiles them in as
+  `({ if on { new } else { old } })`, so a fragment cut across an operator (`a - b` out of
+  `a - b * c`) changes the solution too, and the check then fails. Its exercise's tests must fail
+  on it, and no other exercise's tests may (scripts/check-assignments checks both).
 
 The student version replaces every region's solution by `todo!("hint")`, keeping the two header
 lines, so that it compiles and each exercise's tests fail by reaching the todo!.
@@ -198,6 +201,44 @@ def write_tree(repo: Path, out: Path, mode: str, apply: str | None = None) -> li
         dest.write_text("\n".join(lines) + ("\n" if text.endswith("\n") else ""))
         shutil.copymode(repo / rel, dest)
     return exercises
+
+
+def workspace_target_names(repo: Path) -> set[str]:
+    """The names, as they appear in artifact file names, of the workspace's packages and targets."""
+    out = subprocess.run(["cargo", "metadata", "--no-deps", "--format-version", "1"], cwd=repo, capture_output=True, text=True, check=True).stdout
+    names = set()
+    for package in json.loads(out)["packages"]:
+        names.add(package["name"].replace("-", "_"))
+        names |= {t["name"].replace("-", "_") for t in package["targets"]}
+    return names
+
+
+def seed_target_dir(main: Path, dest: Path, workspace: set[str], profile: str = "release") -> None:
+    """Gives `dest` the dependencies' artifacts of `main`, so that a build there compiles only the
+    workspace's crates. Artifacts are hard links (no copy); fingerprints are copied, since cargo
+    rewrites those in place. The workspace's own artifacts are left out: cargo names them by crate
+    name and relative path, the same in every copy of the repository, so a copy building into
+    `main` itself would overwrite ours with its own."""
+
+    def ours(name: str) -> bool:
+        stem = name.split(".")[0].rsplit("-", 1)[0]
+        return stem in workspace or stem.replace("-", "_") in workspace or (stem.startswith("lib") and stem[3:] in workspace)
+
+    for sub, link in [("deps", True), ("build", True), (".fingerprint", False)]:
+        source = main / profile / sub
+        if not source.is_dir():
+            continue
+        (dest / profile / sub).mkdir(parents=True, exist_ok=True)
+        for entry in source.iterdir():
+            target = dest / profile / sub / entry.name
+            if ours(entry.name) or target.exists():
+                continue
+            if entry.is_dir():
+                shutil.copytree(entry, target, symlinks=True, copy_function=os.link if link else shutil.copy2)
+            elif link:
+                os.link(entry, target)
+            else:
+                shutil.copy2(entry, target)
 
 
 # --- running tests -------------------------------------------------------------------------------

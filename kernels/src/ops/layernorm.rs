@@ -77,7 +77,7 @@ pub fn layernorm_backward(
             let norm = (x[i] - m) * s;
             let dnorm = dy[i] * weight[i];
             dx[i] += s * (dnorm - dnorm_mean - norm * dnorm_norm_mean);
-            // WRONG(forgets the path through the mean): `dnorm - dnorm_mean - norm` -> `dnorm - norm`
+            // WRONG(forgets the path through the mean): `(dnorm - dnorm_mean - norm * dnorm_norm_mean)` -> `(dnorm - norm * dnorm_norm_mean)`
         }
     });
     reduce_rows(n, c, dbias, |rows, partial| {
