@@ -95,10 +95,10 @@ mod tests {
         // first with ln_f, the last with the embeddings (192 KiB): each goes out as soon as its
         // block's backward ends.
         let one_mib = plan_buckets(&layout, 1024 * 1024);
-        assert_eq!(one_mib.len(), 4);
-        assert_eq!(one_mib[0].tensors, units[1].start..units[0].end);
-        assert_eq!(one_mib[1].tensors, units[2]);
-        assert_eq!(one_mib[3].tensors, 0..units[4].end);
+        assert_eq!(one_mib.len(), 4, "1 MiB buckets of the small model: one per block");
+        assert_eq!(one_mib[0].tensors, units[1].start..units[0].end, "the first bucket: ln_f and the last block");
+        assert_eq!(one_mib[1].tensors, units[2], "the second bucket: the block below");
+        assert_eq!(one_mib[3].tensors, 0..units[4].end, "the last bucket: the first block and the embeddings");
     }
 
     #[test]
@@ -107,15 +107,19 @@ mod tests {
         let buckets = plan_buckets(&layout, 256 * 1024);
         assert!(buckets.len() > 4);
         assert_eq!(buckets[0].range.end, layout.total, "the first bucket ends the buffer");
-        assert_eq!(buckets.last().map(|b| b.range.start), Some(0));
+        assert_eq!(buckets.last().map(|b| b.range.start), Some(0), "the last bucket starts the buffer");
         for pair in buckets.windows(2) {
-            assert_eq!(pair[1].range.end, pair[0].range.start);
-            assert_eq!(pair[1].tensors.end, pair[0].tensors.start);
+            assert_eq!(pair[1].range.end, pair[0].range.start, "buckets {pair:?} leave a gap or overlap");
+            assert_eq!(pair[1].tensors.end, pair[0].tensors.start, "buckets {pair:?} skip or repeat a tensor");
         }
         for b in &buckets {
             let single = b.tensors.len() == 1;
             assert!(single || b.range.len() * 4 <= 256 * 1024, "{b:?} is over the size");
         }
-        assert_eq!(plan_buckets(&layout, 0), vec![Bucket { tensors: 0..layout.specs.len(), range: 0..layout.total }]);
+        assert_eq!(
+            plan_buckets(&layout, 0),
+            vec![Bucket { tensors: 0..layout.specs.len(), range: 0..layout.total }],
+            "bucket_bytes 0: one bucket of everything"
+        );
     }
 }

@@ -76,16 +76,21 @@ mod tests {
         // p = 1.0, g = 0.5, lr = 0.1, wd = 0.1: p = 1 - 0.1 (1 + 0.1) = 0.89
         let (mut p, mut m, mut v) = ([1.0f32, -2.0], [0.0f32; 2], [0.0f32; 2]);
         adamw_update(&mut p, &[0.5, -0.25], &mut m, &mut v, AdamWConfig::default(), 0.1, 0.1, 1.0, 1);
-        assert!((p[0] - 0.89).abs() < 1e-6, "{}", p[0]);
+        assert!((p[0] - 0.89).abs() < 1e-6, "step 1: p[0] = {}, want 0.89", p[0]);
         // p = -2, g < 0: p = -2 - 0.1 (-1 + 0.1 * -2) = -1.88
-        assert!((p[1] + 1.88).abs() < 1e-6, "{}", p[1]);
-        assert!((m[0] - 0.05).abs() < 1e-7 && (v[0] - 0.0125).abs() < 1e-8);
+        assert!((p[1] + 1.88).abs() < 1e-6, "step 1: p[1] = {}, want -1.88", p[1]);
+        assert!(
+            (m[0] - 0.05).abs() < 1e-7 && (v[0] - 0.0125).abs() < 1e-8,
+            "step 1: m[0] = {}, v[0] = {}, want 0.05, 0.0125",
+            m[0],
+            v[0]
+        );
 
         // Step 2 with g = 0 (no weight decay): m = 0.9 * 0.05 = 0.045, v = 0.95 * 0.0125 =
         // 0.011875, m^ = 0.045 / 0.19 = 0.236842, v^ = 0.011875 / 0.0975 = 0.121795,
         // update = 0.1 * 0.236842 / 0.348991 = 0.0678648
         adamw_update(&mut p, &[0.0, -0.25], &mut m, &mut v, AdamWConfig::default(), 0.1, 0.0, 1.0, 2);
-        assert!((p[0] - (0.89 - 0.067_864_8)).abs() < 1e-6, "{}", p[0]);
+        assert!((p[0] - (0.89 - 0.067_864_8)).abs() < 1e-6, "step 2: p[0] = {}, want 0.8221352", p[0]);
     }
 
     #[test]
@@ -97,6 +102,10 @@ mod tests {
             }
             (p, m, v)
         };
-        assert_eq!(run(&[0.5, -0.25], 0.5), run(&[0.25, -0.125], 1.0));
+        assert_eq!(
+            run(&[0.5, -0.25], 0.5),
+            run(&[0.25, -0.125], 1.0),
+            "grad_scale 0.5 differs from halving the gradient"
+        );
     }
 }
