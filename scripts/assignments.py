@@ -279,8 +279,13 @@ def run_target(repo: Path, selection: str, filters: list[str], env: dict[str, st
     failures = {m["name"]: m["body"] for m in FAILURE_BLOCK.finditer(log)}
     error = None
     if not results and proc.returncode != 0:
-        errors = [line for line in log.splitlines() if line.startswith("error")]
-        error = f"did not build: {errors[0] if errors else log.strip().splitlines()[-1:]}"
+        lines = log.splitlines()
+        first = next((i for i, line in enumerate(lines) if line.startswith("error")), None)
+        if first is None:
+            error = f"cargo test {selection} failed: {lines[-1] if lines else 'no output'}"
+        else:
+            where = next((line.strip()[4:] for line in lines[first + 1 : first + 4] if line.strip().startswith("--> ")), "")
+            error = f"did not build: {lines[first]}" + (f" at {where}" if where else "")
     return TargetRun(results, failures, error)
 
 
