@@ -119,25 +119,33 @@ impl Ring {
 /// In place: afterwards rank r's `buf[chunk(len, n, r)]` holds the sum (or max) of that chunk
 /// over all ranks; the rest of `buf` holds partial results.
 fn reduce_scatter_in_place(wire: &mut impl Wire, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
+    // EXERCISE(ch02-ring-reduce-scatter, points = 10): n - 1 steps; at step s send chunk (r - s - 1) mod n to next, then recv_reduce chunk (r - s - 2) mod n from prev (add n before taking mod)
+    // TESTS: -p kernels --test comm_collectives -- all_reduce_matches_the_f64_sum_for_every_size all_reduce_is_bitwise_identical_on_every_rank_and_every_run
     let Ring { rank: r, size: n, next, prev } = Ring::of(wire);
     let len = buf.len();
     // s ≤ n - 2, so r + n - s - 2 ≥ r: the indices below never go negative.
     for s in 0..n - 1 {
         wire.send(next, &buf[chunk(len, n, (r + n - s - 1) % n)])?;
+        // WRONG(sends the chunk it is about to receive into): `(r + n - s - 1) % n` -> `(r + n - s) % n`
         wire.recv_reduce(prev, &mut buf[chunk(len, n, (r + n - s - 2) % n)], op)?;
     }
     Ok(())
+    // END EXERCISE
 }
 
 /// In place: rank r's `buf[chunk(len, n, r)]` is copied into every other rank's `buf`.
 fn all_gather_in_place(wire: &mut impl Wire, buf: &mut [f32]) -> Result<(), CommError> {
+    // EXERCISE(ch02-ring-all-gather, points = 5): n - 1 steps; at step s send chunk (r - s) mod n (first the one this rank owns) to next, then recv chunk (r - s - 1) mod n from prev
+    // TESTS: -p kernels --test comm_collectives -- all_gather_concatenates_every_rank_in_rank_order ring_all_gather_moves_n_minus_1_over_n
     let Ring { rank: r, size: n, next, prev } = Ring::of(wire);
     let len = buf.len();
     for s in 0..n - 1 {
+        // WRONG(one step too many: sends a finished chunk back to its owner): `0..n - 1` -> `0..n`
         wire.send(next, &buf[chunk(len, n, (r + n - s) % n)])?;
         wire.recv(prev, &mut buf[chunk(len, n, (r + n - s - 1) % n)])?;
     }
     Ok(())
+    // END EXERCISE
 }
 // ANCHOR_END: ring_halves
 

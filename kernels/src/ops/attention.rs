@@ -68,6 +68,8 @@ pub fn attention_backward(
     c: usize,
     n_head: usize,
 ) {
+    // EXERCISE(ch01-attention-backward, points = 10): for each batch row, head and query t: datt and dv from dout, the softmax backward ds, then dq and dk (both scaled by 1/sqrt(hs))
+    // TESTS: -p kernels --lib -- ops::attention::tests::backward_matches_finite_differences
     let hs = c / n_head;
     let scale = 1.0 / (hs as f32).sqrt();
     dqkv.par_chunks_mut(t_len * 3 * c)
@@ -90,6 +92,7 @@ pub fn attention_backward(
                     dq.fill(0.0);
                     for u in 0..=t {
                         let ds = row[u] * (datt[u] - weighted) * scale;
+                        // WRONG(softmax backward as if elementwise): `(datt[u] - weighted)` -> `datt[u]`
                         axpy(ds, &qkv[u * 3 * c + c + h * hs..][..hs], &mut dq);
                         axpy(ds, q, &mut dqkv[u * 3 * c + c + h * hs..][..hs]);
                     }
@@ -97,13 +100,14 @@ pub fn attention_backward(
                 }
             }
         });
+    // END EXERCISE
 }
 // ANCHOR_END: attention_backward
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::finite_difference::{check_gradient, random};
+    use crate::ops::finite_difference::{check_named_gradient, random};
 
     fn forward(qkv: &[f32], b: usize, t: usize, c: usize, h: usize) -> (Vec<f32>, Vec<f32>) {
         let (mut out, mut att) = (vec![0.0; b * t * c], vec![0.0; b * h * t * t]);
@@ -143,6 +147,6 @@ mod tests {
         let (_, att) = forward(&qkv, b, t, c, h);
         let mut dqkv = vec![0.0; qkv.len()];
         attention_backward(&mut dqkv, &dout, &qkv, &att, t, c, h);
-        check_gradient(&qkv, &dqkv, &dout, |x| forward(x, b, t, c, h).0);
+        check_named_gradient("dqkv", &qkv, &dqkv, &dout, |x| forward(x, b, t, c, h).0);
     }
 }

@@ -17,7 +17,12 @@ pub fn random(n: usize, seed: u64) -> Vec<f32> {
 /// error of any wrong formula we have seen (a missing term or factor is off by O(1)), and the
 /// check refuses an all-zero gradient so that a backward that does nothing cannot pass.
 pub fn check_gradient(x: &[f32], analytic: &[f32], dout: &[f32], f: impl Fn(&[f32]) -> Vec<f32>) {
-    assert_eq!(x.len(), analytic.len());
+    check_named_gradient("gradient", x, analytic, dout, f);
+}
+
+/// [`check_gradient`], naming the gradient in its failure: `dx element 3: analytic … vs numeric …`.
+pub fn check_named_gradient(name: &str, x: &[f32], analytic: &[f32], dout: &[f32], f: impl Fn(&[f32]) -> Vec<f32>) {
+    assert_eq!(x.len(), analytic.len(), "{name}: as many values as its tensor");
     let loss = |x: &[f32]| -> f64 {
         let y = f(x);
         assert_eq!(y.len(), dout.len());
@@ -36,10 +41,10 @@ pub fn check_gradient(x: &[f32], analytic: &[f32], dout: &[f32], f: impl Fn(&[f3
         let numeric = (plus - minus) / (2.0 * h as f64);
         let err = (numeric - analytic[i] as f64).abs();
         let allowed = 2e-3 + 1e-2 * numeric.abs().max((analytic[i] as f64).abs());
-        assert!(err <= allowed, "element {i}: analytic {} vs numeric {numeric}", analytic[i]);
+        assert!(err <= allowed, "{name} element {i}: analytic {} vs numeric {numeric}", analytic[i]);
         worst = worst.max(err);
     }
     let largest = analytic.iter().fold(0.0f32, |m, g| m.max(g.abs()));
-    assert!(largest > 1e-3, "gradient is (almost) all zeros: the check would prove nothing");
+    assert!(largest > 1e-3, "{name} is (almost) all zeros: the check would prove nothing");
 }
 // ANCHOR_END: check_gradient

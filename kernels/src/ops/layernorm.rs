@@ -57,6 +57,8 @@ pub fn layernorm_backward(
     rstd: &[f32],
     c: usize,
 ) {
+    // EXERCISE(ch01-layernorm-backward, points = 10): per row, first the means of dnorm and dnorm * norm, then dx from the formula above; dweight and dbias are sums over rows (reduce_rows)
+    // TESTS: -p kernels --lib -- ops::layernorm::tests::backward_matches_finite_differences
     let n = mean.len();
     dinp.par_chunks_mut(c).enumerate().with_min_len(ROWS_PER_TASK).for_each(|(r, dx)| {
         let (x, dy) = (&inp[r * c..(r + 1) * c], &dout[r * c..(r + 1) * c]);
@@ -75,6 +77,7 @@ pub fn layernorm_backward(
             let norm = (x[i] - m) * s;
             let dnorm = dy[i] * weight[i];
             dx[i] += s * (dnorm - dnorm_mean - norm * dnorm_norm_mean);
+            // WRONG(forgets the path through the mean): `(dnorm - dnorm_mean - norm * dnorm_norm_mean)` -> `(dnorm - norm * dnorm_norm_mean)`
         }
     });
     reduce_rows(n, c, dbias, |rows, partial| {
@@ -89,16 +92,18 @@ pub fn layernorm_backward(
             let (m, s) = (mean[r], rstd[r]);
             for ((p, d), x) in partial.iter_mut().zip(&dout[r * c..(r + 1) * c]).zip(&inp[r * c..(r + 1) * c]) {
                 *p += d * (x - m) * s;
+                // WRONG(dweight without rstd): `d * (x - m) * s` -> `d * (x - m)`
             }
         }
     });
+    // END EXERCISE
 }
 // ANCHOR_END: layernorm_backward
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::finite_difference::{check_gradient, random};
+    use crate::ops::finite_difference::{check_named_gradient, random};
 
     fn forward(x: &[f32], w: &[f32], b: &[f32], c: usize) -> Vec<f32> {
         let n = x.len() / c;
@@ -126,8 +131,8 @@ mod tests {
         layernorm_forward(&mut out, &mut mean, &mut rstd, &x, &w, &b, c);
         let (mut dx, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; c], vec![0.0; c]);
         layernorm_backward(&mut dx, &mut dw, &mut db, &dout, &x, &w, &mean, &rstd, c);
-        check_gradient(&x, &dx, &dout, |x| forward(x, &w, &b, c));
-        check_gradient(&w, &dw, &dout, |w| forward(&x, w, &b, c));
-        check_gradient(&b, &db, &dout, |b| forward(&x, &w, b, c));
+        check_named_gradient("dx", &x, &dx, &dout, |x| forward(x, &w, &b, c));
+        check_named_gradient("dweight", &w, &dw, &dout, |w| forward(&x, w, &b, c));
+        check_named_gradient("dbias", &b, &db, &dout, |b| forward(&x, &w, b, c));
     }
 }
