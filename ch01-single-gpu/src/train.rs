@@ -284,7 +284,8 @@ pub fn load_dataset(source: &DataSource, tokenizer: &Tokenizer) -> Result<Datase
     Ok(Dataset::new(tokenizer.encode(&text))?)
 }
 
-fn check_config(cfg: &TrainConfig, model: &ModelConfig) -> Result<usize, TrainError> {
+/// Checks a config against its model, and returns the sequence length it trains at.
+pub fn check_config(cfg: &TrainConfig, model: &ModelConfig) -> Result<usize, TrainError> {
     for (value, name) in
         [(cfg.batch_size, "batch size"), (cfg.grad_accum, "grad_accum"), (cfg.val_batches, "val_batches")]
     {
@@ -324,6 +325,42 @@ fn say(bar: &ProgressBar, progress: bool, line: &str) {
     if progress {
         bar.suspend(|| eprintln!("{line}"));
     }
+}
+
+/// The shape of a run, as its checkpoints record it (`t`: the sequence length it trains at).
+pub fn run_shape(cfg: &TrainConfig, model: &ModelConfig, t: usize) -> RunShape {
+    RunShape {
+        model: model.clone(),
+        tokenizer: cfg.tokenizer,
+        batch_size: cfg.batch_size,
+        seq_len: t,
+        grad_accum: cfg.grad_accum,
+        data_order: cfg.data_order,
+        seed: cfg.seed,
+        steps: cfg.steps,
+        lr: cfg.lr,
+        lr_schedule: cfg.lr_schedule,
+        warmup_steps: cfg.warmup_steps,
+        weight_decay: cfg.weight_decay,
+        grad_clip: cfg.grad_clip,
+        adam: cfg.adam,
+    }
+}
+
+/// The trainer state of the checkpoint in `dir`, if a run of shape `run` can resume from it
+/// (the same run, not yet at `steps`).
+pub fn resume_state(dir: &Path, run: &RunShape, steps: u64) -> Result<TrainerState, TrainError> {
+    let state = checkpoint::read_trainer_state(dir)?;
+    if !run.continues(&state.run) {
+        let reason =
+            format!("it was written by a different run ({:?}); resume with the same flags as that run", state.run);
+        return Err(TrainError::Resume { path: dir.to_path_buf(), reason });
+    }
+    if state.step >= steps {
+        let reason = format!("that run is already complete (step {} of {})", state.step, steps);
+        return Err(TrainError::Resume { path: dir.to_path_buf(), reason });
+    }
+    Ok(state)
 }
 
 /// A run in progress: the model, its optimizer state, the data, and the buffers a step needs.
@@ -384,22 +421,7 @@ impl Trainer {
             return Err(TrainError::RowsPerRank { rows, batch: b });
         }
         dataset.check_seq_len(t)?;
-        let run = RunShape {
-            model: model.clone(),
-            tokenizer: cfg.tokenizer,
-            batch_size: b,
-            seq_len: t,
-            grad_accum: cfg.grad_accum,
-            data_order: cfg.data_order,
-            seed: cfg.seed,
-            steps: cfg.steps,
-            lr: cfg.lr,
-            lr_schedule: cfg.lr_schedule,
-            warmup_steps: cfg.warmup_steps,
-            weight_decay: cfg.weight_decay,
-            grad_clip: cfg.grad_clip,
-            adam: cfg.adam,
-        };
+        let run = run_shape(cfg, &model, t);
 
         // ANCHOR: four_buffers
         let ledger = MemoryLedger::new();
@@ -415,18 +437,7 @@ impl Trainer {
         let mut sampler = BatchSampler::new(cfg.data_order, cfg.seed);
         let mut step = 0;
         if let Some(dir) = &cfg.resume {
-            let state = checkpoint::read_trainer_state(dir)?;
-            if !run.continues(&state.run) {
-                let reason = format!(
-                    "it was written by a different run ({:?}); resume with the same flags as that run",
-                    state.run
-                );
-                return Err(TrainError::Resume { path: dir.clone(), reason });
-            }
-            if state.step >= cfg.steps {
-                let reason = format!("that run is already complete (step {} of {})", state.step, cfg.steps);
-                return Err(TrainError::Resume { path: dir.clone(), reason });
-            }
+            let state = resume_state(dir, &run, cfg.steps)?;
             checkpoint::load_weights(dir, &model, &layout, &mut host)?;
             let (mut m, mut v) = (vec![0.0f32; layout.total], vec![0.0f32; layout.total]);
             checkpoint::load_optimizer(dir, &layout, &mut m, &mut v)?;
@@ -697,6 +708,13 @@ pub struct LoopOutcome {
     pub train_seconds: f64,
 }
 
+/// Whether [`drive`] saves a checkpoint after step `done` (1-based): every `save_every` steps and
+/// after the last, when `--save` is given. A layout whose save is collective (its ranks gather
+/// their shards first) asks this to know when to gather.
+pub fn saves_after(cfg: &TrainConfig, done: u64) -> bool {
+    cfg.save.is_some() && (done == cfg.steps || (cfg.save_every > 0 && done.is_multiple_of(cfg.save_every)))
+}
+
 // ANCHOR: drive
 /// The training loop: step until `cfg.steps`, evaluating every `eval_every` steps and after the
 /// last, and saving every `save_every` and at the end. Only the `leader` (rank 0) shows
@@ -747,7 +765,7 @@ pub fn drive(
         outcome.steps.push(record);
         if let Some(dir) = &cfg.save
             && leader
-            && (done == cfg.steps || (cfg.save_every > 0 && done.is_multiple_of(cfg.save_every)))
+            && saves_after(cfg, done)
         {
             trainer.save(dir)?;
             last_checkpoint = Some((dir.clone(), done));

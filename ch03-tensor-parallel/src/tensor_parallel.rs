@@ -1,0 +1,519 @@
+//! Tensor parallelism: a group of `--tp` ranks holds one model between them. Every block is
+//! split Megatron's way (the placements of `ParamLayout`: c_attn and c_fc by columns, the two
+//! projections by rows), and so is the vocabulary (`vocab_parallel.rs`). All ranks compute on
+//! the same batch; only the sums of `tp_comm.rs` join them.
+//!
+//! A rank initialises the full model from the seed, exactly as chapter 1 does, and keeps its
+//! shard (`ParamLayout::take_shard`): so every layout starts from chapter 1's parameters. Its
+//! gradients, AdamW moments and activations exist only for its shard. Replicated tensors (the
+//! LayerNorms, wpe, the row-parallel biases) get the same gradient on every rank, because they
+//! are computed from sums that every rank holds identically, so they stay identical without a
+//! collective of their own.
+
+use crate::tp_comm::{Fault, TpBlockComm, sum_f64_over_group};
+use crate::vocab_parallel::{VocabShard, embed_backward, embed_forward, head_backward, head_forward};
+use ch01_single_gpu::checkpoint::{self, CheckpointContents, RunShape, TrainerState};
+use ch01_single_gpu::config::ModelConfig;
+use ch01_single_gpu::data::{BatchSampler, Dataset, sequential_batch};
+use ch01_single_gpu::model::{
+    BackwardScratch, BlockActivations, BlockShape, Dims, Head, HeadActivations, blocks_backward, blocks_forward,
+    init_params,
+};
+use ch01_single_gpu::optimizer::{Optimizer, squared_norm};
+use ch01_single_gpu::params::{ParamLayout, Placement, ShardError};
+use ch01_single_gpu::sample::{SampleConfig, generate};
+use ch01_single_gpu::schedule::learning_rate;
+use ch01_single_gpu::tokenizer::Tokenizer;
+use ch01_single_gpu::train::{
+    LoopOutcome, StepRecord, TrainSteps, check_config, drive, load_dataset, model_config, resume_state, run_shape,
+    saves_after,
+};
+use ch01_single_gpu::{TrainConfig, TrainError, TrainReport};
+use kernels::comm::thread::{LaunchError, ThreadComm, launch};
+use kernels::comm::{CommStats, Communicator};
+use kernels::device::DeviceRequest;
+use kernels::ops::grad_norm::clip_scale;
+use kernels::{Category, DType, Device, MemoryLedger, MemoryReport, Tensor, TensorError, View};
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Thread ranks on the CPU: more than this only thrashes a machine, and is almost surely a typo.
+pub use ch02_data_parallel::data_parallel::MAX_THREAD_RANKS;
+
+#[derive(Clone, Debug)]
+pub struct TpConfig {
+    pub train: TrainConfig,
+    /// Tensor-parallel ranks: must divide the heads, the MLP width and the padded vocabulary.
+    pub tp: usize,
+    /// A deliberate mistake (tests only: the check must catch it).
+    pub fault: Option<Fault>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TpError {
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error("--tp must be at least 1")]
+    ZeroRanks,
+    #[error("--tp {tp} is more ranks than are available ({MAX_THREAD_RANKS} thread ranks on the CPU)")]
+    TooManyRanks { tp: usize },
+    #[error("--tp {tp} does not divide the model's {n_head} attention heads: each rank computes whole heads")]
+    Heads { tp: usize, n_head: usize },
+    #[error("--tp {tp} does not divide the MLP's {hidden} units (4 x n_embd): each rank computes an equal share")]
+    Mlp { tp: usize, hidden: usize },
+    #[error("--tp {tp} does not divide the padded vocabulary of {vp} rows: each rank holds an equal share of wte")]
+    Vocab { tp: usize, vp: usize },
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    #[error(
+        "chapter 3's ranks are threads on the CPU (GPU ranks communicate through NCCL, which chapter 5 uses); run it with --device cpu or auto"
+    )]
+    GpuRanks,
+    /// A rank failed: which one, and why.
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error("rank 0 returned no report")]
+    NoReport,
+}
+
+/// One rank's account of a run.
+#[derive(Clone, Debug)]
+pub struct TpRankReport {
+    pub rank: usize,
+    pub memory: MemoryReport,
+    /// Bytes sent and received in the tensor-parallel group, by collective.
+    pub comm: CommStats,
+}
+
+pub struct TpReport {
+    pub tp: usize,
+    /// The run as chapter 1 reports it, with the parameters gathered into chapter 1's layout.
+    pub report: TrainReport,
+    pub ranks: Vec<TpRankReport>,
+}
+
+// ANCHOR: bytes_formula
+/// The floats one rank puts into each kind of collective.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CollectiveFloats {
+    pub all_reduced: usize,
+    pub all_gathered: usize,
+}
+
+/// A forward pass over `bt` tokens: the embedding's sum (BT·C), two sums per block (2L·BT·C),
+/// and the cross-entropy's sums of exponentials and target logits (2·BT) and row maxima (BT,
+/// gathered).
+pub fn forward_collectives(model: &ModelConfig, bt: usize) -> CollectiveFloats {
+    let (l, c) = (model.n_layer, model.n_embd);
+    CollectiveFloats { all_reduced: (2 * l + 1) * bt * c + 2 * bt, all_gathered: bt }
+}
+
+/// Its backward: the head's input gradient (BT·C) and two input-gradient sums per block.
+pub fn backward_collectives(model: &ModelConfig, bt: usize) -> CollectiveFloats {
+    let (l, c) = (model.n_layer, model.n_embd);
+    CollectiveFloats { all_reduced: (2 * l + 1) * bt * c, all_gathered: 0 }
+}
+
+/// The bytes a rank sends for them on a ring of `n`: an all-reduce of N floats sends
+/// 2(n-1)/n·N of them (a reduce-scatter and an all-gather of N/n-float chunks), an all-gather
+/// of N floats per rank sends (n-1)·N.
+pub fn ring_bytes_sent(f: CollectiveFloats, n: usize) -> (u64, u64) {
+    let all_reduce = 2 * (n - 1) * f.all_reduced / n;
+    let all_gather = (n - 1) * f.all_gathered;
+    (4 * all_reduce as u64, 4 * all_gather as u64)
+}
+// ANCHOR_END: bytes_formula
+
+/// What forward saves on a rank: the blocks' activations at the shard's shape, the head's with
+/// this rank's columns of the logits.
+struct TpActivations {
+    embedded: Tensor, // [B, T, C]
+    blocks: Vec<BlockActivations>,
+    head: HeadActivations,
+    proj: Tensor, // [B, T, C]
+}
+
+/// The full model gathered from the shards, for a checkpoint.
+struct Gathered {
+    params: Vec<f32>,
+    adam_m: Vec<f32>,
+    adam_v: Vec<f32>,
+    state: TrainerState,
+}
+
+/// One rank of a tensor-parallel group.
+struct TpRank {
+    cfg: TrainConfig,
+    model: ModelConfig,
+    /// Chapter 1's layout, and this rank's shard of it.
+    full: ParamLayout,
+    layout: ParamLayout,
+    group: ThreadComm,
+    tp: usize,
+    fault: Option<Fault>,
+    shape: BlockShape,
+    vocab: VocabShard,
+    params: Tensor,
+    grads: Tensor,
+    optimizer: Optimizer,
+    acts: TpActivations,
+    scratch: BackwardScratch,
+    dataset: Arc<Dataset>,
+    sampler: BatchSampler,
+    run: RunShape,
+    step: u64,
+    t: usize,
+    ledger: MemoryLedger,
+    gathered: Option<Gathered>,
+}
+
+fn check_tp(cfg: &TpConfig) -> Result<(), TpError> {
+    let tp = cfg.tp;
+    if tp == 0 {
+        return Err(TpError::ZeroRanks);
+    }
+    if tp > MAX_THREAD_RANKS {
+        return Err(TpError::TooManyRanks { tp });
+    }
+    if matches!(cfg.train.device, DeviceRequest::Cuda(_)) {
+        return Err(TpError::GpuRanks);
+    }
+    let model = model_config(&cfg.train, Tokenizer::new(cfg.train.tokenizer).vocab_size())?;
+    if !model.n_head.is_multiple_of(tp) {
+        return Err(TpError::Heads { tp, n_head: model.n_head });
+    }
+    if !(4 * model.n_embd).is_multiple_of(tp) {
+        return Err(TpError::Mlp { tp, hidden: 4 * model.n_embd });
+    }
+    if !model.padded_vocab_size().is_multiple_of(tp) {
+        return Err(TpError::Vocab { tp, vp: model.padded_vocab_size() });
+    }
+    Ok(())
+}
+
+impl TpRank {
+    /// Rank `group.rank()` of the group, holding its part (`layout`) of chapter 1's model.
+    fn new(
+        cfg: &TpConfig,
+        layout: ParamLayout,
+        group: ThreadComm,
+        dataset: Arc<Dataset>,
+    ) -> Result<TpRank, TrainError> {
+        let (train, tp, rank) = (&cfg.train, cfg.tp, group.rank());
+        let tokenizer = Tokenizer::new(train.tokenizer);
+        let model = model_config(train, tokenizer.vocab_size())?;
+        let t = check_config(train, &model)?;
+        dataset.check_seq_len(t)?;
+        let (b, device) = (train.batch_size, Device::Cpu);
+        let full = ParamLayout::new(&model);
+        let run = run_shape(train, &model, t);
+
+        // ANCHOR: shard_init
+        // The full model, as chapter 1 starts it (fresh, --init or --resume), then this rank's part.
+        let ledger = MemoryLedger::new();
+        let buffer = |category| Tensor::zeros_on(&[layout.total], device, DType::F32, category, &ledger);
+        let (mut params, grads) = (buffer(Category::Parameters)?, buffer(Category::Gradients)?);
+        let mut optimizer = Optimizer::new(&layout, 0..layout.total, train.weight_decay, train.adam, device, &ledger)?;
+        let mut whole = vec![0.0f32; full.total];
+        let mine = |whole: &[f32]| {
+            let mut piece = vec![0.0f32; layout.total];
+            full.take_shard(&layout, whole, rank, tp, &mut piece);
+            piece
+        };
+        let (mut sampler, mut step) = (BatchSampler::new(train.data_order, train.seed), 0);
+        if let Some(dir) = &train.resume {
+            let state = resume_state(dir, &run, train.steps)?;
+            checkpoint::load_weights(dir, &model, &full, &mut whole)?;
+            let (mut m, mut v) = (vec![0.0f32; full.total], vec![0.0f32; full.total]);
+            checkpoint::load_optimizer(dir, &full, &mut m, &mut v)?;
+            optimizer.load_moments(&mine(&m), &mine(&v))?;
+            (step, sampler) = (state.step, state.sampler);
+        } else if let Some(dir) = &train.init {
+            checkpoint::load_weights(dir, &model, &full, &mut whole)?;
+        } else {
+            init_params(&model, &full, train.seed, &mut whole);
+        }
+        params.copy_from(&mine(&whole))?;
+        // ANCHOR_END: shard_init
+
+        let shape = BlockShape::shard(&model, tp);
+        let vocab = VocabShard::new(&model, rank, tp);
+        let acts = TpActivations::new(&model, shape, vocab.rows.len(), b, t, &ledger)?;
+        let scratch = BackwardScratch::new(shape, b, t, device, DType::F32, &ledger)?;
+        Ok(TpRank {
+            cfg: train.clone(),
+            model,
+            full,
+            layout,
+            group,
+            tp,
+            fault: cfg.fault,
+            shape,
+            vocab,
+            params,
+            grads,
+            optimizer,
+            acts,
+            scratch,
+            dataset,
+            sampler,
+            run,
+            step,
+            t,
+            ledger,
+            gathered: None,
+        })
+    }
+
+    // ANCHOR: tp_forward
+    /// tokens [B, T] -> the mean loss (with targets): chapter 1's three parts, each on its shard.
+    fn forward(&mut self, tokens: &[u32], targets: Option<&[u32]>, b: usize) -> Result<Option<f32>, TrainError> {
+        let Self { params, acts, group, layout, vocab, model, .. } = self;
+        let (t, c) = (self.t, model.n_embd);
+        let bt = b * t;
+        let p = layout.views(params.view());
+        let group: &mut dyn Communicator = group;
+        let x = acts.embedded.prefix_mut(bt * c).cpu();
+        embed_forward(group, x, tokens, p.wte.cpu(), p.wpe.cpu(), vocab, t, c)?;
+        let d = Dims { b, t, shape: self.shape };
+        let mut comm = TpBlockComm { group, fault: self.fault };
+        let (x, proj) = (acts.embedded.prefix(bt * c), acts.proj.prefix_mut(bt * c));
+        blocks_forward(&p.blocks, x, &mut acts.blocks, proj, d, &mut comm)?;
+        let last = acts.blocks.last().map_or(&acts.embedded, |b| &b.out).prefix(bt * c);
+        Ok(head_forward(comm.group, &p.head(), model, last, &mut acts.head, targets, vocab, bt)?)
+    }
+
+    /// Accumulates this rank's gradients of dloss · (sum of the token losses of the last forward).
+    fn backward(&mut self, tokens: &[u32], targets: &[u32], dloss: f32, b: usize) -> Result<(), TrainError> {
+        let Self { params, grads, acts, scratch, group, layout, vocab, model, .. } = self;
+        let (t, c) = (self.t, model.n_embd);
+        let bt = b * t;
+        let p = layout.views(params.view());
+        let mut g = layout.views_mut(grads.view_mut());
+        let group: &mut dyn Communicator = group;
+        let last = acts.blocks.last().map_or(&acts.embedded, |b| &b.out).prefix(bt * c);
+        let head_grads =
+            Head { ln_f_weight: g.ln_f_weight.reborrow(), ln_f_bias: g.ln_f_bias.reborrow(), wte: g.wte.reborrow() };
+        let (d_ln, d_x) = (scratch.block.d_ln.prefix_mut(bt * c), scratch.d_res[0].prefix_mut(bt * c));
+        head_backward(group, &p.head(), head_grads, model, last, &mut acts.head, d_ln, d_x, targets, dloss, vocab, bt)?;
+        let d = Dims { b, t, shape: self.shape };
+        let mut comm = TpBlockComm { group, fault: self.fault };
+        let x = acts.embedded.prefix(bt * c);
+        blocks_backward(&p.blocks, &mut g.blocks, x, &acts.blocks, scratch, d, &mut comm, &mut |_, _| {})?;
+        let (dwte, dwpe) = (g.wte.reborrow().cpu(), g.wpe.reborrow().cpu());
+        embed_backward(dwte, dwpe, scratch.d_res[0].prefix(bt * c).cpu(), tokens, vocab, t, c);
+        Ok(())
+    }
+    // ANCHOR_END: tp_forward
+
+    // ANCHOR: grad_norm
+    /// This rank's part of the squared global gradient norm: its pieces of the split tensors,
+    /// and, on rank 0 only, the replicated ones (every rank holds the same copy: counted once).
+    fn squared_norm_part(&self) -> Result<f64, TrainError> {
+        let rank = self.group.rank();
+        let mut ranges: Vec<Range<usize>> = Vec::new();
+        for spec in self.layout.specs.iter().filter(|s| s.placement != Placement::Replicated || rank == 0) {
+            match ranges.last_mut() {
+                Some(last) if last.end == spec.offset => last.end = spec.range().end,
+                _ => ranges.push(spec.range()),
+            }
+        }
+        let mut sum = 0.0;
+        for range in ranges {
+            sum += squared_norm(self.grads.view(), range)?;
+        }
+        Ok(sum)
+    }
+    // ANCHOR_END: grad_norm
+
+    /// Every rank's `piece` (a buffer in the shard's layout), put together in chapter 1's layout.
+    fn gather(&mut self, piece: &[f32]) -> Result<Vec<f32>, TrainError> {
+        let mut all = vec![0.0; self.tp * self.layout.total];
+        self.group.all_gather(piece, &mut all)?;
+        let mut whole = vec![0.0; self.full.total];
+        for (rank, piece) in all.chunks_exact(self.layout.total).enumerate() {
+            self.full.put_shard(&self.layout, piece, rank, self.tp, &mut whole);
+        }
+        Ok(whole)
+    }
+
+    fn gather_checkpoint(&mut self) -> Result<Gathered, TrainError> {
+        let params = self.gather(&self.params.to_vec()?)?;
+        let adam_m = self.gather(&self.optimizer.adam_m.to_vec()?)?;
+        let adam_v = self.gather(&self.optimizer.adam_v.to_vec()?)?;
+        let state = TrainerState { step: self.step, sampler: self.sampler.clone(), run: self.run.clone() };
+        Ok(Gathered { params, adam_m, adam_v, state })
+    }
+
+    fn tokens_per_step(&self) -> usize {
+        self.cfg.batch_size * self.t * self.cfg.grad_accum
+    }
+}
+
+impl TpActivations {
+    fn new(
+        model: &ModelConfig,
+        shape: BlockShape,
+        vocab_rows: usize,
+        b: usize,
+        t: usize,
+        ledger: &MemoryLedger,
+    ) -> Result<TpActivations, TensorError> {
+        let (bt, c) = (b * t, model.n_embd);
+        let t_ = |shape: &[usize], category| Tensor::zeros_on(shape, Device::Cpu, DType::F32, category, ledger);
+        let act = |shape: &[usize]| t_(shape, Category::Activations);
+        let blocks = (0..model.n_layer)
+            .map(|_| BlockActivations::new(shape, b, t, Device::Cpu, DType::F32, ledger))
+            .collect::<Result<_, _>>()?;
+        let head = HeadActivations {
+            ln_f: act(&[bt, c])?,
+            ln_f_mean: act(&[bt])?,
+            ln_f_rstd: act(&[bt])?,
+            logits: act(&[bt, vocab_rows])?,
+            losses: act(&[bt])?,
+        };
+        Ok(TpActivations { embedded: act(&[bt, c])?, blocks, head, proj: t_(&[bt, c], Category::Other)? })
+    }
+}
+
+impl TrainSteps for TpRank {
+    // ANCHOR: tp_step
+    fn step(&mut self) -> Result<StepRecord, TrainError> {
+        let started = Instant::now();
+        self.grads.fill(0.0);
+        let (b, t) = (self.cfg.batch_size, self.t);
+        let dloss = 1.0 / self.tokens_per_step() as f32;
+        let mut loss_sum = 0.0f64;
+        for _ in 0..self.cfg.grad_accum {
+            // Every rank of the group draws the same batch: they compute one model together.
+            let batch = self.sampler.next_batch(&self.dataset.train, b, t);
+            loss_sum += self.forward(&batch.inputs, Some(&batch.targets), b)?.unwrap_or(f32::NAN) as f64;
+            self.backward(&batch.inputs, &batch.targets, dloss, b)?;
+        }
+        let loss = (loss_sum / self.cfg.grad_accum as f64) as f32;
+        if !loss.is_finite() {
+            return Err(TrainError::NonFiniteLoss { step: self.step + 1, loss, last_checkpoint: None });
+        }
+        let part = self.squared_norm_part()?;
+        let grad_norm = sum_f64_over_group(&mut self.group, part)?.sqrt() as f32;
+        let cfg = &self.cfg;
+        let lr = learning_rate(cfg.lr_schedule, cfg.lr, self.step, cfg.steps, cfg.warmup_steps);
+        let scale = clip_scale(grad_norm, cfg.grad_clip);
+        self.optimizer.update(&mut self.params, None, &self.grads, lr, scale, self.step + 1);
+        self.step += 1;
+        if saves_after(&self.cfg, self.step) {
+            // Saving is collective: every rank sends its shard, rank 0 writes the whole.
+            self.gathered = Some(self.gather_checkpoint()?);
+        }
+        let tokens_per_sec = self.tokens_per_step() as f64 / started.elapsed().as_secs_f64();
+        Ok(StepRecord { step: self.step, loss, lr, grad_norm, tokens_per_sec, val_loss: None })
+    }
+    // ANCHOR_END: tp_step
+
+    /// Chapter 1's validation protocol, computed by the whole group.
+    fn evaluate(&mut self) -> Result<f32, TrainError> {
+        let (b, t, batches) = (self.cfg.batch_size, self.t, self.cfg.val_batches as u64);
+        let mut total = 0.0f64;
+        for k in 0..batches {
+            let batch = sequential_batch(&self.dataset.val, k, b, t);
+            total += self.forward(&batch.inputs, Some(&batch.targets), b)?.unwrap_or(f32::NAN) as f64;
+        }
+        Ok((total / batches as f64) as f32)
+    }
+
+    fn save(&self, dir: &Path) -> Result<(), TrainError> {
+        let Some(g) = &self.gathered else { return Err(TrainError::PartialOptimizer) };
+        let contents = CheckpointContents {
+            cfg: &self.model,
+            layout: &self.full,
+            params: &g.params,
+            optimizer: Some((&g.adam_m, &g.adam_v, &g.state)),
+        };
+        Ok(checkpoint::save(dir, &contents)?)
+    }
+
+    fn steps_done(&self) -> u64 {
+        self.step
+    }
+}
+
+/// Rank 0's report of the run, from the gathered parameters.
+fn report(me: &TpRank, outcome: LoopOutcome, params: Vec<f32>) -> Result<TrainReport, TrainError> {
+    let (cfg, model) = (&me.cfg, &me.model);
+    let tokenizer = Tokenizer::new(cfg.tokenizer);
+    let sample = match cfg.sample_tokens {
+        0 => None,
+        tokens => {
+            // Generation runs on the gathered model, as chapter 1's (see the book's exercises).
+            let sample_cfg = SampleConfig { tokens, temperature: cfg.temperature, top_k: cfg.top_k, seed: cfg.seed };
+            let p = me.full.views(View::Cpu(&params));
+            let prompt = tokenizer.encode(&cfg.prompt);
+            let out = generate(&p, model, &prompt, sample_cfg, Device::Cpu, DType::F32)?;
+            Some(cfg.prompt.clone() + &tokenizer.decode(&out))
+        }
+    };
+    let tokens = (outcome.steps.len() * me.tokens_per_step()) as f64;
+    Ok(TrainReport {
+        model: model.clone(),
+        tokenizer: cfg.tokenizer,
+        device: format!("{} ({} tensor-parallel thread ranks)", Device::Cpu.describe(), me.tp),
+        dtype: DType::F32,
+        flops_per_token: model.flops_per_token(me.t),
+        peak_flops: Device::Cpu.peak_flops(DType::F32),
+        n_params: me.full.total - (model.padded_vocab_size() - model.vocab_size) * model.n_embd,
+        tokens_per_sec: if outcome.train_seconds > 0.0 { tokens / outcome.train_seconds } else { 0.0 },
+        steps: outcome.steps,
+        val_losses: outcome.val_losses,
+        memory: me.ledger.report(),
+        sample,
+        layout: me.full.clone(),
+        params,
+    })
+}
+
+// ANCHOR: run_rank
+fn run_rank(
+    cfg: &TpConfig,
+    comm: ThreadComm,
+    dataset: Arc<Dataset>,
+) -> Result<(Option<TrainReport>, TpRankReport), TpError> {
+    let rank = comm.rank();
+    let model = model_config(&cfg.train, Tokenizer::new(cfg.train.tokenizer).vocab_size())?;
+    let layout = ParamLayout::new(&model).shard(cfg.tp)?;
+    let mut me = TpRank::new(cfg, layout, comm, dataset)?;
+    let (m, s) = (&me.model, me.shape);
+    let header = format!(
+        "model: {} layers, {} heads, {} dims | tensor parallel: {} ranks, each {} heads, {} MLP units, {} vocabulary rows",
+        m.n_layer,
+        m.n_head,
+        m.n_embd,
+        cfg.tp,
+        s.n_head,
+        s.mlp_hidden,
+        me.vocab.rows.len()
+    );
+    let outcome = drive(&cfg.train, &mut me, rank == 0, &header)?;
+    let params = me.gather(&me.params.to_vec().map_err(TrainError::from)?)?;
+    let leader = if rank == 0 { Some(report(&me, outcome, params)?) } else { None };
+    Ok((leader, TpRankReport { rank, memory: me.ledger.report(), comm: me.group.stats() }))
+}
+// ANCHOR_END: run_rank
+
+// ANCHOR: train
+/// Trains with `tp` tensor-parallel thread ranks; reports what rank 0 saw (parameters gathered
+/// into chapter 1's layout) and what every rank held and sent.
+pub fn train(cfg: &TpConfig) -> Result<TpReport, TpError> {
+    check_tp(cfg)?;
+    let dataset = Arc::new(load_dataset(&cfg.train.data, &Tokenizer::new(cfg.train.tokenizer))?);
+    let results = launch(cfg.tp, |comm| run_rank(cfg, comm, dataset.clone()))?;
+    let mut ranks = Vec::with_capacity(cfg.tp);
+    let mut leader = None;
+    for (report, rank) in results {
+        leader = leader.or(report);
+        ranks.push(rank);
+    }
+    Ok(TpReport { tp: cfg.tp, report: leader.ok_or(TpError::NoReport)?, ranks })
+}
+// ANCHOR_END: train

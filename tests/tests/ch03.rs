@@ -1,0 +1,132 @@
+//! Chapter 3's claims: tensor parallelism computes what chapter 1 computes.
+//!
+//! Tolerance: a sharded matmul adds its products in a different order (each rank sums over its
+//! rows of the reduction, then the ring adds the ranks' partial sums), and so do the
+//! cross-entropy's sums of exponentials; results agree to float rounding, not bit for bit.
+//! tp = 1 is bit for bit: the same matmuls, and sums over one rank are no-ops.
+//!
+//! Losses and gradient norms agree within 1e-5. The parameters' tolerance is 2e-5 of the update,
+//! and the reason is one tensor: the key bias of `c_attn`. Adding a constant vector b to every
+//! key adds q·b to every score of a row, and softmax ignores a constant added to a row, so the
+//! key bias's gradient is exactly zero in exact arithmetic, and in floats it is rounding noise.
+//! AdamW divides by the noise's own scale, so it takes steps of about lr in a random direction,
+//! and the two layouts' noise differs. At tp 2 that tensor alone is 1.4e-5 of the whole update
+//! (the query and value biases: 1e-7); every other tensor is within 1.6e-5 of its own update.
+const RTOL: f32 = 1e-5;
+const PARAMS_RTOL: f32 = 2e-5;
+
+use ch01_single_gpu::schedule::LrSchedule;
+use ch01_single_gpu::{TrainConfig, TrainReport};
+use ch03_tensor_parallel::tensor_parallel::{backward_collectives, forward_collectives, ring_bytes_sent};
+use ch03_tensor_parallel::tp_comm::Fault;
+use ch03_tensor_parallel::{TpConfig, TpReport};
+use kernels::comm::Collective;
+use scale_tests::{assert_matches_ch01, tiny_config};
+
+fn ch01(cfg: &TrainConfig) -> TrainReport {
+    ch01_single_gpu::train(cfg).unwrap()
+}
+
+fn tp(cfg: &TrainConfig, tp: usize) -> TpReport {
+    ch03_tensor_parallel::train(&TpConfig { train: cfg.clone(), tp, fault: None }).unwrap()
+}
+
+fn config() -> TrainConfig {
+    TrainConfig { eval_every: 3, ..tiny_config(6) }
+}
+
+// ANCHOR: equivalence_tests
+#[test]
+fn tp1_tp2_tp4_match_single_device() {
+    for accum in [1, 2] {
+        let cfg = TrainConfig { grad_accum: accum, ..config() };
+        let single = ch01(&cfg);
+        for n in [1, 2, 4] {
+            eprintln!("tp = {n}, grad_accum = {accum}");
+            let run = tp(&cfg, n);
+            assert_matches_ch01(&cfg, &single, &run.report, PARAMS_RTOL);
+            scale_tests::assert_close("loss", &single.losses(), &run.report.losses(), RTOL);
+            let norms = |r: &TrainReport| r.steps.iter().map(|s| s.grad_norm).collect::<Vec<f32>>();
+            scale_tests::assert_close("grad norm", &norms(&single), &norms(&run.report), RTOL);
+            if n == 1 {
+                assert_eq!(run.report.losses(), single.losses(), "tp 1 is chapter 1, bit for bit");
+                assert_eq!(run.report.params, single.params, "tp 1 is chapter 1, bit for bit");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_missing_all_reduce_is_caught() {
+    // Rank-local input gradients (the copy's backward skipped): forward is still right, the
+    // loss still falls, and only the gradients below each branch are wrong.
+    let cfg = config();
+    let single = ch01(&cfg);
+    let fault = Some(Fault::SkipInputGradSum);
+    let broken = ch03_tensor_parallel::train(&TpConfig { train: cfg.clone(), tp: 2, fault }).unwrap();
+    assert_eq!(broken.report.losses()[0], single.losses()[0], "the first loss is forward's: right");
+    let check = std::panic::catch_unwind(|| assert_matches_ch01(&cfg, &single, &broken.report, PARAMS_RTOL));
+    assert!(check.is_err(), "the check must see the missing sum");
+}
+// ANCHOR_END: equivalence_tests
+
+// ANCHOR: bytes_test
+#[test]
+fn each_rank_sends_what_the_formula_says() {
+    let cfg = TrainConfig { eval_every: 0, val_batches: 1, ..config() };
+    let (b, t) = (cfg.batch_size, cfg.seq_len.unwrap_or_default());
+    for n in [2, 4] {
+        let run = tp(&cfg, n);
+        let model = &run.report.model;
+        let (fwd, bwd) = (forward_collectives(model, b * t), backward_collectives(model, b * t));
+        let per_step = |(ar_f, ag_f): (u64, u64), (ar_b, ag_b): (u64, u64)| (ar_f + ar_b, ag_f + ag_b);
+        let (ar, ag) = per_step(ring_bytes_sent(fwd, n), ring_bytes_sent(bwd, n));
+        let (eval_ar, eval_ag) = ring_bytes_sent(fwd, n); // the one validation batch at the end
+        let norm_ag = 4 * 3 * (n as u64 - 1); // the gradient norm: an f64 as three f32s
+        // Besides: the parameters gathered once for the report, every rank's shard to the others.
+        for rank in &run.ranks {
+            let sent = |c| rank.comm.sent.get(&c).copied().unwrap_or(0);
+            assert_eq!(sent(Collective::AllReduce), cfg.steps * ar + eval_ar, "rank {} all-reduce", rank.rank);
+            let gathered = sent(Collective::AllGather) - cfg.steps * (ag + norm_ag) - eval_ag;
+            let params_shard = gathered / (4 * (n as u64 - 1));
+            assert_eq!(gathered % (4 * (n as u64 - 1)), 0, "rank {}: one gather of the parameters", rank.rank);
+            let expected = ch01_single_gpu::params::ParamLayout::new(model).shard(n).unwrap().total as u64;
+            assert_eq!(params_shard, expected, "rank {}: all-gather", rank.rank);
+        }
+    }
+}
+// ANCHOR_END: bytes_test
+
+#[test]
+fn a_tp2_checkpoint_is_chapter_1s_and_resumes_under_any_layout() {
+    // A constant schedule lets a run be extended; the checkpoint after 3 steps, resumed to 6 by
+    // chapter 1 and by tp 4, must give chapter 1's uninterrupted 6 steps.
+    let dir = tempfile::tempdir().unwrap();
+    let six = TrainConfig { lr_schedule: LrSchedule::Constant, eval_every: 0, ..tiny_config(6) };
+    let straight = ch01(&six);
+    let three = TrainConfig { steps: 3, save: Some(dir.path().to_path_buf()), ..six.clone() };
+    tp(&three, 2);
+    let resumed = TrainConfig { resume: Some(dir.path().to_path_buf()), ..six.clone() };
+    let by_ch01 = ch01(&resumed);
+    let by_tp4 = tp(&resumed, 4);
+    assert_eq!(by_ch01.losses(), straight.losses()[3..], "chapter 1 resumes a tp 2 checkpoint");
+    scale_tests::assert_close("loss", &by_tp4.report.losses(), &straight.losses()[3..], 1e-5);
+    let tol = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    assert!(tol(&by_tp4.report.params, &straight.params) < 1e-4, "tp 4 resumed to chapter 1's parameters");
+}
+
+#[test]
+fn bad_tp_gets_a_clear_error() {
+    let err = |cfg: &TrainConfig, n: usize| {
+        ch03_tensor_parallel::train(&TpConfig { train: cfg.clone(), tp: n, fault: None }).err().unwrap().to_string()
+    };
+    let cfg = config();
+    assert!(err(&cfg, 0).contains("--tp must be at least 1"));
+    assert!(err(&cfg, 3).contains("--tp 3 does not divide the model's 4 attention heads"), "{}", err(&cfg, 3));
+    assert!(err(&cfg, 100).contains("more ranks than are available"));
+    let three_heads = TrainConfig { n_head: Some(3), n_embd: Some(96), ..config() };
+    let vocab = err(&three_heads, 3);
+    assert!(vocab.contains("--tp 3 does not divide the padded vocabulary of 256 rows"), "{vocab}");
+    let gpu = TrainConfig { device: kernels::device::DeviceRequest::Cuda(0), ..config() };
+    assert!(err(&gpu, 2).contains("threads on the CPU"));
+}
