@@ -186,9 +186,9 @@ mod tests {
     #[test]
     fn row_max_and_f64_sum_are_exact() {
         let out = launch(3, |mut comm| {
-            let rank = comm.rank() as f32;
-            let max = max_over_group(&mut comm, &[rank, -rank, f32::NEG_INFINITY])?;
-            let sum = sum_f64_over_group(&mut comm, 0.1 + comm.rank() as f64 * 1e-9)?;
+            let rank = comm.rank();
+            let max = max_over_group(&mut comm, &[rank as f32, -(rank as f32), f32::NEG_INFINITY])?;
+            let sum = sum_f64_over_group(&mut comm, 0.1 + rank as f64 * 1e-9)?;
             Ok::<_, CommError>((max, sum))
         })
         .unwrap();

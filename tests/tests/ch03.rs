@@ -130,3 +130,25 @@ fn bad_tp_gets_a_clear_error() {
     let gpu = TrainConfig { device: kernels::device::DeviceRequest::Cuda(0), ..config() };
     assert!(err(&gpu, 2).contains("threads on the CPU"));
 }
+
+#[test]
+fn a_gpt2_sized_vocabulary_with_padding_matches_too() {
+    // 50257 tokens padded to 50304: the last rank's rows end in 47 padding rows, which must get
+    // no probability, no gradient, and stay zero.
+    let cfg = TrainConfig {
+        tokenizer: ch01_single_gpu::tokenizer::TokenizerKind::Gpt2,
+        eval_every: 0,
+        val_batches: 1,
+        batch_size: 2,
+        seq_len: Some(16),
+        ..tiny_config(2)
+    };
+    let single = ch01(&cfg);
+    let wte = single.layout.get("wte.weight").unwrap().clone();
+    let padding = wte.offset + single.model.vocab_size * single.model.n_embd..wte.range().end;
+    for n in [2, 4] {
+        let run = tp(&cfg, n);
+        assert_matches_ch01(&cfg, &single, &run.report, PARAMS_RTOL);
+        assert!(run.report.params[padding.clone()].iter().all(|&p| p == 0.0), "tp {n}: padding rows stay zero");
+    }
+}
