@@ -85,10 +85,16 @@ pub struct TpRankReport {
     pub memory: MemoryReport,
     /// Bytes sent and received in the tensor-parallel group, by collective.
     pub comm: CommStats,
+    /// Of those, the bytes sent by training steps (evaluation and gathers for checkpoints and
+    /// the report left out): what the formula predicts.
+    pub sent_in_steps: u64,
 }
 
 pub struct TpReport {
     pub tp: usize,
+    /// Tokens per micro-batch (B·T) and micro-batches per step: what the formulas need.
+    pub tokens: usize,
+    pub grad_accum: usize,
     /// The run as chapter 1 reports it, with the parameters gathered into chapter 1's layout.
     pub report: TrainReport,
     pub ranks: Vec<TpRankReport>,
@@ -123,6 +129,17 @@ pub fn ring_bytes_sent(f: CollectiveFloats, n: usize) -> (u64, u64) {
     let all_reduce = 2 * (n - 1) * f.all_reduced / n;
     let all_gather = (n - 1) * f.all_gathered;
     (4 * all_reduce as u64, 4 * all_gather as u64)
+}
+impl TpReport {
+    /// The bytes every rank sends per training step by the formulas above: forward and backward
+    /// of each micro-batch, and the gradient norm (an f64 as three f32s, all-gathered).
+    pub fn bytes_sent_per_step(&self) -> u64 {
+        let (model, n, bt) = (&self.report.model, self.tp, self.tokens);
+        let (fwd, bwd) =
+            (ring_bytes_sent(forward_collectives(model, bt), n), ring_bytes_sent(backward_collectives(model, bt), n));
+        let norm = 4 * 3 * (n as u64 - 1);
+        self.grad_accum as u64 * (fwd.0 + fwd.1 + bwd.0 + bwd.1) + norm
+    }
 }
 // ANCHOR_END: bytes_formula
 
@@ -167,6 +184,7 @@ struct TpRank {
     t: usize,
     ledger: MemoryLedger,
     gathered: Option<Gathered>,
+    sent_in_steps: u64,
 }
 
 fn check_tp(cfg: &TpConfig) -> Result<(), TpError> {
@@ -264,6 +282,7 @@ impl TpRank {
             t,
             ledger,
             gathered: None,
+            sent_in_steps: 0,
         })
     }
 
@@ -381,7 +400,7 @@ impl TpActivations {
 impl TrainSteps for TpRank {
     // ANCHOR: tp_step
     fn step(&mut self) -> Result<StepRecord, TrainError> {
-        let started = Instant::now();
+        let (started, sent_before) = (Instant::now(), self.group.stats().total_sent());
         self.grads.fill(0.0);
         let (b, t) = (self.cfg.batch_size, self.t);
         let dloss = 1.0 / self.tokens_per_step() as f32;
@@ -403,6 +422,7 @@ impl TrainSteps for TpRank {
         let scale = clip_scale(grad_norm, cfg.grad_clip);
         self.optimizer.update(&mut self.params, None, &self.grads, lr, scale, self.step + 1);
         self.step += 1;
+        self.sent_in_steps += self.group.stats().total_sent() - sent_before;
         if saves_after(&self.cfg, self.step) {
             // Saving is collective: every rank sends its shard, rank 0 writes the whole.
             self.gathered = Some(self.gather_checkpoint()?);
@@ -458,7 +478,7 @@ fn report(me: &TpRank, outcome: LoopOutcome, params: Vec<f32>) -> Result<TrainRe
     Ok(TrainReport {
         model: model.clone(),
         tokenizer: cfg.tokenizer,
-        device: format!("{} ({} tensor-parallel thread ranks)", Device::Cpu.describe(), me.tp),
+        device: format!("{}, {} tensor-parallel thread ranks", Device::Cpu.describe(), me.tp),
         dtype: DType::F32,
         flops_per_token: model.flops_per_token(me.t),
         peak_flops: Device::Cpu.peak_flops(DType::F32),
@@ -497,7 +517,8 @@ fn run_rank(
     let outcome = drive(&cfg.train, &mut me, rank == 0, &header)?;
     let params = me.gather(&me.params.to_vec().map_err(TrainError::from)?)?;
     let leader = if rank == 0 { Some(report(&me, outcome, params)?) } else { None };
-    Ok((leader, TpRankReport { rank, memory: me.ledger.report(), comm: me.group.stats() }))
+    let comm = me.group.stats();
+    Ok((leader, TpRankReport { rank, memory: me.ledger.report(), comm, sent_in_steps: me.sent_in_steps }))
 }
 // ANCHOR_END: run_rank
 
@@ -514,6 +535,8 @@ pub fn train(cfg: &TpConfig) -> Result<TpReport, TpError> {
         leader = leader.or(report);
         ranks.push(rank);
     }
-    Ok(TpReport { tp: cfg.tp, report: leader.ok_or(TpError::NoReport)?, ranks })
+    let report = leader.ok_or(TpError::NoReport)?;
+    let tokens = cfg.train.batch_size * cfg.train.seq_len.unwrap_or(report.model.block_size);
+    Ok(TpReport { tp: cfg.tp, tokens, grad_accum: cfg.train.grad_accum, report, ranks })
 }
 // ANCHOR_END: train

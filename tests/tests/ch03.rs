@@ -17,7 +17,9 @@ const PARAMS_RTOL: f32 = 2e-5;
 
 use ch01_single_gpu::schedule::LrSchedule;
 use ch01_single_gpu::{TrainConfig, TrainReport};
-use ch03_tensor_parallel::tensor_parallel::{backward_collectives, forward_collectives, ring_bytes_sent};
+use ch03_tensor_parallel::tensor_parallel::{
+    CollectiveFloats, backward_collectives, forward_collectives, ring_bytes_sent,
+};
 use ch03_tensor_parallel::tp_comm::Fault;
 use ch03_tensor_parallel::{TpConfig, TpReport};
 use kernels::comm::Collective;
@@ -73,25 +75,21 @@ fn a_missing_all_reduce_is_caught() {
 // ANCHOR: bytes_test
 #[test]
 fn each_rank_sends_what_the_formula_says() {
-    let cfg = TrainConfig { eval_every: 0, val_batches: 1, ..config() };
-    let (b, t) = (cfg.batch_size, cfg.seq_len.unwrap_or_default());
-    for n in [2, 4] {
-        let run = tp(&cfg, n);
-        let model = &run.report.model;
-        let (fwd, bwd) = (forward_collectives(model, b * t), backward_collectives(model, b * t));
-        let per_step = |(ar_f, ag_f): (u64, u64), (ar_b, ag_b): (u64, u64)| (ar_f + ar_b, ag_f + ag_b);
-        let (ar, ag) = per_step(ring_bytes_sent(fwd, n), ring_bytes_sent(bwd, n));
-        let (eval_ar, eval_ag) = ring_bytes_sent(fwd, n); // the one validation batch at the end
-        let norm_ag = 4 * 3 * (n as u64 - 1); // the gradient norm: an f64 as three f32s
-        // Besides: the parameters gathered once for the report, every rank's shard to the others.
-        for rank in &run.ranks {
-            let sent = |c| rank.comm.sent.get(&c).copied().unwrap_or(0);
-            assert_eq!(sent(Collective::AllReduce), cfg.steps * ar + eval_ar, "rank {} all-reduce", rank.rank);
-            let gathered = sent(Collective::AllGather) - cfg.steps * (ag + norm_ag) - eval_ag;
-            let params_shard = gathered / (4 * (n as u64 - 1));
-            assert_eq!(gathered % (4 * (n as u64 - 1)), 0, "rank {}: one gather of the parameters", rank.rank);
-            let expected = ch01_single_gpu::params::ParamLayout::new(model).shard(n).unwrap().total as u64;
-            assert_eq!(params_shard, expected, "rank {}: all-gather", rank.rank);
+    for accum in [1, 2] {
+        let cfg = TrainConfig { grad_accum: accum, ..config() };
+        let bt = cfg.batch_size * cfg.seq_len.unwrap_or_default();
+        for n in [2, 4] {
+            let run = tp(&cfg, n);
+            let (fwd, bwd) = (forward_collectives(&run.report.model, bt), backward_collectives(&run.report.model, bt));
+            let all_reduce = |f: CollectiveFloats| ring_bytes_sent(f, n).0;
+            for rank in &run.ranks {
+                assert_eq!(rank.sent_in_steps, cfg.steps * run.bytes_sent_per_step(), "tp {n}, rank {}", rank.rank);
+                // All of the all-reduces are the model's: forward and backward of each micro-batch,
+                // and forward of each validation batch (two evaluations of two batches).
+                let evals = 2 * cfg.val_batches as u64;
+                let expected = cfg.steps * accum as u64 * (all_reduce(fwd) + all_reduce(bwd)) + evals * all_reduce(fwd);
+                assert_eq!(rank.comm.sent[&Collective::AllReduce], expected, "tp {n}, rank {}", rank.rank);
+            }
         }
     }
 }
