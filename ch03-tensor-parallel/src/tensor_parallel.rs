@@ -143,6 +143,22 @@ impl TpReport {
 }
 // ANCHOR_END: bytes_formula
 
+// ANCHOR: activation_formula
+/// Floats of activations one rank saves per token (per row of B·T), at sequence length `seq`,
+/// by the formula the book derives; the ledger must agree. Per block, what is computed from the
+/// replicated residual stream is replicated (the two LayerNorms' outputs and statistics, the
+/// stream after each branch: 4C + 4), and what a rank's heads and units compute is split
+/// (q, k, v and the attention output: 4C; the MLP's 4C before and after GELU: 8C; the
+/// attention matrix: H·T):
+///
+///   per block: 4C + 4 + (12C + H·T)/t      whole model: + C (embedded) + C + 2 + Vp/t + 1 (head)
+pub fn activation_floats_per_token(model: &ModelConfig, seq: usize, tp: usize) -> usize {
+    let (c, h, l, vp) = (model.n_embd, model.n_head, model.n_layer, model.padded_vocab_size());
+    let per_block = 4 * c + 4 + (12 * c + h * seq) / tp;
+    c + l * per_block + c + 2 + vp / tp + 1
+}
+// ANCHOR_END: activation_formula
+
 /// What forward saves on a rank: the blocks' activations at the shard's shape, the head's with
 /// this rank's columns of the logits.
 struct TpActivations {

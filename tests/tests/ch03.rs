@@ -18,10 +18,11 @@ const PARAMS_RTOL: f32 = 2e-5;
 use ch01_single_gpu::schedule::LrSchedule;
 use ch01_single_gpu::{TrainConfig, TrainReport};
 use ch03_tensor_parallel::tensor_parallel::{
-    CollectiveFloats, backward_collectives, forward_collectives, ring_bytes_sent,
+    CollectiveFloats, activation_floats_per_token, backward_collectives, forward_collectives, ring_bytes_sent,
 };
 use ch03_tensor_parallel::tp_comm::Fault;
 use ch03_tensor_parallel::{TpConfig, TpReport};
+use kernels::Category;
 use kernels::comm::Collective;
 use scale_tests::{assert_matches_ch01, tiny_config};
 
@@ -94,6 +95,24 @@ fn each_rank_sends_what_the_formula_says() {
     }
 }
 // ANCHOR_END: bytes_test
+
+#[test]
+fn activation_memory_per_rank_is_the_formula() {
+    let cfg = TrainConfig { eval_every: 0, val_batches: 1, ..tiny_config(1) };
+    let (b, t) = (cfg.batch_size, cfg.seq_len.unwrap_or_default());
+    let whole = ch01_single_gpu::model::Activations::floats_per_token(&ch01(&cfg).model, t);
+    for n in [1, 2, 4] {
+        let run = tp(&cfg, n);
+        let floats = activation_floats_per_token(&run.report.model, t, n);
+        if n == 1 {
+            assert_eq!(floats, whole, "tp 1 saves what chapter 1 saves");
+        }
+        for rank in &run.ranks {
+            let counted = rank.memory.at_peak[&Category::Activations];
+            assert_eq!(counted, (4 * b * t * floats) as u64, "tp {n}, rank {}", rank.rank);
+        }
+    }
+}
 
 #[test]
 fn a_tp2_checkpoint_is_chapter_1s_and_resumes_under_any_layout() {
