@@ -22,12 +22,16 @@ struct Cli {
     /// vocabulary.
     #[arg(long, default_value_t = 2)]
     tp: usize,
+    /// Data-parallel replicas of the tensor-parallel group (tp x dp thread ranks in all). Must
+    /// divide --batch-size.
+    #[arg(long, default_value_t = 1)]
+    dp: usize,
 }
 
 fn print_tensor_parallel(r: &TpReport) {
     let steps = r.report.steps.len().max(1) as u64;
     println!("tensor parallel");
-    println!("  ranks              {}", r.tp);
+    println!("  ranks              {} x {} (tp x dp; rank = tp_rank + tp x dp_rank)", r.tp, r.dp);
     println!(
         "  sent per step      {} per rank by the formula (2 all-reduces of B·T·C per block each way, plus the embedding's and the head's)",
         format_bytes(r.bytes_sent_per_step())
@@ -35,10 +39,13 @@ fn print_tensor_parallel(r: &TpReport) {
     for rank in &r.ranks {
         let held = |c| rank.memory.at_peak.get(&c).copied().unwrap_or(0);
         println!(
-            "  rank {:<3}           sent {} per step ({} in all, with evaluation and gathers), peak memory {} (parameters {}, gradients {}, optimizer {}, activations {})",
+            "  rank {:<3} (tp {}, dp {}) sent {} per step ({} in all, with evaluation and gathers), data-parallel {} in all, peak memory {} (parameters {}, gradients {}, optimizer {}, activations {})",
             rank.rank,
+            rank.tp_rank,
+            rank.dp_rank,
             format_bytes(rank.sent_in_steps / steps),
             format_bytes(rank.comm.total_sent()),
+            format_bytes(rank.dp_comm.total_sent()),
             format_bytes(rank.memory.peak_total),
             format_bytes(held(Category::Parameters)),
             format_bytes(held(Category::Gradients)),
@@ -51,7 +58,7 @@ fn print_tensor_parallel(r: &TpReport) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = cli.common.into_config().and_then(|train_cfg| {
-        let cfg = TpConfig { train: train_cfg, tp: cli.tp, fault: None };
+        let cfg = TpConfig { train: train_cfg, tp: cli.tp, dp: cli.dp, fault: None };
         Ok(train(&cfg)?)
     });
     match result {

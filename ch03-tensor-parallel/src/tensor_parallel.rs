@@ -16,11 +16,11 @@ use ch01_single_gpu::checkpoint::{self, CheckpointContents, RunShape, TrainerSta
 use ch01_single_gpu::config::ModelConfig;
 use ch01_single_gpu::data::{BatchSampler, Dataset, sequential_batch};
 use ch01_single_gpu::model::{
-    BackwardScratch, BlockActivations, BlockShape, Dims, Head, HeadActivations, blocks_backward, blocks_forward,
-    init_params,
+    BackwardScratch, BlockActivations, BlockShape, Dims, GradsReady, Head, HeadActivations, blocks_backward,
+    blocks_forward, init_params,
 };
 use ch01_single_gpu::optimizer::{Optimizer, squared_norm};
-use ch01_single_gpu::params::{ParamLayout, Placement, ShardError};
+use ch01_single_gpu::params::{BlockParams, ParamLayout, Part, Placement, ShardError};
 use ch01_single_gpu::sample::{SampleConfig, generate};
 use ch01_single_gpu::schedule::learning_rate;
 use ch01_single_gpu::tokenizer::Tokenizer;
@@ -29,11 +29,12 @@ use ch01_single_gpu::train::{
     saves_after,
 };
 use ch01_single_gpu::{TrainConfig, TrainError, TrainReport};
+use ch02_data_parallel::grad_sync::GradSync;
 use kernels::comm::thread::{LaunchError, ThreadComm, launch};
-use kernels::comm::{CommStats, Communicator};
+use kernels::comm::{CommStats, Communicator, ReduceOp};
 use kernels::device::DeviceRequest;
 use kernels::ops::grad_norm::clip_scale;
-use kernels::{Category, DType, Device, MemoryLedger, MemoryReport, Tensor, TensorError, View};
+use kernels::{Category, DType, Device, MemoryLedger, MemoryReport, Tensor, TensorError, Trace, View, ViewMut};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
@@ -47,6 +48,8 @@ pub struct TpConfig {
     pub train: TrainConfig,
     /// Tensor-parallel ranks: must divide the heads, the MLP width and the padded vocabulary.
     pub tp: usize,
+    /// Data-parallel replicas of the tensor-parallel group (1: none). Must divide the batch.
+    pub dp: usize,
     /// A deliberate mistake (tests only: the check must catch it).
     pub fault: Option<Fault>,
 }
@@ -57,8 +60,14 @@ pub enum TpError {
     Train(#[from] TrainError),
     #[error("--tp must be at least 1")]
     ZeroRanks,
-    #[error("--tp {tp} is more ranks than are available ({MAX_THREAD_RANKS} thread ranks on the CPU)")]
-    TooManyRanks { tp: usize },
+    #[error("--dp must be at least 1")]
+    ZeroReplicas,
+    #[error("--tp {tp} x --dp {dp} is more ranks than are available ({MAX_THREAD_RANKS} thread ranks on the CPU)")]
+    TooManyRanks { tp: usize, dp: usize },
+    #[error(
+        "the batch of {batch} sequences is not divisible by --dp {dp}: every replica must get the same number of rows"
+    )]
+    BatchNotDivisible { batch: usize, dp: usize },
     #[error("--tp {tp} does not divide the model's {n_head} attention heads: each rank computes whole heads")]
     Heads { tp: usize, n_head: usize },
     #[error("--tp {tp} does not divide the MLP's {hidden} units (4 x n_embd): each rank computes an equal share")]
@@ -82,17 +91,24 @@ pub enum TpError {
 #[derive(Clone, Debug)]
 pub struct TpRankReport {
     pub rank: usize,
+    /// Its place in the grid: rank = tp_rank + tp · dp_rank.
+    pub tp_rank: usize,
+    pub dp_rank: usize,
     pub memory: MemoryReport,
     /// Bytes sent and received in the tensor-parallel group, by collective.
     pub comm: CommStats,
     /// Of those, the bytes sent by training steps (evaluation and gathers for checkpoints and
     /// the report left out): what the formula predicts.
     pub sent_in_steps: u64,
+    /// Bytes of the data-parallel group (the gradient sum and the losses).
+    pub dp_comm: CommStats,
 }
 
 pub struct TpReport {
     pub tp: usize,
-    /// Tokens per micro-batch (B·T) and micro-batches per step: what the formulas need.
+    pub dp: usize,
+    /// Tokens per micro-batch of one replica (B·T/dp) and micro-batches per step: what the
+    /// formulas need.
     pub tokens: usize,
     pub grad_accum: usize,
     /// The run as chapter 1 reports it, with the parameters gathered into chapter 1's layout.
@@ -168,6 +184,13 @@ struct TpActivations {
     proj: Tensor, // [B, T, C]
 }
 
+/// Gradient buckets of the data-parallel sum: chapter 2's default size.
+const BUCKET_BYTES: usize = 1024 * 1024;
+
+fn sync_gone() -> TrainError {
+    TrainError::Comm(kernels::comm::CommError::Backend("the data-parallel sync was lost by an earlier failure".into()))
+}
+
 /// The full model gathered from the shards, for a checkpoint.
 struct Gathered {
     params: Vec<f32>,
@@ -183,8 +206,16 @@ struct TpRank {
     /// Chapter 1's layout, and this rank's shard of it.
     full: ParamLayout,
     layout: ParamLayout,
+    /// The tensor-parallel group (this rank's shard-mates), and the gradient sync of the
+    /// data-parallel group (the ranks that hold the same shard in the other replicas). `None`
+    /// only while backward's hook holds it.
     group: ThreadComm,
+    sync: Option<GradSync>,
     tp: usize,
+    dp: usize,
+    /// This replica's index in the data-parallel group, and its rows of each micro-batch.
+    replica: usize,
+    rows: usize,
     fault: Option<Fault>,
     shape: BlockShape,
     vocab: VocabShard,
@@ -204,12 +235,18 @@ struct TpRank {
 }
 
 fn check_tp(cfg: &TpConfig) -> Result<(), TpError> {
-    let tp = cfg.tp;
+    let (tp, dp) = (cfg.tp, cfg.dp);
     if tp == 0 {
         return Err(TpError::ZeroRanks);
     }
-    if tp > MAX_THREAD_RANKS {
-        return Err(TpError::TooManyRanks { tp });
+    if dp == 0 {
+        return Err(TpError::ZeroReplicas);
+    }
+    if tp.saturating_mul(dp) > MAX_THREAD_RANKS {
+        return Err(TpError::TooManyRanks { tp, dp });
+    }
+    if !cfg.train.batch_size.is_multiple_of(dp) {
+        return Err(TpError::BatchNotDivisible { batch: cfg.train.batch_size, dp });
     }
     if matches!(cfg.train.device, DeviceRequest::Cuda(_)) {
         return Err(TpError::GpuRanks);
@@ -233,14 +270,15 @@ impl TpRank {
         cfg: &TpConfig,
         layout: ParamLayout,
         group: ThreadComm,
+        dp_group: ThreadComm,
         dataset: Arc<Dataset>,
     ) -> Result<TpRank, TrainError> {
-        let (train, tp, rank) = (&cfg.train, cfg.tp, group.rank());
+        let (train, tp, rank, replica) = (&cfg.train, cfg.tp, group.rank(), dp_group.rank());
         let tokenizer = Tokenizer::new(train.tokenizer);
         let model = model_config(train, tokenizer.vocab_size())?;
         let t = check_config(train, &model)?;
         dataset.check_seq_len(t)?;
-        let (b, device) = (train.batch_size, Device::Cpu);
+        let (rows, device) = (train.batch_size / cfg.dp, Device::Cpu);
         let full = ParamLayout::new(&model);
         let run = run_shape(train, &model, t);
 
@@ -274,15 +312,20 @@ impl TpRank {
 
         let shape = BlockShape::shard(&model, tp);
         let vocab = VocabShard::new(&model, rank, tp);
-        let acts = TpActivations::new(&model, shape, vocab.rows.len(), b, t, &ledger)?;
-        let scratch = BackwardScratch::new(shape, b, t, device, DType::F32, &ledger)?;
+        let acts = TpActivations::new(&model, shape, vocab.rows.len(), rows, t, &ledger)?;
+        let scratch = BackwardScratch::new(shape, rows, t, device, DType::F32, &ledger)?;
+        let sync = GradSync::new(dp_group, &layout, BUCKET_BYTES, &ledger, Trace::disabled());
         Ok(TpRank {
             cfg: train.clone(),
             model,
             full,
             layout,
             group,
+            sync: Some(sync),
             tp,
+            dp: cfg.dp,
+            replica,
+            rows,
             fault: cfg.fault,
             shape,
             vocab,
@@ -321,7 +364,15 @@ impl TpRank {
     }
 
     /// Accumulates this rank's gradients of dloss · (sum of the token losses of the last forward).
-    fn backward(&mut self, tokens: &[u32], targets: &[u32], dloss: f32, b: usize) -> Result<(), TrainError> {
+    /// `on_ready` hears as each part's gradients become final (chapter 1's `GradsReady`).
+    fn backward(
+        &mut self,
+        tokens: &[u32],
+        targets: &[u32],
+        dloss: f32,
+        b: usize,
+        on_ready: GradsReady<'_>,
+    ) -> Result<(), TrainError> {
         let Self { params, grads, acts, scratch, group, layout, vocab, model, .. } = self;
         let (t, c) = (self.t, model.n_embd);
         let bt = b * t;
@@ -333,12 +384,15 @@ impl TpRank {
             Head { ln_f_weight: g.ln_f_weight.reborrow(), ln_f_bias: g.ln_f_bias.reborrow(), wte: g.wte.reborrow() };
         let (d_ln, d_x) = (scratch.block.d_ln.prefix_mut(bt * c), scratch.d_res[0].prefix_mut(bt * c));
         head_backward(group, &p.head(), head_grads, model, last, &mut acts.head, d_ln, d_x, targets, dloss, vocab, bt)?;
+        on_ready(Part::Head, &[g.ln_f_weight.as_view(), g.ln_f_bias.as_view()]);
         let d = Dims { b, t, shape: self.shape };
         let mut comm = TpBlockComm { group, fault: self.fault };
         let x = acts.embedded.prefix(bt * c);
-        blocks_backward(&p.blocks, &mut g.blocks, x, &acts.blocks, scratch, d, &mut comm, &mut |_, _| {})?;
+        let mut block_done = |l: usize, g: &BlockParams<ViewMut<'_>>| on_ready(Part::Block(l), &g.views());
+        blocks_backward(&p.blocks, &mut g.blocks, x, &acts.blocks, scratch, d, &mut comm, &mut block_done)?;
         let (dwte, dwpe) = (g.wte.reborrow().cpu(), g.wpe.reborrow().cpu());
         embed_backward(dwte, dwpe, scratch.d_res[0].prefix(bt * c).cpu(), tokens, vocab, t, c);
+        on_ready(Part::Embeddings, &[g.wte.as_view(), g.wpe.as_view()]);
         Ok(())
     }
     // ANCHOR_END: tp_forward
@@ -418,16 +472,31 @@ impl TrainSteps for TpRank {
     fn step(&mut self) -> Result<StepRecord, TrainError> {
         let (started, sent_before) = (Instant::now(), self.group.stats().total_sent());
         self.grads.fill(0.0);
-        let (b, t) = (self.cfg.batch_size, self.t);
-        let dloss = 1.0 / self.tokens_per_step() as f32;
+        let (b, t, rows, accum) = (self.cfg.batch_size, self.t, self.rows, self.cfg.grad_accum);
+        let dloss = 1.0 / self.tokens_per_step() as f32; // 1/(global tokens), on every rank
+        let mut sync = self.sync.take().ok_or_else(sync_gone)?;
         let mut loss_sum = 0.0f64;
-        for _ in 0..self.cfg.grad_accum {
-            // Every rank of the group draws the same batch: they compute one model together.
+        for micro in 0..accum {
+            // The ranks of a tensor-parallel group compute the same rows (one model between
+            // them); each data-parallel replica computes its share of the batch (chapter 2).
             let batch = self.sampler.next_batch(&self.dataset.train, b, t);
-            loss_sum += self.forward(&batch.inputs, Some(&batch.targets), b)?.unwrap_or(f32::NAN) as f64;
-            self.backward(&batch.inputs, &batch.targets, dloss, b)?;
+            let mine = self.replica * rows * t..(self.replica + 1) * rows * t;
+            let (inputs, targets) = (&batch.inputs[mine.clone()], &batch.targets[mine]);
+            loss_sum += self.forward(inputs, Some(targets), rows)?.unwrap_or(f32::NAN) as f64;
+            let last = micro + 1 == accum; // only the last backward sends (DDP's no_sync)
+            sync.begin();
+            let mut on_ready = |part: Part, grads: &[View<'_>]| {
+                if last {
+                    sync.on_ready(part, grads)
+                }
+            };
+            self.backward(inputs, targets, dloss, rows, &mut on_ready)?;
         }
-        let loss = (loss_sum / self.cfg.grad_accum as f64) as f32;
+        // The replicas' gradients summed (nothing to do with one replica), the losses averaged.
+        sync.finish(self.grads.as_mut_slice())?;
+        let loss = (loss_sum / accum as f64) as f32;
+        let loss = if self.dp == 1 { loss } else { sync.reduce_scalars(vec![loss], ReduceOp::Avg)?[0] };
+        self.sync = Some(sync);
         if !loss.is_finite() {
             return Err(TrainError::NonFiniteLoss { step: self.step + 1, loss, last_checkpoint: None });
         }
@@ -448,15 +517,21 @@ impl TrainSteps for TpRank {
     }
     // ANCHOR_END: tp_step
 
-    /// Chapter 1's validation protocol, computed by the whole group.
+    /// Chapter 1's validation protocol, computed by each tensor-parallel group; with replicas,
+    /// chapter 2's: the batches of B/dp rows split among them, and their sums added.
     fn evaluate(&mut self) -> Result<f32, TrainError> {
-        let (b, t, batches) = (self.cfg.batch_size, self.t, self.cfg.val_batches as u64);
+        let (rows, t, dp) = (self.rows, self.t, self.dp as u64);
+        let batches = self.cfg.val_batches as u64 * dp;
         let mut total = 0.0f64;
-        for k in 0..batches {
-            let batch = sequential_batch(&self.dataset.val, k, b, t);
-            total += self.forward(&batch.inputs, Some(&batch.targets), b)?.unwrap_or(f32::NAN) as f64;
+        for k in (self.replica as u64..batches).step_by(dp as usize) {
+            let batch = sequential_batch(&self.dataset.val, k, rows, t);
+            total += self.forward(&batch.inputs, Some(&batch.targets), rows)?.unwrap_or(f32::NAN) as f64;
         }
-        Ok((total / batches as f64) as f32)
+        if dp == 1 {
+            return Ok((total / batches as f64) as f32);
+        }
+        let sync = self.sync.as_mut().ok_or_else(sync_gone)?;
+        Ok(sync.reduce_scalars(vec![total as f32], ReduceOp::Sum)?[0] / batches as f32)
     }
 
     fn save(&self, dir: &Path) -> Result<(), TrainError> {
@@ -494,7 +569,7 @@ fn report(me: &TpRank, outcome: LoopOutcome, params: Vec<f32>) -> Result<TrainRe
     Ok(TrainReport {
         model: model.clone(),
         tokenizer: cfg.tokenizer,
-        device: format!("{}, {} tensor-parallel thread ranks", Device::Cpu.describe(), me.tp),
+        device: format!("{}, {} x {} (tp x dp) thread ranks", Device::Cpu.describe(), me.tp, me.dp),
         dtype: DType::F32,
         flops_per_token: model.flops_per_token(me.t),
         peak_flops: Device::Cpu.peak_flops(DType::F32),
@@ -510,31 +585,43 @@ fn report(me: &TpRank, outcome: LoopOutcome, params: Vec<f32>) -> Result<TrainRe
 }
 
 // ANCHOR: run_rank
+/// One rank of the dp x tp grid. Ranks are numbered with tensor parallelism innermost,
+/// rank = tp_rank + tp · dp_rank, so that a tensor-parallel group is neighbours (one node's
+/// fast links, on a cluster).
 fn run_rank(
     cfg: &TpConfig,
-    comm: ThreadComm,
+    mut world: ThreadComm,
     dataset: Arc<Dataset>,
 ) -> Result<(Option<TrainReport>, TpRankReport), TpError> {
-    let rank = comm.rank();
+    let (rank, tp, dp) = (world.rank(), cfg.tp, cfg.dp);
+    let (tp_rank, dp_rank) = (rank % tp, rank / tp);
+    let shard_mates: Vec<usize> = (0..tp).map(|r| r + tp * dp_rank).collect();
+    let replicas: Vec<usize> = (0..dp).map(|d| tp_rank + tp * d).collect();
+    let split = |world: &mut ThreadComm, ranks: &[usize]| world.split_group(ranks).map_err(TrainError::Comm);
+    let (group, dp_group) = (split(&mut world, &shard_mates)?, split(&mut world, &replicas)?);
     let model = model_config(&cfg.train, Tokenizer::new(cfg.train.tokenizer).vocab_size())?;
-    let layout = ParamLayout::new(&model).shard(cfg.tp)?;
-    let mut me = TpRank::new(cfg, layout, comm, dataset)?;
+    let layout = ParamLayout::new(&model).shard(tp)?;
+    let mut me = TpRank::new(cfg, layout, group, dp_group, dataset)?;
     let (m, s) = (&me.model, me.shape);
     let header = format!(
-        "model: {} layers, {} heads, {} dims | tensor parallel: {} ranks, each {} heads, {} MLP units, {} vocabulary rows",
+        "model: {} layers, {} heads, {} dims | tensor parallel: {} ranks, each {} heads, {} MLP units, {} vocabulary rows | data parallel: {} replicas of {} rows",
         m.n_layer,
         m.n_head,
         m.n_embd,
         cfg.tp,
         s.n_head,
         s.mlp_hidden,
-        me.vocab.rows.len()
+        me.vocab.rows.len(),
+        dp,
+        me.rows
     );
     let outcome = drive(&cfg.train, &mut me, rank == 0, &header)?;
     let params = me.gather(&me.params.to_vec().map_err(TrainError::from)?)?;
     let leader = if rank == 0 { Some(report(&me, outcome, params)?) } else { None };
     let comm = me.group.stats();
-    Ok((leader, TpRankReport { rank, memory: me.ledger.report(), comm, sent_in_steps: me.sent_in_steps }))
+    let dp_comm = me.sync.as_mut().ok_or_else(sync_gone)?.stop()?;
+    let memory = me.ledger.report();
+    Ok((leader, TpRankReport { rank, tp_rank, dp_rank, memory, comm, dp_comm, sent_in_steps: me.sent_in_steps }))
 }
 // ANCHOR_END: run_rank
 
@@ -544,7 +631,7 @@ fn run_rank(
 pub fn train(cfg: &TpConfig) -> Result<TpReport, TpError> {
     check_tp(cfg)?;
     let dataset = Arc::new(load_dataset(&cfg.train.data, &Tokenizer::new(cfg.train.tokenizer))?);
-    let results = launch(cfg.tp, |comm| run_rank(cfg, comm, dataset.clone()))?;
+    let results = launch(cfg.tp * cfg.dp, |comm| run_rank(cfg, comm, dataset.clone()))?;
     let mut ranks = Vec::with_capacity(cfg.tp);
     let mut leader = None;
     for (report, rank) in results {
@@ -552,7 +639,7 @@ pub fn train(cfg: &TpConfig) -> Result<TpReport, TpError> {
         ranks.push(rank);
     }
     let report = leader.ok_or(TpError::NoReport)?;
-    let tokens = cfg.train.batch_size * cfg.train.seq_len.unwrap_or(report.model.block_size);
-    Ok(TpReport { tp: cfg.tp, tokens, grad_accum: cfg.train.grad_accum, report, ranks })
+    let tokens = cfg.train.batch_size / cfg.dp * cfg.train.seq_len.unwrap_or(report.model.block_size);
+    Ok(TpReport { tp: cfg.tp, dp: cfg.dp, tokens, grad_accum: cfg.train.grad_accum, report, ranks })
 }
 // ANCHOR_END: train

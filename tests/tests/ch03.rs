@@ -31,7 +31,11 @@ fn ch01(cfg: &TrainConfig) -> TrainReport {
 }
 
 fn tp(cfg: &TrainConfig, tp: usize) -> TpReport {
-    ch03_tensor_parallel::train(&TpConfig { train: cfg.clone(), tp, fault: None }).unwrap()
+    tp_dp(cfg, tp, 1)
+}
+
+fn tp_dp(cfg: &TrainConfig, tp: usize, dp: usize) -> TpReport {
+    ch03_tensor_parallel::train(&TpConfig { train: cfg.clone(), tp, dp, fault: None }).unwrap()
 }
 
 fn config() -> TrainConfig {
@@ -60,13 +64,28 @@ fn tp1_tp2_tp4_match_single_device() {
 }
 
 #[test]
+fn tp2_times_dp2_matches_single_device() {
+    // Four ranks: two tensor-parallel groups of two, each a replica computing half the rows;
+    // chapter 2's gradient sum between the replicas.
+    for accum in [1, 2] {
+        let cfg = TrainConfig { grad_accum: accum, ..config() };
+        let single = ch01(&cfg);
+        let run = tp_dp(&cfg, 2, 2);
+        assert_matches_ch01(&cfg, &single, &run.report, PARAMS_RTOL);
+        let grid: Vec<(usize, usize)> = run.ranks.iter().map(|r| (r.tp_rank, r.dp_rank)).collect();
+        assert_eq!(grid, [(0, 0), (1, 0), (0, 1), (1, 1)], "tensor parallelism innermost");
+        assert!(run.ranks.iter().all(|r| r.dp_comm.total_sent() > 0), "the replicas summed gradients");
+    }
+}
+
+#[test]
 fn a_missing_all_reduce_is_caught() {
     // Rank-local input gradients (the copy's backward skipped): forward is still right, the
     // loss still falls, and only the gradients below each branch are wrong.
     let cfg = config();
     let single = ch01(&cfg);
     let fault = Some(Fault::SkipInputGradSum);
-    let broken = ch03_tensor_parallel::train(&TpConfig { train: cfg.clone(), tp: 2, fault }).unwrap();
+    let broken = ch03_tensor_parallel::train(&TpConfig { train: cfg.clone(), tp: 2, dp: 1, fault }).unwrap();
     assert_eq!(broken.report.losses()[0], single.losses()[0], "the first loss is forward's: right");
     let check = std::panic::catch_unwind(|| assert_matches_ch01(&cfg, &single, &broken.report, PARAMS_RTOL));
     assert!(check.is_err(), "the check must see the missing sum");
@@ -135,7 +154,10 @@ fn a_tp2_checkpoint_is_chapter_1s_and_resumes_under_any_layout() {
 #[test]
 fn bad_tp_gets_a_clear_error() {
     let err = |cfg: &TrainConfig, n: usize| {
-        ch03_tensor_parallel::train(&TpConfig { train: cfg.clone(), tp: n, fault: None }).err().unwrap().to_string()
+        ch03_tensor_parallel::train(&TpConfig { train: cfg.clone(), tp: n, dp: 1, fault: None })
+            .err()
+            .unwrap()
+            .to_string()
     };
     let cfg = config();
     assert!(err(&cfg, 0).contains("--tp must be at least 1"));
@@ -144,6 +166,9 @@ fn bad_tp_gets_a_clear_error() {
     let three_heads = TrainConfig { n_head: Some(3), n_embd: Some(96), ..config() };
     let vocab = err(&three_heads, 3);
     assert!(vocab.contains("--tp 3 does not divide the padded vocabulary of 256 rows"), "{vocab}");
+    let dp3 = ch03_tensor_parallel::train(&TpConfig { train: cfg.clone(), tp: 2, dp: 3, fault: None });
+    let dp3 = dp3.err().unwrap().to_string();
+    assert!(dp3.contains("batch of 4 sequences is not divisible by --dp 3"), "{dp3}");
     let gpu = TrainConfig { device: kernels::device::DeviceRequest::Cuda(0), ..config() };
     assert!(err(&gpu, 2).contains("threads on the CPU"));
 }
