@@ -603,8 +603,12 @@ fn run_rank(
     let layout = ParamLayout::new(&model).shard(tp)?;
     let mut me = TpRank::new(cfg, layout, group, dp_group, dataset)?;
     let (m, s) = (&me.model, me.shape);
+    let replicas = match dp {
+        1 => String::new(),
+        _ => format!(" | data parallel: {dp} replicas of {} rows", me.rows),
+    };
     let header = format!(
-        "model: {} layers, {} heads, {} dims | tensor parallel: {} ranks, each {} heads, {} MLP units, {} vocabulary rows | data parallel: {} replicas of {} rows",
+        "model: {} layers, {} heads, {} dims | tensor parallel: {} ranks, each {} heads, {} MLP units, {} vocabulary rows{replicas}",
         m.n_layer,
         m.n_head,
         m.n_embd,
@@ -612,8 +616,6 @@ fn run_rank(
         s.n_head,
         s.mlp_hidden,
         me.vocab.rows.len(),
-        dp,
-        me.rows
     );
     let outcome = drive(&cfg.train, &mut me, rank == 0, &header)?;
     let params = me.gather(&me.params.to_vec().map_err(TrainError::from)?)?;
