@@ -36,6 +36,9 @@ fn print_tensor_parallel(r: &TpReport) {
         "  sent per step      {} per rank by the formula (2 all-reduces of B·T·C per block each way, plus the embedding's and the head's)",
         format_bytes(r.bytes_sent_per_step())
     );
+    if let Some(ms) = r.ranks.first().and_then(|rank| rank.sample_ms_per_token) {
+        println!("  sample             generated on the shards, {ms:.1} ms per token");
+    }
     for rank in &r.ranks {
         let held = |c| rank.memory.at_peak.get(&c).copied().unwrap_or(0);
         println!(

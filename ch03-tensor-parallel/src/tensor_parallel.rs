@@ -21,7 +21,7 @@ use ch01_single_gpu::model::{
 };
 use ch01_single_gpu::optimizer::{Optimizer, squared_norm};
 use ch01_single_gpu::params::{BlockParams, ParamLayout, Part, Placement, ShardError};
-use ch01_single_gpu::sample::{SampleConfig, generate};
+use ch01_single_gpu::sample::{SampleConfig, sample_next};
 use ch01_single_gpu::schedule::learning_rate;
 use ch01_single_gpu::tokenizer::Tokenizer;
 use ch01_single_gpu::train::{
@@ -34,7 +34,7 @@ use kernels::comm::thread::{LaunchError, ThreadComm, launch};
 use kernels::comm::{CommStats, Communicator, ReduceOp};
 use kernels::device::DeviceRequest;
 use kernels::ops::grad_norm::clip_scale;
-use kernels::{Category, DType, Device, MemoryLedger, MemoryReport, Tensor, TensorError, Trace, View, ViewMut};
+use kernels::{Category, DType, Device, MemoryLedger, MemoryReport, Rng, Tensor, TensorError, Trace, View, ViewMut};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
@@ -102,6 +102,8 @@ pub struct TpRankReport {
     pub sent_in_steps: u64,
     /// Bytes of the data-parallel group (the gradient sum and the losses).
     pub dp_comm: CommStats,
+    /// Milliseconds per token of the text sample, generated on the shards (when asked for).
+    pub sample_ms_per_token: Option<f64>,
 }
 
 pub struct TpReport {
@@ -347,9 +349,15 @@ impl TpRank {
 
     // ANCHOR: tp_forward
     /// tokens [B, T] -> the mean loss (with targets): chapter 1's three parts, each on its shard.
-    fn forward(&mut self, tokens: &[u32], targets: Option<&[u32]>, b: usize) -> Result<Option<f32>, TrainError> {
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        targets: Option<&[u32]>,
+        b: usize,
+        t: usize,
+    ) -> Result<Option<f32>, TrainError> {
         let Self { params, acts, group, layout, vocab, model, .. } = self;
-        let (t, c) = (self.t, model.n_embd);
+        let c = model.n_embd;
         let bt = b * t;
         let p = layout.views(params.view());
         let group: &mut dyn Communicator = group;
@@ -428,6 +436,30 @@ impl TpRank {
         Ok(whole)
     }
 
+    // ANCHOR: generate
+    /// Continues `prompt` by `cfg.tokens` tokens on the shards, as chapter 1's `generate` does on
+    /// the whole model (the last `block_size` tokens rerun each time): each rank computes its
+    /// heads and its columns of the logits; the last position's columns are all-gathered (rank
+    /// order is vocabulary order), so every rank samples the same token with the same seed.
+    fn generate(&mut self, prompt: &[u32], cfg: SampleConfig) -> Result<Vec<u32>, TrainError> {
+        let (window, width, vocab) = (self.model.block_size, self.vocab.rows.len(), self.model.vocab_size);
+        let (ledger, mut rng) = (MemoryLedger::new(), Rng::derive(cfg.seed, "sample"));
+        let acts = TpActivations::new(&self.model, self.shape, width, 1, window, &ledger)?;
+        let training_acts = std::mem::replace(&mut self.acts, acts);
+        let (mut tokens, mut logits) = (prompt.to_vec(), vec![0.0f32; width * self.tp]);
+        for _ in 0..cfg.tokens {
+            let context = tokens[tokens.len().saturating_sub(window)..].to_vec();
+            let t = context.len();
+            self.forward(&context, None, 1, t)?;
+            let mine = self.acts.head.logits.view().slice((t - 1) * width..t * width).cpu();
+            self.group.all_gather(mine, &mut logits)?;
+            tokens.push(sample_next(&logits[..vocab], cfg.temperature, cfg.top_k, &mut rng));
+        }
+        self.acts = training_acts;
+        Ok(tokens.split_off(prompt.len()))
+    }
+    // ANCHOR_END: generate
+
     fn gather_checkpoint(&mut self) -> Result<Gathered, TrainError> {
         let params = self.gather(&self.params.to_vec()?)?;
         let adam_m = self.gather(&self.optimizer.adam_m.to_vec()?)?;
@@ -482,7 +514,7 @@ impl TrainSteps for TpRank {
             let batch = self.sampler.next_batch(&self.dataset.train, b, t);
             let mine = self.replica * rows * t..(self.replica + 1) * rows * t;
             let (inputs, targets) = (&batch.inputs[mine.clone()], &batch.targets[mine]);
-            loss_sum += self.forward(inputs, Some(targets), rows)?.unwrap_or(f32::NAN) as f64;
+            loss_sum += self.forward(inputs, Some(targets), rows, t)?.unwrap_or(f32::NAN) as f64;
             let last = micro + 1 == accum; // only the last backward sends (DDP's no_sync)
             sync.begin();
             let mut on_ready = |part: Part, grads: &[View<'_>]| {
@@ -525,7 +557,7 @@ impl TrainSteps for TpRank {
         let mut total = 0.0f64;
         for k in (self.replica as u64..batches).step_by(dp as usize) {
             let batch = sequential_batch(&self.dataset.val, k, rows, t);
-            total += self.forward(&batch.inputs, Some(&batch.targets), rows)?.unwrap_or(f32::NAN) as f64;
+            total += self.forward(&batch.inputs, Some(&batch.targets), rows, t)?.unwrap_or(f32::NAN) as f64;
         }
         if dp == 1 {
             return Ok((total / batches as f64) as f32);
@@ -550,21 +582,30 @@ impl TrainSteps for TpRank {
     }
 }
 
+/// The text sample the config asks for, generated by the group (every rank calls it), and the
+/// time per generated token.
+fn sample(me: &mut TpRank) -> Result<Option<(String, f64)>, TrainError> {
+    let cfg = &me.cfg;
+    if cfg.sample_tokens == 0 {
+        return Ok(None);
+    }
+    let sample_cfg =
+        SampleConfig { tokens: cfg.sample_tokens, temperature: cfg.temperature, top_k: cfg.top_k, seed: cfg.seed };
+    let (tokenizer, prompt) = (Tokenizer::new(cfg.tokenizer), cfg.prompt.clone());
+    let started = Instant::now();
+    let out = me.generate(&tokenizer.encode(&prompt), sample_cfg)?;
+    let ms_per_token = 1e3 * started.elapsed().as_secs_f64() / out.len().max(1) as f64;
+    Ok(Some((prompt + &tokenizer.decode(&out), ms_per_token)))
+}
+
 /// Rank 0's report of the run, from the gathered parameters.
-fn report(me: &TpRank, outcome: LoopOutcome, params: Vec<f32>) -> Result<TrainReport, TrainError> {
+fn report(
+    me: &TpRank,
+    outcome: LoopOutcome,
+    params: Vec<f32>,
+    sample: Option<String>,
+) -> Result<TrainReport, TrainError> {
     let (cfg, model) = (&me.cfg, &me.model);
-    let tokenizer = Tokenizer::new(cfg.tokenizer);
-    let sample = match cfg.sample_tokens {
-        0 => None,
-        tokens => {
-            // Generation runs on the gathered model, as chapter 1's (see the book's exercises).
-            let sample_cfg = SampleConfig { tokens, temperature: cfg.temperature, top_k: cfg.top_k, seed: cfg.seed };
-            let p = me.full.views(View::Cpu(&params));
-            let prompt = tokenizer.encode(&cfg.prompt);
-            let out = generate(&p, model, &prompt, sample_cfg, Device::Cpu, DType::F32)?;
-            Some(cfg.prompt.clone() + &tokenizer.decode(&out))
-        }
-    };
     let tokens = (outcome.steps.len() * me.tokens_per_step()) as f64;
     Ok(TrainReport {
         model: model.clone(),
@@ -619,11 +660,14 @@ fn run_rank(
     );
     let outcome = drive(&cfg.train, &mut me, rank == 0, &header)?;
     let params = me.gather(&me.params.to_vec().map_err(TrainError::from)?)?;
-    let leader = if rank == 0 { Some(report(&me, outcome, params)?) } else { None };
+    let sample = sample(&mut me)?;
+    let sample_ms_per_token = sample.as_ref().map(|s| s.1);
+    let leader = if rank == 0 { Some(report(&me, outcome, params, sample.map(|s| s.0))?) } else { None };
     let comm = me.group.stats();
     let dp_comm = me.sync.as_mut().ok_or_else(sync_gone)?.stop()?;
     let memory = me.ledger.report();
-    Ok((leader, TpRankReport { rank, tp_rank, dp_rank, memory, comm, dp_comm, sent_in_steps: me.sent_in_steps }))
+    let sent_in_steps = me.sent_in_steps;
+    Ok((leader, TpRankReport { rank, tp_rank, dp_rank, memory, comm, dp_comm, sent_in_steps, sample_ms_per_token }))
 }
 // ANCHOR_END: run_rank
 

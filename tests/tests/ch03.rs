@@ -152,6 +152,20 @@ fn a_tp2_checkpoint_is_chapter_1s_and_resumes_under_any_layout() {
 }
 
 #[test]
+fn the_sample_is_generated_on_the_shards() {
+    let cfg = TrainConfig { sample_tokens: 24, eval_every: 0, val_batches: 1, ..tiny_config(3) };
+    let single = ch01(&cfg);
+    let one = tp(&cfg, 1);
+    assert_eq!(one.report.sample, single.sample, "tp 1 samples chapter 1's text");
+    let two = tp(&cfg, 2);
+    let text = two.report.sample.unwrap_or_default();
+    // 24 byte tokens decode to 8 to 24 characters (an invalid UTF-8 run becomes one U+FFFD).
+    let generated = text.strip_prefix(&cfg.prompt).map_or(0, |t| t.chars().count());
+    assert!((8..=24).contains(&generated), "24 byte tokens after the prompt: {text:?}");
+    assert!(two.ranks.iter().all(|r| r.sample_ms_per_token.is_some_and(|ms| ms > 0.0)));
+}
+
+#[test]
 fn bad_tp_gets_a_clear_error() {
     let err = |cfg: &TrainConfig, n: usize| {
         ch03_tensor_parallel::train(&TpConfig { train: cfg.clone(), tp: n, dp: 1, fault: None })
