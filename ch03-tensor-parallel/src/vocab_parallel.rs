@@ -202,3 +202,60 @@ pub fn head_backward(
     Ok(())
 }
 // ANCHOR_END: head
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kernels::Rng;
+    use kernels::comm::thread::launch;
+    use kernels::ops::softmax_cross_entropy as whole;
+
+    #[test]
+    fn cross_entropy_over_shards_is_the_whole_one() {
+        // 200 real tokens padded to 256: with 4 ranks, the last holds 8 real rows and 56 padding.
+        let cfg = ModelConfig { n_layer: 1, n_head: 1, n_embd: 8, block_size: 8, vocab_size: 200 };
+        let (bt, vp, v) = (6, cfg.padded_vocab_size(), cfg.vocab_size);
+        let mut rng = Rng::new(4);
+        let logits: Vec<f32> = (0..bt * vp).map(|_| 3.0 * rng.normal() as f32).collect();
+        let targets: Vec<u32> = vec![0, 5, 63, 64, 150, 199];
+        let (mut probs, mut losses) = (logits.clone(), vec![0.0; bt]);
+        whole::softmax_cross_entropy_forward(&mut probs, &mut losses, &targets, v, vp);
+        whole::softmax_cross_entropy_backward(&mut probs, &targets, 0.5, vp);
+        for n in [1, 2, 4] {
+            let out = launch(n, |mut comm| {
+                let shard = VocabShard::new(&cfg, comm.rank(), n);
+                let cols = shard.rows.clone();
+                let mut mine: Vec<f32> = logits.chunks_exact(vp).flat_map(|row| row[cols.clone()].to_vec()).collect();
+                let mut my_losses = vec![0.0; bt];
+                cross_entropy_forward(&mut comm, &mut mine, &mut my_losses, &targets, &shard)?;
+                cross_entropy_backward(&mut mine, &targets, 0.5, &shard);
+                Ok::<_, CommError>((cols, mine, my_losses))
+            })
+            .unwrap();
+            for (cols, dlogits, my_losses) in out {
+                for (a, b) in my_losses.iter().zip(&losses) {
+                    assert!((a - b).abs() <= 1e-6 * b.abs(), "tp {n}: loss {a} vs {b}");
+                }
+                for (i, row) in dlogits.chunks_exact(cols.len()).enumerate() {
+                    for (j, d) in row.iter().enumerate() {
+                        let expected = probs[i * vp + cols.start + j];
+                        assert!((d - expected).abs() <= 1e-6, "tp {n}: dlogits[{i}, {}]", cols.start + j);
+                        if cols.start + j >= v {
+                            assert_eq!(*d, 0.0, "padding gets no gradient");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_token_is_looked_up_by_exactly_one_rank() {
+        let cfg = ModelConfig { n_layer: 1, n_head: 1, n_embd: 2, block_size: 4, vocab_size: 200 };
+        let shards: Vec<VocabShard> = (0..4).map(|r| VocabShard::new(&cfg, r, 4)).collect();
+        assert_eq!(shards[3], VocabShard { rows: 192..256, real: 8 });
+        for id in [0u32, 63, 64, 199, 255] {
+            assert_eq!(shards.iter().filter(|s| s.local(id).is_some()).count(), 1, "token {id}");
+        }
+    }
+}
