@@ -148,6 +148,7 @@ pub fn ring_bytes_sent(f: CollectiveFloats, n: usize) -> (u64, u64) {
     let all_gather = (n - 1) * f.all_gathered;
     (4 * all_reduce as u64, 4 * all_gather as u64)
 }
+
 impl TpReport {
     /// The bytes every rank sends per training step by the formulas above: forward and backward
     /// of each micro-batch, and the gradient norm (an f64 as three f32s, all-gathered).
@@ -257,6 +258,7 @@ fn check_tp(cfg: &TpConfig) -> Result<(), TpError> {
     if !model.n_head.is_multiple_of(tp) {
         return Err(TpError::Heads { tp, n_head: model.n_head });
     }
+    // Implied by the heads today (n_head divides C), said separately for a model whose MLP is not 4C.
     if !(4 * model.n_embd).is_multiple_of(tp) {
         return Err(TpError::Mlp { tp, hidden: 4 * model.n_embd });
     }
