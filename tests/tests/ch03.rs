@@ -86,7 +86,8 @@ fn a_missing_all_reduce_is_caught() {
     let single = ch01(&cfg);
     let fault = Some(Fault::SkipInputGradSum);
     let broken = ch03_tensor_parallel::train(&TpConfig { train: cfg.clone(), tp: 2, dp: 1, fault }).unwrap();
-    assert_eq!(broken.report.losses()[0], single.losses()[0], "the first loss is forward's: right");
+    let first = [broken.report.losses()[0]];
+    scale_tests::assert_close("the first loss, forward's: right", &first, &single.losses()[..1], RTOL);
     let check = std::panic::catch_unwind(|| assert_matches_ch01(&cfg, &single, &broken.report, PARAMS_RTOL));
     assert!(check.is_err(), "the check must see the missing sum");
 }
