@@ -146,7 +146,7 @@ fn a_tp2_checkpoint_is_chapter_1s_and_resumes_under_any_layout() {
     let resumed = TrainConfig { resume: Some(dir.path().to_path_buf()), ..six.clone() };
     let by_ch01 = ch01(&resumed);
     let by_tp4 = tp(&resumed, 4);
-    assert_eq!(by_ch01.losses(), straight.losses()[3..], "chapter 1 resumes a tp 2 checkpoint");
+    scale_tests::assert_close("chapter 1 resumed", &by_ch01.losses(), &straight.losses()[3..], RTOL);
     scale_tests::assert_close("loss", &by_tp4.report.losses(), &straight.losses()[3..], 1e-5);
     let tol = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
     assert!(tol(&by_tp4.report.params, &straight.params) < 1e-4, "tp 4 resumed to chapter 1's parameters");
