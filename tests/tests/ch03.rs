@@ -17,7 +17,7 @@ const PARAMS_RTOL: f32 = 2e-5;
 
 use ch01_single_gpu::schedule::LrSchedule;
 use ch01_single_gpu::{TrainConfig, TrainReport};
-use ch03_tensor_parallel::tensor_parallel::{
+use ch03_tensor_parallel::cost::{
     CollectiveFloats, activation_floats_per_token, backward_collectives, forward_collectives, ring_bytes_sent,
 };
 use ch03_tensor_parallel::tp_comm::Fault;
