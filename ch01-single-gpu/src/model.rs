@@ -493,14 +493,14 @@ impl BlockParams<View<'_>> {
 // ANCHOR: lm_head
 /// logits [BT, Vp] = x [BT, C] @ wte^T. The output projection is the token embedding itself,
 /// transposed (tied weights): the vector a token is read in as is also the one it is scored by.
-fn lm_head_forward(logits: ViewMut<'_>, x: View<'_>, wte: View<'_>, bt: usize, c: usize, vp: usize) {
+pub fn lm_head_forward(logits: ViewMut<'_>, x: View<'_>, wte: View<'_>, bt: usize, c: usize, vp: usize) {
     matmul(logits, x, wte, bt, c, vp, false, true, false);
 }
 
 /// dx = dlogits @ wte [BT, C];  dwte += dlogits^T @ x [Vp, C] (added to the embedding's own
 /// gradient: one tensor, two uses, one sum).
 #[allow(clippy::too_many_arguments)]
-fn lm_head_backward(
+pub fn lm_head_backward(
     dx: ViewMut<'_>,
     dwte: ViewMut<'_>,
     dlogits: View<'_>,

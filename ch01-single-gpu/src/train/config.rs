@@ -1,6 +1,7 @@
 //! What a run is asked to do: [`TrainConfig`] and the checks made before anything is allocated.
 
 use super::TrainError;
+use crate::checkpoint::{self, RunShape, TrainerState};
 use crate::config::ModelConfig;
 use crate::data::{DataOrder, Dataset, SHAKESPEARE};
 use crate::schedule::LrSchedule;
@@ -8,7 +9,7 @@ use crate::tokenizer::{Tokenizer, TokenizerKind};
 use kernels::DType;
 use kernels::device::DeviceRequest;
 use kernels::ops::adamw::AdamWConfig;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Where the training text comes from.
 #[derive(Clone, Debug)]
@@ -142,7 +143,7 @@ pub fn load_dataset(source: &DataSource, tokenizer: &Tokenizer) -> Result<Datase
     Ok(Dataset::new(tokenizer.encode(&text))?)
 }
 
-pub(crate) fn check_config(cfg: &TrainConfig, model: &ModelConfig) -> Result<usize, TrainError> {
+pub fn check_config(cfg: &TrainConfig, model: &ModelConfig) -> Result<usize, TrainError> {
     cfg.validate()?;
     for (value, name) in
         [(cfg.batch_size, "batch size"), (cfg.grad_accum, "grad_accum"), (cfg.val_batches, "val_batches")]
@@ -174,4 +175,40 @@ pub(crate) fn check_config(cfg: &TrainConfig, model: &ModelConfig) -> Result<usi
         return Err(TrainError::InitAndResume);
     }
     Ok(seq_len)
+}
+
+/// The shape of a run, as its checkpoints record it (`t`: the sequence length it trains at),
+/// with what identifies its data.
+pub fn run_shape(cfg: &TrainConfig, model: &ModelConfig, t: usize, dataset: &Dataset) -> RunShape {
+    RunShape {
+        model: model.clone(),
+        tokenizer: cfg.tokenizer,
+        batch_size: cfg.batch_size,
+        seq_len: t,
+        grad_accum: cfg.grad_accum,
+        data_order: cfg.data_order,
+        seed: cfg.seed,
+        steps: cfg.steps,
+        lr: cfg.lr,
+        lr_schedule: cfg.lr_schedule,
+        warmup_steps: cfg.warmup_steps,
+        weight_decay: cfg.weight_decay,
+        grad_clip: cfg.grad_clip,
+        adam: cfg.adam,
+        data: Some(dataset.identity()),
+    }
+}
+
+/// The trainer state of the checkpoint in `dir`, if a run of shape `run` can resume from it
+/// (the same run, not yet at `steps`).
+pub fn resume_state(dir: &Path, run: &RunShape, steps: u64) -> Result<TrainerState, TrainError> {
+    let state = checkpoint::read_trainer_state(dir)?;
+    if let Some(reason) = run.difference(&state.run) {
+        return Err(TrainError::Resume { path: dir.to_path_buf(), reason });
+    }
+    if state.step >= steps {
+        let reason = format!("that run is already complete (step {} of {})", state.step, steps);
+        return Err(TrainError::Resume { path: dir.to_path_buf(), reason });
+    }
+    Ok(state)
 }

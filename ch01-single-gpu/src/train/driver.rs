@@ -48,6 +48,13 @@ pub struct LoopOutcome {
     pub train_seconds: f64,
 }
 
+/// Whether [`drive`] saves a checkpoint after step `done` (1-based): every `save_every` steps and
+/// after the last, when `--save` is given. A layout whose save is collective (its ranks gather
+/// their shards first) asks this to know when to gather.
+pub fn saves_after(cfg: &TrainConfig, done: u64) -> bool {
+    cfg.save.is_some() && (done == cfg.steps || (cfg.save_every > 0 && done.is_multiple_of(cfg.save_every)))
+}
+
 // ANCHOR: drive
 /// The training loop: step until `cfg.steps`, evaluating every `eval_every` steps and after the
 /// last, and saving every `save_every` and at the end. Only the `leader` (rank 0) shows
@@ -118,7 +125,7 @@ pub fn drive(
         bar.inc(1);
         outcome.steps.push(record);
         if let Some(dir) = &cfg.save
-            && (done == cfg.steps || (cfg.save_every > 0 && done.is_multiple_of(cfg.save_every)))
+            && saves_after(cfg, done)
         {
             if leader {
                 trainer.save(dir)?;

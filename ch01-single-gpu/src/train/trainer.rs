@@ -1,7 +1,8 @@
 //! [`Trainer`]: the model, its optimizer state, the data, and the buffers a step needs.
 
 use super::{
-    LoopOutcome, StepRecord, TrainConfig, TrainError, TrainReport, TrainSteps, check_config, load_dataset, model_config,
+    LoopOutcome, StepRecord, TrainConfig, TrainError, TrainReport, TrainSteps, check_config, load_dataset,
+    model_config, resume_state, run_shape,
 };
 use crate::checkpoint::{self, CheckpointContents, RunShape, TrainerState};
 use crate::config::ModelConfig;
@@ -81,23 +82,7 @@ impl Trainer {
         }
         dataset.check_seq_len(t)?;
         crate::preflight::check_memory(cfg, &model, rows, t, device, 1)?;
-        let run = RunShape {
-            model: model.clone(),
-            tokenizer: cfg.tokenizer,
-            batch_size: b,
-            seq_len: t,
-            grad_accum: cfg.grad_accum,
-            data_order: cfg.data_order,
-            seed: cfg.seed,
-            steps: cfg.steps,
-            lr: cfg.lr,
-            lr_schedule: cfg.lr_schedule,
-            warmup_steps: cfg.warmup_steps,
-            weight_decay: cfg.weight_decay,
-            grad_clip: cfg.grad_clip,
-            adam: cfg.adam,
-            data: Some(dataset.identity()),
-        };
+        let run = run_shape(cfg, &model, t, &dataset);
 
         // ANCHOR: four_buffers
         let ledger = MemoryLedger::new();
@@ -113,14 +98,7 @@ impl Trainer {
         let mut sampler = BatchSampler::new(cfg.data_order, cfg.seed);
         let mut step = 0;
         if let Some(dir) = &cfg.resume {
-            let state = checkpoint::read_trainer_state(dir)?;
-            if let Some(reason) = run.difference(&state.run) {
-                return Err(TrainError::Resume { path: dir.clone(), reason });
-            }
-            if state.step >= cfg.steps {
-                let reason = format!("that run is already complete (step {} of {})", state.step, cfg.steps);
-                return Err(TrainError::Resume { path: dir.clone(), reason });
-            }
+            let state = resume_state(dir, &run, cfg.steps)?;
             checkpoint::load_weights(dir, &model, &layout, &mut host)?;
             let (mut m, mut v) = (vec![0.0f32; layout.total], vec![0.0f32; layout.total]);
             checkpoint::load_optimizer(dir, &layout, &mut m, &mut v)?;

@@ -1,0 +1,263 @@
+//! The vocabulary-parallel embedding and cross-entropy: each rank holds Vp/n rows of the token
+//! embedding `wte`, which is also the output projection (tied), so that neither the embedding
+//! table nor the logits [B·T, Vp] ever exist whole on one rank.
+//!
+//! - Embedding: a rank looks up the tokens in its rows and writes zero rows for the others; the
+//!   sum over the group is the full lookup (exactly: x + 0 = x), and the position embedding is
+//!   added after it, once.
+//! - Cross-entropy over logits split by columns (Megatron's `cross_entropy.py`): per row,
+//!   loss = log Σ_v exp(z_v − m) − (z_target − m), with m the row's max. Three reductions suffice:
+//!   the max of the ranks' maxima, the sum of their sums of exponentials, and the target logit,
+//!   which exactly one rank holds (the others contribute 0).
+//! - The tied weight's two gradients (the head's dlogitsᵀ·x and the embedding's scatter-add) land
+//!   in the same rows of the same shard: rank r's rows of the head are rank r's rows of the table.
+
+use crate::tp_comm::{CopyToShards, SumFromShards, max_over_group};
+use ch01_single_gpu::config::ModelConfig;
+use ch01_single_gpu::model::{Head, HeadActivations, lm_head_backward, lm_head_forward};
+use kernels::comm::{CommError, Communicator, ReduceOp};
+use kernels::dispatch::{layernorm_backward, layernorm_forward, zero};
+use kernels::ops::math;
+use kernels::{View, ViewMut};
+use std::ops::Range;
+
+// ANCHOR: vocab_shard
+/// The rows of the padded vocabulary one rank holds: ids `rows`, of which the first `real` are
+/// real tokens (ids < V) and the rest padding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VocabShard {
+    pub rows: Range<usize>,
+    pub real: usize,
+}
+
+impl VocabShard {
+    /// Rank `rank`'s rows of `n`: a contiguous Vp/n of them, as `ParamLayout::shard` cuts wte.
+    pub fn new(cfg: &ModelConfig, rank: usize, n: usize) -> VocabShard {
+        let per_rank = cfg.padded_vocab_size() / n;
+        let rows = rank * per_rank..(rank + 1) * per_rank;
+        let real = cfg.vocab_size.clamp(rows.start, rows.end) - rows.start;
+        VocabShard { rows, real }
+    }
+
+    /// Where token `id` sits in this rank's rows, if it is one of them.
+    pub fn local(&self, id: u32) -> Option<usize> {
+        let id = id as usize;
+        self.rows.contains(&id).then(|| id - self.rows.start)
+    }
+}
+// ANCHOR_END: vocab_shard
+
+// ANCHOR: embedding
+/// tokens [B, T] -> x [B, T, C] = wte[token] + wpe[position], with this rank's rows of wte
+/// (wte_local [Vp/n, C]): the rank's lookups (zero rows for tokens it does not hold), summed over
+/// the group, then the position embedding (replicated) added once.
+#[allow(clippy::too_many_arguments)]
+pub fn embed_forward(
+    group: &mut dyn Communicator,
+    x: &mut [f32],
+    tokens: &[u32],
+    wte_local: &[f32],
+    wpe: &[f32],
+    shard: &VocabShard,
+    t: usize,
+    c: usize,
+) -> Result<(), CommError> {
+    for (row, &token) in x.chunks_exact_mut(c).zip(tokens) {
+        match shard.local(token) {
+            Some(i) => row.copy_from_slice(&wte_local[i * c..(i + 1) * c]),
+            None => row.fill(0.0),
+        }
+    }
+    SumFromShards::forward(group, x)?;
+    for (i, row) in x.chunks_exact_mut(c).enumerate() {
+        let position = &wpe[(i % t) * c..(i % t + 1) * c];
+        row.iter_mut().zip(position).for_each(|(o, p)| *o += p);
+    }
+    Ok(())
+}
+
+/// The lookup's gradient, a scatter-add into this rank's rows: dwte[token] += d_x for the tokens
+/// it holds, and (replicated, so on every rank) dwpe[t] += d_x. d_x [B, T, C] is whole on every
+/// rank. The same order as chapter 1's, so that one rank's sums are chapter 1's bit for bit.
+pub fn embed_backward(
+    dwte_local: &mut [f32],
+    dwpe: &mut [f32],
+    d_x: &[f32],
+    tokens: &[u32],
+    shard: &VocabShard,
+    t: usize,
+    c: usize,
+) {
+    for (i, (row, &token)) in d_x.chunks_exact(c).zip(tokens).enumerate() {
+        if let Some(local) = shard.local(token) {
+            dwte_local[local * c..(local + 1) * c].iter_mut().zip(row).for_each(|(g, d)| *g += d);
+        }
+        dwpe[(i % t) * c..(i % t + 1) * c].iter_mut().zip(row).for_each(|(g, d)| *g += d);
+    }
+}
+// ANCHOR_END: embedding
+
+// ANCHOR: cross_entropy
+/// logits [BT, Vp/n] (this rank's columns) -> the probabilities of those columns in place, and
+/// every row's loss in `losses` [BT] (the same on every rank):
+///   m = max over all ranks of the row's real logits
+///   s = Σ over all ranks of Σ_v exp(z_v − m)
+///   loss = ln s − (z_target − m)       (z_target − m from the rank that holds the target)
+pub fn cross_entropy_forward(
+    group: &mut dyn Communicator,
+    logits: &mut [f32],
+    losses: &mut [f32],
+    targets: &[u32],
+    shard: &VocabShard,
+) -> Result<(), CommError> {
+    let (width, real, bt) = (shard.rows.len(), shard.real, losses.len());
+    let local_max: Vec<f32> = logits.chunks_exact(width).map(|row| math::max(&row[..real])).collect();
+    let max = max_over_group(group, &local_max)?;
+    // [sum of exponentials | target logit − m], one all-reduce for both.
+    let mut sums = vec![0.0f32; 2 * bt];
+    for (i, (row, &target)) in logits.chunks_exact_mut(width).zip(targets).enumerate() {
+        if let Some(local) = shard.local(target) {
+            sums[bt + i] = row[local] - max[i];
+        }
+        for z in &mut row[..real] {
+            *z = math::exp(*z - max[i]);
+        }
+        row[real..].fill(0.0);
+        sums[i] = math::sum(&row[..real]);
+    }
+    group.all_reduce(&mut sums, ReduceOp::Sum)?;
+    for (i, (row, loss)) in logits.chunks_exact_mut(width).zip(losses.iter_mut()).enumerate() {
+        let inv = 1.0 / sums[i];
+        row[..real].iter_mut().for_each(|p| *p *= inv);
+        *loss = sums[i].ln() - sums[bt + i];
+    }
+    Ok(())
+}
+
+/// probs -> dlogits in place, for L = dloss · Σ losses: dL/dz_v = dloss · (p_v − [v = target]),
+/// each rank for its own columns (the one-hot only where it holds the target). No communication.
+pub fn cross_entropy_backward(probs: &mut [f32], targets: &[u32], dloss: f32, shard: &VocabShard) {
+    for (row, &target) in probs.chunks_exact_mut(shard.rows.len()).zip(targets) {
+        if let Some(local) = shard.local(target) {
+            row[local] -= 1.0;
+        }
+        row.iter_mut().for_each(|d| *d *= dloss);
+    }
+}
+// ANCHOR_END: cross_entropy
+
+// ANCHOR: head
+/// The head on a shard: x [BT, C] -> ln_f -> logits [BT, Vp/n] of this rank's vocabulary rows
+/// (the output projection is column-parallel by vocabulary, its input replicated) -> the loss.
+/// Returns the mean loss when given targets; `acts.logits` then holds this rank's probabilities.
+#[allow(clippy::too_many_arguments)]
+pub fn head_forward(
+    group: &mut dyn Communicator,
+    p: &Head<View<'_>>,
+    cfg: &ModelConfig,
+    x: View<'_>,
+    acts: &mut HeadActivations,
+    targets: Option<&[u32]>,
+    shard: &VocabShard,
+    bt: usize,
+) -> Result<Option<f32>, CommError> {
+    let (c, width) = (cfg.n_embd, shard.rows.len());
+    let (mean, rstd) = (acts.ln_f_mean.prefix_mut(bt), acts.ln_f_rstd.prefix_mut(bt));
+    layernorm_forward(acts.ln_f.prefix_mut(bt * c), mean, rstd, x, p.ln_f_weight, p.ln_f_bias, c);
+    CopyToShards::forward(acts.ln_f.prefix_mut(bt * c).cpu());
+    lm_head_forward(acts.logits.prefix_mut(bt * width), acts.ln_f.prefix(bt * c), p.wte, bt, c, width);
+    let Some(targets) = targets else { return Ok(None) };
+    let (logits, losses) = (acts.logits.prefix_mut(bt * width).cpu(), acts.losses.prefix_mut(bt).cpu());
+    cross_entropy_forward(group, logits, losses, targets, shard)?;
+    let losses = acts.losses.prefix(bt).cpu();
+    Ok(Some((losses.iter().map(|&l| l as f64).sum::<f64>() / bt as f64) as f32))
+}
+
+/// The head's backward: dlogits of this rank's columns, its share of dwte, and the sum of the
+/// ranks' shares of dL/d(ln_f) (the copy's backward) before the LayerNorm's backward writes
+/// dL/dx [BT, C] into `d_x`. `d_ln` is [BT, C] scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn head_backward(
+    group: &mut dyn Communicator,
+    p: &Head<View<'_>>,
+    grads: Head<ViewMut<'_>>,
+    cfg: &ModelConfig,
+    x: View<'_>,
+    acts: &mut HeadActivations,
+    mut d_ln: ViewMut<'_>,
+    mut d_x: ViewMut<'_>,
+    targets: &[u32],
+    dloss: f32,
+    shard: &VocabShard,
+    bt: usize,
+) -> Result<(), CommError> {
+    let (c, width) = (cfg.n_embd, shard.rows.len());
+    cross_entropy_backward(acts.logits.prefix_mut(bt * width).cpu(), targets, dloss, shard);
+    let (dlogits, ln_f) = (acts.logits.prefix(bt * width), acts.ln_f.prefix(bt * c));
+    lm_head_backward(d_ln.reborrow(), grads.wte, dlogits, ln_f, p.wte, bt, c, width);
+    CopyToShards::backward(group, d_ln.reborrow().cpu())?;
+    zero(d_x.reborrow());
+    let (mean, rstd) = (acts.ln_f_mean.prefix(bt), acts.ln_f_rstd.prefix(bt));
+    layernorm_backward(d_x, grads.ln_f_weight, grads.ln_f_bias, d_ln.as_view(), x, p.ln_f_weight, mean, rstd, c);
+    Ok(())
+}
+// ANCHOR_END: head
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kernels::Rng;
+    use kernels::comm::thread::launch;
+    use kernels::ops::softmax_cross_entropy as whole;
+
+    #[test]
+    fn cross_entropy_over_shards_is_the_whole_one() {
+        // 200 real tokens padded to 256: with 4 ranks, the last holds 8 real rows and 56 padding.
+        let cfg = ModelConfig { n_layer: 1, n_head: 1, n_embd: 8, block_size: 8, vocab_size: 200 };
+        let (bt, vp, v) = (6, cfg.padded_vocab_size(), cfg.vocab_size);
+        let mut rng = Rng::new(4);
+        let logits: Vec<f32> = (0..bt * vp).map(|_| 3.0 * rng.normal() as f32).collect();
+        let targets: Vec<u32> = vec![0, 5, 63, 64, 150, 199];
+        let (mut probs, mut losses) = (logits.clone(), vec![0.0; bt]);
+        whole::softmax_cross_entropy_forward(&mut probs, &mut losses, &targets, v, vp);
+        whole::softmax_cross_entropy_backward(&mut probs, &targets, 0.5, vp);
+        let (logits, targets) = (std::sync::Arc::new(logits), std::sync::Arc::new(targets));
+        for n in [1, 2, 4] {
+            let (logits, targets, cfg) = (logits.clone(), targets.clone(), cfg.clone());
+            let out = launch(n, move |mut comm| {
+                let shard = VocabShard::new(&cfg, comm.rank(), n);
+                let cols = shard.rows.clone();
+                let mut mine: Vec<f32> = logits.chunks_exact(vp).flat_map(|row| row[cols.clone()].to_vec()).collect();
+                let mut my_losses = vec![0.0; bt];
+                cross_entropy_forward(&mut comm, &mut mine, &mut my_losses, &targets, &shard)?;
+                cross_entropy_backward(&mut mine, &targets, 0.5, &shard);
+                Ok::<_, CommError>((cols, mine, my_losses))
+            })
+            .unwrap();
+            for (cols, dlogits, my_losses) in out {
+                for (a, b) in my_losses.iter().zip(&losses) {
+                    assert!((a - b).abs() <= 1e-6 * b.abs(), "tp {n}: loss {a} vs {b}");
+                }
+                for (i, row) in dlogits.chunks_exact(cols.len()).enumerate() {
+                    for (j, d) in row.iter().enumerate() {
+                        let expected = probs[i * vp + cols.start + j];
+                        assert!((d - expected).abs() <= 1e-6, "tp {n}: dlogits[{i}, {}]", cols.start + j);
+                        if cols.start + j >= v {
+                            assert_eq!(*d, 0.0, "padding gets no gradient");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_token_is_looked_up_by_exactly_one_rank() {
+        let cfg = ModelConfig { n_layer: 1, n_head: 1, n_embd: 2, block_size: 4, vocab_size: 200 };
+        let shards: Vec<VocabShard> = (0..4).map(|r| VocabShard::new(&cfg, r, 4)).collect();
+        assert_eq!(shards[3], VocabShard { rows: 192..256, real: 8 });
+        for id in [0u32, 63, 64, 199, 255] {
+            assert_eq!(shards.iter().filter(|s| s.local(id).is_some()).count(), 1, "token {id}");
+        }
+    }
+}

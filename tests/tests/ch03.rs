@@ -1,0 +1,211 @@
+//! Chapter 3's claims: tensor parallelism computes what chapter 1 computes.
+//!
+//! Tolerance: a sharded matmul adds its products in a different order (each rank sums over its
+//! rows of the reduction, then the ring adds the ranks' partial sums), and so do the
+//! cross-entropy's sums of exponentials; results agree to float rounding, not bit for bit.
+//! tp = 1 is bit for bit: the same matmuls, and sums over one rank are no-ops.
+//!
+//! Losses and gradient norms agree within 1e-5. The parameters' tolerance is 2e-5 of the update,
+//! and the reason is one tensor: the key bias of `c_attn`. Adding a constant vector b to every
+//! key adds q·b to every score of a row, and softmax ignores a constant added to a row, so the
+//! key bias's gradient is exactly zero in exact arithmetic, and in floats it is rounding noise.
+//! AdamW divides by the noise's own scale, so it takes steps of about lr in a random direction,
+//! and the two layouts' noise differs. At tp 2 that tensor alone is 1.4e-5 of the whole update
+//! (the query and value biases: 1e-7); every other tensor is within 1.6e-5 of its own update.
+const RTOL: f32 = 1e-5;
+const PARAMS_RTOL: f32 = 2e-5;
+
+use ch01_single_gpu::schedule::LrSchedule;
+use ch01_single_gpu::{TrainConfig, TrainReport};
+use ch03_tensor_parallel::cost::{
+    CollectiveFloats, activation_floats_per_token, backward_collectives, forward_collectives, ring_bytes_sent,
+};
+use ch03_tensor_parallel::tp_comm::Fault;
+use ch03_tensor_parallel::{TpConfig, TpReport};
+use kernels::Category;
+use kernels::comm::Collective;
+use scale_tests::{assert_matches_ch01, tiny_config};
+
+fn ch01(cfg: &TrainConfig) -> TrainReport {
+    ch01_single_gpu::train(cfg).unwrap()
+}
+
+fn tp(cfg: &TrainConfig, tp: usize) -> TpReport {
+    tp_dp(cfg, tp, 1)
+}
+
+fn tp_dp(cfg: &TrainConfig, tp: usize, dp: usize) -> TpReport {
+    ch03_tensor_parallel::train(&TpConfig { train: cfg.clone(), tp, dp, fault: None }).unwrap()
+}
+
+fn config() -> TrainConfig {
+    TrainConfig { eval_every: 3, ..tiny_config(6) }
+}
+
+// ANCHOR: equivalence_tests
+#[test]
+fn tp1_tp2_tp4_match_single_device() {
+    for accum in [1, 2] {
+        let cfg = TrainConfig { grad_accum: accum, ..config() };
+        let single = ch01(&cfg);
+        for n in [1, 2, 4] {
+            eprintln!("tp = {n}, grad_accum = {accum}");
+            let run = tp(&cfg, n);
+            assert_matches_ch01(&cfg, &single, &run.report, PARAMS_RTOL);
+            scale_tests::assert_close("loss", &single.losses(), &run.report.losses(), RTOL);
+            let norms = |r: &TrainReport| r.steps.iter().map(|s| s.grad_norm).collect::<Vec<f32>>();
+            scale_tests::assert_close("grad norm", &norms(&single), &norms(&run.report), RTOL);
+            if n == 1 {
+                assert_eq!(run.report.losses(), single.losses(), "tp 1 is chapter 1, bit for bit");
+                assert_eq!(run.report.params, single.params, "tp 1 is chapter 1, bit for bit");
+            }
+        }
+    }
+}
+
+#[test]
+fn tp2_times_dp2_matches_single_device() {
+    // Four ranks: two tensor-parallel groups of two, each a replica computing half the rows;
+    // chapter 2's gradient sum between the replicas.
+    for accum in [1, 2] {
+        let cfg = TrainConfig { grad_accum: accum, ..config() };
+        let single = ch01(&cfg);
+        let run = tp_dp(&cfg, 2, 2);
+        assert_matches_ch01(&cfg, &single, &run.report, PARAMS_RTOL);
+        let grid: Vec<(usize, usize)> = run.ranks.iter().map(|r| (r.tp_rank, r.dp_rank)).collect();
+        assert_eq!(grid, [(0, 0), (1, 0), (0, 1), (1, 1)], "tensor parallelism innermost");
+        assert!(run.ranks.iter().all(|r| r.dp_comm.total_sent() > 0), "the replicas summed gradients");
+    }
+}
+
+#[test]
+fn a_missing_all_reduce_is_caught() {
+    // Rank-local input gradients (the copy's backward skipped): forward is still right, the
+    // loss still falls, and only the gradients below each branch are wrong.
+    let cfg = config();
+    let single = ch01(&cfg);
+    let fault = Some(Fault::SkipInputGradSum);
+    let broken = ch03_tensor_parallel::train(&TpConfig { train: cfg.clone(), tp: 2, dp: 1, fault }).unwrap();
+    let first = [broken.report.losses()[0]];
+    scale_tests::assert_close("the first loss, forward's: right", &first, &single.losses()[..1], RTOL);
+    let check = std::panic::catch_unwind(|| assert_matches_ch01(&cfg, &single, &broken.report, PARAMS_RTOL));
+    assert!(check.is_err(), "the check must see the missing sum");
+}
+// ANCHOR_END: equivalence_tests
+
+// ANCHOR: bytes_test
+#[test]
+fn each_rank_sends_what_the_formula_says() {
+    for accum in [1, 2] {
+        let cfg = TrainConfig { grad_accum: accum, ..config() };
+        let bt = cfg.batch_size * cfg.seq_len.unwrap_or_default();
+        for n in [2, 4] {
+            let run = tp(&cfg, n);
+            let (fwd, bwd) = (forward_collectives(&run.report.model, bt), backward_collectives(&run.report.model, bt));
+            let all_reduce = |f: CollectiveFloats| ring_bytes_sent(f, n).0;
+            for rank in &run.ranks {
+                assert_eq!(rank.sent_in_steps, cfg.steps * run.bytes_sent_per_step(), "tp {n}, rank {}", rank.rank);
+                // All of the all-reduces are the model's: forward and backward of each micro-batch,
+                // and forward of each validation batch (two evaluations of two batches).
+                let evals = 2 * cfg.val_batches as u64;
+                let expected = cfg.steps * accum as u64 * (all_reduce(fwd) + all_reduce(bwd)) + evals * all_reduce(fwd);
+                assert_eq!(rank.comm.sent[&Collective::AllReduce], expected, "tp {n}, rank {}", rank.rank);
+            }
+        }
+    }
+}
+// ANCHOR_END: bytes_test
+
+#[test]
+fn activation_memory_per_rank_is_the_formula() {
+    let cfg = TrainConfig { eval_every: 0, val_batches: 1, ..tiny_config(1) };
+    let (b, t) = (cfg.batch_size, cfg.seq_len.unwrap_or_default());
+    let whole = ch01_single_gpu::model::Activations::floats_per_token(&ch01(&cfg).model, t);
+    for n in [1, 2, 4] {
+        let run = tp(&cfg, n);
+        let floats = activation_floats_per_token(&run.report.model, t, n);
+        if n == 1 {
+            assert_eq!(floats, whole, "tp 1 saves what chapter 1 saves");
+        }
+        for rank in &run.ranks {
+            let counted = rank.memory.at_peak[&Category::Activations];
+            assert_eq!(counted, (4 * b * t * floats) as u64, "tp {n}, rank {}", rank.rank);
+        }
+    }
+}
+
+#[test]
+fn a_tp2_checkpoint_is_chapter_1s_and_resumes_under_any_layout() {
+    // A constant schedule lets a run be extended; the checkpoint after 3 steps, resumed to 6 by
+    // chapter 1 and by tp 4, must give chapter 1's uninterrupted 6 steps.
+    let dir = tempfile::tempdir().unwrap();
+    let six = TrainConfig { lr_schedule: LrSchedule::Constant, eval_every: 0, ..tiny_config(6) };
+    let straight = ch01(&six);
+    let three = TrainConfig { steps: 3, save: Some(dir.path().to_path_buf()), ..six.clone() };
+    tp(&three, 2);
+    let resumed = TrainConfig { resume: Some(dir.path().to_path_buf()), ..six.clone() };
+    let by_ch01 = ch01(&resumed);
+    let by_tp4 = tp(&resumed, 4);
+    scale_tests::assert_close("chapter 1 resumed", &by_ch01.losses(), &straight.losses()[3..], RTOL);
+    scale_tests::assert_close("loss", &by_tp4.report.losses(), &straight.losses()[3..], 1e-5);
+    let tol = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    assert!(tol(&by_tp4.report.params, &straight.params) < 1e-4, "tp 4 resumed to chapter 1's parameters");
+}
+
+#[test]
+fn the_sample_is_generated_on_the_shards() {
+    let cfg = TrainConfig { sample_tokens: 24, eval_every: 0, val_batches: 1, ..tiny_config(3) };
+    let single = ch01(&cfg);
+    let one = tp(&cfg, 1);
+    assert_eq!(one.report.sample, single.sample, "tp 1 samples chapter 1's text");
+    let two = tp(&cfg, 2);
+    let text = two.report.sample.unwrap_or_default();
+    // 24 byte tokens decode to 8 to 24 characters (an invalid UTF-8 run becomes one U+FFFD).
+    let generated = text.strip_prefix(&cfg.prompt).map_or(0, |t| t.chars().count());
+    assert!((8..=24).contains(&generated), "24 byte tokens after the prompt: {text:?}");
+    assert!(two.ranks.iter().all(|r| r.sample_ms_per_token.is_some_and(|ms| ms > 0.0)));
+}
+
+#[test]
+fn bad_tp_gets_a_clear_error() {
+    let err = |cfg: &TrainConfig, n: usize| {
+        ch03_tensor_parallel::train(&TpConfig { train: cfg.clone(), tp: n, dp: 1, fault: None })
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    let cfg = config();
+    assert!(err(&cfg, 0).contains("--tp must be at least 1"));
+    assert!(err(&cfg, 3).contains("--tp 3 does not divide the model's 4 attention heads"), "{}", err(&cfg, 3));
+    assert!(err(&cfg, 100).contains("more ranks than are available"));
+    let three_heads = TrainConfig { n_head: Some(3), n_embd: Some(96), ..config() };
+    let vocab = err(&three_heads, 3);
+    assert!(vocab.contains("--tp 3 does not divide the padded vocabulary of 256 rows"), "{vocab}");
+    let dp3 = ch03_tensor_parallel::train(&TpConfig { train: cfg.clone(), tp: 2, dp: 3, fault: None });
+    let dp3 = dp3.err().unwrap().to_string();
+    assert!(dp3.contains("batch of 4 sequences is not divisible by --dp 3"), "{dp3}");
+    let gpu = TrainConfig { device: kernels::device::DeviceRequest::Cuda(0), ..config() };
+    assert!(err(&gpu, 2).contains("threads on the CPU"));
+}
+
+#[test]
+fn a_gpt2_sized_vocabulary_with_padding_matches_too() {
+    // 50257 tokens padded to 50304: the last rank's rows end in 47 padding rows, which must get
+    // no probability, no gradient, and stay zero.
+    let cfg = TrainConfig {
+        tokenizer: ch01_single_gpu::tokenizer::TokenizerKind::Gpt2,
+        eval_every: 0,
+        val_batches: 1,
+        batch_size: 2,
+        seq_len: Some(16),
+        ..tiny_config(2)
+    };
+    let single = ch01(&cfg);
+    let wte = single.layout.get("wte.weight").unwrap().clone();
+    let padding = wte.offset + single.model.vocab_size * single.model.n_embd..wte.range().end;
+    for n in [2, 4] {
+        let run = tp(&cfg, n);
+        assert_matches_ch01(&cfg, &single, &run.report, PARAMS_RTOL);
+        assert!(run.report.params[padding.clone()].iter().all(|&p| p == 0.0), "tp {n}: padding rows stay zero");
+    }
+}
