@@ -8,6 +8,7 @@
 //! and memory are held to.
 
 pub mod cost;
+pub mod report;
 pub mod tensor_parallel;
 pub mod tp_comm;
 pub mod vocab_parallel;

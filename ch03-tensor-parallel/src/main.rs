@@ -1,6 +1,7 @@
 //! `ch03-tensor-parallel`: chapter 1's model split across `--tp` ranks, Megatron's way.
 
-use ch01_single_gpu::cli::{CommonArgs, print_summary};
+use ch01_single_gpu::cli::{CommonArgs, finish, parse_args, print_summary};
+use ch01_single_gpu::interrupt;
 use ch03_tensor_parallel::{TpConfig, TpReport, train};
 use clap::Parser;
 use kernels::Category;
@@ -58,21 +59,18 @@ fn print_tensor_parallel(r: &TpReport) {
     }
 }
 
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let outputs = cli.common.outputs.clone();
+    let compare = outputs.prepare()?;
+    let cfg = TpConfig { train: cli.common.into_config()?, tp: cli.tp, dp: cli.dp, fault: None };
+    let report = train(&cfg)?;
+    print_summary(&report.report);
+    print_tensor_parallel(&report);
+    outputs.write(&report.run_report(&cfg), compare)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = cli.common.into_config().and_then(|train_cfg| {
-        let cfg = TpConfig { train: train_cfg, tp: cli.tp, dp: cli.dp, fault: None };
-        Ok(train(&cfg)?)
-    });
-    match result {
-        Ok(report) => {
-            print_summary(&report.report);
-            print_tensor_parallel(&report);
-            ExitCode::SUCCESS
-        }
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let cli: Cli = parse_args();
+    interrupt::install();
+    finish(run(cli), |()| {})
 }

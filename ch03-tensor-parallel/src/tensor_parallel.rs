@@ -194,6 +194,8 @@ fn check_tp(cfg: &TpConfig) -> Result<(), TpError> {
     if matches!(cfg.train.device, DeviceRequest::Cuda(_)) {
         return Err(TpError::GpuRanks);
     }
+    // Chapter 1's range and path checks, once, before any rank starts (not once per rank).
+    cfg.train.validate()?;
     let model = model_config(&cfg.train, Tokenizer::new(cfg.train.tokenizer).vocab_size())?;
     if !model.n_head.is_multiple_of(tp) {
         return Err(TpError::Heads { tp, n_head: model.n_head });
