@@ -284,7 +284,9 @@ pub fn load_dataset(source: &DataSource, tokenizer: &Tokenizer) -> Result<Datase
     Ok(Dataset::new(tokenizer.encode(&text))?)
 }
 
-fn check_config(cfg: &TrainConfig, model: &ModelConfig) -> Result<usize, TrainError> {
+/// Checks what a run's flags can get wrong by themselves (zeros, a sequence longer than the
+/// model's block size, --init with --resume), and returns the sequence length.
+pub fn check_config(cfg: &TrainConfig, model: &ModelConfig) -> Result<usize, TrainError> {
     for (value, name) in
         [(cfg.batch_size, "batch size"), (cfg.grad_accum, "grad_accum"), (cfg.val_batches, "val_batches")]
     {

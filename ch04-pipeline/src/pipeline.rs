@@ -1,0 +1,645 @@
+//! The pipeline trainer: `--pp N` stages on thread ranks, each running its instruction list
+//! (`schedule.rs`) with chapter 1's model parts. One interpreter runs every schedule.
+//!
+//! Why it computes chapter 1's step: the step's loss is the mean over all B·T·accum tokens, so
+//! every micro-batch's backward starts from dloss = 1/(B·T·accum), not 1/(its own tokens);
+//! each stage accumulates its tensors' gradients over the micro-batches, exactly the sums
+//! chapter 1 forms over the rows of its batch. The tied embedding gets one part of its gradient
+//! on the first stage (the embedding) and one on the last (the output projection): their sum,
+//! on both, is chapter 1's gradient. The global norm is the sum of the stages' squared norms
+//! (counting the tied copy once), so every stage clips as chapter 1 does.
+
+use crate::schedule::{Instr, Schedule, ScheduleKind, last_use, peak_in_flight};
+use crate::simulate::{Costs, ScheduleError, simulate};
+use crate::stage::{StageParams, copy_by_name, holds, stage_layout, uniform_partition};
+use ch01_single_gpu::checkpoint::{self, CheckpointContents};
+use ch01_single_gpu::config::ModelConfig;
+use ch01_single_gpu::data::{Batch, BatchSampler, Dataset, sequential_batch};
+use ch01_single_gpu::model::{
+    BackwardScratch, BlockActivations, BlockShape, Dims, Head, HeadActivations, Whole, blocks_backward, blocks_forward,
+    embed_backward, embed_forward, head_backward, head_forward, init_params,
+};
+use ch01_single_gpu::optimizer::{Optimizer, squared_norm};
+use ch01_single_gpu::params::ParamLayout;
+use ch01_single_gpu::sample::{SampleConfig, generate};
+use ch01_single_gpu::schedule::learning_rate;
+use ch01_single_gpu::tokenizer::Tokenizer;
+use ch01_single_gpu::train::{LoopOutcome, StepRecord, TrainSteps, check_config, drive, load_dataset, model_config};
+use ch01_single_gpu::{TrainConfig, TrainError, TrainReport};
+use ch02_data_parallel::data_parallel::MAX_THREAD_RANKS;
+use kernels::comm::thread::{LaunchError, ThreadComm, launch};
+use kernels::comm::{CommStats, Communicator, ReduceOp};
+use kernels::device::DeviceRequest;
+use kernels::dispatch::copy;
+use kernels::ops::grad_norm::clip_scale;
+use kernels::{Category, DType, Device, MemoryLedger, MemoryReport, Tensor, View};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    pub train: TrainConfig,
+    /// Pipeline stages (thread ranks), each a contiguous range of blocks.
+    pub pp: usize,
+    /// Micro-batches each batch of B sequences is split into.
+    pub microbatches: usize,
+    pub schedule: ScheduleKind,
+    /// For the tests: leave out the sum of the tied embedding's two gradients (and so compute a
+    /// wrong gradient), to show that the equivalence check catches it.
+    pub skip_tied_sum: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error("--pp must be at least 1")]
+    ZeroStages,
+    #[error("--pp {pp} is more stages than the model has blocks ({n_layer}): every stage needs at least one")]
+    MoreStagesThanBlocks { pp: usize, n_layer: usize },
+    #[error("--pp {pp} is more ranks than are available ({MAX_THREAD_RANKS} thread ranks on the CPU)")]
+    TooManyRanks { pp: usize },
+    #[error("--microbatches must be at least 1")]
+    ZeroMicrobatches,
+    #[error("--microbatches {m} does not divide the batch of {batch} sequences: every micro-batch must have as many")]
+    MicrobatchesNotDividing { m: usize, batch: usize },
+    #[error(
+        "chapter 4's stages are threads on the CPU (GPU stages communicate through NCCL, which chapter 5 uses); run it with --device cpu or auto"
+    )]
+    GpuRanks,
+    #[error("--resume is not supported by chapter 4 yet: start from a checkpoint's weights with --init")]
+    Resume,
+    #[error("the {schedule} schedule is broken: {source}")]
+    Schedule { schedule: ScheduleKind, source: ScheduleError },
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error("the last stage returned no report")]
+    NoReport,
+}
+
+/// One stage's account of a run.
+#[derive(Clone, Debug)]
+pub struct StageReport {
+    pub stage: usize,
+    pub blocks: Range<usize>,
+    pub memory: MemoryReport,
+    pub comm: CommStats,
+    /// Micro-batches whose activations this stage held at once (the schedule's prediction).
+    pub peak_in_flight: usize,
+    /// Floats of one micro-batch's activations on this stage.
+    pub micro_activation_bytes: u64,
+    /// The stage's final parameters, in its own layout.
+    pub layout: ParamLayout,
+    pub params: Vec<f32>,
+}
+
+pub struct PipelineReport {
+    pub pp: usize,
+    pub microbatches: usize,
+    pub schedule: ScheduleKind,
+    /// The simulated bubble fraction of one step (unit costs).
+    pub bubble: f64,
+    /// Chapter 1's report: every step's loss and norm, and the stages' parameters gathered into
+    /// chapter 1's layout.
+    pub report: TrainReport,
+    pub stages: Vec<StageReport>,
+}
+
+/// One micro-batch's buffers on a stage: its input, what its blocks' forward saved, and (on
+/// the last stage) the head's; `grad` is dL/d(output) as it arrives and dL/d(input) as it leaves.
+struct Slot {
+    input: Tensor,
+    blocks: Vec<BlockActivations>,
+    head: Option<HeadActivations>,
+    grad: Tensor,
+}
+
+/// A stage: its share of the model, its buffers, and its place in the pipe.
+struct Stage {
+    s: usize,
+    n: usize,
+    cfg: PipelineConfig,
+    model: ModelConfig,
+    layout: ParamLayout,
+    blocks: Range<usize>,
+    params: Tensor,
+    grads: Tensor,
+    optimizer: Optimizer,
+    /// The squared norm counts each parameter once: the last stage's copy of wte is left out.
+    norm_range: Range<usize>,
+    /// Activation buffers, taken by a micro-batch at its first instruction and given back after
+    /// its last. They grow to the schedule's peak in flight, and no further.
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    slot_of: HashMap<usize, usize>,
+    scratch: BackwardScratch,
+    proj: Tensor,
+    comm: ThreadComm,
+    /// First and last stage only: the pair that sums the tied embedding's gradient.
+    tied: Option<ThreadComm>,
+    train_list: Vec<Instr>,
+    eval_list: Vec<Instr>,
+    dataset: Arc<Dataset>,
+    sampler: BatchSampler,
+    /// Rows per micro-batch, and tokens per row.
+    rows: usize,
+    t: usize,
+    step: u64,
+    started: Instant,
+    record: Option<StepRecord>,
+    ledger: MemoryLedger,
+}
+
+fn check(cfg: &PipelineConfig, model: &ModelConfig) -> Result<(), PipelineError> {
+    if matches!(cfg.train.device, DeviceRequest::Cuda(_)) {
+        return Err(PipelineError::GpuRanks);
+    }
+    if cfg.train.resume.is_some() {
+        return Err(PipelineError::Resume);
+    }
+    let (pp, m, batch) = (cfg.pp, cfg.microbatches, cfg.train.batch_size);
+    match () {
+        _ if pp == 0 => Err(PipelineError::ZeroStages),
+        _ if pp > MAX_THREAD_RANKS => Err(PipelineError::TooManyRanks { pp }),
+        _ if pp > model.n_layer => Err(PipelineError::MoreStagesThanBlocks { pp, n_layer: model.n_layer }),
+        _ if m == 0 => Err(PipelineError::ZeroMicrobatches),
+        _ if batch > 0 && !batch.is_multiple_of(m) => Err(PipelineError::MicrobatchesNotDividing { m, batch }),
+        _ => Ok(()),
+    }
+}
+
+impl Stage {
+    fn new(cfg: &PipelineConfig, mut comm: ThreadComm, dataset: Arc<Dataset>) -> Result<Stage, TrainError> {
+        let train = &cfg.train;
+        let model = model_config(train, Tokenizer::new(train.tokenizer).vocab_size())?;
+        let t = check_config(train, &model)?;
+        dataset.check_seq_len(t)?;
+        let (s, n) = (comm.rank(), comm.world_size());
+        let blocks = uniform_partition(model.n_layer, n)[s].clone();
+        let full = ParamLayout::new(&model);
+        let layout = stage_layout(&full, |spec| holds(spec, s, n, &blocks), blocks.len());
+        let (first, last) = (s == 0, s + 1 == n);
+
+        // Every stage initialises the whole model as chapter 1 does, and keeps its share.
+        let mut host = vec![0.0f32; full.total];
+        match &train.init {
+            Some(dir) => checkpoint::load_weights(dir, &model, &full, &mut host)?,
+            None => init_params(&model, &full, train.seed, &mut host),
+        }
+        let ledger = MemoryLedger::new();
+        let buffer = |category| Tensor::zeros_on(&[layout.total], Device::Cpu, DType::F32, category, &ledger);
+        let mut params = buffer(Category::Parameters)?;
+        let mut mine = vec![0.0; layout.total];
+        copy_by_name(&full, &host, &layout, &mut mine);
+        params.copy_from(&mine)?;
+        let grads = buffer(Category::Gradients)?;
+        let optimizer = Optimizer::new(&layout, 0..layout.total, train.weight_decay, train.adam, Device::Cpu, &ledger)?;
+        let wte = layout.get("wte.weight").map_or(0, |spec| spec.numel());
+        let norm_range = if last && !first { wte..layout.total } else { 0..layout.total };
+
+        let rows = train.batch_size / cfg.microbatches;
+        let tied = if n > 1 && (first || last) { Some(comm.split_group(&[0, n - 1])?) } else { None };
+        let micro_per_step = cfg.microbatches * train.grad_accum;
+        let train_list = Schedule::new(cfg.schedule, n, micro_per_step).stages[s].clone();
+        let train_list = if cfg.skip_tied_sum {
+            train_list.into_iter().filter(|i| *i != Instr::ReduceTiedGrads).collect()
+        } else {
+            train_list
+        };
+        let eval_list = Schedule::forward_only(n, cfg.microbatches).stages[s].clone();
+        let scratch = BackwardScratch::new(BlockShape::whole(&model), rows, t, Device::Cpu, DType::F32, &ledger)?;
+        let proj = Tensor::zeros_on(&[rows * t, model.n_embd], Device::Cpu, DType::F32, Category::Other, &ledger)?;
+        Ok(Stage {
+            s,
+            n,
+            cfg: cfg.clone(),
+            model,
+            layout,
+            blocks,
+            params,
+            grads,
+            optimizer,
+            norm_range,
+            slots: Vec::new(),
+            free: Vec::new(),
+            slot_of: HashMap::new(),
+            scratch,
+            proj,
+            comm,
+            tied,
+            train_list,
+            eval_list,
+            dataset,
+            sampler: BatchSampler::new(train.data_order, train.seed),
+            rows,
+            t,
+            step: 0,
+            started: Instant::now(),
+            record: None,
+            ledger,
+        })
+    }
+
+    fn first(&self) -> bool {
+        self.s == 0
+    }
+
+    fn last(&self) -> bool {
+        self.s + 1 == self.n
+    }
+
+    /// The slot micro-batch `micro` uses: its own, or a free one, or a new one.
+    fn slot(&mut self, micro: usize) -> Result<usize, TrainError> {
+        if let Some(&i) = self.slot_of.get(&micro) {
+            return Ok(i);
+        }
+        let i = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                let (rows, t, c, ledger) = (self.rows, self.t, self.model.n_embd, &self.ledger);
+                let shape = BlockShape::whole(&self.model);
+                let act = |category| Tensor::zeros_on(&[rows * t, c], Device::Cpu, DType::F32, category, ledger);
+                let blocks = self
+                    .blocks
+                    .clone()
+                    .map(|_| BlockActivations::new(shape, rows, t, Device::Cpu, DType::F32, ledger))
+                    .collect::<Result<_, _>>()?;
+                let head = match self.last() {
+                    true => Some(HeadActivations::new(&self.model, rows, t, Device::Cpu, DType::F32, ledger)?),
+                    false => None,
+                };
+                self.slots.push(Slot { input: act(Category::Activations)?, blocks, head, grad: act(Category::Other)? });
+                self.slots.len() - 1
+            }
+        };
+        self.slot_of.insert(micro, i);
+        Ok(i)
+    }
+
+    // ANCHOR: interpreter
+    /// Runs one instruction list over `micros` (the micro-batches, each `rows` x T tokens).
+    /// Returns the sum of the micro-batches' mean losses (the last stage computes them; the
+    /// others return 0).
+    fn execute(&mut self, list: &[Instr], micros: &[Batch], dloss: f32) -> Result<f64, TrainError> {
+        let last_use = last_use(list);
+        let mut loss_sum = 0.0f64;
+        for (at, &instr) in list.iter().enumerate() {
+            let micro = instr.micro();
+            let slot = match micro {
+                Some(m) => Some(self.slot(m)?),
+                None => None,
+            };
+            match (instr, slot) {
+                (Instr::RecvActivation { .. }, Some(i)) => {
+                    self.comm.recv(self.slots[i].input.as_mut_slice(), self.s - 1)?;
+                }
+                (Instr::Forward { micro }, Some(i)) => loss_sum += self.forward(i, &micros[micro])?,
+                (Instr::SendActivation { .. }, Some(i)) => {
+                    let out = self.slots[i].blocks.last().map_or(&self.slots[i].input, |b| &b.out);
+                    self.comm.send(out.as_slice(), self.s + 1)?;
+                }
+                (Instr::RecvGrad { .. }, Some(i)) => {
+                    self.comm.recv(self.slots[i].grad.as_mut_slice(), self.s + 1)?;
+                }
+                (Instr::Backward { micro }, Some(i)) => self.backward(i, &micros[micro], dloss)?,
+                (Instr::SendGrad { .. }, Some(i)) => self.comm.send(self.slots[i].grad.as_slice(), self.s - 1)?,
+                (Instr::ReduceTiedGrads, _) => self.reduce_tied_grads()?,
+                (Instr::OptimizerStep, _) => self.optimizer_step(loss_sum / micros.len() as f64)?,
+                _ => unreachable!("every micro-batch instruction has a slot"),
+            }
+            // The micro-batch's last instruction here: its buffers are free for the next one.
+            if let Some(m) = micro
+                && last_use.get(&m) == Some(&at)
+                && let Some(i) = self.slot_of.remove(&m)
+            {
+                self.free.push(i);
+            }
+        }
+        Ok(loss_sum)
+    }
+    // ANCHOR_END: interpreter
+
+    // ANCHOR: stage_forward
+    /// The stage's forward of one micro-batch: embeddings (first stage), its blocks, the head
+    /// and the loss (last stage). Returns the micro-batch's mean loss on the last stage, else 0.
+    fn forward(&mut self, i: usize, batch: &Batch) -> Result<f64, TrainError> {
+        let (first, last) = (self.first(), self.last());
+        let (t, c) = (self.t, self.model.n_embd);
+        let d = Dims { b: self.rows, t, shape: BlockShape::whole(&self.model) };
+        let p = StageParams::new(&self.layout, self.layout.tensor_views(self.params.view()));
+        let slot = &mut self.slots[i];
+        if first && let (Some(wte), Some(wpe)) = (p.wte, p.wpe) {
+            embed_forward(slot.input.view_mut(), &batch.inputs, wte, wpe, t, c);
+        }
+        blocks_forward(&p.blocks, slot.input.view(), &mut slot.blocks, self.proj.view_mut(), d, &mut Whole)?;
+        if !last {
+            return Ok(0.0);
+        }
+        let (Some(ln_f_weight), Some(ln_f_bias), Some(wte), Some(acts)) =
+            (p.ln_f_weight, p.ln_f_bias, p.wte, slot.head.as_mut())
+        else {
+            unreachable!("the last stage holds the head")
+        };
+        let x = slot.blocks.last().map_or(&slot.input, |b| &b.out).view();
+        let head = Head { ln_f_weight, ln_f_bias, wte };
+        let loss = head_forward(&head, &self.model, x, acts, Some(&batch.targets), d.bt())?;
+        Ok(loss.unwrap_or(f32::NAN) as f64)
+    }
+    // ANCHOR_END: stage_forward
+
+    // ANCHOR: stage_backward
+    /// The stage's backward of one micro-batch, from dL/d(output) in the slot's `grad` (or from
+    /// the loss, on the last stage), accumulating the stage's gradients; dL/d(input) is left in
+    /// `grad` for the previous stage (the first stage scatters it into the embeddings instead).
+    fn backward(&mut self, i: usize, batch: &Batch, dloss: f32) -> Result<(), TrainError> {
+        let (first, last) = (self.first(), self.last());
+        let (t, c) = (self.t, self.model.n_embd);
+        let d = Dims { b: self.rows, t, shape: BlockShape::whole(&self.model) };
+        let p = StageParams::new(&self.layout, self.layout.tensor_views(self.params.view()));
+        let mut g = StageParams::new(&self.layout, self.layout.tensor_views_mut(self.grads.view_mut()));
+        let (slot, scratch) = (&mut self.slots[i], &mut self.scratch);
+        if last {
+            let (Some(ln_f_weight), Some(ln_f_bias), Some(wte), Some(acts)) =
+                (p.ln_f_weight, p.ln_f_bias, p.wte, slot.head.as_mut())
+            else {
+                unreachable!("the last stage holds the head")
+            };
+            let (Some(gw), Some(gb), Some(gwte)) = (g.ln_f_weight.as_mut(), g.ln_f_bias.as_mut(), g.wte.as_mut())
+            else {
+                unreachable!("the last stage holds the head's gradients")
+            };
+            let grads = Head { ln_f_weight: gw.reborrow(), ln_f_bias: gb.reborrow(), wte: gwte.reborrow() };
+            let x = slot.blocks.last().map_or(&slot.input, |b| &b.out).view();
+            let (d_ln, d_x) = (scratch.block.d_ln.view_mut(), scratch.d_res[0].view_mut());
+            let head = Head { ln_f_weight, ln_f_bias, wte };
+            head_backward(&head, grads, &self.model, x, acts, d_ln, d_x, &batch.targets, dloss, d.bt());
+        } else {
+            copy(scratch.d_res[0].view_mut(), slot.grad.view());
+        }
+        let x = slot.input.view();
+        blocks_backward(&p.blocks, &mut g.blocks, x, &slot.blocks, scratch, d, &mut Whole, &mut |_, _| {})?;
+        if first {
+            if let (Some(dwte), Some(dwpe)) = (g.wte, g.wpe) {
+                embed_backward(dwte, dwpe, scratch.d_res[0].view(), &batch.inputs, t, c);
+            }
+        } else {
+            copy(slot.grad.view_mut(), scratch.d_res[0].view());
+        }
+        Ok(())
+    }
+    // ANCHOR_END: stage_backward
+
+    // ANCHOR: reduce_tied
+    /// The first stage holds the embedding's share of dL/d(wte), the last the output
+    /// projection's: after the sum both hold chapter 1's gradient (bit-identical, so the two
+    /// copies take the same AdamW step and stay equal).
+    fn reduce_tied_grads(&mut self) -> Result<(), TrainError> {
+        let (Some(tied), Some(spec)) = (self.tied.as_mut(), self.layout.get("wte.weight")) else {
+            return Ok(()); // one stage: wte is one tensor, and backward already summed its uses
+        };
+        tied.all_reduce(&mut self.grads.as_mut_slice()[spec.range()], ReduceOp::Sum)?;
+        Ok(())
+    }
+    // ANCHOR_END: reduce_tied
+
+    // ANCHOR: optimizer_step
+    /// Every stage: the global gradient norm from every stage's squared norm, the step's loss
+    /// from the last stage, then chapter 1's clipped AdamW update of this stage's tensors.
+    fn optimizer_step(&mut self, mean_loss: f64) -> Result<(), TrainError> {
+        let squared = squared_norm(self.grads.view(), self.norm_range.clone())?;
+        // A squared norm is an f64: it travels as an f32 and the f32 rounding of the rest, so
+        // that the sum (in stage order, in f64, the same on every stage) loses nothing.
+        let hi = squared as f32;
+        let loss = if self.last() { mean_loss as f32 } else { 0.0 };
+        let mine = [hi, (squared - hi as f64) as f32, loss];
+        let mut all = vec![0.0f32; 3 * self.n];
+        self.comm.all_gather(&mine, &mut all)?;
+        let squared: f64 = all.chunks(3).map(|s| s[0] as f64 + s[1] as f64).sum();
+        let (loss, grad_norm) = (all[3 * self.n - 1], squared.sqrt() as f32);
+        if !loss.is_finite() {
+            return Err(TrainError::NonFiniteLoss { step: self.step + 1, loss, last_checkpoint: None });
+        }
+        let train = &self.cfg.train;
+        let lr = learning_rate(train.lr_schedule, train.lr, self.step, train.steps, train.warmup_steps);
+        let scale = clip_scale(grad_norm, train.grad_clip);
+        self.optimizer.update(&mut self.params, None, &self.grads, lr, scale, self.step + 1);
+        self.step += 1;
+        let tokens = (train.batch_size * self.t * train.grad_accum) as f64;
+        let tokens_per_sec = tokens / self.started.elapsed().as_secs_f64();
+        self.record = Some(StepRecord { step: self.step, loss, lr, grad_norm, tokens_per_sec, val_loss: None });
+        Ok(())
+    }
+    // ANCHOR_END: optimizer_step
+
+    /// Batch `batch` cut into `m` micro-batches of `rows` rows.
+    fn split(&self, batch: &Batch, m: usize) -> Vec<Batch> {
+        let n = self.rows * self.t;
+        (0..m)
+            .map(|j| Batch {
+                inputs: batch.inputs[j * n..(j + 1) * n].to_vec(),
+                targets: batch.targets[j * n..(j + 1) * n].to_vec(),
+            })
+            .collect()
+    }
+}
+
+impl TrainSteps for Stage {
+    // ANCHOR: pipeline_step
+    /// One optimizer step: every stage draws the same batches (only the first reads the
+    /// inputs, only the last the targets), cuts them into micro-batches, and runs its list.
+    fn step(&mut self) -> Result<StepRecord, TrainError> {
+        self.started = Instant::now();
+        self.grads.fill(0.0);
+        let (train, m) = (&self.cfg.train, self.cfg.microbatches);
+        let (b, t, accum) = (train.batch_size, self.t, train.grad_accum);
+        let mut micros = Vec::with_capacity(accum * m);
+        for _ in 0..accum {
+            let batch = self.sampler.next_batch(&self.dataset.train, b, t);
+            micros.extend(self.split(&batch, m));
+        }
+        let dloss = 1.0 / (b * t * accum) as f32; // every token counts 1/(tokens in the step)
+        let list = std::mem::take(&mut self.train_list);
+        let result = self.execute(&list, &micros, dloss);
+        self.train_list = list;
+        result?;
+        self.record.take().ok_or(TrainError::Zero("optimizer steps in the schedule"))
+    }
+    // ANCHOR_END: pipeline_step
+
+    /// Chapter 1's validation batches, each cut into micro-batches and sent down the pipe with
+    /// the forward passes alone; every stage learns the mean loss.
+    fn evaluate(&mut self) -> Result<f32, TrainError> {
+        let (m, batches) = (self.cfg.microbatches, self.cfg.train.val_batches);
+        let list = std::mem::take(&mut self.eval_list);
+        let mut total = 0.0;
+        for k in 0..batches as u64 {
+            let micros: Vec<Batch> = (0..m as u64)
+                .map(|j| sequential_batch(&self.dataset.val, k * m as u64 + j, self.rows, self.t))
+                .collect();
+            match self.execute(&list, &micros, 0.0) {
+                Ok(sum) => total += sum / m as f64,
+                Err(e) => {
+                    self.eval_list = list;
+                    return Err(e);
+                }
+            }
+        }
+        self.eval_list = list;
+        let mut loss = [if self.last() { (total / batches as f64) as f32 } else { 0.0 }];
+        self.comm.all_reduce(&mut loss, ReduceOp::Sum)?;
+        Ok(loss[0])
+    }
+
+    fn save(&self, _dir: &Path) -> Result<(), TrainError> {
+        Ok(()) // the stages' parameters are gathered and saved once the run ends
+    }
+
+    fn steps_done(&self) -> u64 {
+        self.step
+    }
+}
+
+// ANCHOR: check_schedules
+/// Simulates the training and evaluation schedules before any rank runs them: a broken one is
+/// an error here, not a hang later. Returns the training schedule's bubble fraction.
+pub fn check_schedules(
+    kind: ScheduleKind,
+    pp: usize,
+    micro_per_step: usize,
+    eval_micro: usize,
+) -> Result<f64, PipelineError> {
+    let broken = |source| PipelineError::Schedule { schedule: kind, source };
+    let sim = simulate(&Schedule::new(kind, pp, micro_per_step), Costs::UNIT).map_err(broken)?;
+    simulate(&Schedule::forward_only(pp, eval_micro), Costs::UNIT).map_err(broken)?;
+    Ok(sim.bubble_fraction())
+}
+// ANCHOR_END: check_schedules
+
+fn run_stage(
+    cfg: &PipelineConfig,
+    comm: ThreadComm,
+    dataset: Arc<Dataset>,
+) -> Result<(StageReport, Option<LoopOutcome>), PipelineError> {
+    let mut stage = Stage::new(cfg, comm, dataset.clone())?;
+    let header = format!(
+        "device: cpu ({} thread ranks) | model: {} layers, {} heads, {} dims | pipeline: {} stages, {} micro-batches of {} rows, {}",
+        cfg.pp,
+        stage.model.n_layer,
+        stage.model.n_head,
+        stage.model.n_embd,
+        cfg.pp,
+        cfg.microbatches,
+        stage.rows,
+        cfg.schedule
+    );
+    // Saving needs every stage's share: `train` gathers them and saves once the loop is done.
+    let loop_cfg = TrainConfig { save: None, ..cfg.train.clone() };
+    let leads = stage.s == 0;
+    let outcome = drive(&loop_cfg, &mut stage, leads, &header)?;
+    let report = StageReport {
+        stage: stage.s,
+        blocks: stage.blocks.clone(),
+        memory: stage.ledger.report(),
+        comm: stage.comm.stats(),
+        peak_in_flight: peak_in_flight(&stage.train_list),
+        micro_activation_bytes: stage.slots.first().map_or(0, |s| {
+            4 * (s.input.numel()
+                + s.blocks.iter().map(block_floats).sum::<usize>()
+                + s.head.as_ref().map_or(0, head_floats)) as u64
+        }),
+        layout: stage.layout.clone(),
+        params: stage.params.to_vec().map_err(TrainError::from)?,
+    };
+    let leader = leads.then_some(outcome);
+    Ok((report, leader))
+}
+
+fn block_floats(a: &BlockActivations) -> usize {
+    [
+        &a.ln_1,
+        &a.ln_1_mean,
+        &a.ln_1_rstd,
+        &a.qkv,
+        &a.att,
+        &a.att_y,
+        &a.res_2,
+        &a.ln_2,
+        &a.ln_2_mean,
+        &a.ln_2_rstd,
+        &a.fc,
+        &a.fc_gelu,
+        &a.out,
+    ]
+    .iter()
+    .map(|t| t.numel())
+    .sum()
+}
+
+fn head_floats(a: &HeadActivations) -> usize {
+    [&a.ln_f, &a.ln_f_mean, &a.ln_f_rstd, &a.logits, &a.losses].iter().map(|t| t.numel()).sum()
+}
+
+// ANCHOR: train
+/// Trains with `pp` pipeline stages on thread ranks and reports chapter 1's figures (the
+/// parameters gathered into chapter 1's layout) and every stage's.
+pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
+    let tokenizer = Tokenizer::new(cfg.train.tokenizer);
+    let model = model_config(&cfg.train, tokenizer.vocab_size())?;
+    check(cfg, &model)?;
+    let cfg = &PipelineConfig { train: TrainConfig { device: DeviceRequest::Cpu, ..cfg.train.clone() }, ..cfg.clone() };
+    let micro_per_step = cfg.microbatches * cfg.train.grad_accum.max(1);
+    let bubble = check_schedules(cfg.schedule, cfg.pp, micro_per_step, cfg.microbatches)?;
+    let dataset = Arc::new(load_dataset(&cfg.train.data, &tokenizer)?);
+    let results = launch(cfg.pp, |comm| run_stage(cfg, comm, dataset.clone()))?;
+
+    // Chapter 1's layout, from every stage's share (the tied wte is the same on both holders).
+    let full = ParamLayout::new(&model);
+    let mut params = vec![0.0; full.total];
+    let mut stages = Vec::new();
+    let mut leader = None;
+    for (stage, lead) in results {
+        copy_by_name(&stage.layout, &stage.params, &full, &mut params);
+        leader = leader.or(lead);
+        stages.push(stage);
+    }
+    let LoopOutcome { steps, val_losses, train_seconds } = leader.ok_or(PipelineError::NoReport)?;
+    if let Some(dir) = &cfg.train.save {
+        let contents = CheckpointContents { cfg: &model, layout: &full, params: &params, optimizer: None };
+        checkpoint::save(dir, &contents).map_err(TrainError::from)?;
+    }
+    let train = &cfg.train;
+    let sample = match train.sample_tokens {
+        0 => None,
+        tokens => {
+            let sample_cfg =
+                SampleConfig { tokens, temperature: train.temperature, top_k: train.top_k, seed: train.seed };
+            let prompt = tokenizer.encode(&train.prompt);
+            let out = generate(&full.views(View::Cpu(&params)), &model, &prompt, sample_cfg, Device::Cpu, DType::F32)
+                .map_err(TrainError::from)?;
+            Some(train.prompt.clone() + &tokenizer.decode(&out))
+        }
+    };
+    let t = train.seq_len.unwrap_or(model.block_size);
+    let tokens = (steps.len() * train.batch_size * t * train.grad_accum) as f64;
+    let report = TrainReport {
+        model: model.clone(),
+        tokenizer: train.tokenizer,
+        device: format!("cpu ({} pipeline stages on threads)", cfg.pp),
+        dtype: DType::F32,
+        flops_per_token: model.flops_per_token(t),
+        peak_flops: None,
+        n_params: full.total - (model.padded_vocab_size() - model.vocab_size) * model.n_embd,
+        steps,
+        val_losses,
+        tokens_per_sec: if train_seconds > 0.0 { tokens / train_seconds } else { 0.0 },
+        memory: stages[0].memory.clone(),
+        sample,
+        layout: full,
+        params,
+    };
+    Ok(PipelineReport { pp: cfg.pp, microbatches: cfg.microbatches, schedule: cfg.schedule, bubble, report, stages })
+}
+// ANCHOR_END: train
