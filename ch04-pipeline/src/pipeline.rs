@@ -32,7 +32,7 @@ use kernels::comm::{CommStats, Communicator, ReduceOp};
 use kernels::device::DeviceRequest;
 use kernels::dispatch::copy;
 use kernels::ops::grad_norm::clip_scale;
-use kernels::{Category, DType, Device, MemoryLedger, MemoryReport, Tensor, View};
+use kernels::{Category, DType, Device, MemoryLedger, MemoryReport, Tensor, Trace, View};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
@@ -47,6 +47,8 @@ pub struct PipelineConfig {
     /// Micro-batches each batch of B sequences is split into.
     pub microbatches: usize,
     pub schedule: ScheduleKind,
+    /// Draw the last training step of every stage as an SVG timeline here (measured).
+    pub timeline: Option<std::path::PathBuf>,
     /// For the tests: leave out the sum of the tied embedding's two gradients (and so compute a
     /// wrong gradient), to show that the equivalence check catches it.
     pub skip_tied_sum: bool,
@@ -99,6 +101,8 @@ pub struct StageReport {
 pub struct PipelineReport {
     pub pp: usize,
     pub microbatches: usize,
+    /// Micro-batches per optimizer step: --microbatches x --grad-accum.
+    pub micro_per_step: usize,
     pub schedule: ScheduleKind,
     /// The simulated bubble fraction of one step (unit costs).
     pub bubble: f64,
@@ -151,6 +155,8 @@ struct Stage {
     started: Instant,
     record: Option<StepRecord>,
     ledger: MemoryLedger,
+    /// This stage's lane of the run's trace: one span per instruction.
+    trace: Trace,
 }
 
 fn check(cfg: &PipelineConfig, model: &ModelConfig) -> Result<(), PipelineError> {
@@ -172,7 +178,12 @@ fn check(cfg: &PipelineConfig, model: &ModelConfig) -> Result<(), PipelineError>
 }
 
 impl Stage {
-    fn new(cfg: &PipelineConfig, mut comm: ThreadComm, dataset: Arc<Dataset>) -> Result<Stage, TrainError> {
+    fn new(
+        cfg: &PipelineConfig,
+        mut comm: ThreadComm,
+        dataset: Arc<Dataset>,
+        trace: Trace,
+    ) -> Result<Stage, TrainError> {
         let train = &cfg.train;
         let model = model_config(train, Tokenizer::new(train.tokenizer).vocab_size())?;
         let t = check_config(train, &model)?;
@@ -240,6 +251,7 @@ impl Stage {
             started: Instant::now(),
             record: None,
             ledger,
+            trace: trace.lane(s as u32, 0),
         })
     }
 
@@ -286,7 +298,9 @@ impl Stage {
     fn execute(&mut self, list: &[Instr], micros: &[Batch], dloss: f32) -> Result<f64, TrainError> {
         let last_use = last_use(list);
         let mut loss_sum = 0.0f64;
+        let trace = self.trace.clone();
         for (at, &instr) in list.iter().enumerate() {
+            let _span = trace.is_enabled().then(|| trace.span(instr.to_string()));
             let micro = instr.micro();
             let slot = match micro {
                 Some(m) => Some(self.slot(m)?),
@@ -452,6 +466,8 @@ impl TrainSteps for Stage {
     /// inputs, only the last the targets), cuts them into micro-batches, and runs its list.
     fn step(&mut self) -> Result<StepRecord, TrainError> {
         self.started = Instant::now();
+        let trace = self.trace.clone();
+        let _span = trace.span("step");
         self.grads.fill(0.0);
         let (train, m) = (&self.cfg.train, self.cfg.microbatches);
         let (b, t, accum) = (train.batch_size, self.t, train.grad_accum);
@@ -522,8 +538,9 @@ fn run_stage(
     cfg: &PipelineConfig,
     comm: ThreadComm,
     dataset: Arc<Dataset>,
+    trace: &Trace,
 ) -> Result<(StageReport, Option<LoopOutcome>), PipelineError> {
-    let mut stage = Stage::new(cfg, comm, dataset.clone())?;
+    let mut stage = Stage::new(cfg, comm, dataset, trace.clone())?;
     let header = format!(
         "device: cpu ({} thread ranks) | model: {} layers, {} heads, {} dims | pipeline: {} stages, {} micro-batches of {} rows, {}",
         cfg.pp,
@@ -593,7 +610,20 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
     let micro_per_step = cfg.microbatches * cfg.train.grad_accum.max(1);
     let bubble = check_schedules(cfg.schedule, cfg.pp, micro_per_step, cfg.microbatches)?;
     let dataset = Arc::new(load_dataset(&cfg.train.data, &tokenizer)?);
-    let results = launch(cfg.pp, |comm| run_stage(cfg, comm, dataset.clone()))?;
+    let traced = cfg.train.trace.is_some() || cfg.timeline.is_some();
+    let trace = if traced { Trace::enabled() } else { Trace::disabled() };
+    let results = launch(cfg.pp, |comm| run_stage(cfg, comm, dataset.clone(), &trace))?;
+    if let Some(path) = &cfg.train.trace {
+        trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
+    }
+    // The last step runs from the first stage's first instruction to the last stage's step.
+    if let Some(path) = &cfg.timeline
+        && let (Some((from, _)), Some((_, to))) =
+            (trace.last_span("step", 0, 0), trace.last_span("step", cfg.pp as u32 - 1, 0))
+    {
+        std::fs::write(path, trace.to_svg(from, to, |stage, _| format!("stage {stage}")))
+            .map_err(|source| TrainError::Io { path: path.clone(), source })?;
+    }
 
     // Chapter 1's layout, from every stage's share (the tied wte is the same on both holders).
     let full = ParamLayout::new(&model);
@@ -640,6 +670,14 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
         layout: full,
         params,
     };
-    Ok(PipelineReport { pp: cfg.pp, microbatches: cfg.microbatches, schedule: cfg.schedule, bubble, report, stages })
+    Ok(PipelineReport {
+        pp: cfg.pp,
+        microbatches: cfg.microbatches,
+        micro_per_step,
+        schedule: cfg.schedule,
+        bubble,
+        report,
+        stages,
+    })
 }
 // ANCHOR_END: train

@@ -9,6 +9,7 @@
 //! - the bubble fraction: the share of the stages' time spent idle within the step.
 
 use crate::schedule::{Instr, Schedule};
+use kernels::Trace;
 use std::collections::{HashMap, VecDeque};
 
 /// What a micro-batch's forward and backward cost on one stage, in any unit. Communication and
@@ -49,6 +50,17 @@ impl Simulation {
     pub fn bubble_fraction(&self) -> f64 {
         let total: f64 = self.busy.iter().sum();
         if self.makespan > 0.0 { 1.0 - total / (self.busy.len() as f64 * self.makespan) } else { 0.0 }
+    }
+
+    /// The simulated step as a trace (one lane per stage, one time unit drawn as a millisecond),
+    /// to draw with [`Trace::to_svg`] like a measured one.
+    pub fn to_trace(&self) -> Trace {
+        let trace = Trace::enabled();
+        for span in &self.spans {
+            let lane = trace.lane(span.stage as u32, 0);
+            lane.record(span.instr.to_string(), span.start * 1000.0, (span.end - span.start) * 1000.0);
+        }
+        trace
     }
 }
 // ANCHOR_END: bubble

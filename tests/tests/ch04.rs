@@ -19,7 +19,7 @@ fn ch01(cfg: &TrainConfig) -> TrainReport {
 }
 
 fn pipeline_config(cfg: &TrainConfig, pp: usize, microbatches: usize, schedule: ScheduleKind) -> PipelineConfig {
-    PipelineConfig { train: cfg.clone(), pp, microbatches, schedule, skip_tied_sum: false }
+    PipelineConfig { train: cfg.clone(), pp, microbatches, schedule, timeline: None, skip_tied_sum: false }
 }
 
 fn pipeline(cfg: &TrainConfig, pp: usize, microbatches: usize, schedule: ScheduleKind) -> PipelineReport {

@@ -1,0 +1,97 @@
+//! `ch04-pipeline`: chapter 1's model cut into `--pp` stages of contiguous blocks, the batch
+//! into `--microbatches` micro-batches, run by a schedule that is data.
+
+use ch01_single_gpu::cli::{CommonArgs, print_summary};
+use ch04_pipeline::schedule::ScheduleKind;
+use ch04_pipeline::simulate::{Costs, simulate};
+use ch04_pipeline::{PipelineConfig, PipelineReport, Schedule, train};
+use clap::Parser;
+use kernels::comm::Collective;
+use kernels::memory::format_bytes;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Train GPT-2 with pipeline parallelism (chapter 4 of Scale from Scratch).
+///
+/// Each stage holds a contiguous range of blocks (the first also the embeddings, the last the
+/// final LayerNorm and the tied output projection); micro-batches flow forward through the
+/// stages and their gradients flow back, in the order the schedule says. On the CPU the stages
+/// are threads. With the same seed and global batch, the losses are chapter 1's.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about, args_override_self = true)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Pipeline stages; at most the model's number of blocks.
+    #[arg(long, default_value_t = 2)]
+    pp: usize,
+    /// Micro-batches each batch is split into; must divide --batch-size.
+    #[arg(long, default_value_t = 4)]
+    microbatches: usize,
+    /// The schedule: gpipe (all forwards, then all backwards) or 1f1b (one forward, one backward).
+    #[arg(long, value_enum, default_value_t = ScheduleKind::OneFOneB)]
+    schedule: ScheduleKind,
+    /// Draw the last training step of every stage, as measured, as an SVG timeline.
+    #[arg(long)]
+    timeline: Option<PathBuf>,
+    /// Draw the simulated schedule (unit costs: a forward 1, a backward 2) as an SVG timeline.
+    #[arg(long)]
+    timeline_sim: Option<PathBuf>,
+}
+
+fn print_pipeline(r: &PipelineReport) {
+    let (n, m) =
+        (r.pp as f64, (r.microbatches * r.report.steps.len().max(1)) as f64 / r.report.steps.len().max(1) as f64);
+    println!("pipeline");
+    println!("  stages             {} ({} schedule, {} micro-batches per batch)", r.pp, r.schedule, r.microbatches);
+    for stage in &r.stages {
+        let p2p = stage.comm.sent.get(&Collective::SendRecv).copied().unwrap_or(0);
+        println!(
+            "  stage {:<3}          blocks {:?}, {} parameters, {} micro-batches in flight, sent {}, peak memory {}",
+            stage.stage,
+            stage.blocks,
+            format_bytes(4 * stage.layout.total as u64),
+            stage.peak_in_flight,
+            format_bytes(p2p),
+            format_bytes(stage.memory.peak_total),
+        );
+    }
+    println!(
+        "  bubble             {:.1}% simulated (theory (p-1)/(m+p-1) = {:.1}%, m = {} micro-batches per step)",
+        100.0 * r.bubble,
+        100.0 * (n - 1.0) / (m + n - 1.0),
+        m
+    );
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = cli.common.into_config().and_then(|train_cfg| {
+        if let Some(path) = &cli.timeline_sim {
+            let micro = cli.microbatches * train_cfg.grad_accum;
+            let sim = simulate(&Schedule::new(cli.schedule, cli.pp, micro), Costs::UNIT)?;
+            let svg = sim.to_trace().to_svg(0.0, sim.makespan * 1000.0, |stage, _| format!("stage {stage}"));
+            std::fs::write(path, svg).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        }
+        let cfg = PipelineConfig {
+            train: train_cfg,
+            pp: cli.pp,
+            microbatches: cli.microbatches,
+            schedule: cli.schedule,
+            timeline: cli.timeline.clone(),
+            skip_tied_sum: false,
+        };
+        Ok(train(&cfg)?)
+    });
+    match result {
+        Ok(report) => {
+            print_summary(&report.report);
+            print_pipeline(&report);
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
