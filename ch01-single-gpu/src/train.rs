@@ -310,6 +310,42 @@ pub fn check_config(cfg: &TrainConfig, model: &ModelConfig) -> Result<usize, Tra
     Ok(seq_len)
 }
 
+/// The run a checkpoint of `cfg` belongs to (what `--resume` compares).
+pub fn run_shape(cfg: &TrainConfig, model: &ModelConfig, seq_len: usize) -> RunShape {
+    RunShape {
+        model: model.clone(),
+        tokenizer: cfg.tokenizer,
+        batch_size: cfg.batch_size,
+        seq_len,
+        grad_accum: cfg.grad_accum,
+        data_order: cfg.data_order,
+        seed: cfg.seed,
+        steps: cfg.steps,
+        lr: cfg.lr,
+        lr_schedule: cfg.lr_schedule,
+        warmup_steps: cfg.warmup_steps,
+        weight_decay: cfg.weight_decay,
+        grad_clip: cfg.grad_clip,
+        adam: cfg.adam,
+    }
+}
+
+/// The state a run of shape `run` resumes from `dir` with: refused if another run wrote it, or
+/// if that run is already complete.
+pub fn resume_state(dir: &Path, run: &RunShape) -> Result<TrainerState, TrainError> {
+    let state = checkpoint::read_trainer_state(dir)?;
+    if !run.continues(&state.run) {
+        let reason =
+            format!("it was written by a different run ({:?}); resume with the same flags as that run", state.run);
+        return Err(TrainError::Resume { path: dir.to_path_buf(), reason });
+    }
+    if state.step >= run.steps {
+        let reason = format!("that run is already complete (step {} of {})", state.step, run.steps);
+        return Err(TrainError::Resume { path: dir.to_path_buf(), reason });
+    }
+    Ok(state)
+}
+
 fn progress_bar(cfg: &TrainConfig, start: u64) -> ProgressBar {
     if !cfg.progress {
         return ProgressBar::hidden();
@@ -386,22 +422,7 @@ impl Trainer {
             return Err(TrainError::RowsPerRank { rows, batch: b });
         }
         dataset.check_seq_len(t)?;
-        let run = RunShape {
-            model: model.clone(),
-            tokenizer: cfg.tokenizer,
-            batch_size: b,
-            seq_len: t,
-            grad_accum: cfg.grad_accum,
-            data_order: cfg.data_order,
-            seed: cfg.seed,
-            steps: cfg.steps,
-            lr: cfg.lr,
-            lr_schedule: cfg.lr_schedule,
-            warmup_steps: cfg.warmup_steps,
-            weight_decay: cfg.weight_decay,
-            grad_clip: cfg.grad_clip,
-            adam: cfg.adam,
-        };
+        let run = run_shape(cfg, &model, t);
 
         // ANCHOR: four_buffers
         let ledger = MemoryLedger::new();
@@ -417,18 +438,7 @@ impl Trainer {
         let mut sampler = BatchSampler::new(cfg.data_order, cfg.seed);
         let mut step = 0;
         if let Some(dir) = &cfg.resume {
-            let state = checkpoint::read_trainer_state(dir)?;
-            if !run.continues(&state.run) {
-                let reason = format!(
-                    "it was written by a different run ({:?}); resume with the same flags as that run",
-                    state.run
-                );
-                return Err(TrainError::Resume { path: dir.clone(), reason });
-            }
-            if state.step >= cfg.steps {
-                let reason = format!("that run is already complete (step {} of {})", state.step, cfg.steps);
-                return Err(TrainError::Resume { path: dir.clone(), reason });
-            }
+            let state = resume_state(dir, &run)?;
             checkpoint::load_weights(dir, &model, &layout, &mut host)?;
             let (mut m, mut v) = (vec![0.0f32; layout.total], vec![0.0f32; layout.total]);
             checkpoint::load_optimizer(dir, &layout, &mut m, &mut v)?;

@@ -12,6 +12,7 @@
 use crate::schedule::{Instr, Schedule, ScheduleKind, last_use, peak_in_flight};
 use crate::simulate::{Costs, ScheduleError, simulate};
 use crate::stage::{StageParams, copy_by_name, holds, stage_layout, uniform_partition};
+use ch01_single_gpu::checkpoint::TrainerState;
 use ch01_single_gpu::checkpoint::{self, CheckpointContents};
 use ch01_single_gpu::config::ModelConfig;
 use ch01_single_gpu::data::{Batch, BatchSampler, Dataset, sequential_batch};
@@ -24,7 +25,9 @@ use ch01_single_gpu::params::ParamLayout;
 use ch01_single_gpu::sample::{SampleConfig, generate};
 use ch01_single_gpu::schedule::learning_rate;
 use ch01_single_gpu::tokenizer::Tokenizer;
-use ch01_single_gpu::train::{LoopOutcome, StepRecord, TrainSteps, check_config, drive, load_dataset, model_config};
+use ch01_single_gpu::train::{
+    LoopOutcome, StepRecord, TrainSteps, check_config, drive, load_dataset, model_config, resume_state, run_shape,
+};
 use ch01_single_gpu::{TrainConfig, TrainError, TrainReport};
 use ch02_data_parallel::data_parallel::MAX_THREAD_RANKS;
 use kernels::comm::thread::{LaunchError, ThreadComm, launch};
@@ -72,8 +75,8 @@ pub enum PipelineError {
         "chapter 4's stages are threads on the CPU (GPU stages communicate through NCCL, which chapter 5 uses); run it with --device cpu or auto"
     )]
     GpuRanks,
-    #[error("--resume is not supported by chapter 4 yet: start from a checkpoint's weights with --init")]
-    Resume,
+    #[error("--save-every is not supported by chapter 4: it saves once, at the end, with every stage's share gathered")]
+    SaveEvery,
     #[error("the {schedule} schedule is broken: {source}")]
     Schedule { schedule: ScheduleKind, source: ScheduleError },
     #[error(transparent)]
@@ -93,9 +96,14 @@ pub struct StageReport {
     pub peak_in_flight: usize,
     /// Floats of one micro-batch's activations on this stage.
     pub micro_activation_bytes: u64,
-    /// The stage's final parameters, in its own layout.
+    /// The stage's final parameters and Adam moments, in its own layout.
     pub layout: ParamLayout,
     pub params: Vec<f32>,
+    pub adam_m: Vec<f32>,
+    pub adam_v: Vec<f32>,
+    /// Where the data stood at the end (the same on every stage).
+    pub sampler: BatchSampler,
+    pub step: u64,
 }
 
 pub struct PipelineReport {
@@ -163,8 +171,8 @@ fn check(cfg: &PipelineConfig, model: &ModelConfig) -> Result<(), PipelineError>
     if matches!(cfg.train.device, DeviceRequest::Cuda(_)) {
         return Err(PipelineError::GpuRanks);
     }
-    if cfg.train.resume.is_some() {
-        return Err(PipelineError::Resume);
+    if cfg.train.save_every > 0 && cfg.train.save.is_some() {
+        return Err(PipelineError::SaveEvery);
     }
     let (pp, m, batch) = (cfg.pp, cfg.microbatches, cfg.train.batch_size);
     match () {
@@ -194,20 +202,35 @@ impl Stage {
         let layout = stage_layout(&full, |spec| holds(spec, s, n, &blocks), blocks.len());
         let (first, last) = (s == 0, s + 1 == n);
 
-        // Every stage initialises the whole model as chapter 1 does, and keeps its share.
-        let mut host = vec![0.0f32; full.total];
-        match &train.init {
-            Some(dir) => checkpoint::load_weights(dir, &model, &full, &mut host)?,
-            None => init_params(&model, &full, train.seed, &mut host),
-        }
         let ledger = MemoryLedger::new();
         let buffer = |category| Tensor::zeros_on(&[layout.total], Device::Cpu, DType::F32, category, &ledger);
-        let mut params = buffer(Category::Parameters)?;
-        let mut mine = vec![0.0; layout.total];
-        copy_by_name(&full, &host, &layout, &mut mine);
-        params.copy_from(&mine)?;
-        let grads = buffer(Category::Gradients)?;
-        let optimizer = Optimizer::new(&layout, 0..layout.total, train.weight_decay, train.adam, Device::Cpu, &ledger)?;
+        let (mut params, grads) = (buffer(Category::Parameters)?, buffer(Category::Gradients)?);
+        let mut optimizer =
+            Optimizer::new(&layout, 0..layout.total, train.weight_decay, train.adam, Device::Cpu, &ledger)?;
+        // ANCHOR: stage_init
+        // Every stage reads the whole model as chapter 1 does (initialised from the seed, or a
+        // checkpoint in chapter 1's layout), and keeps its share: the same start in every layout.
+        let mine = |whole: &[f32]| {
+            let mut share = vec![0.0; layout.total];
+            copy_by_name(&full, whole, &layout, &mut share);
+            share
+        };
+        let mut host = vec![0.0f32; full.total];
+        let (mut step, mut sampler) = (0, BatchSampler::new(train.data_order, train.seed));
+        if let Some(dir) = &train.resume {
+            let state = resume_state(dir, &run_shape(train, &model, t))?;
+            checkpoint::load_weights(dir, &model, &full, &mut host)?;
+            let (mut m, mut v) = (vec![0.0f32; full.total], vec![0.0f32; full.total]);
+            checkpoint::load_optimizer(dir, &full, &mut m, &mut v)?;
+            optimizer.load_moments(&mine(&m), &mine(&v))?;
+            (step, sampler) = (state.step, state.sampler);
+        } else if let Some(dir) = &train.init {
+            checkpoint::load_weights(dir, &model, &full, &mut host)?;
+        } else {
+            init_params(&model, &full, train.seed, &mut host);
+        }
+        params.copy_from(&mine(&host))?;
+        // ANCHOR_END: stage_init
         let wte = layout.get("wte.weight").map_or(0, |spec| spec.numel());
         let norm_range = if last && !first { wte..layout.total } else { 0..layout.total };
 
@@ -244,10 +267,10 @@ impl Stage {
             train_list,
             eval_list,
             dataset,
-            sampler: BatchSampler::new(train.data_order, train.seed),
+            sampler,
             rows,
             t,
-            step: 0,
+            step,
             started: Instant::now(),
             record: None,
             ledger,
@@ -569,6 +592,10 @@ fn run_stage(
         }),
         layout: stage.layout.clone(),
         params: stage.params.to_vec().map_err(TrainError::from)?,
+        adam_m: stage.optimizer.adam_m.to_vec().map_err(TrainError::from)?,
+        adam_v: stage.optimizer.adam_v.to_vec().map_err(TrainError::from)?,
+        sampler: stage.sampler.clone(),
+        step: stage.step,
     };
     let leader = leads.then_some(outcome);
     Ok((report, leader))
@@ -625,21 +652,30 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
             .map_err(|source| TrainError::Io { path: path.clone(), source })?;
     }
 
-    // Chapter 1's layout, from every stage's share (the tied wte is the same on both holders).
+    // ANCHOR: gather
+    // Chapter 1's layout, from every stage's share (the tied wte is the same on both holders):
+    // the report's parameters, and a checkpoint that any layout resumes.
     let full = ParamLayout::new(&model);
-    let mut params = vec![0.0; full.total];
+    let (mut params, mut adam_m, mut adam_v) = (vec![0.0; full.total], vec![0.0; full.total], vec![0.0; full.total]);
     let mut stages = Vec::new();
     let mut leader = None;
     for (stage, lead) in results {
         copy_by_name(&stage.layout, &stage.params, &full, &mut params);
+        copy_by_name(&stage.layout, &stage.adam_m, &full, &mut adam_m);
+        copy_by_name(&stage.layout, &stage.adam_v, &full, &mut adam_v);
         leader = leader.or(lead);
         stages.push(stage);
     }
     let LoopOutcome { steps, val_losses, train_seconds } = leader.ok_or(PipelineError::NoReport)?;
     if let Some(dir) = &cfg.train.save {
-        let contents = CheckpointContents { cfg: &model, layout: &full, params: &params, optimizer: None };
+        let t = check_config(&cfg.train, &model)?;
+        let run = run_shape(&cfg.train, &model, t);
+        let state = TrainerState { step: stages[0].step, sampler: stages[0].sampler.clone(), run };
+        let optimizer = Some((&adam_m[..], &adam_v[..], &state));
+        let contents = CheckpointContents { cfg: &model, layout: &full, params: &params, optimizer };
         checkpoint::save(dir, &contents).map_err(TrainError::from)?;
     }
+    // ANCHOR_END: gather
     let train = &cfg.train;
     let sample = match train.sample_tokens {
         0 => None,

@@ -153,3 +153,26 @@ fn bad_flags_get_one_clear_line() {
     assert!(err(2, 3).contains("--microbatches 3 does not divide the batch of 4 sequences"), "{}", err(2, 3));
     assert!(err(2, 0).contains("--microbatches must be at least 1"), "{}", err(2, 0));
 }
+
+// ANCHOR: checkpoint_test
+#[test]
+fn checkpoints_are_layout_independent_both_ways() {
+    // Two steps, saved; then resumed up to four (a constant learning rate lets a run be
+    // extended). The reference: chapter 1 saving and resuming itself.
+    let dir = tempfile::tempdir().unwrap();
+    let (ch01_ckpt, pp_ckpt) = (dir.path().join("ch01"), dir.path().join("pp"));
+    let four = TrainConfig { lr_schedule: ch01_single_gpu::schedule::LrSchedule::Constant, ..config() };
+    let two = TrainConfig { steps: 2, ..four.clone() };
+    ch01(&TrainConfig { save: Some(ch01_ckpt.clone()), ..two.clone() });
+    let reference = ch01(&TrainConfig { resume: Some(ch01_ckpt.clone()), ..four.clone() });
+    assert_eq!(reference.steps.first().map(|s| s.step), Some(3));
+
+    // Chapter 1 resumes a checkpoint that two stages saved...
+    pipeline(&TrainConfig { save: Some(pp_ckpt.clone()), ..two }, 2, 2, ScheduleKind::OneFOneB);
+    let from_pipeline = ch01(&TrainConfig { resume: Some(pp_ckpt), ..four.clone() });
+    assert_matches_ch01(&four, &reference, &from_pipeline, 1e-5);
+    // ...and four stages resume chapter 1's.
+    let resumed = pipeline(&TrainConfig { resume: Some(ch01_ckpt), ..four.clone() }, 4, 2, ScheduleKind::Gpipe);
+    assert_matches_ch01(&four, &reference, &resumed.report, 1e-5);
+}
+// ANCHOR_END: checkpoint_test
