@@ -320,7 +320,12 @@ mod tests {
         let err = simulate(&schedule, Costs::UNIT).unwrap_err();
         let ScheduleError::Deadlock(waits) = &err else { panic!("{err}") };
         assert!(waits.contains(&Wait { stage: 1, at: 3, instr: Instr::RecvGrad { micro: 1 }, on: 2 }), "{err}");
-        assert!(err.to_string().contains("stage 2 waits at instruction 4 (recv activation 1) for stage 1"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "deadlock: stage 0 waits at instruction 4 (recv gradient 0) for stage 1; \
+             stage 1 waits at instruction 3 (recv gradient 1) for stage 2; \
+             stage 2 waits at instruction 4 (recv activation 1) for stage 1"
+        );
     }
     // ANCHOR_END: deadlock_test
 
