@@ -4,6 +4,7 @@
 use ch01_single_gpu::cli::{CommonArgs, print_summary};
 use ch04_pipeline::schedule::ScheduleKind;
 use ch04_pipeline::simulate::{Costs, simulate};
+use ch04_pipeline::stage::Partition;
 use ch04_pipeline::{PipelineConfig, PipelineReport, Schedule, train};
 use clap::Parser;
 use kernels::comm::Collective;
@@ -31,6 +32,10 @@ struct Cli {
     /// The schedule: gpipe (all forwards, then all backwards) or 1f1b (one forward, one backward).
     #[arg(long, value_enum, default_value_t = ScheduleKind::OneFOneB)]
     schedule: ScheduleKind,
+    /// How blocks are divided among stages: the same number each, or by estimated cost (the
+    /// output projection counts: with GPT-2's vocabulary it weighs as much as many blocks).
+    #[arg(long, value_enum, default_value_t = Partition::Uniform)]
+    partition: Partition,
     /// Draw the last training step of every stage, as measured, as an SVG timeline.
     #[arg(long)]
     timeline: Option<PathBuf>,
@@ -44,12 +49,13 @@ fn print_pipeline(r: &PipelineReport) {
         (r.pp as f64, (r.microbatches * r.report.steps.len().max(1)) as f64 / r.report.steps.len().max(1) as f64);
     println!("pipeline");
     println!("  stages             {} ({} schedule, {} micro-batches per batch)", r.pp, r.schedule, r.microbatches);
-    for stage in &r.stages {
+    for (stage, share) in r.stages.iter().zip(&r.estimated_shares) {
         let p2p = stage.comm.sent.get(&Collective::SendRecv).copied().unwrap_or(0);
         println!(
-            "  stage {:<3}          blocks {:?}, {} parameters, {} micro-batches in flight, sent {}, peak memory {}",
+            "  stage {:<3}          blocks {:?} ({:.0}% of the estimated work), {} parameters, {} micro-batches in flight, sent {}, peak memory {}",
             stage.stage,
             stage.blocks,
+            100.0 * share,
             format_bytes(4 * stage.layout.total as u64),
             stage.peak_in_flight,
             format_bytes(p2p),
@@ -57,11 +63,12 @@ fn print_pipeline(r: &PipelineReport) {
         );
     }
     println!(
-        "  bubble             {:.1}% simulated (theory (p-1)/(m+p-1) = {:.1}%, m = {} micro-batches per step)",
+        "  bubble             {:.1}% simulated with equal stages (theory (p-1)/(m+p-1) = {:.1}%, m = {} micro-batches per step)",
         100.0 * r.bubble,
         100.0 * (n - 1.0) / (m + n - 1.0),
         m
     );
+    println!("                     {:.1}% with the stages' estimated costs", 100.0 * r.bubble_estimated);
 }
 
 fn main() -> ExitCode {
@@ -78,6 +85,7 @@ fn main() -> ExitCode {
             pp: cli.pp,
             microbatches: cli.microbatches,
             schedule: cli.schedule,
+            partition: cli.partition,
             timeline: cli.timeline.clone(),
             skip_tied_sum: false,
         };

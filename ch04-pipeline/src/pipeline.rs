@@ -10,8 +10,10 @@
 //! (counting the tied copy once), so every stage clips as chapter 1 does.
 
 use crate::schedule::{Instr, Schedule, ScheduleKind, last_use, peak_in_flight};
-use crate::simulate::{Costs, ScheduleError, simulate};
-use crate::stage::{StageParams, copy_by_name, holds, stage_layout, uniform_partition};
+use crate::simulate::{Costs, ScheduleError, simulate, simulate_stages};
+use crate::stage::{
+    PartCosts, Partition, StageParams, balanced_partition, copy_by_name, holds, stage_layout, uniform_partition,
+};
 use ch01_single_gpu::checkpoint::TrainerState;
 use ch01_single_gpu::checkpoint::{self, CheckpointContents};
 use ch01_single_gpu::config::ModelConfig;
@@ -50,6 +52,7 @@ pub struct PipelineConfig {
     /// Micro-batches each batch of B sequences is split into.
     pub microbatches: usize,
     pub schedule: ScheduleKind,
+    pub partition: Partition,
     /// Draw the last training step of every stage as an SVG timeline here (measured).
     pub timeline: Option<std::path::PathBuf>,
     /// For the tests: leave out the sum of the tied embedding's two gradients (and so compute a
@@ -112,8 +115,12 @@ pub struct PipelineReport {
     /// Micro-batches per optimizer step: --microbatches x --grad-accum.
     pub micro_per_step: usize,
     pub schedule: ScheduleKind,
-    /// The simulated bubble fraction of one step (unit costs).
+    /// The simulated bubble fraction of one step with equal stages (a forward 1, a backward 2)...
     pub bubble: f64,
+    /// ...and with each stage's estimated cost ([`PartCosts`]).
+    pub bubble_estimated: f64,
+    /// Each stage's share of the estimated cost of a step.
+    pub estimated_shares: Vec<f64>,
     /// Chapter 1's report: every step's loss and norm, and the stages' parameters gathered into
     /// chapter 1's layout.
     pub report: TrainReport,
@@ -197,7 +204,7 @@ impl Stage {
         let t = check_config(train, &model)?;
         dataset.check_seq_len(t)?;
         let (s, n) = (comm.rank(), comm.world_size());
-        let blocks = uniform_partition(model.n_layer, n)[s].clone();
+        let blocks = partition(cfg, &model, t)[s].clone();
         let full = ParamLayout::new(&model);
         let layout = stage_layout(&full, |spec| holds(spec, s, n, &blocks), blocks.len());
         let (first, last) = (s == 0, s + 1 == n);
@@ -541,6 +548,14 @@ impl TrainSteps for Stage {
     }
 }
 
+/// Each stage's blocks, as `cfg.partition` says.
+pub fn partition(cfg: &PipelineConfig, model: &ModelConfig, t: usize) -> Vec<Range<usize>> {
+    match cfg.partition {
+        Partition::Uniform => uniform_partition(model.n_layer, cfg.pp),
+        Partition::Balanced => balanced_partition(model.n_layer, cfg.pp, &PartCosts::estimate(model, t)),
+    }
+}
+
 // ANCHOR: check_schedules
 /// Simulates the training and evaluation schedules before any rank runs them: a broken one is
 /// an error here, not a hang later. Returns the training schedule's bubble fraction.
@@ -636,6 +651,17 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
     let cfg = &PipelineConfig { train: TrainConfig { device: DeviceRequest::Cpu, ..cfg.train.clone() }, ..cfg.clone() };
     let micro_per_step = cfg.microbatches * cfg.train.grad_accum.max(1);
     let bubble = check_schedules(cfg.schedule, cfg.pp, micro_per_step, cfg.microbatches)?;
+    // The same schedule with each stage's estimated cost: what an uneven partition costs.
+    let t = check_config(&cfg.train, &model)?;
+    let (parts, costs) = (partition(cfg, &model, t), PartCosts::estimate(&model, t));
+    let stage_costs: Vec<f64> = parts.iter().enumerate().map(|(s, b)| costs.stage(s, cfg.pp, b)).collect();
+    let total: f64 = stage_costs.iter().sum();
+    let estimated_shares = stage_costs.iter().map(|c| c / total).collect();
+    let per_micro: Vec<Costs> =
+        stage_costs.iter().map(|c| Costs { forward: c / total, backward: 2.0 * c / total }).collect();
+    let simulated = simulate_stages(&Schedule::new(cfg.schedule, cfg.pp, micro_per_step), &per_micro)
+        .map_err(|source| PipelineError::Schedule { schedule: cfg.schedule, source })?;
+    let bubble_estimated = simulated.bubble_fraction();
     let dataset = Arc::new(load_dataset(&cfg.train.data, &tokenizer)?);
     let traced = cfg.train.trace.is_some() || cfg.timeline.is_some();
     let trace = if traced { Trace::enabled() } else { Trace::disabled() };
@@ -668,7 +694,6 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
     }
     let LoopOutcome { steps, val_losses, train_seconds } = leader.ok_or(PipelineError::NoReport)?;
     if let Some(dir) = &cfg.train.save {
-        let t = check_config(&cfg.train, &model)?;
         let run = run_shape(&cfg.train, &model, t);
         let state = TrainerState { step: stages[0].step, sampler: stages[0].sampler.clone(), run };
         let optimizer = Some((&adam_m[..], &adam_v[..], &state));
@@ -688,7 +713,6 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
             Some(train.prompt.clone() + &tokenizer.decode(&out))
         }
     };
-    let t = train.seq_len.unwrap_or(model.block_size);
     let tokens = (steps.len() * train.batch_size * t * train.grad_accum) as f64;
     let report = TrainReport {
         model: model.clone(),
@@ -712,6 +736,8 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
         micro_per_step,
         schedule: cfg.schedule,
         bubble,
+        bubble_estimated,
+        estimated_shares,
         report,
         stages,
     })

@@ -91,7 +91,8 @@ type Channel = VecDeque<(usize, f64)>;
 
 struct Sim<'a> {
     lists: &'a [Vec<Instr>],
-    costs: Costs,
+    /// Each stage's costs.
+    costs: &'a [Costs],
     pc: Vec<usize>,
     clock: Vec<f64>,
     /// (from, to) -> messages in send order. Activations go s -> s+1, gradients s+1 -> s, so a
@@ -108,9 +109,15 @@ enum Progress {
 }
 
 // ANCHOR: simulate
-/// Runs `schedule` to the end with `costs`, or says what is wrong with it.
+/// Runs `schedule` to the end with `costs` on every stage, or says what is wrong with it.
 pub fn simulate(schedule: &Schedule, costs: Costs) -> Result<Simulation, ScheduleError> {
+    simulate_stages(schedule, &vec![costs; schedule.stages.len()])
+}
+
+/// As [`simulate`], with each stage's own costs (`costs[s]` for stage s): uneven stages.
+pub fn simulate_stages(schedule: &Schedule, costs: &[Costs]) -> Result<Simulation, ScheduleError> {
     let n = schedule.stages.len();
+    assert_eq!(costs.len(), n, "one cost per stage");
     let out = Simulation { spans: Vec::new(), makespan: 0.0, busy: vec![0.0; n] };
     let mut sim = Sim {
         lists: &schedule.stages,
@@ -177,12 +184,12 @@ impl Sim<'_> {
             }
             Forward { micro } => {
                 need(first || self.ran(s, RecvActivation { micro }), "forward before its input arrived")?;
-                self.compute(s, instr, self.costs.forward);
+                self.compute(s, instr, self.costs[s].forward);
             }
             Backward { micro } => {
                 need(self.ran(s, Forward { micro }), "backward of a micro-batch not yet forwarded")?;
                 need(last || self.ran(s, RecvGrad { micro }), "backward before its gradient arrived")?;
-                self.compute(s, instr, self.costs.backward);
+                self.compute(s, instr, self.costs[s].backward);
             }
             SendActivation { micro } => {
                 need(!last, "the last stage has no next stage")?;
@@ -353,6 +360,16 @@ mod tests {
             s.stages[0].insert(flush, Instr::SendActivation { micro: 0 });
         });
         assert!(err.contains("stage 0 sent activation 0 to stage 1, which never receives it"), "{err}");
+    }
+
+    #[test]
+    fn a_slow_stage_sets_the_pace() {
+        // Stage 1 of 2 twice as slow: the step is paced by it, and the fast stage idles.
+        let (fast, slow) = (Costs::UNIT, Costs { forward: 2.0, backward: 4.0 });
+        let sim = simulate_stages(&Schedule::new(ScheduleKind::OneFOneB, 2, 4), &[fast, slow]).unwrap();
+        // The slow stage's 4 x 6 units, after stage 0's first forward and before its last backward.
+        assert_eq!(sim.makespan, 1.0 + 24.0 + 2.0);
+        assert!(sim.bubble_fraction() > 1.0 / 5.0, "more than the even pipeline's bubble");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 use ch01_single_gpu::{TrainConfig, TrainReport};
 use ch04_pipeline::schedule::{ScheduleKind, peak_in_flight};
+use ch04_pipeline::stage::Partition;
 use ch04_pipeline::{PipelineConfig, PipelineReport, Schedule};
 use kernels::Category;
 use kernels::comm::Collective;
@@ -19,7 +20,15 @@ fn ch01(cfg: &TrainConfig) -> TrainReport {
 }
 
 fn pipeline_config(cfg: &TrainConfig, pp: usize, microbatches: usize, schedule: ScheduleKind) -> PipelineConfig {
-    PipelineConfig { train: cfg.clone(), pp, microbatches, schedule, timeline: None, skip_tied_sum: false }
+    PipelineConfig {
+        train: cfg.clone(),
+        pp,
+        microbatches,
+        schedule,
+        partition: Partition::Uniform,
+        timeline: None,
+        skip_tied_sum: false,
+    }
 }
 
 fn pipeline(cfg: &TrainConfig, pp: usize, microbatches: usize, schedule: ScheduleKind) -> PipelineReport {
@@ -69,6 +78,27 @@ fn an_uneven_partition_and_accumulation_match_chapter_1() {
     let single = ch01(&cfg);
     let run = pipeline(&cfg, 3, 4, ScheduleKind::OneFOneB);
     assert_eq!(run.stages.iter().map(|s| s.blocks.clone()).collect::<Vec<_>>(), vec![0..2, 2..3, 3..4]);
+    assert_matches_ch01(&cfg, &single, &run.report, 1e-5);
+}
+
+#[test]
+fn a_balanced_partition_matches_chapter_1() {
+    // GPT-2's vocabulary makes the head worth about 60 of the tiny model's blocks: the balanced
+    // partition leaves the last stage one block. (A slice of the corpus keeps tokenizing quick.)
+    let text = ch01_single_gpu::data::SHAKESPEARE[..50_000].to_string();
+    let cfg = TrainConfig {
+        tokenizer: ch01_single_gpu::tokenizer::TokenizerKind::Gpt2,
+        data: ch01_single_gpu::DataSource::Text(text),
+        steps: 2,
+        val_batches: 1,
+        ..config()
+    };
+    let single = ch01(&cfg);
+    let balanced =
+        PipelineConfig { partition: Partition::Balanced, ..pipeline_config(&cfg, 2, 2, ScheduleKind::OneFOneB) };
+    let run = ch04_pipeline::train(&balanced).unwrap();
+    assert_eq!(run.stages.iter().map(|s| s.blocks.clone()).collect::<Vec<_>>(), vec![0..3, 3..4]);
+    assert!(run.estimated_shares[1] > 0.9, "the head is most of the work: {:?}", run.estimated_shares);
     assert_matches_ch01(&cfg, &single, &run.report, 1e-5);
 }
 // ANCHOR_END: equivalence_tests
