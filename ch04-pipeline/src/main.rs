@@ -69,6 +69,10 @@ fn print_pipeline(r: &PipelineReport) {
         m
     );
     println!("                     {:.1}% with the stages' estimated costs", 100.0 * r.bubble_estimated);
+    match r.measured_bubble {
+        Some(measured) => println!("                     {:.1}% measured in the last step", 100.0 * measured),
+        None => println!("                     (--trace or --timeline measures the last step's)"),
+    }
 }
 
 fn main() -> ExitCode {

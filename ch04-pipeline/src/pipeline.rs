@@ -121,6 +121,8 @@ pub struct PipelineReport {
     pub bubble_estimated: f64,
     /// Each stage's share of the estimated cost of a step.
     pub estimated_shares: Vec<f64>,
+    /// The last step's bubble as measured, when the run was traced (see [`measured_bubble`]).
+    pub measured_bubble: Option<f64>,
     /// Chapter 1's report: every step's loss and norm, and the stages' parameters gathered into
     /// chapter 1's layout.
     pub report: TrainReport,
@@ -556,6 +558,26 @@ pub fn partition(cfg: &PipelineConfig, model: &ModelConfig, t: usize) -> Vec<Ran
     }
 }
 
+// ANCHOR: measured_bubble
+/// The last training step's bubble, from the trace: the share of N x the step's length (from the
+/// first stage's start to the last one's end) that no stage spent in a forward or a backward.
+/// Waiting for messages, the tied sum and the optimizer step all count as idle. `None` when the
+/// run was not traced.
+pub fn measured_bubble(trace: &Trace, n: usize) -> Option<f64> {
+    let steps: Vec<(f64, f64)> = (0..n).map(|s| trace.last_span("step", s as u32, 0)).collect::<Option<_>>()?;
+    let from = steps.iter().map(|s| s.0).fold(f64::INFINITY, f64::min);
+    let to = steps.iter().map(|s| s.1).fold(f64::NEG_INFINITY, f64::max);
+    let computing = |name: &str| name.starts_with("forward") || name.starts_with("backward");
+    let busy: f64 = trace
+        .events()
+        .iter()
+        .filter(|e| e.start_us >= from && e.start_us + e.dur_us <= to && computing(&e.name))
+        .map(|e| e.dur_us)
+        .sum();
+    Some(1.0 - busy / (n as f64 * (to - from)))
+}
+// ANCHOR_END: measured_bubble
+
 // ANCHOR: check_schedules
 /// Simulates the training and evaluation schedules before any rank runs them: a broken one is
 /// an error here, not a hang later. Returns the training schedule's bubble fraction.
@@ -738,6 +760,7 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
         bubble,
         bubble_estimated,
         estimated_shares,
+        measured_bubble: measured_bubble(&trace, cfg.pp),
         report,
         stages,
     })

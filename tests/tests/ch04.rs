@@ -174,6 +174,22 @@ fn each_boundary_carries_one_activation_and_one_gradient_per_micro_batch() {
 // ANCHOR_END: theory_tests
 
 #[test]
+fn a_traced_run_measures_its_bubble() {
+    // No timing is asserted: only that the measurement exists, is a fraction, and is absent
+    // from an untraced run.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig { steps: 2, eval_every: 0, val_batches: 1, ..config() };
+    let timeline = Some(dir.path().join("step.svg"));
+    let run = ch04_pipeline::train(&PipelineConfig { timeline, ..pipeline_config(&cfg, 2, 4, ScheduleKind::OneFOneB) })
+        .unwrap();
+    let measured = run.measured_bubble.unwrap();
+    assert!((0.0..1.0).contains(&measured), "{measured}");
+    let svg = std::fs::read_to_string(dir.path().join("step.svg")).unwrap();
+    assert!(svg.contains("stage 1") && svg.contains("backward 3"), "one span per instruction, both stages");
+    assert!(pipeline(&cfg, 2, 4, ScheduleKind::OneFOneB).measured_bubble.is_none());
+}
+
+#[test]
 fn bad_flags_get_one_clear_line() {
     let cfg = config();
     let err =
