@@ -32,6 +32,9 @@ struct Cli {
     /// The schedule: gpipe (all forwards, then all backwards) or 1f1b (one forward, one backward).
     #[arg(long, value_enum, default_value_t = ScheduleKind::OneFOneB)]
     schedule: ScheduleKind,
+    /// Model chunks per stage, for --schedule interleaved: stage s holds chunks s, s + N, s + 2N, ...
+    #[arg(long, default_value_t = 1)]
+    virtual_stages: usize,
     /// How blocks are divided among stages: the same number each, or by estimated cost (the
     /// output projection counts: with GPT-2's vocabulary it weighs as much as many blocks).
     #[arg(long, value_enum, default_value_t = Partition::Uniform)]
@@ -52,9 +55,9 @@ fn print_pipeline(r: &PipelineReport) {
     for (stage, share) in r.stages.iter().zip(&r.estimated_shares) {
         let p2p = stage.comm.sent.get(&Collective::SendRecv).copied().unwrap_or(0);
         println!(
-            "  stage {:<3}          blocks {:?} ({:.0}% of the estimated work), {} parameters, {} micro-batches in flight, sent {}, peak memory {}",
+            "  stage {:<3}          blocks {} ({:.0}% of the estimated work), {} parameters, {} micro-batches in flight, sent {}, peak memory {}",
             stage.stage,
-            stage.blocks,
+            stage.blocks.iter().map(|b| format!("{b:?}")).collect::<Vec<_>>().join(" + "),
             100.0 * share,
             format_bytes(4 * stage.layout.total as u64),
             stage.peak_in_flight,
@@ -80,7 +83,7 @@ fn main() -> ExitCode {
     let result = cli.common.into_config().and_then(|train_cfg| {
         if let Some(path) = &cli.timeline_sim {
             let micro = cli.microbatches * train_cfg.grad_accum;
-            let sim = simulate(&Schedule::new(cli.schedule, cli.pp, micro), Costs::UNIT)?;
+            let sim = simulate(&Schedule::new(cli.schedule, cli.pp, cli.virtual_stages, micro), Costs::UNIT)?;
             let svg = sim.to_trace().to_svg(0.0, sim.makespan * 1000.0, |stage, _| format!("stage {stage}"));
             std::fs::write(path, svg).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         }
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
             pp: cli.pp,
             microbatches: cli.microbatches,
             schedule: cli.schedule,
+            virtual_stages: cli.virtual_stages,
             partition: cli.partition,
             timeline: cli.timeline.clone(),
             skip_tied_sum: false,

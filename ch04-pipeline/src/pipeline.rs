@@ -9,7 +9,7 @@
 //! on both, is chapter 1's gradient. The global norm is the sum of the stages' squared norms
 //! (counting the tied copy once), so every stage clips as chapter 1 does.
 
-use crate::schedule::{Instr, Schedule, ScheduleKind, last_use, peak_in_flight};
+use crate::schedule::{Instr, Pipe, Schedule, ScheduleKind, last_use, peak_in_flight};
 use crate::simulate::{Costs, ScheduleError, simulate, simulate_stages};
 use crate::stage::{
     PartCosts, Partition, StageParams, balanced_partition, copy_by_name, holds, stage_layout, uniform_partition,
@@ -52,6 +52,8 @@ pub struct PipelineConfig {
     /// Micro-batches each batch of B sequences is split into.
     pub microbatches: usize,
     pub schedule: ScheduleKind,
+    /// Model chunks per stage (the interleaved schedule; 1 otherwise).
+    pub virtual_stages: usize,
     pub partition: Partition,
     /// Draw the last training step of every stage as an SVG timeline here (measured).
     pub timeline: Option<std::path::PathBuf>,
@@ -80,6 +82,18 @@ pub enum PipelineError {
     GpuRanks,
     #[error("--save-every is not supported by chapter 4: it saves once, at the end, with every stage's share gathered")]
     SaveEvery,
+    #[error(
+        "the interleaved schedule sends micro-batches through each chunk in groups of --pp {pp}: the {m} micro-batches per step (--microbatches x --grad-accum) must be a multiple of it"
+    )]
+    InterleavedGroups { pp: usize, m: usize },
+    #[error("--virtual-stages must be at least 1")]
+    ZeroChunks,
+    #[error("--virtual-stages {v} needs --schedule interleaved (the other schedules run one chunk per stage)")]
+    ChunksNeedInterleaved { v: usize },
+    #[error(
+        "--pp {pp} x --virtual-stages {v} is {chunks} model chunks, more than the model has blocks ({n_layer}): every chunk needs at least one"
+    )]
+    MoreChunksThanBlocks { pp: usize, v: usize, chunks: usize, n_layer: usize },
     #[error("the {schedule} schedule is broken: {source}")]
     Schedule { schedule: ScheduleKind, source: ScheduleError },
     #[error(transparent)]
@@ -92,7 +106,8 @@ pub enum PipelineError {
 #[derive(Clone, Debug)]
 pub struct StageReport {
     pub stage: usize,
-    pub blocks: Range<usize>,
+    /// The blocks of each of its model chunks (one chunk but for the interleaved schedule).
+    pub blocks: Vec<Range<usize>>,
     pub memory: MemoryReport,
     pub comm: CommStats,
     /// Micro-batches whose activations this stage held at once (the schedule's prediction).
@@ -129,9 +144,11 @@ pub struct PipelineReport {
     pub stages: Vec<StageReport>,
 }
 
-/// One micro-batch's buffers on a stage: its input, what its blocks' forward saved, and (on
-/// the last stage) the head's; `grad` is dL/d(output) as it arrives and dL/d(input) as it leaves.
+/// One micro-batch's buffers in one model chunk of a stage: its input, what the chunk's blocks'
+/// forward saved, and (on the last stage) the head's; `grad` is dL/d(output) as it arrives and
+/// dL/d(input) as it leaves.
 struct Slot {
+    chunk: usize,
     input: Tensor,
     blocks: Vec<BlockActivations>,
     head: Option<HeadActivations>,
@@ -145,7 +162,9 @@ struct Stage {
     cfg: PipelineConfig,
     model: ModelConfig,
     layout: ParamLayout,
-    blocks: Range<usize>,
+    pipe: Pipe,
+    /// The blocks of each chunk.
+    chunks: Vec<Range<usize>>,
     params: Tensor,
     grads: Tensor,
     optimizer: Optimizer,
@@ -154,11 +173,15 @@ struct Stage {
     /// Activation buffers, taken by a micro-batch at its first instruction and given back after
     /// its last. They grow to the schedule's peak in flight, and no further.
     slots: Vec<Slot>,
-    free: Vec<usize>,
-    slot_of: HashMap<usize, usize>,
+    /// Free slots of each chunk.
+    free: Vec<Vec<usize>>,
+    slot_of: HashMap<(usize, usize), usize>,
     scratch: BackwardScratch,
     proj: Tensor,
+    /// Activations travel on `comm`, gradients on `grad_comm` (all stages each): two wires, each
+    /// delivering in order, so that the two kinds never need to agree on an order.
     comm: ThreadComm,
+    grad_comm: ThreadComm,
     /// First and last stage only: the pair that sums the tied embedding's gradient.
     tied: Option<ThreadComm>,
     train_list: Vec<Instr>,
@@ -183,12 +206,20 @@ fn check(cfg: &PipelineConfig, model: &ModelConfig) -> Result<(), PipelineError>
     if cfg.train.save_every > 0 && cfg.train.save.is_some() {
         return Err(PipelineError::SaveEvery);
     }
-    let (pp, m, batch) = (cfg.pp, cfg.microbatches, cfg.train.batch_size);
+    let (pp, m, batch, v) = (cfg.pp, cfg.microbatches, cfg.train.batch_size, cfg.virtual_stages);
     match () {
         _ if pp == 0 => Err(PipelineError::ZeroStages),
         _ if pp > MAX_THREAD_RANKS => Err(PipelineError::TooManyRanks { pp }),
         _ if pp > model.n_layer => Err(PipelineError::MoreStagesThanBlocks { pp, n_layer: model.n_layer }),
         _ if m == 0 => Err(PipelineError::ZeroMicrobatches),
+        _ if v == 0 => Err(PipelineError::ZeroChunks),
+        _ if v > 1 && cfg.schedule != ScheduleKind::Interleaved => Err(PipelineError::ChunksNeedInterleaved { v }),
+        _ if pp * v > model.n_layer => {
+            Err(PipelineError::MoreChunksThanBlocks { pp, v, chunks: pp * v, n_layer: model.n_layer })
+        }
+        _ if cfg.schedule == ScheduleKind::Interleaved && !(m * cfg.train.grad_accum).is_multiple_of(pp) => {
+            Err(PipelineError::InterleavedGroups { pp, m: m * cfg.train.grad_accum })
+        }
         _ if batch > 0 && !batch.is_multiple_of(m) => Err(PipelineError::MicrobatchesNotDividing { m, batch }),
         _ => Ok(()),
     }
@@ -206,9 +237,12 @@ impl Stage {
         let t = check_config(train, &model)?;
         dataset.check_seq_len(t)?;
         let (s, n) = (comm.rank(), comm.world_size());
-        let blocks = partition(cfg, &model, t)[s].clone();
+        let pipe = Pipe { ranks: n, chunks: cfg.virtual_stages };
+        let parts = partition(cfg, &model, t);
+        let chunks: Vec<Range<usize>> = (0..pipe.chunks).map(|c| parts[pipe.virtual_stage(s, c)].clone()).collect();
         let full = ParamLayout::new(&model);
-        let layout = stage_layout(&full, |spec| holds(spec, s, n, &blocks), blocks.len());
+        let n_blocks = chunks.iter().map(|b| b.len()).sum();
+        let layout = stage_layout(&full, |spec| holds(spec, s, n, &chunks), n_blocks);
         let (first, last) = (s == 0, s + 1 == n);
 
         let ledger = MemoryLedger::new();
@@ -244,15 +278,16 @@ impl Stage {
         let norm_range = if last && !first { wte..layout.total } else { 0..layout.total };
 
         let rows = train.batch_size / cfg.microbatches;
+        let grad_comm = comm.split_group(&(0..n).collect::<Vec<_>>())?;
         let tied = if n > 1 && (first || last) { Some(comm.split_group(&[0, n - 1])?) } else { None };
         let micro_per_step = cfg.microbatches * train.grad_accum;
-        let train_list = Schedule::new(cfg.schedule, n, micro_per_step).stages[s].clone();
+        let train_list = Schedule::new(cfg.schedule, n, pipe.chunks, micro_per_step).stages[s].clone();
         let train_list = if cfg.skip_tied_sum {
             train_list.into_iter().filter(|i| *i != Instr::ReduceTiedGrads).collect()
         } else {
             train_list
         };
-        let eval_list = Schedule::forward_only(n, cfg.microbatches).stages[s].clone();
+        let eval_list = Schedule::forward_only(n, pipe.chunks, cfg.microbatches).stages[s].clone();
         let scratch = BackwardScratch::new(BlockShape::whole(&model), rows, t, Device::Cpu, DType::F32, &ledger)?;
         let proj = Tensor::zeros_on(&[rows * t, model.n_embd], Device::Cpu, DType::F32, Category::Other, &ledger)?;
         Ok(Stage {
@@ -261,17 +296,19 @@ impl Stage {
             cfg: cfg.clone(),
             model,
             layout,
-            blocks,
+            pipe,
+            chunks,
             params,
             grads,
             optimizer,
             norm_range,
             slots: Vec::new(),
-            free: Vec::new(),
+            free: vec![Vec::new(); pipe.chunks],
             slot_of: HashMap::new(),
             scratch,
             proj,
             comm,
+            grad_comm,
             tied,
             train_list,
             eval_list,
@@ -287,40 +324,43 @@ impl Stage {
         })
     }
 
-    fn first(&self) -> bool {
-        self.s == 0
-    }
-
     fn last(&self) -> bool {
         self.s + 1 == self.n
     }
 
-    /// The slot micro-batch `micro` uses: its own, or a free one, or a new one.
-    fn slot(&mut self, micro: usize) -> Result<usize, TrainError> {
-        if let Some(&i) = self.slot_of.get(&micro) {
+    /// The slot (micro-batch, chunk) uses: its own, or a free one of the chunk, or a new one.
+    fn slot(&mut self, key: (usize, usize)) -> Result<usize, TrainError> {
+        if let Some(&i) = self.slot_of.get(&key) {
             return Ok(i);
         }
-        let i = match self.free.pop() {
+        let chunk = key.1;
+        let i = match self.free[chunk].pop() {
             Some(i) => i,
             None => {
                 let (rows, t, c, ledger) = (self.rows, self.t, self.model.n_embd, &self.ledger);
                 let shape = BlockShape::whole(&self.model);
                 let act = |category| Tensor::zeros_on(&[rows * t, c], Device::Cpu, DType::F32, category, ledger);
-                let blocks = self
-                    .blocks
+                let blocks = self.chunks[chunk]
                     .clone()
                     .map(|_| BlockActivations::new(shape, rows, t, Device::Cpu, DType::F32, ledger))
                     .collect::<Result<_, _>>()?;
-                let head = match self.last() {
+                let head = match self.pipe.is_last(self.s, chunk) {
                     true => Some(HeadActivations::new(&self.model, rows, t, Device::Cpu, DType::F32, ledger)?),
                     false => None,
                 };
-                self.slots.push(Slot { input: act(Category::Activations)?, blocks, head, grad: act(Category::Other)? });
+                let (input, grad) = (act(Category::Activations)?, act(Category::Other)?);
+                self.slots.push(Slot { chunk, input, blocks, head, grad });
                 self.slots.len() - 1
             }
         };
-        self.slot_of.insert(micro, i);
+        self.slot_of.insert(key, i);
         Ok(i)
+    }
+
+    /// Chunk `chunk`'s blocks among the stage's (they are in layout order, chunk by chunk).
+    fn chunk_blocks(&self, chunk: usize) -> Range<usize> {
+        let start = self.chunks[..chunk].iter().map(|b| b.len()).sum();
+        start..start + self.chunks[chunk].len()
     }
 
     // ANCHOR: interpreter
@@ -338,20 +378,23 @@ impl Stage {
                 Some(m) => Some(self.slot(m)?),
                 None => None,
             };
+            let (s, pipe) = (self.s, self.pipe);
             match (instr, slot) {
-                (Instr::RecvActivation { .. }, Some(i)) => {
-                    self.comm.recv(self.slots[i].input.as_mut_slice(), self.s - 1)?;
+                (Instr::RecvActivation { chunk, .. }, Some(i)) => {
+                    self.comm.recv(self.slots[i].input.as_mut_slice(), pipe.prev(s, chunk).0)?;
                 }
-                (Instr::Forward { micro }, Some(i)) => loss_sum += self.forward(i, &micros[micro])?,
-                (Instr::SendActivation { .. }, Some(i)) => {
+                (Instr::Forward { micro, .. }, Some(i)) => loss_sum += self.forward(i, &micros[micro])?,
+                (Instr::SendActivation { chunk, .. }, Some(i)) => {
                     let out = self.slots[i].blocks.last().map_or(&self.slots[i].input, |b| &b.out);
-                    self.comm.send(out.as_slice(), self.s + 1)?;
+                    self.comm.send(out.as_slice(), pipe.next(s, chunk).0)?;
                 }
-                (Instr::RecvGrad { .. }, Some(i)) => {
-                    self.comm.recv(self.slots[i].grad.as_mut_slice(), self.s + 1)?;
+                (Instr::RecvGrad { chunk, .. }, Some(i)) => {
+                    self.grad_comm.recv(self.slots[i].grad.as_mut_slice(), pipe.next(s, chunk).0)?;
                 }
-                (Instr::Backward { micro }, Some(i)) => self.backward(i, &micros[micro], dloss)?,
-                (Instr::SendGrad { .. }, Some(i)) => self.comm.send(self.slots[i].grad.as_slice(), self.s - 1)?,
+                (Instr::Backward { micro, .. }, Some(i)) => self.backward(i, &micros[micro], dloss)?,
+                (Instr::SendGrad { chunk, .. }, Some(i)) => {
+                    self.grad_comm.send(self.slots[i].grad.as_slice(), pipe.prev(s, chunk).0)?;
+                }
                 (Instr::ReduceTiedGrads, _) => self.reduce_tied_grads()?,
                 (Instr::OptimizerStep, _) => self.optimizer_step(loss_sum / micros.len() as f64)?,
                 _ => unreachable!("every micro-batch instruction has a slot"),
@@ -361,7 +404,7 @@ impl Stage {
                 && last_use.get(&m) == Some(&at)
                 && let Some(i) = self.slot_of.remove(&m)
             {
-                self.free.push(i);
+                self.free[m.1].push(i);
             }
         }
         Ok(loss_sum)
@@ -372,15 +415,17 @@ impl Stage {
     /// The stage's forward of one micro-batch: embeddings (first stage), its blocks, the head
     /// and the loss (last stage). Returns the micro-batch's mean loss on the last stage, else 0.
     fn forward(&mut self, i: usize, batch: &Batch) -> Result<f64, TrainError> {
-        let (first, last) = (self.first(), self.last());
+        let chunk = self.slots[i].chunk;
+        let (first, last) = (self.pipe.is_first(self.s, chunk), self.pipe.is_last(self.s, chunk));
         let (t, c) = (self.t, self.model.n_embd);
         let d = Dims { b: self.rows, t, shape: BlockShape::whole(&self.model) };
         let p = StageParams::new(&self.layout, self.layout.tensor_views(self.params.view()));
+        let blocks = &p.blocks[self.chunk_blocks(chunk)];
         let slot = &mut self.slots[i];
         if first && let (Some(wte), Some(wpe)) = (p.wte, p.wpe) {
             embed_forward(slot.input.view_mut(), &batch.inputs, wte, wpe, t, c);
         }
-        blocks_forward(&p.blocks, slot.input.view(), &mut slot.blocks, self.proj.view_mut(), d, &mut Whole)?;
+        blocks_forward(blocks, slot.input.view(), &mut slot.blocks, self.proj.view_mut(), d, &mut Whole)?;
         if !last {
             return Ok(0.0);
         }
@@ -401,9 +446,11 @@ impl Stage {
     /// the loss, on the last stage), accumulating the stage's gradients; dL/d(input) is left in
     /// `grad` for the previous stage (the first stage scatters it into the embeddings instead).
     fn backward(&mut self, i: usize, batch: &Batch, dloss: f32) -> Result<(), TrainError> {
-        let (first, last) = (self.first(), self.last());
+        let chunk = self.slots[i].chunk;
+        let (first, last) = (self.pipe.is_first(self.s, chunk), self.pipe.is_last(self.s, chunk));
         let (t, c) = (self.t, self.model.n_embd);
         let d = Dims { b: self.rows, t, shape: BlockShape::whole(&self.model) };
+        let mine = self.chunk_blocks(chunk);
         let p = StageParams::new(&self.layout, self.layout.tensor_views(self.params.view()));
         let mut g = StageParams::new(&self.layout, self.layout.tensor_views_mut(self.grads.view_mut()));
         let (slot, scratch) = (&mut self.slots[i], &mut self.scratch);
@@ -426,7 +473,8 @@ impl Stage {
             copy(scratch.d_res[0].view_mut(), slot.grad.view());
         }
         let x = slot.input.view();
-        blocks_backward(&p.blocks, &mut g.blocks, x, &slot.blocks, scratch, d, &mut Whole, &mut |_, _| {})?;
+        let (blocks, grads) = (&p.blocks[mine.clone()], &mut g.blocks[mine]);
+        blocks_backward(blocks, grads, x, &slot.blocks, scratch, d, &mut Whole, &mut |_, _| {})?;
         if first {
             if let (Some(dwte), Some(dwpe)) = (g.wte, g.wpe) {
                 embed_backward(dwte, dwpe, scratch.d_res[0].view(), &batch.inputs, t, c);
@@ -550,11 +598,13 @@ impl TrainSteps for Stage {
     }
 }
 
-/// Each stage's blocks, as `cfg.partition` says.
+/// The blocks of each virtual stage (--pp x --virtual-stages of them, in pipe order), as
+/// `cfg.partition` says.
 pub fn partition(cfg: &PipelineConfig, model: &ModelConfig, t: usize) -> Vec<Range<usize>> {
+    let n = cfg.pp * cfg.virtual_stages;
     match cfg.partition {
-        Partition::Uniform => uniform_partition(model.n_layer, cfg.pp),
-        Partition::Balanced => balanced_partition(model.n_layer, cfg.pp, &PartCosts::estimate(model, t)),
+        Partition::Uniform => uniform_partition(model.n_layer, n),
+        Partition::Balanced => balanced_partition(model.n_layer, n, &PartCosts::estimate(model, t)),
     }
 }
 
@@ -583,13 +633,13 @@ pub fn measured_bubble(trace: &Trace, n: usize) -> Option<f64> {
 /// an error here, not a hang later. Returns the training schedule's bubble fraction.
 pub fn check_schedules(
     kind: ScheduleKind,
-    pp: usize,
+    pipe: Pipe,
     micro_per_step: usize,
     eval_micro: usize,
 ) -> Result<f64, PipelineError> {
     let broken = |source| PipelineError::Schedule { schedule: kind, source };
-    let sim = simulate(&Schedule::new(kind, pp, micro_per_step), Costs::UNIT).map_err(broken)?;
-    simulate(&Schedule::forward_only(pp, eval_micro), Costs::UNIT).map_err(broken)?;
+    let sim = simulate(&Schedule::new(kind, pipe.ranks, pipe.chunks, micro_per_step), Costs::UNIT).map_err(broken)?;
+    simulate(&Schedule::forward_only(pipe.ranks, pipe.chunks, eval_micro), Costs::UNIT).map_err(broken)?;
     Ok(sim.bubble_fraction())
 }
 // ANCHOR_END: check_schedules
@@ -618,15 +668,19 @@ fn run_stage(
     let outcome = drive(&loop_cfg, &mut stage, leads, &header)?;
     let report = StageReport {
         stage: stage.s,
-        blocks: stage.blocks.clone(),
+        blocks: stage.chunks.clone(),
         memory: stage.ledger.report(),
-        comm: stage.comm.stats(),
+        comm: merged(stage.comm.stats(), stage.grad_comm.stats()),
         peak_in_flight: peak_in_flight(&stage.train_list),
-        micro_activation_bytes: stage.slots.first().map_or(0, |s| {
-            4 * (s.input.numel()
-                + s.blocks.iter().map(block_floats).sum::<usize>()
-                + s.head.as_ref().map_or(0, head_floats)) as u64
-        }),
+        // One slot of each chunk: one micro-batch's activations through the whole stage.
+        micro_activation_bytes: (0..stage.pipe.chunks)
+            .filter_map(|c| stage.slots.iter().find(|s| s.chunk == c))
+            .map(|s| {
+                4 * (s.input.numel()
+                    + s.blocks.iter().map(block_floats).sum::<usize>()
+                    + s.head.as_ref().map_or(0, head_floats)) as u64
+            })
+            .sum(),
         layout: stage.layout.clone(),
         params: stage.params.to_vec().map_err(TrainError::from)?,
         adam_m: stage.optimizer.adam_m.to_vec().map_err(TrainError::from)?,
@@ -636,6 +690,16 @@ fn run_stage(
     };
     let leader = leads.then_some(outcome);
     Ok((report, leader))
+}
+
+/// The bytes of two communicators, added up.
+fn merged(mut a: CommStats, b: CommStats) -> CommStats {
+    for (mine, theirs) in [(&mut a.sent, b.sent), (&mut a.received, b.received), (&mut a.calls, b.calls)] {
+        for (collective, n) in theirs {
+            *mine.entry(collective).or_default() += n;
+        }
+    }
+    a
 }
 
 fn block_floats(a: &BlockActivations) -> usize {
@@ -672,16 +736,20 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
     check(cfg, &model)?;
     let cfg = &PipelineConfig { train: TrainConfig { device: DeviceRequest::Cpu, ..cfg.train.clone() }, ..cfg.clone() };
     let micro_per_step = cfg.microbatches * cfg.train.grad_accum.max(1);
-    let bubble = check_schedules(cfg.schedule, cfg.pp, micro_per_step, cfg.microbatches)?;
+    let pipe = Pipe { ranks: cfg.pp, chunks: cfg.virtual_stages };
+    let bubble = check_schedules(cfg.schedule, pipe, micro_per_step, cfg.microbatches)?;
     // The same schedule with each stage's estimated cost: what an uneven partition costs.
     let t = check_config(&cfg.train, &model)?;
     let (parts, costs) = (partition(cfg, &model, t), PartCosts::estimate(&model, t));
-    let stage_costs: Vec<f64> = parts.iter().enumerate().map(|(s, b)| costs.stage(s, cfg.pp, b)).collect();
+    let n_virtual = cfg.pp * cfg.virtual_stages;
+    let virtual_cost = |v: usize| costs.stage(v, n_virtual, &parts[v]);
+    let stage_costs: Vec<f64> =
+        (0..cfg.pp).map(|s| (0..pipe.chunks).map(|c| virtual_cost(pipe.virtual_stage(s, c))).sum()).collect();
     let total: f64 = stage_costs.iter().sum();
     let estimated_shares = stage_costs.iter().map(|c| c / total).collect();
     let per_micro: Vec<Costs> =
         stage_costs.iter().map(|c| Costs { forward: c / total, backward: 2.0 * c / total }).collect();
-    let simulated = simulate_stages(&Schedule::new(cfg.schedule, cfg.pp, micro_per_step), &per_micro)
+    let simulated = simulate_stages(&Schedule::new(cfg.schedule, cfg.pp, pipe.chunks, micro_per_step), &per_micro)
         .map_err(|source| PipelineError::Schedule { schedule: cfg.schedule, source })?;
     let bubble_estimated = simulated.bubble_fraction();
     let dataset = Arc::new(load_dataset(&cfg.train.data, &tokenizer)?);

@@ -8,7 +8,7 @@
 //!   (thread ranks and NCCL deliver in order, with no tags), or a message nobody receives;
 //! - the bubble fraction: the share of the stages' time spent idle within the step.
 
-use crate::schedule::{Instr, Schedule};
+use crate::schedule::{Instr, Pipe, Schedule};
 use kernels::Trace;
 use std::collections::{HashMap, VecDeque};
 
@@ -86,8 +86,15 @@ pub enum ScheduleError {
     NotOnce { stage: usize, what: &'static str, micro: usize, times: usize },
 }
 
-/// A message in flight: which micro-batch, sent when.
-type Channel = VecDeque<(usize, f64)>;
+/// A message in flight: which (micro-batch, chunk) it is for, at the receiver, and when it left.
+type Channel = VecDeque<((usize, usize), f64)>;
+
+/// Which wire a message travels on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Wire {
+    Activation,
+    Gradient,
+}
 
 struct Sim<'a> {
     lists: &'a [Vec<Instr>],
@@ -95,9 +102,10 @@ struct Sim<'a> {
     costs: &'a [Costs],
     pc: Vec<usize>,
     clock: Vec<f64>,
-    /// (from, to) -> messages in send order. Activations go s -> s+1, gradients s+1 -> s, so a
-    /// pair's direction says which.
-    channels: HashMap<(usize, usize), Channel>,
+    pipe: Pipe,
+    /// (from, to, kind) -> messages in send order. Activations and gradients travel on wires of
+    /// their own (two communicators), each in order.
+    channels: HashMap<(usize, usize, Wire), Channel>,
     /// (stage, instruction) -> how many times it ran, for the checks.
     done: HashMap<(usize, Instr), usize>,
     out: Simulation,
@@ -122,6 +130,7 @@ pub fn simulate_stages(schedule: &Schedule, costs: &[Costs]) -> Result<Simulatio
     let mut sim = Sim {
         lists: &schedule.stages,
         costs,
+        pipe: schedule.pipe(),
         pc: vec![0; n],
         clock: vec![0.0; n],
         channels: HashMap::new(),
@@ -171,35 +180,50 @@ impl Sim<'_> {
     /// Runs stage `s`'s next instruction if it can, checking it first.
     fn try_run(&mut self, s: usize, instr: Instr) -> Result<Progress, ScheduleError> {
         use Instr::*;
-        let (first, last) = (s == 0, s + 1 == self.n());
+        let pipe = self.pipe;
         let need = |ok: bool, reason: &str| if ok { Ok(()) } else { Err(self.invalid(s, instr, reason)) };
+        if let Some((_, chunk)) = instr.micro() {
+            need(chunk < pipe.chunks, "no such model chunk on this stage")?;
+        }
         match instr {
-            RecvActivation { micro } => {
-                need(!first, "the first stage has no previous stage")?;
-                return self.receive(s, instr, s - 1, micro);
+            RecvActivation { micro, chunk } => {
+                need(!pipe.is_first(s, chunk), "the first stage has no previous stage")?;
+                let (from, _) = pipe.prev(s, chunk);
+                return self.receive(s, instr, from, Wire::Activation, (micro, chunk));
             }
-            RecvGrad { micro } => {
-                need(!last, "the last stage has no next stage")?;
-                return self.receive(s, instr, s + 1, micro);
+            RecvGrad { micro, chunk } => {
+                need(!pipe.is_last(s, chunk), "the last stage has no next stage")?;
+                let (from, _) = pipe.next(s, chunk);
+                return self.receive(s, instr, from, Wire::Gradient, (micro, chunk));
             }
-            Forward { micro } => {
-                need(first || self.ran(s, RecvActivation { micro }), "forward before its input arrived")?;
-                self.compute(s, instr, self.costs[s].forward);
+            Forward { micro, chunk } => {
+                let input = pipe.is_first(s, chunk) || self.ran(s, RecvActivation { micro, chunk });
+                need(input, "forward before its input arrived")?;
+                self.compute(s, instr, self.costs[s].forward / pipe.chunks as f64);
             }
-            Backward { micro } => {
-                need(self.ran(s, Forward { micro }), "backward of a micro-batch not yet forwarded")?;
-                need(last || self.ran(s, RecvGrad { micro }), "backward before its gradient arrived")?;
-                self.compute(s, instr, self.costs[s].backward);
+            Backward { micro, chunk } => {
+                need(self.ran(s, Forward { micro, chunk }), "backward of a micro-batch not yet forwarded")?;
+                let grad = pipe.is_last(s, chunk) || self.ran(s, RecvGrad { micro, chunk });
+                need(grad, "backward before its gradient arrived")?;
+                self.compute(s, instr, self.costs[s].backward / pipe.chunks as f64);
             }
-            SendActivation { micro } => {
-                need(!last, "the last stage has no next stage")?;
-                need(self.ran(s, Forward { micro }), "sends an activation not yet computed")?;
-                self.channels.entry((s, s + 1)).or_default().push_back((micro, self.clock[s]));
+            SendActivation { micro, chunk } => {
+                need(!pipe.is_last(s, chunk), "the last stage has no next stage")?;
+                need(self.ran(s, Forward { micro, chunk }), "sends an activation not yet computed")?;
+                let (to, their_chunk) = pipe.next(s, chunk);
+                self.channels
+                    .entry((s, to, Wire::Activation))
+                    .or_default()
+                    .push_back(((micro, their_chunk), self.clock[s]));
             }
-            SendGrad { micro } => {
-                need(!first, "the first stage has no previous stage")?;
-                need(self.ran(s, Backward { micro }), "sends a gradient not yet computed")?;
-                self.channels.entry((s, s - 1)).or_default().push_back((micro, self.clock[s]));
+            SendGrad { micro, chunk } => {
+                need(!pipe.is_first(s, chunk), "the first stage has no previous stage")?;
+                need(self.ran(s, Backward { micro, chunk }), "sends a gradient not yet computed")?;
+                let (to, their_chunk) = pipe.prev(s, chunk);
+                self.channels
+                    .entry((s, to, Wire::Gradient))
+                    .or_default()
+                    .push_back(((micro, their_chunk), self.clock[s]));
             }
             ReduceTiedGrads => {
                 let n = self.n();
@@ -228,13 +252,20 @@ impl Sim<'_> {
     }
 
     /// A receive waits until its message was sent; it must then be the oldest one on the wire.
-    fn receive(&mut self, s: usize, instr: Instr, from: usize, micro: usize) -> Result<Progress, ScheduleError> {
-        let channel = self.channels.entry((from, s)).or_default();
-        let Some(pos) = channel.iter().position(|&(m, _)| m == micro) else { return Ok(Progress::Waits(from)) };
+    fn receive(
+        &mut self,
+        s: usize,
+        instr: Instr,
+        from: usize,
+        wire: Wire,
+        key: (usize, usize),
+    ) -> Result<Progress, ScheduleError> {
+        let channel = self.channels.entry((from, s, wire)).or_default();
+        let Some(pos) = channel.iter().position(|&(k, _)| k == key) else { return Ok(Progress::Waits(from)) };
         if pos != 0 {
             let reason = format!(
                 "micro-batch {} was sent first, and an untagged wire delivers it first: the sends and receives are in different orders",
-                channel[0].0
+                channel[0].0.0
             );
             return Err(self.invalid(s, instr, &reason));
         }
@@ -260,16 +291,16 @@ impl Sim<'_> {
         Ok(Progress::Ran)
     }
 
-    /// Every stage forwards every micro-batch once, and backwards each once if the schedule
-    /// trains; every message was received.
+    /// Every stage forwards every micro-batch once through each of its chunks, and backwards
+    /// each once if the schedule trains; every message was received.
     fn check_complete(&self) -> Result<(), ScheduleError> {
-        let micros = self.lists.iter().flatten().filter_map(Instr::micro).max().map_or(0, |m| m + 1);
+        let micros = self.lists.iter().flatten().filter_map(Instr::micro).map(|m| m.0 + 1).max().unwrap_or(0);
         let trains = self.lists.iter().flatten().any(|i| matches!(i, Instr::Backward { .. }));
         for s in 0..self.n() {
-            for micro in 0..micros {
-                let mut checks = vec![("forwards", Instr::Forward { micro })];
+            for (micro, chunk) in (0..micros).flat_map(|m| (0..self.pipe.chunks).map(move |c| (m, c))) {
+                let mut checks = vec![("forwards", Instr::Forward { micro, chunk })];
                 if trains {
-                    checks.push(("backwards", Instr::Backward { micro }));
+                    checks.push(("backwards", Instr::Backward { micro, chunk }));
                 }
                 for (what, instr) in checks {
                     let times = self.done.get(&(s, instr)).copied().unwrap_or(0);
@@ -281,9 +312,9 @@ impl Sim<'_> {
         }
         let mut left: Vec<_> = self.channels.iter().filter(|(_, c)| !c.is_empty()).collect();
         left.sort_by_key(|(k, _)| **k);
-        if let Some(&(&(from, to), channel)) = left.first() {
-            let what = if to > from { "activation" } else { "gradient" };
-            return Err(ScheduleError::Unreceived { stage: from, to, what, micro: channel[0].0 });
+        if let Some(&(&(from, to, wire), channel)) = left.first() {
+            let what = if wire == Wire::Activation { "activation" } else { "gradient" };
+            return Err(ScheduleError::Unreceived { stage: from, to, what, micro: channel[0].0.0 });
         }
         Ok(())
     }
@@ -300,11 +331,28 @@ mod tests {
         for kind in [ScheduleKind::Gpipe, ScheduleKind::OneFOneB] {
             for n in 1..=8 {
                 for m in 1..=16 {
-                    let sim = simulate(&Schedule::new(kind, n, m), Costs::UNIT).unwrap();
+                    let sim = simulate(&Schedule::new(kind, n, 1, m), Costs::UNIT).unwrap();
                     let (n_, m_) = (n as f64, m as f64);
                     let theory = (n_ - 1.0) / (m_ + n_ - 1.0);
                     let bubble = sim.bubble_fraction();
                     assert!((bubble - theory).abs() < 1e-12, "{kind} n {n} m {m}: {bubble} vs {theory}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn interleaving_divides_the_bubble_by_the_chunks() {
+        // V chunks per rank: each chunk's forward and backward cost 1/V of the stage's, and the
+        // fill and drain take V times less: (N-1)/(V·M + N-1).
+        for n in 1..=8 {
+            for v in [1, 2, 3] {
+                for m in (n..=16).step_by(n) {
+                    let sim = simulate(&Schedule::new(ScheduleKind::Interleaved, n, v, m), Costs::UNIT).unwrap();
+                    let (n_, v_, m_) = (n as f64, v as f64, m as f64);
+                    let theory = (n_ - 1.0) / (v_ * m_ + n_ - 1.0);
+                    let bubble = sim.bubble_fraction();
+                    assert!((bubble - theory).abs() < 1e-12, "n {n} v {v} m {m}: {bubble} vs {theory}");
                 }
             }
         }
@@ -317,16 +365,19 @@ mod tests {
         // Stage 1 of 3 in 1F1B, two micro-batches: [recv act 0, forward 0, send act 0,
         // recv act 1, ...]. Asking for gradient 1 where activation 1 was due waits on stage 2,
         // which waits for that activation: a cycle.
-        let mut schedule = Schedule::new(ScheduleKind::OneFOneB, 3, 2);
+        let mut schedule = Schedule::new(ScheduleKind::OneFOneB, 3, 1, 2);
         let list = &mut schedule.stages[1];
         let (a, b) = (
-            list.iter().position(|i| *i == Instr::RecvActivation { micro: 1 }).unwrap(),
-            list.iter().position(|i| *i == Instr::RecvGrad { micro: 1 }).unwrap(),
+            list.iter().position(|i| *i == Instr::RecvActivation { micro: 1, chunk: 0 }).unwrap(),
+            list.iter().position(|i| *i == Instr::RecvGrad { micro: 1, chunk: 0 }).unwrap(),
         );
         list.swap(a, b);
         let err = simulate(&schedule, Costs::UNIT).unwrap_err();
         let ScheduleError::Deadlock(waits) = &err else { panic!("{err}") };
-        assert!(waits.contains(&Wait { stage: 1, at: 3, instr: Instr::RecvGrad { micro: 1 }, on: 2 }), "{err}");
+        assert!(
+            waits.contains(&Wait { stage: 1, at: 3, instr: Instr::RecvGrad { micro: 1, chunk: 0 }, on: 2 }),
+            "{err}"
+        );
         assert_eq!(
             err.to_string(),
             "deadlock: stage 0 waits at instruction 4 (recv gradient 0) for stage 1; \
@@ -339,14 +390,14 @@ mod tests {
     #[test]
     fn broken_schedules_are_caught() {
         let broken = |edit: &dyn Fn(&mut Schedule)| {
-            let mut s = Schedule::new(ScheduleKind::Gpipe, 2, 2);
+            let mut s = Schedule::new(ScheduleKind::Gpipe, 2, 1, 2);
             edit(&mut s);
             simulate(&s, Costs::UNIT).unwrap_err().to_string()
         };
         // Backward of micro-batch 0 moved before its forward on the last stage.
-        let err = broken(&|s| s.stages[1].retain(|i| *i != Instr::Backward { micro: 0 }));
+        let err = broken(&|s| s.stages[1].retain(|i| *i != Instr::Backward { micro: 0, chunk: 0 }));
         assert!(err.contains("sends a gradient not yet computed"), "{err}");
-        let err = broken(&|s| s.stages[1].insert(0, Instr::Backward { micro: 1 }));
+        let err = broken(&|s| s.stages[1].insert(0, Instr::Backward { micro: 1, chunk: 0 }));
         assert!(err.contains("backward of a micro-batch not yet forwarded"), "{err}");
         // The receives of the two activations in the other order: the wire delivers 0 first.
         let err = broken(&|s| s.stages[1].swap(0, 2));
@@ -357,7 +408,7 @@ mod tests {
         // A send nobody receives.
         let err = broken(&|s| {
             let flush = s.stages[0].len() - 2;
-            s.stages[0].insert(flush, Instr::SendActivation { micro: 0 });
+            s.stages[0].insert(flush, Instr::SendActivation { micro: 0, chunk: 0 });
         });
         assert!(err.contains("stage 0 sent activation 0 to stage 1, which never receives it"), "{err}");
     }
@@ -366,7 +417,7 @@ mod tests {
     fn a_slow_stage_sets_the_pace() {
         // Stage 1 of 2 twice as slow: the step is paced by it, and the fast stage idles.
         let (fast, slow) = (Costs::UNIT, Costs { forward: 2.0, backward: 4.0 });
-        let sim = simulate_stages(&Schedule::new(ScheduleKind::OneFOneB, 2, 4), &[fast, slow]).unwrap();
+        let sim = simulate_stages(&Schedule::new(ScheduleKind::OneFOneB, 2, 1, 4), &[fast, slow]).unwrap();
         // The slow stage's 4 x 6 units, after stage 0's first forward and before its last backward.
         assert_eq!(sim.makespan, 1.0 + 24.0 + 2.0);
         assert!(sim.bubble_fraction() > 1.0 / 5.0, "more than the even pipeline's bubble");
@@ -374,9 +425,9 @@ mod tests {
 
     #[test]
     fn forward_only_runs_and_one_stage_has_no_bubble() {
-        let sim = simulate(&Schedule::forward_only(4, 8), Costs::UNIT).unwrap();
+        let sim = simulate(&Schedule::forward_only(4, 1, 8), Costs::UNIT).unwrap();
         assert!((sim.bubble_fraction() - 3.0 / 11.0).abs() < 1e-12);
-        let one = simulate(&Schedule::new(ScheduleKind::OneFOneB, 1, 4), Costs::UNIT).unwrap();
+        let one = simulate(&Schedule::new(ScheduleKind::OneFOneB, 1, 1, 4), Costs::UNIT).unwrap();
         assert_eq!(one.bubble_fraction(), 0.0);
     }
 }

@@ -104,12 +104,12 @@ fn best_split(
 // ANCHOR_END: part_costs
 
 // ANCHOR: stage_layout
-/// Which of chapter 1's tensors stage `s` of `n` (holding `blocks`) keeps: its blocks, the
-/// embeddings on the first stage, the final LayerNorm and the tied `wte` on the last.
-pub fn holds(spec: &ParamSpec, s: usize, n: usize, blocks: &Range<usize>) -> bool {
+/// Which of chapter 1's tensors stage `s` of `n` (holding the blocks of `chunks`) keeps: its
+/// blocks, the embeddings on the first stage, the final LayerNorm and the tied `wte` on the last.
+pub fn holds(spec: &ParamSpec, s: usize, n: usize, chunks: &[Range<usize>]) -> bool {
     let (first, last) = (s == 0, s + 1 == n);
     match spec.part {
-        Part::Block(l) => blocks.contains(&l),
+        Part::Block(l) => chunks.iter().any(|b| b.contains(&l)),
         Part::Embeddings => first || (last && spec.name == "wte.weight"),
         Part::Head => last,
     }
@@ -213,8 +213,11 @@ mod tests {
         let full = ParamLayout::new(&cfg);
         let parts = uniform_partition(5, 3);
         assert_eq!(parts, vec![0..2, 2..4, 4..5]);
-        let layouts: Vec<_> =
-            parts.iter().enumerate().map(|(s, b)| stage_layout(&full, |spec| holds(spec, s, 3, b), b.len())).collect();
+        let layouts: Vec<_> = parts
+            .iter()
+            .enumerate()
+            .map(|(s, b)| stage_layout(&full, |spec| holds(spec, s, 3, std::slice::from_ref(b)), b.len()))
+            .collect();
         let wte = full.get("wte.weight").unwrap().numel();
         assert_eq!(layouts.iter().map(|l| l.total).sum::<usize>(), full.total + wte, "wte twice, the rest once");
         assert_eq!(layouts[2].specs.first().map(|s| s.name.as_str()), Some("wte.weight"));

@@ -25,6 +25,7 @@ fn pipeline_config(cfg: &TrainConfig, pp: usize, microbatches: usize, schedule: 
         pp,
         microbatches,
         schedule,
+        virtual_stages: 1,
         partition: Partition::Uniform,
         timeline: None,
         skip_tied_sum: false,
@@ -77,8 +78,30 @@ fn an_uneven_partition_and_accumulation_match_chapter_1() {
     let cfg = TrainConfig { grad_accum: 2, ..config() };
     let single = ch01(&cfg);
     let run = pipeline(&cfg, 3, 4, ScheduleKind::OneFOneB);
-    assert_eq!(run.stages.iter().map(|s| s.blocks.clone()).collect::<Vec<_>>(), vec![0..2, 2..3, 3..4]);
+    assert_eq!(
+        run.stages.iter().map(|s| s.blocks.clone()).collect::<Vec<_>>(),
+        vec![vec![0..2], vec![2..3], vec![3..4]]
+    );
     assert_matches_ch01(&cfg, &single, &run.report, 1e-5);
+}
+
+#[test]
+fn the_interleaved_schedule_matches_chapter_1() {
+    // Two chunks per stage: with four blocks on two stages, stage 0 holds blocks 0 and 2, stage 1
+    // blocks 1 and 3, and a micro-batch crosses from stage 1 back to stage 0 in the middle. One
+    // stage with two chunks sends to itself.
+    let cfg = config();
+    let single = ch01(&cfg);
+    for (pp, m) in [(2, 2), (2, 4), (1, 2)] {
+        eprintln!("interleaved, pp {pp}, 2 chunks, {m} micro-batches");
+        let interleaved =
+            PipelineConfig { virtual_stages: 2, ..pipeline_config(&cfg, pp, m, ScheduleKind::Interleaved) };
+        let run = ch04_pipeline::train(&interleaved).unwrap();
+        if pp == 2 {
+            assert_eq!(run.stages[0].blocks, vec![0..1, 2..3]);
+        }
+        assert_matches_ch01(&cfg, &single, &run.report, 1e-5);
+    }
 }
 
 #[test]
@@ -97,7 +120,7 @@ fn a_balanced_partition_matches_chapter_1() {
     let balanced =
         PipelineConfig { partition: Partition::Balanced, ..pipeline_config(&cfg, 2, 2, ScheduleKind::OneFOneB) };
     let run = ch04_pipeline::train(&balanced).unwrap();
-    assert_eq!(run.stages.iter().map(|s| s.blocks.clone()).collect::<Vec<_>>(), vec![0..3, 3..4]);
+    assert_eq!(run.stages.iter().map(|s| s.blocks.clone()).collect::<Vec<_>>(), vec![vec![0..3], vec![3..4]]);
     assert!(run.estimated_shares[1] > 0.9, "the head is most of the work: {:?}", run.estimated_shares);
     assert_matches_ch01(&cfg, &single, &run.report, 1e-5);
 }
@@ -135,13 +158,13 @@ fn activation_memory_is_micro_batches_in_flight_times_one_micro_batch() {
     let cfg = TrainConfig { eval_every: 0, ..config() };
     for (schedule, m) in [(ScheduleKind::Gpipe, 4), (ScheduleKind::OneFOneB, 4)] {
         let run = pipeline(&cfg, 2, m, schedule);
-        let lists = Schedule::new(schedule, 2, m).stages;
+        let lists = Schedule::new(schedule, 2, 1, m).stages;
         for stage in &run.stages {
             let in_flight = peak_in_flight(&lists[stage.stage]);
             assert_eq!(stage.peak_in_flight, in_flight);
             let expected = match schedule {
                 ScheduleKind::Gpipe => m,
-                ScheduleKind::OneFOneB => m.min(2 - stage.stage),
+                _ => m.min(2 - stage.stage),
             };
             assert_eq!(in_flight, expected, "{schedule} stage {}", stage.stage);
             let activations = stage.memory.peak[&Category::Activations];
@@ -171,6 +194,22 @@ fn each_boundary_carries_one_activation_and_one_gradient_per_micro_batch() {
         assert_eq!(stage.comm.sent[&Collective::SendRecv], forward + backward, "stage {}", stage.stage);
     }
 }
+
+#[test]
+fn interleaving_multiplies_the_messages_by_the_chunks() {
+    // N·V virtual stages have N·V - 1 boundaries: each step sends one activation and one
+    // gradient of B·T·C floats across each, and the final evaluation one more activation.
+    let cfg = TrainConfig { eval_every: 0, val_batches: 1, ..config() };
+    let (b, t, c) = (cfg.batch_size, cfg.seq_len.unwrap(), 64);
+    let batch_bytes = (b * t * c * 4) as u64;
+    for (schedule, pp, v) in [(ScheduleKind::OneFOneB, 2, 1), (ScheduleKind::Interleaved, 2, 2)] {
+        let run = ch04_pipeline::train(&PipelineConfig { virtual_stages: v, ..pipeline_config(&cfg, pp, 2, schedule) })
+            .unwrap();
+        let sent: u64 = run.stages.iter().map(|s| s.comm.sent[&Collective::SendRecv]).sum();
+        let boundaries = (pp * v - 1) as u64;
+        assert_eq!(sent, boundaries * (2 * cfg.steps + 1) * batch_bytes, "{schedule}, {v} chunks");
+    }
+}
 // ANCHOR_END: theory_tests
 
 #[test]
@@ -198,6 +237,16 @@ fn bad_flags_get_one_clear_line() {
     assert!(err(0, 1).contains("--pp must be at least 1"), "{}", err(0, 1));
     assert!(err(2, 3).contains("--microbatches 3 does not divide the batch of 4 sequences"), "{}", err(2, 3));
     assert!(err(2, 0).contains("--microbatches must be at least 1"), "{}", err(2, 0));
+    let chunks = |pp, v, m, schedule| {
+        let cfg = PipelineConfig { virtual_stages: v, ..pipeline_config(&cfg, pp, m, schedule) };
+        ch04_pipeline::train(&cfg).err().unwrap().to_string()
+    };
+    let e = chunks(2, 2, 1, ScheduleKind::Interleaved);
+    assert!(e.contains("the 1 micro-batches per step (--microbatches x --grad-accum) must be a multiple of it"), "{e}");
+    let e = chunks(2, 3, 2, ScheduleKind::Interleaved);
+    assert!(e.contains("--pp 2 x --virtual-stages 3 is 6 model chunks, more than the model has blocks (4)"), "{e}");
+    let e = chunks(2, 2, 2, ScheduleKind::OneFOneB);
+    assert!(e.contains("--virtual-stages 2 needs --schedule interleaved"), "{e}");
 }
 
 // ANCHOR: checkpoint_test
