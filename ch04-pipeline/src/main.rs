@@ -29,7 +29,8 @@ struct Cli {
     /// Micro-batches each batch is split into; must divide --batch-size.
     #[arg(long, default_value_t = 4)]
     microbatches: usize,
-    /// The schedule: gpipe (all forwards, then all backwards) or 1f1b (one forward, one backward).
+    /// The schedule: gpipe (all forwards, then all backwards), 1f1b (one forward, one backward),
+    /// or interleaved (1F1B over --virtual-stages chunks per stage).
     #[arg(long, value_enum, default_value_t = ScheduleKind::OneFOneB)]
     schedule: ScheduleKind,
     /// Model chunks per stage, for --schedule interleaved: stage s holds chunks s, s + N, s + 2N, ...
@@ -48,14 +49,14 @@ struct Cli {
 }
 
 fn print_pipeline(r: &PipelineReport) {
-    let (n, m) =
-        (r.pp as f64, (r.microbatches * r.report.steps.len().max(1)) as f64 / r.report.steps.len().max(1) as f64);
+    let (n, m, v) = (r.pp as f64, r.micro_per_step as f64, r.virtual_stages as f64);
+    let in_flight = if r.virtual_stages > 1 { "micro-batch chunks" } else { "micro-batches" };
     println!("pipeline");
     println!("  stages             {} ({} schedule, {} micro-batches per batch)", r.pp, r.schedule, r.microbatches);
     for (stage, share) in r.stages.iter().zip(&r.estimated_shares) {
         let p2p = stage.comm.sent.get(&Collective::SendRecv).copied().unwrap_or(0);
         println!(
-            "  stage {:<3}          blocks {} ({:.0}% of the estimated work), {} parameters, {} micro-batches in flight, sent {}, peak memory {}",
+            "  stage {:<3}          blocks {} ({:.0}% of the estimated work), {} parameters, {} {in_flight} in flight, sent {}, peak memory {}",
             stage.stage,
             stage.blocks.iter().map(|b| format!("{b:?}")).collect::<Vec<_>>().join(" + "),
             100.0 * share,
@@ -66,10 +67,9 @@ fn print_pipeline(r: &PipelineReport) {
         );
     }
     println!(
-        "  bubble             {:.1}% simulated with equal stages (theory (p-1)/(m+p-1) = {:.1}%, m = {} micro-batches per step)",
+        "  bubble             {:.1}% simulated with equal stages (theory (p-1)/(v·m+p-1) = {:.1}%, v = {v} chunks, m = {m} micro-batches per step)",
         100.0 * r.bubble,
-        100.0 * (n - 1.0) / (m + n - 1.0),
-        m
+        100.0 * (n - 1.0) / (v * m + n - 1.0),
     );
     println!("                     {:.1}% with the stages' estimated costs", 100.0 * r.bubble_estimated);
     match r.measured_bubble {

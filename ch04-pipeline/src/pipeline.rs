@@ -129,6 +129,8 @@ pub struct PipelineReport {
     pub microbatches: usize,
     /// Micro-batches per optimizer step: --microbatches x --grad-accum.
     pub micro_per_step: usize,
+    /// Model chunks per stage.
+    pub virtual_stages: usize,
     pub schedule: ScheduleKind,
     /// The simulated bubble fraction of one step with equal stages (a forward 1, a backward 2)...
     pub bubble: f64,
@@ -824,6 +826,7 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
         pp: cfg.pp,
         microbatches: cfg.microbatches,
         micro_per_step,
+        virtual_stages: cfg.virtual_stages,
         schedule: cfg.schedule,
         bubble,
         bubble_estimated,
