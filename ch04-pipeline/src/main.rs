@@ -26,9 +26,13 @@ struct Cli {
     /// Pipeline stages; at most the model's number of blocks.
     #[arg(long, default_value_t = 2)]
     pp: usize,
-    /// Micro-batches each batch is split into; must divide --batch-size.
+    /// Micro-batches each pipe's share of a batch is split into; --microbatches x --dp must
+    /// divide --batch-size.
     #[arg(long, default_value_t = 4)]
     microbatches: usize,
+    /// Pipelines side by side (data parallelism): each computes batch-size/dp of every batch.
+    #[arg(long, default_value_t = 1)]
+    dp: usize,
     /// The schedule: gpipe (all forwards, then all backwards), 1f1b (one forward, one backward),
     /// or interleaved (1F1B over --virtual-stages chunks per stage).
     #[arg(long, value_enum, default_value_t = ScheduleKind::OneFOneB)]
@@ -66,6 +70,13 @@ fn print_pipeline(r: &PipelineReport) {
             format_bytes(stage.memory.peak_total),
         );
     }
+    if let Some(replica) = r.replicas.first() {
+        println!(
+            "  pipelines          {} side by side (--dp): each stage's gradients summed over them, {} sent by stage 0's replica 1",
+            r.replicas.len() / r.pp + 1,
+            format_bytes(replica.dp_comm.total_sent()),
+        );
+    }
     println!(
         "  bubble             {:.1}% simulated with equal stages (theory (p-1)/(v·m+p-1) = {:.1}%, v = {v} chunks, m = {m} micro-batches per step)",
         100.0 * r.bubble,
@@ -91,6 +102,7 @@ fn main() -> ExitCode {
             train: train_cfg,
             pp: cli.pp,
             microbatches: cli.microbatches,
+            dp: cli.dp,
             schedule: cli.schedule,
             virtual_stages: cli.virtual_stages,
             partition: cli.partition,

@@ -25,6 +25,7 @@ use ch01_single_gpu::params::ParamLayout;
 use ch01_single_gpu::schedule::learning_rate;
 use ch01_single_gpu::tokenizer::Tokenizer;
 use ch01_single_gpu::train::{StepRecord, TrainSteps, check_config, model_config, resume_state, run_shape};
+use ch02_data_parallel::grad_sync::GradSync;
 use kernels::comm::thread::ThreadComm;
 use kernels::comm::{CommStats, Communicator, ReduceOp};
 use kernels::dispatch::copy;
@@ -76,6 +77,10 @@ pub(crate) struct Stage {
     grad_comm: ThreadComm,
     /// First and last stage only: the pair that sums the tied embedding's gradient.
     tied: Option<ThreadComm>,
+    /// With --dp: this stage's replicas in the other pipelines (chapter 2's gradient sync), and
+    /// which replica this is.
+    dp_sync: Option<GradSync>,
+    replica: usize,
     train_list: Vec<Instr>,
     eval_list: Vec<Instr>,
     dataset: Arc<Dataset>,
@@ -92,9 +97,12 @@ pub(crate) struct Stage {
 }
 
 impl Stage {
+    /// Stage `comm.rank()` of a pipe (`comm` is the pipe's communicator), replica `replica` of
+    /// --dp, with `dp` its data-parallel group when there is more than one pipe.
     pub(crate) fn new(
         cfg: &PipelineConfig,
         mut comm: ThreadComm,
+        (replica, dp): (usize, Option<ThreadComm>),
         dataset: Arc<Dataset>,
         trace: Trace,
     ) -> Result<Stage, TrainError> {
@@ -143,7 +151,8 @@ impl Stage {
         let wte = layout.get("wte.weight").map_or(0, |spec| spec.numel());
         let norm_range = if last && !first { wte..layout.total } else { 0..layout.total };
 
-        let rows = train.batch_size / cfg.microbatches;
+        // Each pipe computes its replica's share of every batch, in micro-batches.
+        let rows = train.batch_size / (cfg.dp * cfg.microbatches);
         let grad_comm = comm.split_group(&(0..n).collect::<Vec<_>>())?;
         let tied = if n > 1 && (first || last) { Some(comm.split_group(&[0, n - 1])?) } else { None };
         let micro_per_step = cfg.microbatches * train.grad_accum;
@@ -155,6 +164,7 @@ impl Stage {
         };
         let eval_list = Schedule::forward_only(n, pipe.chunks, cfg.microbatches).stages[s].clone();
         let scratch = BackwardScratch::new(BlockShape::whole(&model), rows, t, Device::Cpu, DType::F32, &ledger)?;
+        let dp_sync = dp.map(|dp| GradSync::new(dp, &layout, 0, &ledger, Trace::disabled()));
         let proj = Tensor::zeros_on(&[rows * t, model.n_embd], Device::Cpu, DType::F32, Category::Other, &ledger)?;
         Ok(Stage {
             s,
@@ -176,6 +186,8 @@ impl Stage {
             comm,
             grad_comm,
             tied,
+            dp_sync,
+            replica,
             train_list,
             eval_list,
             dataset,
@@ -369,11 +381,18 @@ impl Stage {
     /// Every stage: the global gradient norm from every stage's squared norm, the step's loss
     /// from the last stage, then chapter 1's clipped AdamW update of this stage's tensors.
     fn optimizer_step(&mut self, mean_loss: f64) -> Result<(), TrainError> {
+        let mut loss = if self.last() { mean_loss as f32 } else { 0.0 };
+        // With --dp, the pipes' gradients add up (chapter 2's sync, one all-reduce after the
+        // flush), and the step's loss is the mean of theirs: every replica has as many tokens.
+        if let Some(sync) = self.dp_sync.as_mut() {
+            sync.begin();
+            sync.finish(self.grads.as_mut_slice())?;
+            loss = sync.reduce_scalars(vec![loss], ReduceOp::Avg)?[0];
+        }
         let squared = squared_norm(self.grads.view(), self.norm_range.clone())?;
         // A squared norm is an f64: it travels as an f32 and the f32 rounding of the rest, so
         // that the sum (in stage order, in f64, the same on every stage) loses nothing.
         let hi = squared as f32;
-        let loss = if self.last() { mean_loss as f32 } else { 0.0 };
         let mine = [hi, (squared - hi as f64) as f32, loss];
         let mut all = vec![0.0f32; 3 * self.n];
         self.comm.all_gather(&mine, &mut all)?;
@@ -394,10 +413,10 @@ impl Stage {
     }
     // ANCHOR_END: optimizer_step
 
-    /// Batch `batch` cut into `m` micro-batches of `rows` rows.
+    /// This replica's rows of batch `batch`, cut into `m` micro-batches of `rows` rows.
     fn split(&self, batch: &Batch, m: usize) -> Vec<Batch> {
         let n = self.rows * self.t;
-        (0..m)
+        (self.replica * m..(self.replica + 1) * m)
             .map(|j| Batch {
                 inputs: batch.inputs[j * n..(j + 1) * n].to_vec(),
                 targets: batch.targets[j * n..(j + 1) * n].to_vec(),
@@ -414,10 +433,17 @@ impl Stage {
         )
     }
 
-    /// This stage's account of the run, its final tensors included.
-    pub(crate) fn report(&self) -> Result<StageReport, TrainError> {
+    /// This stage's account of the run, its final tensors included (and its data-parallel
+    /// sync stopped).
+    pub(crate) fn report(&mut self) -> Result<StageReport, TrainError> {
+        let dp_comm = match self.dp_sync.as_mut() {
+            Some(sync) => sync.stop()?,
+            None => CommStats::default(),
+        };
         Ok(StageReport {
             stage: self.s,
+            replica: self.replica,
+            dp_comm,
             blocks: self.chunks.clone(),
             memory: self.ledger.report(),
             comm: merged(self.comm.stats(), self.grad_comm.stats()),
@@ -473,9 +499,10 @@ impl TrainSteps for Stage {
         let list = std::mem::take(&mut self.eval_list);
         let mut total = 0.0;
         for k in 0..batches as u64 {
-            let micros: Vec<Batch> = (0..m as u64)
-                .map(|j| sequential_batch(&self.dataset.val, k * m as u64 + j, self.rows, self.t))
-                .collect();
+            // Batch k of chapter 1's protocol, in micro-batches of `rows`: this replica's share.
+            let first = (k * self.cfg.dp as u64 + self.replica as u64) * m as u64;
+            let micros: Vec<Batch> =
+                (first..first + m as u64).map(|j| sequential_batch(&self.dataset.val, j, self.rows, self.t)).collect();
             match self.execute(&list, &micros, 0.0) {
                 Ok(sum) => total += sum / m as f64,
                 Err(e) => {
@@ -486,6 +513,9 @@ impl TrainSteps for Stage {
         }
         self.eval_list = list;
         let mut loss = [if self.last() { (total / batches as f64) as f32 } else { 0.0 }];
+        if let Some(sync) = self.dp_sync.as_mut() {
+            loss[0] = sync.reduce_scalars(vec![loss[0]], ReduceOp::Avg)?[0];
+        }
         self.comm.all_reduce(&mut loss, ReduceOp::Sum)?;
         Ok(loss[0])
     }

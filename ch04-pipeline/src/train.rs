@@ -26,8 +26,11 @@ pub struct PipelineConfig {
     pub train: TrainConfig,
     /// Pipeline stages (thread ranks), each a contiguous range of blocks.
     pub pp: usize,
-    /// Micro-batches each batch of B sequences is split into.
+    /// Micro-batches each pipe's share of a batch of B sequences is split into.
     pub microbatches: usize,
+    /// Pipelines side by side (data parallelism): each computes B/dp rows of every batch, and
+    /// their gradients are summed after the flush.
+    pub dp: usize,
     pub schedule: ScheduleKind,
     /// Model chunks per stage (the interleaved schedule; 1 otherwise).
     pub virtual_stages: usize,
@@ -47,12 +50,16 @@ pub enum PipelineError {
     ZeroStages,
     #[error("--pp {pp} is more stages than the model has blocks ({n_layer}): every stage needs at least one")]
     MoreStagesThanBlocks { pp: usize, n_layer: usize },
-    #[error("--pp {pp} is more ranks than are available ({MAX_THREAD_RANKS} thread ranks on the CPU)")]
-    TooManyRanks { pp: usize },
+    #[error("--pp {pp} x --dp {dp} is more ranks than are available ({MAX_THREAD_RANKS} thread ranks on the CPU)")]
+    TooManyRanks { pp: usize, dp: usize },
+    #[error("--dp must be at least 1")]
+    ZeroReplicas,
     #[error("--microbatches must be at least 1")]
     ZeroMicrobatches,
-    #[error("--microbatches {m} does not divide the batch of {batch} sequences: every micro-batch must have as many")]
-    MicrobatchesNotDividing { m: usize, batch: usize },
+    #[error(
+        "--microbatches {m} x --dp {dp} does not divide the batch of {batch} sequences: every micro-batch must have as many"
+    )]
+    MicrobatchesNotDividing { m: usize, dp: usize, batch: usize },
     #[error(
         "chapter 4's stages are threads on the CPU (GPU stages communicate through NCCL, which chapter 5 uses); run it with --device cpu or auto"
     )]
@@ -83,6 +90,9 @@ pub enum PipelineError {
 #[derive(Clone, Debug)]
 pub struct StageReport {
     pub stage: usize,
+    /// Which of the --dp pipelines it belongs to, and what its gradient sync sent.
+    pub replica: usize,
+    pub dp_comm: CommStats,
     /// The blocks of each of its model chunks (one chunk but for the interleaved schedule).
     pub blocks: Vec<Range<usize>>,
     pub memory: MemoryReport,
@@ -120,7 +130,10 @@ pub struct PipelineReport {
     /// Chapter 1's report: every step's loss and norm, and the stages' parameters gathered into
     /// chapter 1's layout.
     pub report: TrainReport,
+    /// The first pipe's stages, in order...
     pub stages: Vec<StageReport>,
+    /// ...and, with --dp, the other pipes' (by world rank).
+    pub replicas: Vec<StageReport>,
 }
 
 pub(crate) fn check(cfg: &PipelineConfig, model: &ModelConfig) -> Result<(), PipelineError> {
@@ -130,10 +143,11 @@ pub(crate) fn check(cfg: &PipelineConfig, model: &ModelConfig) -> Result<(), Pip
     if cfg.train.save_every > 0 && cfg.train.save.is_some() {
         return Err(PipelineError::SaveEvery);
     }
-    let (pp, m, batch, v) = (cfg.pp, cfg.microbatches, cfg.train.batch_size, cfg.virtual_stages);
+    let (pp, m, batch, v, dp) = (cfg.pp, cfg.microbatches, cfg.train.batch_size, cfg.virtual_stages, cfg.dp);
     match () {
         _ if pp == 0 => Err(PipelineError::ZeroStages),
-        _ if pp > MAX_THREAD_RANKS => Err(PipelineError::TooManyRanks { pp }),
+        _ if dp == 0 => Err(PipelineError::ZeroReplicas),
+        _ if pp * dp > MAX_THREAD_RANKS => Err(PipelineError::TooManyRanks { pp, dp }),
         _ if pp > model.n_layer => Err(PipelineError::MoreStagesThanBlocks { pp, n_layer: model.n_layer }),
         _ if m == 0 => Err(PipelineError::ZeroMicrobatches),
         _ if v == 0 => Err(PipelineError::ZeroChunks),
@@ -144,7 +158,7 @@ pub(crate) fn check(cfg: &PipelineConfig, model: &ModelConfig) -> Result<(), Pip
         _ if cfg.schedule == ScheduleKind::Interleaved && !(m * cfg.train.grad_accum).is_multiple_of(pp) => {
             Err(PipelineError::InterleavedGroups { pp, m: m * cfg.train.grad_accum })
         }
-        _ if batch > 0 && !batch.is_multiple_of(m) => Err(PipelineError::MicrobatchesNotDividing { m, batch }),
+        _ if batch > 0 && !batch.is_multiple_of(m * dp) => Err(PipelineError::MicrobatchesNotDividing { m, dp, batch }),
         _ => Ok(()),
     }
 }
@@ -195,20 +209,34 @@ pub fn check_schedules(
 }
 // ANCHOR_END: check_schedules
 
+// ANCHOR: run_stage
+/// One rank of the grid: stage s of pipe d is world rank d + dp·s (the pipeline dimension
+/// outermost, as in the book's grid). It joins its pipe and its data-parallel group, and runs.
 fn run_stage(
     cfg: &PipelineConfig,
-    comm: ThreadComm,
+    mut world: ThreadComm,
     dataset: Arc<Dataset>,
     trace: &Trace,
 ) -> Result<(StageReport, Option<LoopOutcome>), PipelineError> {
-    let leads = comm.rank() == 0;
-    let mut stage = Stage::new(cfg, comm, dataset, trace.clone())?;
-    let header = stage.header();
+    let (rank, dp) = (world.rank(), cfg.dp);
+    let (replica, stage) = (rank % dp, rank / dp);
+    let pipe_members: Vec<usize> = (0..cfg.pp).map(|s| replica + dp * s).collect();
+    let pipe = world.split_group(&pipe_members).map_err(TrainError::from)?;
+    let dp_group = match dp {
+        1 => None,
+        _ => Some(world.split_group(&(stage * dp..(stage + 1) * dp).collect::<Vec<_>>()).map_err(TrainError::from)?),
+    };
+    // The trace follows the first pipe, one lane per stage.
+    let trace = if replica == 0 { trace.clone() } else { Trace::disabled() };
+    let mut me = Stage::new(cfg, pipe, (replica, dp_group), dataset, trace)?;
+    let header = me.header();
     // Saving needs every stage's share: `train` gathers them and saves once the loop is done.
     let loop_cfg = TrainConfig { save: None, ..cfg.train.clone() };
-    let outcome = drive(&loop_cfg, &mut stage, leads, &header)?;
-    Ok((stage.report()?, leads.then_some(outcome)))
+    let leads = rank == 0;
+    let outcome = drive(&loop_cfg, &mut me, leads, &header)?;
+    Ok((me.report()?, leads.then_some(outcome)))
 }
+// ANCHOR_END: run_stage
 
 // ANCHOR: train
 /// Trains with `pp` pipeline stages on thread ranks and reports chapter 1's figures (the
@@ -238,7 +266,7 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
     let dataset = Arc::new(load_dataset(&cfg.train.data, &tokenizer)?);
     let traced = cfg.train.trace.is_some() || cfg.timeline.is_some();
     let trace = if traced { Trace::enabled() } else { Trace::disabled() };
-    let results = launch(cfg.pp, |comm| run_stage(cfg, comm, dataset.clone(), &trace))?;
+    let results = launch(cfg.pp * cfg.dp, |comm| run_stage(cfg, comm, dataset.clone(), &trace))?;
     if let Some(path) = &cfg.train.trace {
         trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
     }
@@ -258,11 +286,17 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
     let (mut params, mut adam_m, mut adam_v) = (vec![0.0; full.total], vec![0.0; full.total], vec![0.0; full.total]);
     let mut stages = Vec::new();
     let mut leader = None;
+    let mut replicas = Vec::new();
     for (stage, lead) in results {
+        leader = leader.or(lead);
+        // The pipes end with the same parameters: the first one's are the run's.
+        if stage.replica > 0 {
+            replicas.push(stage);
+            continue;
+        }
         copy_by_name(&stage.layout, &stage.params, &full, &mut params);
         copy_by_name(&stage.layout, &stage.adam_m, &full, &mut adam_m);
         copy_by_name(&stage.layout, &stage.adam_v, &full, &mut adam_v);
-        leader = leader.or(lead);
         stages.push(stage);
     }
     let LoopOutcome { steps, val_losses, train_seconds } = leader.ok_or(PipelineError::NoReport)?;
@@ -312,6 +346,7 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
         bubble,
         bubble_estimated,
         estimated_shares,
+        replicas,
         measured_bubble: measured_bubble(&trace, cfg.pp),
         report,
         stages,

@@ -24,6 +24,7 @@ fn pipeline_config(cfg: &TrainConfig, pp: usize, microbatches: usize, schedule: 
         train: cfg.clone(),
         pp,
         microbatches,
+        dp: 1,
         schedule,
         virtual_stages: 1,
         partition: Partition::Uniform,
@@ -101,6 +102,24 @@ fn the_interleaved_schedule_matches_chapter_1() {
             assert_eq!(run.stages[0].blocks, vec![0..1, 2..3]);
         }
         assert_matches_ch01(&cfg, &single, &run.report, 1e-5);
+    }
+}
+
+#[test]
+fn pipelines_side_by_side_match_chapter_1() {
+    // Two pipes of two stages: each pipe computes half of every batch, and each stage's two
+    // replicas sum their gradients after the flush (chapter 2's sync).
+    let cfg = config();
+    let single = ch01(&cfg);
+    for (schedule, m) in [(ScheduleKind::OneFOneB, 1), (ScheduleKind::Gpipe, 2)] {
+        eprintln!("{schedule}, pp 2 x dp 2, {m} micro-batches");
+        let run = ch04_pipeline::train(&PipelineConfig { dp: 2, ..pipeline_config(&cfg, 2, m, schedule) }).unwrap();
+        assert_matches_ch01(&cfg, &single, &run.report, 1e-5);
+        for (first, other) in run.stages.iter().zip(&run.replicas) {
+            assert_eq!((first.stage, other.stage, other.replica), (other.stage, first.stage, 1));
+            assert!(first.params == other.params, "stage {}: the pipes diverged", first.stage);
+            assert!(other.dp_comm.total_sent() > 0, "the replicas' gradients were summed");
+        }
     }
 }
 
@@ -235,8 +254,14 @@ fn bad_flags_get_one_clear_line() {
         |pp, m| ch04_pipeline::train(&pipeline_config(&cfg, pp, m, ScheduleKind::Gpipe)).err().unwrap().to_string();
     assert!(err(5, 1).contains("--pp 5 is more stages than the model has blocks (4)"), "{}", err(5, 1));
     assert!(err(0, 1).contains("--pp must be at least 1"), "{}", err(0, 1));
-    assert!(err(2, 3).contains("--microbatches 3 does not divide the batch of 4 sequences"), "{}", err(2, 3));
+    assert!(err(2, 3).contains("--microbatches 3 x --dp 1 does not divide the batch of 4 sequences"), "{}", err(2, 3));
     assert!(err(2, 0).contains("--microbatches must be at least 1"), "{}", err(2, 0));
+    let dp = |dp| {
+        let cfg = PipelineConfig { dp, ..pipeline_config(&cfg, 2, 4, ScheduleKind::Gpipe) };
+        ch04_pipeline::train(&cfg).err().unwrap().to_string()
+    };
+    assert!(dp(2).contains("--microbatches 4 x --dp 2 does not divide the batch of 4 sequences"), "{}", dp(2));
+    assert!(dp(40).contains("--pp 2 x --dp 40 is more ranks than are available"), "{}", dp(40));
     let chunks = |pp, v, m, schedule| {
         let cfg = PipelineConfig { virtual_stages: v, ..pipeline_config(&cfg, pp, m, schedule) };
         ch04_pipeline::train(&cfg).err().unwrap().to_string()
