@@ -249,15 +249,25 @@ impl ParamLayout {
 
     /// Named read-only views into `buf`, on whichever device it lives.
     pub fn views<'a>(&self, buf: View<'a>) -> GptParams<View<'a>> {
+        GptParams::from_pieces(self.tensor_views(buf).into_iter(), self.n_layer)
+    }
+
+    /// One read-only view per tensor of `buf`, in `specs` order (for a layout that holds only
+    /// some of the model's tensors, whose views are not a whole [`GptParams`]).
+    pub fn tensor_views<'a>(&self, buf: View<'a>) -> Vec<View<'a>> {
         assert_eq!(buf.len(), self.total, "buffer does not match the layout");
-        let pieces = self.specs.iter().map(|spec| buf.slice(spec.range()));
-        GptParams::from_pieces(pieces, self.n_layer)
+        self.specs.iter().map(|spec| buf.slice(spec.range())).collect()
     }
 
     // ANCHOR: views_mut
     /// Named writable views into `buf` (each tensor a disjoint mutable view, cut off the front
     /// of what is left as `split_at_mut` cuts a slice).
     pub fn views_mut<'a>(&self, buf: ViewMut<'a>) -> GptParams<ViewMut<'a>> {
+        GptParams::from_pieces(self.tensor_views_mut(buf).into_iter(), self.n_layer)
+    }
+
+    /// One writable view per tensor of `buf`, in `specs` order.
+    pub fn tensor_views_mut<'a>(&self, buf: ViewMut<'a>) -> Vec<ViewMut<'a>> {
         assert_eq!(buf.len(), self.total, "buffer does not match the layout");
         let mut rest = Some(buf);
         let pieces = self.specs.iter().map(|spec| {
@@ -265,7 +275,7 @@ impl ParamLayout {
             rest = Some(tail);
             piece
         });
-        GptParams::from_pieces(pieces, self.n_layer)
+        pieces.collect()
     }
     // ANCHOR_END: views_mut
 }
@@ -339,23 +349,29 @@ impl<T> GptParams<T> {
         let mut next = || it.next().expect("layout has every tensor");
         let wte = next();
         let wpe = next();
-        let blocks = (0..n_layer)
-            .map(|_| BlockParams {
-                ln_1_weight: next(),
-                ln_1_bias: next(),
-                attn_c_attn_weight: next(),
-                attn_c_attn_bias: next(),
-                attn_c_proj_weight: next(),
-                attn_c_proj_bias: next(),
-                ln_2_weight: next(),
-                ln_2_bias: next(),
-                mlp_c_fc_weight: next(),
-                mlp_c_fc_bias: next(),
-                mlp_c_proj_weight: next(),
-                mlp_c_proj_bias: next(),
-            })
-            .collect();
+        let blocks = (0..n_layer).map(|_| BlockParams::from_tensors(&mut next)).collect();
         GptParams { wte, wpe, blocks, ln_f_weight: next(), ln_f_bias: next() }
+    }
+}
+
+impl<T> BlockParams<T> {
+    /// A block from its tensors in layout order, each taken from `next` (a pipeline stage builds
+    /// its blocks from its own buffer this way).
+    pub fn from_tensors(mut next: impl FnMut() -> T) -> BlockParams<T> {
+        BlockParams {
+            ln_1_weight: next(),
+            ln_1_bias: next(),
+            attn_c_attn_weight: next(),
+            attn_c_attn_bias: next(),
+            attn_c_proj_weight: next(),
+            attn_c_proj_bias: next(),
+            ln_2_weight: next(),
+            ln_2_bias: next(),
+            mlp_c_fc_weight: next(),
+            mlp_c_fc_bias: next(),
+            mlp_c_proj_weight: next(),
+            mlp_c_proj_bias: next(),
+        }
     }
 }
 

@@ -1,0 +1,570 @@
+//! The interpreter: a stage of the pipe runs its instruction list (`schedule.rs`) with chapter 1's
+//! model parts. One interpreter runs every schedule.
+//!
+//! Why it computes chapter 1's step: the step's loss is the mean over all B·T·accum tokens, so
+//! every micro-batch's backward starts from dloss = 1/(B·T·accum), not 1/(its own tokens);
+//! each stage accumulates its tensors' gradients over the micro-batches, exactly the sums
+//! chapter 1 forms over the rows of its batch. The tied embedding gets one part of its gradient
+//! on the first stage (the embedding) and one on the last (the output projection): their sum,
+//! on both, is chapter 1's gradient. The global norm is the sum of the stages' squared norms
+//! (counting the tied copy once), so every stage clips as chapter 1 does.
+
+use crate::schedule::{Instr, Pipe, Schedule, last_use, peak_in_flight};
+use crate::stage::{StageParams, copy_by_name, holds, stage_layout};
+use crate::train::{PipelineConfig, StageReport, partition};
+use ch01_single_gpu::TrainError;
+use ch01_single_gpu::checkpoint;
+use ch01_single_gpu::config::ModelConfig;
+use ch01_single_gpu::data::{Batch, BatchSampler, Dataset, sequential_batch};
+use ch01_single_gpu::model::{
+    BackwardScratch, BlockActivations, BlockShape, Dims, Head, HeadActivations, Whole, blocks_backward, blocks_forward,
+    embed_backward, embed_forward, head_backward, head_forward, init_params,
+};
+use ch01_single_gpu::optimizer::{Optimizer, squared_norm};
+use ch01_single_gpu::params::ParamLayout;
+use ch01_single_gpu::schedule::learning_rate;
+use ch01_single_gpu::tokenizer::Tokenizer;
+use ch01_single_gpu::train::{StepRecord, TrainSteps, check_config, model_config, resume_state, run_shape};
+use ch02_data_parallel::grad_sync::GradSync;
+use kernels::comm::thread::ThreadComm;
+use kernels::comm::{CommStats, Communicator, ReduceOp};
+use kernels::dispatch::copy;
+use kernels::ops::grad_norm::clip_scale;
+use kernels::{Category, DType, Device, MemoryLedger, Tensor, Trace};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// One micro-batch's buffers in one model chunk of a stage: its input, what the chunk's blocks'
+/// forward saved, and (on the last stage) the head's; `grad` is dL/d(output) as it arrives and
+/// dL/d(input) as it leaves.
+struct Slot {
+    chunk: usize,
+    input: Tensor,
+    blocks: Vec<BlockActivations>,
+    head: Option<HeadActivations>,
+    grad: Tensor,
+}
+
+/// A stage: its share of the model, its buffers, and its place in the pipe.
+pub(crate) struct Stage {
+    s: usize,
+    n: usize,
+    cfg: PipelineConfig,
+    model: ModelConfig,
+    layout: ParamLayout,
+    pipe: Pipe,
+    /// The blocks of each chunk.
+    chunks: Vec<Range<usize>>,
+    params: Tensor,
+    grads: Tensor,
+    optimizer: Optimizer,
+    /// The squared norm counts each parameter once: the last stage's copy of wte is left out.
+    norm_range: Range<usize>,
+    /// Activation buffers, taken by a micro-batch at its first instruction and given back after
+    /// its last. They grow to the schedule's peak in flight, and no further.
+    slots: Vec<Slot>,
+    /// Free slots of each chunk.
+    free: Vec<Vec<usize>>,
+    slot_of: HashMap<(usize, usize), usize>,
+    scratch: BackwardScratch,
+    proj: Tensor,
+    /// Activations travel on `comm`, gradients on `grad_comm` (all stages each): two wires, each
+    /// delivering in order, so that the two kinds never need to agree on an order.
+    comm: ThreadComm,
+    grad_comm: ThreadComm,
+    /// First and last stage only: the pair that sums the tied embedding's gradient.
+    tied: Option<ThreadComm>,
+    /// With --dp: this stage's replicas in the other pipelines (chapter 2's gradient sync), and
+    /// which replica this is.
+    dp_sync: Option<GradSync>,
+    replica: usize,
+    train_list: Vec<Instr>,
+    eval_list: Vec<Instr>,
+    dataset: Arc<Dataset>,
+    sampler: BatchSampler,
+    /// Rows per micro-batch, and tokens per row.
+    rows: usize,
+    t: usize,
+    step: u64,
+    started: Instant,
+    record: Option<StepRecord>,
+    ledger: MemoryLedger,
+    /// This stage's lane of the run's trace: one span per instruction.
+    trace: Trace,
+}
+
+impl Stage {
+    /// Stage `comm.rank()` of a pipe (`comm` is the pipe's communicator), replica `replica` of
+    /// --dp, with `dp` its data-parallel group when there is more than one pipe.
+    pub(crate) fn new(
+        cfg: &PipelineConfig,
+        mut comm: ThreadComm,
+        (replica, dp): (usize, Option<ThreadComm>),
+        dataset: Arc<Dataset>,
+        trace: Trace,
+    ) -> Result<Stage, TrainError> {
+        let train = &cfg.train;
+        let model = model_config(train, Tokenizer::new(train.tokenizer).vocab_size())?;
+        let t = check_config(train, &model)?;
+        dataset.check_seq_len(t)?;
+        let (s, n) = (comm.rank(), comm.world_size());
+        let pipe = Pipe { ranks: n, chunks: cfg.virtual_stages };
+        let parts = partition(cfg, &model, t);
+        let chunks: Vec<Range<usize>> = (0..pipe.chunks).map(|c| parts[pipe.virtual_stage(s, c)].clone()).collect();
+        let full = ParamLayout::new(&model);
+        let n_blocks = chunks.iter().map(|b| b.len()).sum();
+        let layout = stage_layout(&full, |spec| holds(spec, s, n, &chunks), n_blocks);
+        let (first, last) = (s == 0, s + 1 == n);
+
+        let ledger = MemoryLedger::new();
+        let buffer = |category| Tensor::zeros_on(&[layout.total], Device::Cpu, DType::F32, category, &ledger);
+        let (mut params, grads) = (buffer(Category::Parameters)?, buffer(Category::Gradients)?);
+        let mut optimizer =
+            Optimizer::new(&layout, 0..layout.total, train.weight_decay, train.adam, Device::Cpu, &ledger)?;
+        // ANCHOR: stage_init
+        // Every stage reads the whole model as chapter 1 does (initialised from the seed, or a
+        // checkpoint in chapter 1's layout), and keeps its share: the same start in every layout.
+        let mine = |whole: &[f32]| {
+            let mut share = vec![0.0; layout.total];
+            copy_by_name(&full, whole, &layout, &mut share);
+            share
+        };
+        let mut host = vec![0.0f32; full.total];
+        let (mut step, mut sampler) = (0, BatchSampler::new(train.data_order, train.seed));
+        if let Some(dir) = &train.resume {
+            let state = resume_state(dir, &run_shape(train, &model, t, &dataset), train.steps)?;
+            checkpoint::load_weights(dir, &model, &full, &mut host)?;
+            let (mut m, mut v) = (vec![0.0f32; full.total], vec![0.0f32; full.total]);
+            checkpoint::load_optimizer(dir, &full, &mut m, &mut v)?;
+            optimizer.load_moments(&mine(&m), &mine(&v))?;
+            (step, sampler) = (state.step, state.sampler);
+        } else if let Some(dir) = &train.init {
+            checkpoint::load_weights(dir, &model, &full, &mut host)?;
+        } else {
+            init_params(&model, &full, train.seed, &mut host);
+        }
+        params.copy_from(&mine(&host))?;
+        // ANCHOR_END: stage_init
+        let wte = layout.get("wte.weight").map_or(0, |spec| spec.numel());
+        let norm_range = if last && !first { wte..layout.total } else { 0..layout.total };
+
+        // Each pipe computes its replica's share of every batch, in micro-batches.
+        let rows = train.batch_size / (cfg.dp * cfg.microbatches);
+        let grad_comm = comm.split_group(&(0..n).collect::<Vec<_>>())?;
+        let tied = if n > 1 && (first || last) { Some(comm.split_group(&[0, n - 1])?) } else { None };
+        let micro_per_step = cfg.microbatches * train.grad_accum;
+        let train_list = Schedule::new(cfg.schedule, n, pipe.chunks, micro_per_step).stages[s].clone();
+        let train_list = if cfg.skip_tied_sum {
+            train_list.into_iter().filter(|i| *i != Instr::ReduceTiedGrads).collect()
+        } else {
+            train_list
+        };
+        let eval_list = Schedule::forward_only(n, pipe.chunks, cfg.microbatches).stages[s].clone();
+        let scratch = BackwardScratch::new(BlockShape::whole(&model), rows, t, Device::Cpu, DType::F32, &ledger)?;
+        let dp_sync = dp.map(|dp| GradSync::new(dp, &layout, 0, &ledger, Trace::disabled()));
+        let proj = Tensor::zeros_on(&[rows * t, model.n_embd], Device::Cpu, DType::F32, Category::Other, &ledger)?;
+        Ok(Stage {
+            s,
+            n,
+            cfg: cfg.clone(),
+            model,
+            layout,
+            pipe,
+            chunks,
+            params,
+            grads,
+            optimizer,
+            norm_range,
+            slots: Vec::new(),
+            free: vec![Vec::new(); pipe.chunks],
+            slot_of: HashMap::new(),
+            scratch,
+            proj,
+            comm,
+            grad_comm,
+            tied,
+            dp_sync,
+            replica,
+            train_list,
+            eval_list,
+            dataset,
+            sampler,
+            rows,
+            t,
+            step,
+            started: Instant::now(),
+            record: None,
+            ledger,
+            trace: trace.lane(s as u32, 0),
+        })
+    }
+
+    fn last(&self) -> bool {
+        self.s + 1 == self.n
+    }
+
+    /// The slot (micro-batch, chunk) uses: its own, or a free one of the chunk, or a new one.
+    fn slot(&mut self, key: (usize, usize)) -> Result<usize, TrainError> {
+        if let Some(&i) = self.slot_of.get(&key) {
+            return Ok(i);
+        }
+        let chunk = key.1;
+        let i = match self.free[chunk].pop() {
+            Some(i) => i,
+            None => {
+                let (rows, t, c, ledger) = (self.rows, self.t, self.model.n_embd, &self.ledger);
+                let shape = BlockShape::whole(&self.model);
+                let act = |category| Tensor::zeros_on(&[rows * t, c], Device::Cpu, DType::F32, category, ledger);
+                let blocks = self.chunks[chunk]
+                    .clone()
+                    .map(|_| BlockActivations::new(shape, rows, t, Device::Cpu, DType::F32, ledger))
+                    .collect::<Result<_, _>>()?;
+                let head = match self.pipe.is_last(self.s, chunk) {
+                    true => Some(HeadActivations::new(&self.model, rows, t, Device::Cpu, DType::F32, ledger)?),
+                    false => None,
+                };
+                let (input, grad) = (act(Category::Activations)?, act(Category::Other)?);
+                self.slots.push(Slot { chunk, input, blocks, head, grad });
+                self.slots.len() - 1
+            }
+        };
+        self.slot_of.insert(key, i);
+        Ok(i)
+    }
+
+    /// Chunk `chunk`'s blocks among the stage's (they are in layout order, chunk by chunk).
+    fn chunk_blocks(&self, chunk: usize) -> Range<usize> {
+        let start = self.chunks[..chunk].iter().map(|b| b.len()).sum();
+        start..start + self.chunks[chunk].len()
+    }
+
+    // ANCHOR: interpreter
+    /// Runs one instruction list over `micros` (the micro-batches, each `rows` x T tokens).
+    /// Returns the sum of the micro-batches' mean losses (the last stage computes them; the
+    /// others return 0).
+    fn execute(&mut self, list: &[Instr], micros: &[Batch], dloss: f32) -> Result<f64, TrainError> {
+        let last_use = last_use(list);
+        let mut loss_sum = 0.0f64;
+        let trace = self.trace.clone();
+        for (at, &instr) in list.iter().enumerate() {
+            let _span = trace.is_enabled().then(|| trace.span(instr.to_string()));
+            let micro = instr.micro();
+            let slot = match micro {
+                Some(m) => Some(self.slot(m)?),
+                None => None,
+            };
+            let (s, pipe) = (self.s, self.pipe);
+            match (instr, slot) {
+                (Instr::RecvActivation { chunk, .. }, Some(i)) => {
+                    self.comm.recv(self.slots[i].input.as_mut_slice(), pipe.prev(s, chunk).0)?;
+                }
+                (Instr::Forward { micro, .. }, Some(i)) => loss_sum += self.forward(i, &micros[micro])?,
+                (Instr::SendActivation { chunk, .. }, Some(i)) => {
+                    let out = self.slots[i].blocks.last().map_or(&self.slots[i].input, |b| &b.out);
+                    self.comm.send(out.as_slice(), pipe.next(s, chunk).0)?;
+                }
+                (Instr::RecvGrad { chunk, .. }, Some(i)) => {
+                    self.grad_comm.recv(self.slots[i].grad.as_mut_slice(), pipe.next(s, chunk).0)?;
+                }
+                (Instr::Backward { micro, .. }, Some(i)) => self.backward(i, &micros[micro], dloss)?,
+                (Instr::SendGrad { chunk, .. }, Some(i)) => {
+                    self.grad_comm.send(self.slots[i].grad.as_slice(), pipe.prev(s, chunk).0)?;
+                }
+                (Instr::ReduceTiedGrads, _) => self.reduce_tied_grads()?,
+                (Instr::OptimizerStep, _) => self.optimizer_step(loss_sum / micros.len() as f64)?,
+                _ => unreachable!("every micro-batch instruction has a slot"),
+            }
+            // The micro-batch's last instruction here: its buffers are free for the next one.
+            if let Some(m) = micro
+                && last_use.get(&m) == Some(&at)
+                && let Some(i) = self.slot_of.remove(&m)
+            {
+                self.free[m.1].push(i);
+            }
+        }
+        Ok(loss_sum)
+    }
+    // ANCHOR_END: interpreter
+
+    // ANCHOR: stage_forward
+    /// The stage's forward of one micro-batch: embeddings (first stage), its blocks, the head
+    /// and the loss (last stage). Returns the micro-batch's mean loss on the last stage, else 0.
+    fn forward(&mut self, i: usize, batch: &Batch) -> Result<f64, TrainError> {
+        let chunk = self.slots[i].chunk;
+        let (first, last) = (self.pipe.is_first(self.s, chunk), self.pipe.is_last(self.s, chunk));
+        let (t, c) = (self.t, self.model.n_embd);
+        let d = Dims { b: self.rows, t, shape: BlockShape::whole(&self.model) };
+        let p = StageParams::new(&self.layout, self.layout.tensor_views(self.params.view()));
+        let blocks = &p.blocks[self.chunk_blocks(chunk)];
+        let slot = &mut self.slots[i];
+        if first && let (Some(wte), Some(wpe)) = (p.wte, p.wpe) {
+            embed_forward(slot.input.view_mut(), &batch.inputs, wte, wpe, t, c);
+        }
+        blocks_forward(blocks, slot.input.view(), &mut slot.blocks, self.proj.view_mut(), d, &mut Whole)?;
+        if !last {
+            return Ok(0.0);
+        }
+        let (Some(ln_f_weight), Some(ln_f_bias), Some(wte), Some(acts)) =
+            (p.ln_f_weight, p.ln_f_bias, p.wte, slot.head.as_mut())
+        else {
+            unreachable!("the last stage holds the head")
+        };
+        let x = slot.blocks.last().map_or(&slot.input, |b| &b.out).view();
+        let head = Head { ln_f_weight, ln_f_bias, wte };
+        let loss = head_forward(&head, &self.model, x, acts, Some(&batch.targets), d.bt())?;
+        Ok(loss.unwrap_or(f32::NAN) as f64)
+    }
+    // ANCHOR_END: stage_forward
+
+    // ANCHOR: stage_backward
+    /// The stage's backward of one micro-batch, from dL/d(output) in the slot's `grad` (or from
+    /// the loss, on the last stage), accumulating the stage's gradients; dL/d(input) is left in
+    /// `grad` for the previous stage (the first stage scatters it into the embeddings instead).
+    fn backward(&mut self, i: usize, batch: &Batch, dloss: f32) -> Result<(), TrainError> {
+        let chunk = self.slots[i].chunk;
+        let (first, last) = (self.pipe.is_first(self.s, chunk), self.pipe.is_last(self.s, chunk));
+        let (t, c) = (self.t, self.model.n_embd);
+        let d = Dims { b: self.rows, t, shape: BlockShape::whole(&self.model) };
+        let mine = self.chunk_blocks(chunk);
+        let p = StageParams::new(&self.layout, self.layout.tensor_views(self.params.view()));
+        let mut g = StageParams::new(&self.layout, self.layout.tensor_views_mut(self.grads.view_mut()));
+        let (slot, scratch) = (&mut self.slots[i], &mut self.scratch);
+        if last {
+            let (Some(ln_f_weight), Some(ln_f_bias), Some(wte), Some(acts)) =
+                (p.ln_f_weight, p.ln_f_bias, p.wte, slot.head.as_mut())
+            else {
+                unreachable!("the last stage holds the head")
+            };
+            let (Some(gw), Some(gb), Some(gwte)) = (g.ln_f_weight.as_mut(), g.ln_f_bias.as_mut(), g.wte.as_mut())
+            else {
+                unreachable!("the last stage holds the head's gradients")
+            };
+            let grads = Head { ln_f_weight: gw.reborrow(), ln_f_bias: gb.reborrow(), wte: gwte.reborrow() };
+            let x = slot.blocks.last().map_or(&slot.input, |b| &b.out).view();
+            let (d_ln, d_x) = (scratch.block.d_ln.view_mut(), scratch.d_res[0].view_mut());
+            let head = Head { ln_f_weight, ln_f_bias, wte };
+            head_backward(&head, grads, &self.model, x, acts, d_ln, d_x, &batch.targets, dloss, d.bt());
+        } else {
+            copy(scratch.d_res[0].view_mut(), slot.grad.view());
+        }
+        let x = slot.input.view();
+        let (blocks, grads) = (&p.blocks[mine.clone()], &mut g.blocks[mine]);
+        blocks_backward(blocks, grads, x, &slot.blocks, scratch, d, &mut Whole, &mut |_, _| {})?;
+        if first {
+            if let (Some(dwte), Some(dwpe)) = (g.wte, g.wpe) {
+                embed_backward(dwte, dwpe, scratch.d_res[0].view(), &batch.inputs, t, c);
+            }
+        } else {
+            copy(slot.grad.view_mut(), scratch.d_res[0].view());
+        }
+        Ok(())
+    }
+    // ANCHOR_END: stage_backward
+
+    // ANCHOR: reduce_tied
+    /// The first stage holds the embedding's share of dL/d(wte), the last the output
+    /// projection's: after the sum both hold chapter 1's gradient (bit-identical, so the two
+    /// copies take the same AdamW step and stay equal).
+    fn reduce_tied_grads(&mut self) -> Result<(), TrainError> {
+        let (Some(tied), Some(spec)) = (self.tied.as_mut(), self.layout.get("wte.weight")) else {
+            return Ok(()); // one stage: wte is one tensor, and backward already summed its uses
+        };
+        tied.all_reduce(&mut self.grads.as_mut_slice()[spec.range()], ReduceOp::Sum)?;
+        Ok(())
+    }
+    // ANCHOR_END: reduce_tied
+
+    // ANCHOR: optimizer_step
+    /// Every stage: the global gradient norm from every stage's squared norm, the step's loss
+    /// from the last stage, then chapter 1's clipped AdamW update of this stage's tensors.
+    fn optimizer_step(&mut self, mean_loss: f64) -> Result<(), TrainError> {
+        let mut loss = if self.last() { mean_loss as f32 } else { 0.0 };
+        // With --dp, the pipes' gradients add up (chapter 2's sync, one all-reduce after the
+        // flush), and the step's loss is the mean of theirs: every replica has as many tokens.
+        if let Some(sync) = self.dp_sync.as_mut() {
+            sync.begin();
+            sync.finish(self.grads.as_mut_slice())?;
+            loss = sync.reduce_scalars(vec![loss], ReduceOp::Avg)?[0];
+        }
+        let squared = squared_norm(self.grads.view(), self.norm_range.clone())?;
+        // A squared norm is an f64: it travels as an f32 and the f32 rounding of the rest, so
+        // that the sum (in stage order, in f64, the same on every stage) loses nothing.
+        let hi = squared as f32;
+        let mine = [hi, (squared - hi as f64) as f32, loss];
+        let mut all = vec![0.0f32; 3 * self.n];
+        self.comm.all_gather(&mine, &mut all)?;
+        let squared: f64 = all.chunks(3).map(|s| s[0] as f64 + s[1] as f64).sum();
+        let (loss, grad_norm) = (all[3 * self.n - 1], squared.sqrt() as f32);
+        // As chapter 1's take_step: a non-finite step updates nothing.
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            return Err(TrainError::NonFiniteLoss { step: self.step + 1, loss, grad_norm, last_checkpoint: None });
+        }
+        let train = &self.cfg.train;
+        let lr = learning_rate(train.lr_schedule, train.lr, self.step, train.steps, train.warmup_steps);
+        let scale = clip_scale(grad_norm, train.grad_clip);
+        self.optimizer.update(&mut self.params, None, &self.grads, lr, scale, self.step + 1);
+        self.step += 1;
+        let tokens = (train.batch_size * self.t * train.grad_accum) as f64;
+        let tokens_per_sec = tokens / self.started.elapsed().as_secs_f64();
+        self.record = Some(StepRecord { step: self.step, loss, lr, grad_norm, tokens_per_sec, val_loss: None });
+        Ok(())
+    }
+    // ANCHOR_END: optimizer_step
+
+    /// This replica's rows of batch `batch`, cut into `m` micro-batches of `rows` rows.
+    fn split(&self, batch: &Batch, m: usize) -> Vec<Batch> {
+        let n = self.rows * self.t;
+        (self.replica * m..(self.replica + 1) * m)
+            .map(|j| Batch {
+                inputs: batch.inputs[j * n..(j + 1) * n].to_vec(),
+                targets: batch.targets[j * n..(j + 1) * n].to_vec(),
+            })
+            .collect()
+    }
+
+    /// The line the run starts with.
+    pub(crate) fn header(&self) -> String {
+        let (cfg, m) = (&self.cfg, &self.model);
+        format!(
+            "device: cpu ({} thread ranks) | model: {} layers, {} heads, {} dims | pipeline: {} stages, {} micro-batches of {} rows, {}",
+            cfg.pp, m.n_layer, m.n_head, m.n_embd, cfg.pp, cfg.microbatches, self.rows, cfg.schedule
+        )
+    }
+
+    /// This stage's account of the run, its final tensors included (and its data-parallel
+    /// sync stopped).
+    pub(crate) fn report(&mut self) -> Result<StageReport, TrainError> {
+        let dp_comm = match self.dp_sync.as_mut() {
+            Some(sync) => sync.stop()?,
+            None => CommStats::default(),
+        };
+        Ok(StageReport {
+            stage: self.s,
+            replica: self.replica,
+            dp_comm,
+            blocks: self.chunks.clone(),
+            memory: self.ledger.report(),
+            comm: merged(self.comm.stats(), self.grad_comm.stats()),
+            peak_in_flight: peak_in_flight(&self.train_list),
+            // One slot of each chunk: one micro-batch's activations through the whole stage.
+            micro_activation_bytes: (0..self.pipe.chunks)
+                .filter_map(|c| self.slots.iter().find(|s| s.chunk == c))
+                .map(|s| {
+                    4 * (s.input.numel()
+                        + s.blocks.iter().map(block_floats).sum::<usize>()
+                        + s.head.as_ref().map_or(0, head_floats)) as u64
+                })
+                .sum(),
+            layout: self.layout.clone(),
+            params: self.params.to_vec()?,
+            adam_m: self.optimizer.adam_m.to_vec()?,
+            adam_v: self.optimizer.adam_v.to_vec()?,
+            sampler: self.sampler.clone(),
+            step: self.step,
+        })
+    }
+}
+
+impl TrainSteps for Stage {
+    // ANCHOR: pipeline_step
+    /// One optimizer step: every stage draws the same batches (only the first reads the
+    /// inputs, only the last the targets), cuts them into micro-batches, and runs its list.
+    fn step(&mut self) -> Result<StepRecord, TrainError> {
+        self.started = Instant::now();
+        let trace = self.trace.clone();
+        let _span = trace.span("step");
+        self.grads.fill(0.0);
+        let (train, m) = (&self.cfg.train, self.cfg.microbatches);
+        let (b, t, accum) = (train.batch_size, self.t, train.grad_accum);
+        let mut micros = Vec::with_capacity(accum * m);
+        for _ in 0..accum {
+            let batch = self.sampler.next_batch(&self.dataset.train, b, t);
+            micros.extend(self.split(&batch, m));
+        }
+        let dloss = 1.0 / (b * t * accum) as f32; // every token counts 1/(tokens in the step)
+        let list = std::mem::take(&mut self.train_list);
+        let result = self.execute(&list, &micros, dloss);
+        self.train_list = list;
+        result?;
+        self.record.take().ok_or(TrainError::Zero("optimizer steps in the schedule"))
+    }
+    // ANCHOR_END: pipeline_step
+
+    /// Chapter 1's validation batches, each cut into micro-batches and sent down the pipe with
+    /// the forward passes alone; every stage learns the mean loss.
+    fn evaluate(&mut self) -> Result<f32, TrainError> {
+        let (m, batches) = (self.cfg.microbatches, self.cfg.train.val_batches);
+        let list = std::mem::take(&mut self.eval_list);
+        let mut total = 0.0;
+        for k in 0..batches as u64 {
+            // Batch k of chapter 1's protocol, in micro-batches of `rows`: this replica's share.
+            let first = (k * self.cfg.dp as u64 + self.replica as u64) * m as u64;
+            let micros: Vec<Batch> =
+                (first..first + m as u64).map(|j| sequential_batch(&self.dataset.val, j, self.rows, self.t)).collect();
+            match self.execute(&list, &micros, 0.0) {
+                Ok(sum) => total += sum / m as f64,
+                Err(e) => {
+                    self.eval_list = list;
+                    return Err(e);
+                }
+            }
+        }
+        self.eval_list = list;
+        let mut loss = [if self.last() { (total / batches as f64) as f32 } else { 0.0 }];
+        if let Some(sync) = self.dp_sync.as_mut() {
+            loss[0] = sync.reduce_scalars(vec![loss[0]], ReduceOp::Avg)?[0];
+        }
+        self.comm.all_reduce(&mut loss, ReduceOp::Sum)?;
+        Ok(loss[0])
+    }
+
+    fn save(&self, _dir: &Path) -> Result<(), TrainError> {
+        Ok(()) // the stages' parameters are gathered and saved once the run ends
+    }
+
+    fn steps_done(&self) -> u64 {
+        self.step
+    }
+
+    fn ranks(&self) -> usize {
+        self.cfg.pp * self.cfg.dp
+    }
+}
+
+/// The bytes of two communicators, added up.
+fn merged(mut a: CommStats, b: CommStats) -> CommStats {
+    for (mine, theirs) in [(&mut a.sent, b.sent), (&mut a.received, b.received), (&mut a.calls, b.calls)] {
+        for (collective, n) in theirs {
+            *mine.entry(collective).or_default() += n;
+        }
+    }
+    a
+}
+
+fn block_floats(a: &BlockActivations) -> usize {
+    [
+        &a.ln_1,
+        &a.ln_1_mean,
+        &a.ln_1_rstd,
+        &a.qkv,
+        &a.att,
+        &a.att_y,
+        &a.res_2,
+        &a.ln_2,
+        &a.ln_2_mean,
+        &a.ln_2_rstd,
+        &a.fc,
+        &a.fc_gelu,
+        &a.out,
+    ]
+    .iter()
+    .map(|t| t.numel())
+    .sum()
+}
+
+fn head_floats(a: &HeadActivations) -> usize {
+    [&a.ln_f, &a.ln_f_mean, &a.ln_f_rstd, &a.logits, &a.losses].iter().map(|t| t.numel()).sum()
+}
