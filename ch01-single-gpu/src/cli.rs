@@ -208,17 +208,27 @@ pub fn error_line(err: &anyhow::Error) -> String {
     line
 }
 
-/// How a binary ends: the summary printer on success; on failure, one line on stderr and exit
+/// How every chapter's binary runs: the flags parsed (a mistake is one line), Ctrl-C set to stop
+/// the run between steps, then `run`; and how it ends: exit status 0, or one line on stderr and
 /// status 1 (130 after Ctrl-C, as shells expect).
-pub fn finish<R>(result: anyhow::Result<R>, print: impl FnOnce(&R)) -> std::process::ExitCode {
-    match result {
-        Ok(report) => {
-            print(&report);
-            std::process::ExitCode::SUCCESS
+pub fn run_main<T: clap::Parser>(run: impl FnOnce(T) -> anyhow::Result<()>) -> std::process::ExitCode {
+    let cli = parse_args::<T>();
+    crate::interrupt::install();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) if crate::interrupt::requested() => {
+            // Every rank stopped at the same step: which one reported it first says nothing.
+            let line = error_line(&err);
+            let line = match line.split_once(" failed: ") {
+                Some((rank, rest)) if rank.starts_with("rank ") => rest.to_string(),
+                _ => line,
+            };
+            eprintln!("error: {line}");
+            std::process::ExitCode::from(130)
         }
         Err(err) => {
             eprintln!("error: {}", error_line(&err));
-            std::process::ExitCode::from(if crate::interrupt::requested() { 130 } else { 1 })
+            std::process::ExitCode::FAILURE
         }
     }
 }

@@ -1,9 +1,9 @@
 //! `ch01-single-gpu`: train GPT-2 on one device. A thin command line around
 //! [`ch01_single_gpu::train`]; every flag maps onto a field of `TrainConfig` (see `cli.rs`).
 
-use ch01_single_gpu::cli::{CommonArgs, finish, parse_args, print_summary};
+use ch01_single_gpu::cli::{CommonArgs, print_summary, run_main};
 use ch01_single_gpu::report::RunReport;
-use ch01_single_gpu::{interrupt, train};
+use ch01_single_gpu::train;
 use clap::Parser;
 use std::process::ExitCode;
 
@@ -28,7 +28,5 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli: Cli = parse_args();
-    interrupt::install();
-    finish(run(cli), |()| {})
+    run_main::<Cli>(run)
 }

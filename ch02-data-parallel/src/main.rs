@@ -1,8 +1,7 @@
 //! `ch02-data-parallel`: chapter 1's trainer on `--dp` ranks, gradients averaged by a bucketed
 //! ring all-reduce that overlaps backward.
 
-use ch01_single_gpu::cli::{CommonArgs, finish, parse_args, print_summary};
-use ch01_single_gpu::interrupt;
+use ch01_single_gpu::cli::{CommonArgs, print_summary, run_main};
 use ch02_data_parallel::{DpConfig, DpReport, train};
 use clap::Parser;
 use kernels::memory::format_bytes;
@@ -61,7 +60,5 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli: Cli = parse_args();
-    interrupt::install();
-    finish(run(cli), |()| {})
+    run_main::<Cli>(run)
 }

@@ -1,7 +1,6 @@
 //! `ch03-tensor-parallel`: chapter 1's model split across `--tp` ranks, Megatron's way.
 
-use ch01_single_gpu::cli::{CommonArgs, finish, parse_args, print_summary};
-use ch01_single_gpu::interrupt;
+use ch01_single_gpu::cli::{CommonArgs, print_summary, run_main};
 use ch03_tensor_parallel::{TpConfig, TpReport, train};
 use clap::Parser;
 use kernels::Category;
@@ -70,7 +69,5 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli: Cli = parse_args();
-    interrupt::install();
-    finish(run(cli), |()| {})
+    run_main::<Cli>(run)
 }

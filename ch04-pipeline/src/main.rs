@@ -1,8 +1,7 @@
 //! `ch04-pipeline`: chapter 1's model cut into `--pp` stages of contiguous blocks, the batch
 //! into `--microbatches` micro-batches, run by a schedule that is data.
 
-use ch01_single_gpu::cli::{CommonArgs, finish, parse_args, print_summary};
-use ch01_single_gpu::interrupt;
+use ch01_single_gpu::cli::{CommonArgs, print_summary, run_main};
 use ch04_pipeline::schedule::ScheduleKind;
 use ch04_pipeline::simulate::{Costs, simulate};
 use ch04_pipeline::stage::Partition;
@@ -118,7 +117,5 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli: Cli = parse_args();
-    interrupt::install();
-    finish(run(cli), |()| {})
+    run_main::<Cli>(run)
 }
