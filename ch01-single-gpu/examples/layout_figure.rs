@@ -109,10 +109,8 @@ fn main() -> anyhow::Result<()> {
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="11">"#
     )?;
     writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#)?;
-    let title = format!(
-        "The `{preset}` model's {} parameters in one buffer (byte tokenizer, vocabulary 256)",
-        layout.total
-    );
+    let title =
+        format!("The `{preset}` model's {} parameters in one buffer (byte tokenizer, vocabulary 256)", layout.total);
     writeln!(svg, r#"<text x="{MARGIN}" y="18" font-size="13">{}</text>"#, escape(&title))?;
     buffer_bar(&mut svg, &layout, 28.0)?;
     let ends = format!(

@@ -17,7 +17,7 @@ use ch01_single_gpu::config::ModelConfig;
 use ch01_single_gpu::data::{BatchSampler, Dataset, sequential_batch};
 use ch01_single_gpu::model::{
     BackwardScratch, BlockActivations, BlockShape, Dims, GradsReady, Head, HeadActivations, blocks_backward,
-    blocks_forward, init_params,
+    blocks_forward,
 };
 use ch01_single_gpu::optimizer::{Optimizer, squared_norm};
 use ch01_single_gpu::params::{BlockParams, ParamLayout, Part, Placement, ShardError};
@@ -25,7 +25,7 @@ use ch01_single_gpu::sample::{SampleConfig, sample_next};
 use ch01_single_gpu::schedule::learning_rate;
 use ch01_single_gpu::tokenizer::Tokenizer;
 use ch01_single_gpu::train::{
-    LoopOutcome, StepRecord, TrainSteps, check_config, drive, load_dataset, model_config, resume_state, run_shape,
+    LoopOutcome, StartState, StepRecord, TrainSteps, check_config, drive, load_dataset, model_config, run_shape,
     saves_after,
 };
 use ch01_single_gpu::{TrainConfig, TrainError, TrainReport};
@@ -234,24 +234,14 @@ impl TpRank {
         let buffer = |category| Tensor::zeros_on(&[layout.total], device, DType::F32, category, &ledger);
         let (mut params, grads) = (buffer(Category::Parameters)?, buffer(Category::Gradients)?);
         let mut optimizer = Optimizer::new(&layout, 0..layout.total, train.weight_decay, train.adam, device, &ledger)?;
-        let mut whole = vec![0.0f32; full.total];
         let mine = |whole: &[f32]| {
             let mut piece = vec![0.0f32; layout.total];
             full.take_shard(&layout, whole, rank, tp, &mut piece);
             piece
         };
-        let (mut sampler, mut step) = (BatchSampler::new(train.data_order, train.seed), 0);
-        if let Some(dir) = &train.resume {
-            let state = resume_state(dir, &run, train.steps)?;
-            checkpoint::load_weights(dir, &model, &full, &mut whole)?;
-            let (mut m, mut v) = (vec![0.0f32; full.total], vec![0.0f32; full.total]);
-            checkpoint::load_optimizer(dir, &full, &mut m, &mut v)?;
-            optimizer.load_moments(&mine(&m), &mine(&v))?;
-            (step, sampler) = (state.step, state.sampler);
-        } else if let Some(dir) = &train.init {
-            checkpoint::load_weights(dir, &model, &full, &mut whole)?;
-        } else {
-            init_params(&model, &full, train.seed, &mut whole);
+        let StartState { params: whole, moments, step, sampler } = StartState::load(train, &run, &full)?;
+        if let Some((m, v)) = &moments {
+            optimizer.load_moments(&mine(m), &mine(v))?;
         }
         params.copy_from(&mine(&whole))?;
         // ANCHOR_END: shard_init

@@ -13,18 +13,17 @@ use crate::schedule::{Instr, Pipe, Schedule, last_use, peak_in_flight};
 use crate::stage::{StageParams, copy_by_name, holds, stage_layout};
 use crate::train::{PipelineConfig, StageReport, partition};
 use ch01_single_gpu::TrainError;
-use ch01_single_gpu::checkpoint;
 use ch01_single_gpu::config::ModelConfig;
 use ch01_single_gpu::data::{Batch, BatchSampler, Dataset, sequential_batch};
 use ch01_single_gpu::model::{
     BackwardScratch, BlockActivations, BlockShape, Dims, Head, HeadActivations, Whole, blocks_backward, blocks_forward,
-    embed_backward, embed_forward, head_backward, head_forward, init_params,
+    embed_backward, embed_forward, head_backward, head_forward,
 };
 use ch01_single_gpu::optimizer::{Optimizer, squared_norm};
 use ch01_single_gpu::params::ParamLayout;
 use ch01_single_gpu::schedule::learning_rate;
 use ch01_single_gpu::tokenizer::Tokenizer;
-use ch01_single_gpu::train::{StepRecord, TrainSteps, check_config, model_config, resume_state, run_shape};
+use ch01_single_gpu::train::{StartState, StepRecord, TrainSteps, check_config, model_config, run_shape};
 use ch02_data_parallel::grad_sync::GradSync;
 use kernels::comm::thread::ThreadComm;
 use kernels::comm::{CommStats, Communicator, ReduceOp};
@@ -132,19 +131,10 @@ impl Stage {
             copy_by_name(&full, whole, &layout, &mut share);
             share
         };
-        let mut host = vec![0.0f32; full.total];
-        let (mut step, mut sampler) = (0, BatchSampler::new(train.data_order, train.seed));
-        if let Some(dir) = &train.resume {
-            let state = resume_state(dir, &run_shape(train, &model, t, &dataset), train.steps)?;
-            checkpoint::load_weights(dir, &model, &full, &mut host)?;
-            let (mut m, mut v) = (vec![0.0f32; full.total], vec![0.0f32; full.total]);
-            checkpoint::load_optimizer(dir, &full, &mut m, &mut v)?;
-            optimizer.load_moments(&mine(&m), &mine(&v))?;
-            (step, sampler) = (state.step, state.sampler);
-        } else if let Some(dir) = &train.init {
-            checkpoint::load_weights(dir, &model, &full, &mut host)?;
-        } else {
-            init_params(&model, &full, train.seed, &mut host);
+        let run = run_shape(train, &model, t, &dataset);
+        let StartState { params: host, moments, step, sampler } = StartState::load(train, &run, &full)?;
+        if let Some((m, v)) = &moments {
+            optimizer.load_moments(&mine(m), &mine(v))?;
         }
         params.copy_from(&mine(&host))?;
         // ANCHOR_END: stage_init

@@ -3,7 +3,8 @@
 use super::TrainError;
 use crate::checkpoint::{self, RunShape, TrainerState};
 use crate::config::ModelConfig;
-use crate::data::{DataOrder, Dataset, SHAKESPEARE};
+use crate::data::{BatchSampler, DataOrder, Dataset, SHAKESPEARE};
+use crate::params::ParamLayout;
 use crate::schedule::LrSchedule;
 use crate::tokenizer::{Tokenizer, TokenizerKind};
 use kernels::DType;
@@ -212,3 +213,38 @@ pub fn resume_state(dir: &Path, run: &RunShape, steps: u64) -> Result<TrainerSta
     }
     Ok(state)
 }
+
+// ANCHOR: start_state
+/// Where a run starts, always in chapter 1's full layout: a checkpoint's weights, Adam moments and
+/// data position (`--resume`), a checkpoint's weights (`--init`), or the model fresh from the
+/// seed. A parallel layout takes its part of each, so every layout starts where chapter 1 does.
+pub struct StartState {
+    pub params: Vec<f32>,
+    /// Adam's two moments, on a resumed run.
+    pub moments: Option<(Vec<f32>, Vec<f32>)>,
+    /// Optimizer steps already taken, and where the batch order stands.
+    pub step: u64,
+    pub sampler: BatchSampler,
+}
+
+impl StartState {
+    /// The start `cfg` asks for, for a run of shape `run` of a model laid out as `layout`.
+    pub fn load(cfg: &TrainConfig, run: &RunShape, layout: &ParamLayout) -> Result<StartState, TrainError> {
+        let model = &run.model;
+        let mut params = vec![0.0f32; layout.total];
+        let (mut step, mut sampler, mut moments) = (0, BatchSampler::new(cfg.data_order, cfg.seed), None);
+        if let Some(dir) = &cfg.resume {
+            let state = resume_state(dir, run, cfg.steps)?;
+            checkpoint::load_weights(dir, model, layout, &mut params)?;
+            let (mut m, mut v) = (vec![0.0f32; layout.total], vec![0.0f32; layout.total]);
+            checkpoint::load_optimizer(dir, layout, &mut m, &mut v)?;
+            (step, sampler, moments) = (state.step, state.sampler, Some((m, v)));
+        } else if let Some(dir) = &cfg.init {
+            checkpoint::load_weights(dir, model, layout, &mut params)?;
+        } else {
+            crate::model::init_params(model, layout, cfg.seed, &mut params);
+        }
+        Ok(StartState { params, moments, step, sampler })
+    }
+}
+// ANCHOR_END: start_state

@@ -1,8 +1,8 @@
 //! [`Trainer`]: the model, its optimizer state, the data, and the buffers a step needs.
 
 use super::{
-    LoopOutcome, StepRecord, TrainConfig, TrainError, TrainReport, TrainSteps, check_config, load_dataset,
-    model_config, resume_state, run_shape,
+    LoopOutcome, StartState, StepRecord, TrainConfig, TrainError, TrainReport, TrainSteps, check_config, load_dataset,
+    model_config, run_shape,
 };
 use crate::checkpoint::{self, CheckpointContents, RunShape, TrainerState};
 use crate::config::ModelConfig;
@@ -94,20 +94,9 @@ impl Trainer {
         let mut optimizer = Optimizer::new(&layout, owned, cfg.weight_decay, cfg.adam, device, &ledger)?;
         // ANCHOR_END: four_buffers
         // Weights and moments are read and initialised on the host, then copied to the device.
-        let mut host = vec![0.0f32; layout.total];
-        let mut sampler = BatchSampler::new(cfg.data_order, cfg.seed);
-        let mut step = 0;
-        if let Some(dir) = &cfg.resume {
-            let state = resume_state(dir, &run, cfg.steps)?;
-            checkpoint::load_weights(dir, &model, &layout, &mut host)?;
-            let (mut m, mut v) = (vec![0.0f32; layout.total], vec![0.0f32; layout.total]);
-            checkpoint::load_optimizer(dir, &layout, &mut m, &mut v)?;
-            optimizer.load_moments(&m, &v)?;
-            (step, sampler) = (state.step, state.sampler);
-        } else if let Some(dir) = &cfg.init {
-            checkpoint::load_weights(dir, &model, &layout, &mut host)?;
-        } else {
-            crate::model::init_params(&model, &layout, cfg.seed, &mut host);
+        let StartState { params: host, moments, step, sampler } = StartState::load(cfg, &run, &layout)?;
+        if let Some((m, v)) = &moments {
+            optimizer.load_moments(m, v)?;
         }
         params.copy_from(&host)?;
         let params_copy = match cfg.dtype {
