@@ -35,6 +35,7 @@ mod mailbox;
 pub mod nccl;
 pub mod rendezvous;
 pub mod ring;
+pub mod tcp;
 pub mod thread;
 
 /// A rank's index in its communicator: 0..world_size.
@@ -165,3 +166,19 @@ pub trait Communicator: Send {
     fn stats(&self) -> CommStats;
 }
 // ANCHOR_END: communicator
+
+/// A sub-group's member list checked against a group of `n` ranks: where `me` stands in it (its
+/// rank in the new group), or why the list is wrong. Every implementation's `split` starts here.
+pub(crate) fn split_position(ranks: &[Rank], n: usize, me: Rank) -> Result<Rank, CommError> {
+    let invalid = |reason: String| CommError::InvalidArgument { collective: Collective::Split, reason };
+    if let Some(&bad) = ranks.iter().find(|&&r| r >= n) {
+        return Err(invalid(format!("rank {bad} is not in this group of {n} ranks")));
+    }
+    if let Some(i) = (1..ranks.len()).find(|&i| ranks[..i].contains(&ranks[i])) {
+        return Err(invalid(format!("rank {} is listed twice in {ranks:?}", ranks[i])));
+    }
+    ranks
+        .iter()
+        .position(|&r| r == me)
+        .ok_or_else(|| invalid(format!("rank {me} called split but is not in {ranks:?}")))
+}
