@@ -7,6 +7,9 @@
 //!   with the step-by-step math on top.
 //! - [`rendezvous`]: how separate processes find each other (torchrun's environment variables and
 //!   a TCP handshake with rank 0): what an NCCL communicator needs before its first collective.
+//! - [`tcp`]: ranks as processes (on one machine or several) connected by TCP sockets, as Gloo
+//!   does: the same ring algorithms over a socket [`ring::Wire`], so the same bits and bytes as
+//!   thread ranks; processes meet through the [`rendezvous`].
 //! - NCCL (through cudarc), one thread per GPU, for multi-GPU runs (see the CUDA chapter).
 //!
 //! Every call is a collective: all ranks of the communicator make the same calls in the same
@@ -19,7 +22,7 @@
 //!
 //! ## Host slices, device buffers
 //! Every collective takes host slices (`&[f32]`). Thread ranks hand them from thread to thread,
-//! and a TCP transport would write them to sockets: the ring algorithms run on any host
+//! TCP ranks write them to sockets: the ring algorithms run on any host
 //! [`ring::Wire`]. A tensor on a GPU is staged through the host for now: its owner copies it
 //! out (`Tensor::to_vec`), runs the collective, and copies the result back
 //! (`Tensor::copy_from`). NCCL works on device memory, and stages the host slices it is given
