@@ -188,6 +188,47 @@ fn a_panicking_rank_is_named_as_panicked() {
     }
 }
 
+#[test]
+fn two_ranks_that_both_receive_time_out_with_the_configured_limit() {
+    let start = Instant::now();
+    let results = tcp_run(2, |comm| {
+        comm.set_timeout(Duration::from_secs(1));
+        let peer = 1 - comm.rank();
+        comm.recv(&mut [0.0; 4], peer)
+    });
+    // Whichever rank gives up first leaves, and the other is told it finished while awaited.
+    assert!(
+        results.iter().any(|r| matches!(r, Err(CommError::Timeout { seconds: 1, .. }))),
+        "a deadlock is a timeout: {results:?}"
+    );
+    assert!(results.iter().all(Result::is_err), "{results:?}");
+    assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
+}
+
+#[test]
+fn sub_groups_on_two_threads_share_the_connections_without_mixing() {
+    let results = tcp_run(2, |comm| {
+        let r = comm.rank();
+        let (mut first, mut second) = (comm.split_group(&[0, 1])?, comm.split_group(&[0, 1])?);
+        // The first group's all-reduces run on another thread while the second's run here.
+        let other = std::thread::spawn(move || {
+            let mut buf = input(r, 1, 5000);
+            (0..20).try_for_each(|_| first.all_reduce(&mut buf, ReduceOp::Max)).map(|()| bits(&buf))
+        });
+        let mut buf = input(r, 2, 3000);
+        (0..20).try_for_each(|_| second.all_reduce(&mut buf, ReduceOp::Max))?;
+        let first_bits = other.join().unwrap_or_else(|_| panic!("the other thread panicked"))?;
+        Ok((first_bits, bits(&buf)))
+    });
+    let max = |step| {
+        let len = if step == 1 { 5000 } else { 3000 };
+        bits(&input(0, step, len).iter().zip(input(1, step, len)).map(|(a, b)| a.max(b)).collect::<Vec<_>>())
+    };
+    for (rank, result) in results.into_iter().enumerate() {
+        assert_eq!(result, Ok((max(1), max(2))), "rank {rank}");
+    }
+}
+
 /// The environment variable that makes a copy of this test binary a rank (see `child_rank`).
 const CHILD: &str = "SFS_TCP_TEST_CHILD";
 
