@@ -4,10 +4,14 @@
 //! cargo bench -p kernels --bench collectives                    # n = 2, 4; 1 KiB to 256 MiB
 //! cargo bench -p kernels --bench collectives -- --max-size 16MiB --ranks 2,4,8 --ops all-reduce
 //! COLLECTIVES_MAX_SIZE=4MiB cargo bench -p kernels              # the env var limits sizes too
+//! cargo bench -p kernels --bench collectives -- --transports threads,tcp --ops all-reduce \
+//!     --ranks 2 --min-size 16MiB --max-size 16MiB                # thread ranks beside TCP ranks
 //! ```
 //!
 //! Options: `--ranks 2,4`, `--ops all-reduce,reduce-scatter,all-gather`, `--min-size 1KiB`,
-//! `--max-size 256MiB` (sizes go up by 4x). The default run takes about 30 s on 2 cores.
+//! `--max-size 256MiB` (sizes go up by 4x), `--transports threads,tcp` (thread ranks, the
+//! default, or TCP ranks: threads of this process with their own sockets on the loopback
+//! interface). The default run takes about 30 s on 2 cores.
 //!
 //! ## How to read it
 //! - `size`: the bytes of the largest buffer of the call, as nccl-tests counts it: the buffer of
@@ -24,8 +28,11 @@
 //!   the same cores and memory bus, so expect busbw to fall as n grows past the core count.
 //! - Small sizes measure latency (thread wake-ups: microseconds), not bandwidth.
 
-use kernels::comm::thread::{ThreadComm, launch};
+use kernels::comm::rendezvous::RendezvousConfig;
+use kernels::comm::tcp::TcpComm;
+use kernels::comm::thread::launch;
 use kernels::comm::{CommError, Communicator, ReduceOp};
+use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -62,7 +69,31 @@ impl Op {
     // ANCHOR_END: bus_factor
 }
 
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Transport {
+    Threads,
+    Tcp,
+}
+
+impl Transport {
+    fn parse(name: &str) -> Result<Transport, String> {
+        match name {
+            "threads" => Ok(Transport::Threads),
+            "tcp" => Ok(Transport::Tcp),
+            _ => Err(format!("unknown transport {name:?} (threads, tcp)")),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Threads => "threads",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
 struct Options {
+    transports: Vec<Transport>,
     ranks: Vec<usize>,
     ops: Vec<Op>,
     min_size: usize,
@@ -91,6 +122,7 @@ fn list<T>(text: &str, item: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T
 fn parse_options() -> Result<Options, String> {
     let max_size = std::env::var("COLLECTIVES_MAX_SIZE").map_or(Ok(256 << 20), |s| parse_size(&s))?;
     let mut o = Options {
+        transports: vec![Transport::Threads],
         ranks: vec![2, 4],
         ops: vec![Op::AllReduce, Op::ReduceScatter, Op::AllGather],
         min_size: 1 << 10,
@@ -108,9 +140,10 @@ fn parse_options() -> Result<Options, String> {
                 o.ranks = list(&value, |s| s.parse().map_err(|e| format!("ranks {s:?}: {e}")))?;
             }
             "--ops" => o.ops = list(&value, Op::parse)?,
+            "--transports" => o.transports = list(&value, Transport::parse)?,
             "--min-size" => o.min_size = parse_size(&value)?,
             "--max-size" => o.max_size = parse_size(&value)?,
-            _ => return Err(format!("unknown option {flag} (--ranks, --ops, --min-size, --max-size)")),
+            _ => return Err(format!("unknown option {flag} (--transports, --ranks, --ops, --min-size, --max-size)")),
         }
     }
     if o.ranks.contains(&0) || o.min_size < 4 {
@@ -129,32 +162,57 @@ fn calls_per_rep(size: usize) -> usize {
     ((16 << 20) / size).clamp(1, 200)
 }
 
+/// One rank's time per call of `op` on a buffer of `count` values, for each repetition.
+fn time_calls(comm: &mut dyn Communicator, op: Op, count: usize, calls: usize) -> Result<Vec<Duration>, CommError> {
+    let n = comm.world_size();
+    let mut big = vec![1.0f32; count];
+    let mut small = vec![1.0f32; count / n];
+    let mut once = |comm: &mut dyn Communicator| match op {
+        Op::AllReduce => comm.all_reduce(&mut big, ReduceOp::Sum),
+        Op::ReduceScatter => comm.reduce_scatter(&big, &mut small, ReduceOp::Sum),
+        Op::AllGather => comm.all_gather(&small, &mut big),
+    };
+    once(comm)?; // warm up: page in the buffers, fill the spare message buffers
+    (0..REPS)
+        .map(|_| {
+            comm.barrier()?;
+            let start = Instant::now();
+            for _ in 0..calls {
+                once(comm)?;
+            }
+            Ok(start.elapsed() / calls as u32)
+        })
+        .collect()
+}
+
+/// [`time_calls`] on `n` TCP ranks, threads of this process meeting on a free loopback port.
+fn tcp_times(n: usize, op: Op, count: usize, calls: usize) -> Result<Vec<Vec<Duration>>, String> {
+    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+    let ranks: Vec<_> = (0..n)
+        .map(|rank| {
+            let master_addr = "127.0.0.1".to_string();
+            let config = RendezvousConfig { world_size: n, rank, local_rank: rank, master_addr, master_port: port };
+            std::thread::spawn(move || {
+                let mut comm = TcpComm::from_rendezvous(&config, Duration::from_secs(20))?;
+                time_calls(&mut comm, op, count, calls)
+            })
+        })
+        .collect();
+    let joined = ranks.into_iter().map(|h| h.join().map_err(|_| "a TCP rank panicked".to_string()));
+    joined.map(|times| times.and_then(|t| t.map_err(|e| e.to_string()))).collect()
+}
+
 /// The median over repetitions of the slowest rank's time for one `op` on `n` ranks.
-fn measure(op: Op, n: usize, size: usize) -> Result<Duration, String> {
+fn measure(transport: Transport, op: Op, n: usize, size: usize) -> Result<Duration, String> {
     // Whole f32s, and a count the n ranks divide (the collectives' contract for these two).
     let count = size / 4 / n * n;
     let calls = calls_per_rep(size);
-    let times = launch(n, move |mut comm| -> Result<Vec<Duration>, CommError> {
-        let mut big = vec![1.0f32; count];
-        let mut small = vec![1.0f32; count / n];
-        let mut once = |comm: &mut ThreadComm| match op {
-            Op::AllReduce => comm.all_reduce(&mut big, ReduceOp::Sum),
-            Op::ReduceScatter => comm.reduce_scatter(&big, &mut small, ReduceOp::Sum),
-            Op::AllGather => comm.all_gather(&small, &mut big),
-        };
-        once(&mut comm)?; // warm up: page in the buffers, fill the spare message buffers
-        (0..REPS)
-            .map(|_| {
-                comm.barrier()?;
-                let start = Instant::now();
-                for _ in 0..calls {
-                    once(&mut comm)?;
-                }
-                Ok(start.elapsed() / calls as u32)
-            })
-            .collect()
-    })
-    .map_err(|e| e.to_string())?;
+    let times = match transport {
+        Transport::Threads => {
+            launch(n, move |mut comm| time_calls(&mut comm, op, count, calls)).map_err(|e| e.to_string())?
+        }
+        Transport::Tcp => tcp_times(n, op, count, calls)?,
+    };
     let mut slowest: Vec<Duration> = (0..REPS).map(|i| times.iter().map(|t| t[i]).max().unwrap_or_default()).collect();
     slowest.sort();
     Ok(slowest[REPS / 2])
@@ -170,18 +228,30 @@ fn size_label(bytes: usize) -> String {
 
 fn main() -> Result<(), String> {
     let o = parse_options()?;
+    // The transport column only where there is a choice: the default table stays as it was.
+    let show_transport = o.transports != [Transport::Threads];
+    let transport = |name: &str| if show_transport { format!("{name:<9} ") } else { String::new() };
     println!(
-        "{:<15} {:>5} {:>9} {:>12} {:>12} {:>12}",
-        "collective", "ranks", "size", "time (us)", "algbw GB/s", "busbw GB/s"
+        "{}{:<15} {:>5} {:>9} {:>12} {:>12} {:>12}",
+        transport("transport"),
+        "collective",
+        "ranks",
+        "size",
+        "time (us)",
+        "algbw GB/s",
+        "busbw GB/s"
     );
     for &op in &o.ops {
         for &n in &o.ranks {
             let mut size = o.min_size;
             while size <= o.max_size {
-                let time = measure(op, n, size)?;
-                let algbw = size as f64 / time.as_secs_f64() / 1e9;
-                let (label, micros, busbw) = (size_label(size), time.as_secs_f64() * 1e6, algbw * op.bus_factor(n));
-                println!("{:<15} {n:>5} {label:>9} {micros:>12.1} {algbw:>12.2} {busbw:>12.2}", op.name());
+                for &t in &o.transports {
+                    let time = measure(t, op, n, size)?;
+                    let algbw = size as f64 / time.as_secs_f64() / 1e9;
+                    let (label, micros) = (size_label(size), time.as_secs_f64() * 1e6);
+                    let (name, busbw) = (transport(t.name()), algbw * op.bus_factor(n));
+                    println!("{name}{:<15} {n:>5} {label:>9} {micros:>12.1} {algbw:>12.2} {busbw:>12.2}", op.name());
+                }
                 size *= 4;
             }
         }

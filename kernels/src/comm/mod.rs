@@ -7,6 +7,9 @@
 //!   with the step-by-step math on top.
 //! - [`rendezvous`]: how separate processes find each other (torchrun's environment variables and
 //!   a TCP handshake with rank 0): what an NCCL communicator needs before its first collective.
+//! - [`tcp`]: ranks as processes (on one machine or several) connected by TCP sockets, as Gloo
+//!   does: the same ring algorithms over a socket [`ring::Wire`], so the same bits and bytes as
+//!   thread ranks; processes meet through the [`rendezvous`].
 //! - NCCL (through cudarc), one thread per GPU, for multi-GPU runs (see the CUDA chapter).
 //!
 //! Every call is a collective: all ranks of the communicator make the same calls in the same
@@ -19,7 +22,7 @@
 //!
 //! ## Host slices, device buffers
 //! Every collective takes host slices (`&[f32]`). Thread ranks hand them from thread to thread,
-//! and a TCP transport would write them to sockets: the ring algorithms run on any host
+//! TCP ranks write them to sockets: the ring algorithms run on any host
 //! [`ring::Wire`]. A tensor on a GPU is staged through the host for now: its owner copies it
 //! out (`Tensor::to_vec`), runs the collective, and copies the result back
 //! (`Tensor::copy_from`). NCCL works on device memory, and stages the host slices it is given
@@ -35,6 +38,7 @@ mod mailbox;
 pub mod nccl;
 pub mod rendezvous;
 pub mod ring;
+pub mod tcp;
 pub mod thread;
 
 /// A rank's index in its communicator: 0..world_size.
@@ -165,3 +169,19 @@ pub trait Communicator: Send {
     fn stats(&self) -> CommStats;
 }
 // ANCHOR_END: communicator
+
+/// A sub-group's member list checked against a group of `n` ranks: where `me` stands in it (its
+/// rank in the new group), or why the list is wrong. Every implementation's `split` starts here.
+pub(crate) fn split_position(ranks: &[Rank], n: usize, me: Rank) -> Result<Rank, CommError> {
+    let invalid = |reason: String| CommError::InvalidArgument { collective: Collective::Split, reason };
+    if let Some(&bad) = ranks.iter().find(|&&r| r >= n) {
+        return Err(invalid(format!("rank {bad} is not in this group of {n} ranks")));
+    }
+    if let Some(i) = (1..ranks.len()).find(|&i| ranks[..i].contains(&ranks[i])) {
+        return Err(invalid(format!("rank {} is listed twice in {ranks:?}", ranks[i])));
+    }
+    ranks
+        .iter()
+        .position(|&r| r == me)
+        .ok_or_else(|| invalid(format!("rank {me} called split but is not in {ranks:?}")))
+}
