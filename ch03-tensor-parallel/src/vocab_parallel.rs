@@ -64,6 +64,7 @@ pub fn embed_forward(
 ) -> Result<(), CommError> {
     // EXERCISE(ch03-vocab-embedding, points = 5): each row of x is this rank's row of wte for its token (shard.local), or zeros if another rank holds it; sum over the group; then add wpe[position] once
     // TESTS: -p ch03-tensor-parallel --lib -- vocab_parallel::tests::a_rank_embeds_its_own_tokens_and_zeros_for_the_rest
+    // NEEDS: ch03-sum-forward
     for (row, &token) in x.chunks_exact_mut(c).zip(tokens) {
         match shard.local(token) {
             Some(i) => row.copy_from_slice(&wte_local[i * c..(i + 1) * c]),
@@ -117,6 +118,7 @@ pub fn cross_entropy_forward(
 ) -> Result<(), CommError> {
     // EXERCISE(ch03-vocab-cross-entropy, points = 10): per row: the max m over the group (max_over_group) of the real logits; the sum over the group of exp(z - m) and of the target's z - m (one rank holds it, the others add 0); probabilities exp(z - m) / sum with zeros for padding; loss = ln sum - (z_target - m)
     // TESTS: -p ch03-tensor-parallel --lib -- vocab_parallel::tests::cross_entropy_over_shards_is_the_whole_one
+    // NEEDS: ch02-ring-reduce-scatter ch02-ring-all-gather
     let (width, real, bt) = (shard.rows.len(), shard.real, losses.len());
     let local_max: Vec<f32> = logits.chunks_exact(width).map(|row| math::max(&row[..real])).collect();
     let max = max_over_group(group, &local_max)?;
