@@ -13,12 +13,16 @@ function body or a whole expression, between two comment lines:
 - TESTS (one line or more) is what `cargo test --release` is given to run the tests that grade
   the exercise: a package and target selection, `--`, then test-name filters (substrings, as
   libtest matches them).
+- NEEDS (optional, one line after the TESTS lines) names the exercises whose code the tests
+  also run: chapter 3's tests run on thread ranks, whose all-reduce is chapter 2's ring. A wrong
+  answer of a needed exercise may fail this one too (a student's broken ring breaks chapter 3).
 - WRONG is a plausible wrong answer: in the nearest code line above it, replace the first
   fragment (which must occur there exactly once) by the second. Each fragment must be a whole
   expression, or whole statements ending in `;`, or nothing: the check compiles them in as
   `({ if on { new } else { old } })`, so a fragment cut across an operator (`a - b` out of
   `a - b * c`) changes the solution too, and the check then fails. Its exercise's tests must fail
-  on it, and no other exercise's tests may (scripts/check-assignments checks both).
+  on it, and no other exercise's tests may, but those of the exercises that NEED it
+  (scripts/check-assignments checks both).
 
 The student version replaces every region's solution by `todo!("hint")`, keeping the two header
 lines, so that it compiles and each exercise's tests fail by reaching the todo!.
@@ -43,6 +47,7 @@ MUTANT_ENV = "SCALE_MUTANT"
 
 HEADER = re.compile(r"^(?P<indent>\s*)// EXERCISE\((?P<name>[a-z0-9][a-z0-9-]*), points = (?P<points>\d+)\): (?P<hint>.+)$")
 TESTS = re.compile(r"^\s*// TESTS: (?P<spec>.+)$")
+NEEDS = re.compile(r"^\s*// NEEDS: (?P<names>[a-z0-9 -]+)$")
 WRONG = re.compile(r"^\s*// WRONG\((?P<label>[^)]+)\): `(?P<old>[^`]+)` -> `(?P<new>[^`]*)`\s*$")
 END = re.compile(r"^\s*// END EXERCISE\s*$")
 
@@ -71,10 +76,11 @@ class Exercise:
     indent: str
     tests: list[tuple[str, list[str]]] = field(default_factory=list)  # (cargo selection, filters)
     wrongs: list[Wrong] = field(default_factory=list)
+    needs: list[str] = field(default_factory=list)  # exercises whose code its tests also run
 
     def body_start(self) -> int:
-        """The first line after the header (EXERCISE and TESTS lines)."""
-        return self.start + 1 + len(self.tests)
+        """The first line after the header (EXERCISE, TESTS and NEEDS lines)."""
+        return self.start + 1 + len(self.tests) + (1 if self.needs else 0)
 
 
 def source_files(repo: Path) -> list[Path]:
@@ -105,7 +111,7 @@ def parse_file(repo: Path, rel: Path) -> list[Exercise]:
                 raise FormatError(f"{where}: EXERCISE inside exercise {current.name}")
             current = Exercise(m["name"], int(m["points"]), m["hint"].strip(), rel, i, -1, m["indent"])
         elif current is None:
-            if END.match(line) or TESTS.match(line) or WRONG.match(line):
+            if END.match(line) or TESTS.match(line) or NEEDS.match(line) or WRONG.match(line):
                 raise FormatError(f"{where}: outside any EXERCISE region")
             if "// EXERCISE" in line:
                 raise FormatError(f"{where}: malformed EXERCISE line (want `// EXERCISE(name, points = N): hint`)")
@@ -116,6 +122,10 @@ def parse_file(repo: Path, rel: Path) -> list[Exercise]:
             if not sep or not filters.split():
                 raise FormatError(f"{where}: TESTS wants `<cargo selection> -- <test filters>`")
             current.tests.append((selection.strip(), filters.split()))
+        elif m := NEEDS.match(line):
+            if i != current.body_start() or not current.tests or current.needs:
+                raise FormatError(f"{where}: one NEEDS line, right after the TESTS lines")
+            current.needs = m["names"].split()
         elif m := WRONG.match(line):
             target = i - 1
             while target > current.start and (not lines[target].strip() or lines[target].strip().startswith("//")):
@@ -145,7 +155,21 @@ def find_exercises(repo: Path = ROOT) -> list[Exercise]:
     names = [e.name for e in exercises]
     if dupes := {n for n in names if names.count(n) > 1}:
         raise FormatError(f"exercise names used twice: {sorted(dupes)}")
+    for e in exercises:
+        if unknown := [n for n in e.needs if n not in names or n == e.name]:
+            raise FormatError(f"{e.file}:{e.start + 1}: {e.name} NEEDS unknown exercises {unknown}")
     return sorted(exercises, key=lambda e: e.name)
+
+
+def needing(name: str, exercises: list[Exercise]) -> set[str]:
+    """The exercises that NEED `name`, directly or through others: a wrong answer of `name` may
+    fail them too."""
+    found: set[str] = set()
+    frontier = {name}
+    while frontier:
+        frontier = {e.name for e in exercises if frontier & set(e.needs)} - found
+        found |= frontier
+    return found
 
 
 def rust_string(text: str) -> str:

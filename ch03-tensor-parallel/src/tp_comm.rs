@@ -29,7 +29,13 @@ impl CopyToShards {
 
     /// dL/dx (partial on each rank) -> the sum over the group, on every rank.
     pub fn backward(group: &mut dyn Communicator, grad: &mut [f32]) -> Result<(), CommError> {
+        // EXERCISE(ch03-copy-backward, points = 5): the transpose of x -> (x, ..., x): every rank's partial gradient summed over the group, in place, on every rank
+        // TESTS: -p ch03-tensor-parallel --lib -- tp_comm::tests::copy_backward_is_the_transpose_of_its_forward
+        // NEEDS: ch02-ring-reduce-scatter ch02-ring-all-gather
         group.all_reduce(grad, ReduceOp::Sum)
+        // WRONG(the identity, as forward is): `group.all_reduce(grad, ReduceOp::Sum)` -> `Ok(())`
+        // WRONG(the mean of the partials, not their sum): `ReduceOp::Sum` -> `ReduceOp::Avg`
+        // END EXERCISE
     }
 }
 
@@ -41,7 +47,13 @@ pub struct SumFromShards;
 impl SumFromShards {
     /// partial -> the sum over the group, on every rank.
     pub fn forward(group: &mut dyn Communicator, partial: &mut [f32]) -> Result<(), CommError> {
+        // EXERCISE(ch03-sum-forward, points = 5): the ranks' partial sums added over the group, in place, so that every rank holds the whole sum
+        // TESTS: -p ch03-tensor-parallel --lib -- tp_comm::tests::sum_backward_is_the_transpose_of_its_forward
+        // NEEDS: ch02-ring-reduce-scatter ch02-ring-all-gather
         group.all_reduce(partial, ReduceOp::Sum)
+        // WRONG(leaves each rank its partial): `group.all_reduce(partial, ReduceOp::Sum)` -> `Ok(())`
+        // WRONG(the mean of the partials, not their sum): `ReduceOp::Sum` -> `ReduceOp::Avg`
+        // END EXERCISE
     }
 
     /// dL/d(sum) -> dL/d(partial): the same on every rank.

@@ -62,10 +62,15 @@ pub fn embed_forward(
     t: usize,
     c: usize,
 ) -> Result<(), CommError> {
+    // EXERCISE(ch03-vocab-embedding, points = 5): each row of x is this rank's row of wte for its token (shard.local), or zeros if another rank holds it; sum over the group; then add wpe[position] once
+    // TESTS: -p ch03-tensor-parallel --lib -- vocab_parallel::tests::a_rank_embeds_its_own_tokens_and_zeros_for_the_rest
+    // NEEDS: ch03-sum-forward
     for (row, &token) in x.chunks_exact_mut(c).zip(tokens) {
         match shard.local(token) {
             Some(i) => row.copy_from_slice(&wte_local[i * c..(i + 1) * c]),
+            // WRONG(looks the global id up in the local rows): `&wte_local[i * c..(i + 1) * c]` -> `&wte_local[token as usize * c..(token as usize + 1) * c]`
             None => row.fill(0.0),
+            // WRONG(leaves the rows of tokens it does not hold as they were): `row.fill(0.0)` -> `()`
         }
     }
     SumFromShards::forward(group, x)?;
@@ -74,6 +79,7 @@ pub fn embed_forward(
         row.iter_mut().zip(position).for_each(|(o, p)| *o += p);
     }
     Ok(())
+    // END EXERCISE
 }
 
 /// The lookup's gradient, a scatter-add into this rank's rows: dwte[token] += d_x for the tokens
@@ -110,28 +116,36 @@ pub fn cross_entropy_forward(
     targets: &[u32],
     shard: &VocabShard,
 ) -> Result<(), CommError> {
+    // EXERCISE(ch03-vocab-cross-entropy, points = 10): per row: the max m over the group (max_over_group) of the real logits; the sum over the group of exp(z - m) and of the target's z - m (one rank holds it, the others add 0); probabilities exp(z - m) / sum with zeros for padding; loss = ln sum - (z_target - m)
+    // TESTS: -p ch03-tensor-parallel --lib -- vocab_parallel::tests::cross_entropy_over_shards_is_the_whole_one
+    // NEEDS: ch02-ring-reduce-scatter ch02-ring-all-gather
     let (width, real, bt) = (shard.rows.len(), shard.real, losses.len());
     let local_max: Vec<f32> = logits.chunks_exact(width).map(|row| math::max(&row[..real])).collect();
     let max = max_over_group(group, &local_max)?;
+    // WRONG(each rank's own maximum, not the group's): `max_over_group(group, &local_max)?` -> `local_max.clone()`
     // [sum of exponentials | target logit − m], one all-reduce for both.
     let mut sums = vec![0.0f32; 2 * bt];
     for (i, (row, &target)) in logits.chunks_exact_mut(width).zip(targets).enumerate() {
         if let Some(local) = shard.local(target) {
             sums[bt + i] = row[local] - max[i];
+            // WRONG(the target logit not shifted by the max): `row[local] - max[i]` -> `row[local]`
         }
         for z in &mut row[..real] {
             *z = math::exp(*z - max[i]);
         }
         row[real..].fill(0.0);
+        // WRONG(padding columns keep their logits as probabilities): `row[real..].fill(0.0);` -> ``
         sums[i] = math::sum(&row[..real]);
     }
     group.all_reduce(&mut sums, ReduceOp::Sum)?;
+    // WRONG(no sum over the group: each rank's own sum of exponentials): `group.all_reduce(&mut sums, ReduceOp::Sum)?;` -> ``
     for (i, (row, loss)) in logits.chunks_exact_mut(width).zip(losses.iter_mut()).enumerate() {
         let inv = 1.0 / sums[i];
         row[..real].iter_mut().for_each(|p| *p *= inv);
         *loss = sums[i].ln() - sums[bt + i];
     }
     Ok(())
+    // END EXERCISE
 }
 
 /// probs -> dlogits in place, for L = dloss · Σ losses: dL/dz_v = dloss · (p_v − [v = target]),
@@ -247,6 +261,49 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// One rank's share of the lookup, in a group of one (whose sum changes nothing): its own
+    /// rows for the tokens it holds, zeros for the others, whatever x held before, and the
+    /// position embedding once on every row. Summing the four ranks' shares gives the whole
+    /// lookup.
+    #[test]
+    fn a_rank_embeds_its_own_tokens_and_zeros_for_the_rest() {
+        let cfg = ModelConfig { n_layer: 1, n_head: 1, n_embd: 3, block_size: 4, vocab_size: 200 };
+        let (c, t, vp) = (cfg.n_embd, 4, cfg.padded_vocab_size());
+        let wte: Vec<f32> = (0..vp * c).map(|i| 1.0 + i as f32).collect();
+        let wpe: Vec<f32> = (0..t * c).map(|i| 0.25 * i as f32).collect();
+        let tokens: Vec<u32> = vec![0, 64, 130, 199, 191, 128, 5, 150];
+        let data = std::sync::Arc::new((wte, wpe, tokens));
+        let shares = launch(1, {
+            let data = data.clone();
+            move |mut comm| {
+                let (wte, wpe, tokens) = &*data;
+                let mut shares = Vec::new();
+                for rank in 0..4 {
+                    let shard = VocabShard::new(&cfg, rank, 4);
+                    let wte_local = &wte[shard.rows.start * c..shard.rows.end * c];
+                    let mut x = vec![f32::NAN; tokens.len() * c]; // stale contents must not survive
+                    embed_forward(&mut comm, &mut x, tokens, wte_local, wpe, &shard, t, c)?;
+                    shares.push((shard, x));
+                }
+                Ok::<_, CommError>(shares)
+            }
+        })
+        .unwrap();
+        let (wte, wpe, tokens) = &*data;
+        for (i, &token) in tokens.iter().enumerate() {
+            for j in 0..c {
+                let position = wpe[(i % t) * c + j];
+                for (shard, x) in &shares[0] {
+                    let own = if shard.rows.contains(&(token as usize)) { wte[token as usize * c + j] } else { 0.0 };
+                    let rank = shard.rows.start / shard.rows.len();
+                    assert_eq!(x[i * c + j], own + position, "rank {rank} of 4, token {token} (row {i}), column {j}");
+                }
+                let sum = shares[0].iter().map(|(_, x)| x[i * c + j] - position).sum::<f32>() + position;
+                assert_eq!(sum, wte[token as usize * c + j] + position, "token {token}, column {j}");
             }
         }
     }

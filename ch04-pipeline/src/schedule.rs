@@ -214,16 +214,25 @@ fn flush(s: usize, n: usize) -> Vec<Instr> {
 /// GPipe: all M forwards, then all M backwards. Every micro-batch's activations are alive at
 /// the turn: M in flight on every stage.
 pub fn gpipe(s: usize, n: usize, m: usize) -> Vec<Instr> {
+    // EXERCISE(ch04-gpipe, points = 5): the M micro-batches' forwards (forward(s, n, i): with their receive and send), then their M backwards, then flush(s, n)
+    // TESTS: -p ch04-pipeline --lib -- schedule::tests::gpipe_runs_every_forward_then_every_backward_then_steps
     let forwards = (0..m).flat_map(|i| forward(s, n, i));
+    // WRONG(computes without its messages: no receive, no send): `forward(s, n, i)` -> `vec![Instr::Forward { micro: i, chunk: 0 }]`
     let backwards = (0..m).flat_map(|i| backward(s, n, i));
     forwards.chain(backwards).chain(flush(s, n)).collect()
+    // WRONG(never steps: no flush): `flush(s, n)` -> `Vec::new()`
+    // END EXERCISE
 }
 
 /// 1F1B: stage s runs N-s-1 warm-up forwards, then alternates one forward and one backward,
 /// then drains the remaining backwards. A micro-batch's backward starts as soon as it can, so
 /// at most N-s are in flight on stage s, whatever M is; the bubble is GPipe's.
 pub fn one_f_one_b(s: usize, n: usize, m: usize) -> Vec<Instr> {
+    // EXERCISE(ch04-one-f-one-b, points = 10): N - s - 1 warm-up forwards (at most M), then one forward and one backward (the oldest in flight) until every forward is done, then the remaining backwards, then flush(s, n)
+    // TESTS: -p ch04-pipeline --lib -- schedule::tests::one_f_one_b_on_two_stages_reads_as_in_the_book schedule::tests::one_f_one_b_holds_n_minus_s_micro_batches_at_most
     let warmup = (n - s - 1).min(m);
+    // WRONG(one warm-up forward too many): `(n - s - 1)` -> `(n - s)`
+    // WRONG(every stage warms up as long as the first): `(n - s - 1)` -> `(n - 1)`
     let mut out: Vec<Instr> = (0..warmup).flat_map(|i| forward(s, n, i)).collect();
     for i in warmup..m {
         out.extend(forward(s, n, i));
@@ -232,6 +241,7 @@ pub fn one_f_one_b(s: usize, n: usize, m: usize) -> Vec<Instr> {
     out.extend((m - warmup..m).flat_map(|i| backward(s, n, i)));
     out.extend(flush(s, n));
     out
+    // END EXERCISE
 }
 
 /// Interleaved 1F1B (Megatron-LM's order): the k-th forward of a stage is micro-batch
@@ -325,6 +335,63 @@ mod tests {
                 SendGrad { micro: 0, chunk: 0 }
             ]
         );
+    }
+
+    /// Each micro-batch's instructions on stage `s` of `n`, in the order the list runs them, with
+    /// the list's end: what a correct generator must produce, however it orders micro-batches.
+    fn check_messages(list: &[Instr], s: usize, n: usize, m: usize) {
+        use Instr::*;
+        for micro in 0..m {
+            let mine: Vec<Instr> = list.iter().copied().filter(|i| i.micro() == Some((micro, 0))).collect();
+            let mut want = Vec::new();
+            want.extend((s > 0).then_some(RecvActivation { micro, chunk: 0 }));
+            want.push(Forward { micro, chunk: 0 });
+            want.extend((s + 1 < n).then_some(SendActivation { micro, chunk: 0 }));
+            want.extend((s + 1 < n).then_some(RecvGrad { micro, chunk: 0 }));
+            want.push(Backward { micro, chunk: 0 });
+            want.extend((s > 0).then_some(SendGrad { micro, chunk: 0 }));
+            assert_eq!(mine, want, "stage {s} of {n}, micro-batch {micro} of {m}");
+        }
+        let tail: Vec<Instr> = list.iter().copied().filter(|i| i.micro().is_none()).collect();
+        let tied = n > 1 && (s == 0 || s + 1 == n);
+        let want: Vec<Instr> = tied.then_some(ReduceTiedGrads).into_iter().chain([OptimizerStep]).collect();
+        assert_eq!(tail, want, "stage {s} of {n}: the flush");
+        assert_eq!(list.last(), Some(&OptimizerStep), "stage {s} of {n}: the step comes last");
+    }
+
+    #[test]
+    fn gpipe_runs_every_forward_then_every_backward_then_steps() {
+        for n in 1..=4 {
+            for m in 1..=5 {
+                for s in 0..n {
+                    let list = gpipe(s, n, m);
+                    check_messages(&list, s, n, m);
+                    let first_backward = list.iter().position(|i| matches!(i, Instr::Backward { .. }));
+                    let last_forward = list.iter().rposition(|i| matches!(i, Instr::Forward { .. }));
+                    assert!(last_forward < first_backward, "stage {s} of {n}, m {m}: a backward before a forward");
+                    assert_eq!(peak_in_flight(&list), m, "stage {s} of {n}, m {m}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn one_f_one_b_holds_n_minus_s_micro_batches_at_most() {
+        for n in 1..=6 {
+            for m in 1..=9 {
+                for s in 0..n {
+                    let list = one_f_one_b(s, n, m);
+                    check_messages(&list, s, n, m);
+                    assert_eq!(peak_in_flight(&list), m.min(n - s), "stage {s} of {n}, m {m}");
+                    // Backwards in micro-batch order (the next stage sends the gradients so).
+                    let order: Vec<usize> = list
+                        .iter()
+                        .filter_map(|i| if let Instr::Backward { micro, .. } = i { Some(*micro) } else { None })
+                        .collect();
+                    assert_eq!(order, (0..m).collect::<Vec<_>>(), "stage {s} of {n}, m {m}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -124,6 +124,8 @@ pub fn simulate(schedule: &Schedule, costs: Costs) -> Result<Simulation, Schedul
 
 /// As [`simulate`], with each stage's own costs (`costs[s]` for stage s): uneven stages.
 pub fn simulate_stages(schedule: &Schedule, costs: &[Costs]) -> Result<Simulation, ScheduleError> {
+    // EXERCISE(ch04-simulator-deadlock, points = 10): a Sim at pc 0 and clock 0 on every stage; sweep the stages, running each (try_run) until it waits, and collect the Waits; stop when no stage waits, report a Deadlock with the waits when a whole sweep moved nothing; then check_complete
+    // TESTS: -p ch04-pipeline --lib -- simulate::tests::hand_written_
     let n = schedule.stages.len();
     assert_eq!(costs.len(), n, "one cost per stage");
     let out = Simulation { spans: Vec::new(), makespan: 0.0, busy: vec![0.0; n] };
@@ -156,11 +158,15 @@ pub fn simulate_stages(schedule: &Schedule, costs: &[Costs]) -> Result<Simulatio
             break;
         }
         if !moved {
+            // WRONG(a deadlock whenever every stage waits, though some moved in this sweep): `!moved` -> `waits.len() == n`
             return Err(ScheduleError::Deadlock(waits));
+            // WRONG(stops at a deadlock as if the schedule were done): `return Err(ScheduleError::Deadlock(waits));` -> `break;`
         }
     }
     sim.check_complete()?;
+    // WRONG(never checks that every message was received): `sim.check_complete()?;` -> ``
     Ok(sim.out)
+    // END EXERCISE
 }
 // ANCHOR_END: simulate
 
@@ -358,6 +364,84 @@ mod tests {
         }
     }
     // ANCHOR_END: bubble_test
+
+    /// Two stages, one micro-batch each way round: hand-written, so that the simulator is graded
+    /// apart from the generators.
+    fn hand_written(stage0: Vec<Instr>, stage1: Vec<Instr>) -> Schedule {
+        Schedule { stages: vec![stage0, stage1], chunks: 1 }
+    }
+
+    #[test]
+    fn hand_written_1f1b_runs_with_both_stages_waiting_after_the_first_sweep() {
+        use Instr::*;
+        let (f, b) = (|micro| Forward { micro, chunk: 0 }, |micro| Backward { micro, chunk: 0 });
+        let (sa, ra) = (|micro| SendActivation { micro, chunk: 0 }, |micro| RecvActivation { micro, chunk: 0 });
+        let (sg, rg) = (|micro| SendGrad { micro, chunk: 0 }, |micro| RecvGrad { micro, chunk: 0 });
+        // After one sweep stage 0 waits for gradient 0 and stage 1 at the step, for stage 0:
+        // both wait, but the sweep moved, so the next one goes on.
+        let schedule = hand_written(
+            vec![f(0), sa(0), f(1), sa(1), rg(0), b(0), rg(1), b(1), OptimizerStep],
+            vec![ra(0), f(0), b(0), sg(0), ra(1), f(1), b(1), sg(1), OptimizerStep],
+        );
+        let sim = simulate(&schedule, Costs::UNIT).unwrap();
+        // Stage 1: forward 0 at 1..2, backward 0 at 2..4, forward 1 at 4..5, backward 1 at 5..7;
+        // stage 0: forwards at 0..2, backward 0 at 4..6, backward 1 at 7..9.
+        assert_eq!(sim.makespan, 9.0);
+        assert_eq!(sim.busy, vec![6.0, 6.0]);
+    }
+
+    #[test]
+    fn hand_written_receives_on_both_sides_deadlock() {
+        use Instr::*;
+        let schedule = hand_written(
+            vec![
+                RecvGrad { micro: 0, chunk: 0 },
+                Forward { micro: 0, chunk: 0 },
+                SendActivation { micro: 0, chunk: 0 },
+                Backward { micro: 0, chunk: 0 },
+                OptimizerStep,
+            ],
+            vec![
+                RecvActivation { micro: 0, chunk: 0 },
+                Forward { micro: 0, chunk: 0 },
+                Backward { micro: 0, chunk: 0 },
+                SendGrad { micro: 0, chunk: 0 },
+                OptimizerStep,
+            ],
+        );
+        let err = simulate(&schedule, Costs::UNIT).unwrap_err();
+        assert_eq!(
+            err,
+            ScheduleError::Deadlock(vec![
+                Wait { stage: 0, at: 0, instr: RecvGrad { micro: 0, chunk: 0 }, on: 1 },
+                Wait { stage: 1, at: 0, instr: RecvActivation { micro: 0, chunk: 0 }, on: 0 },
+            ])
+        );
+    }
+
+    #[test]
+    fn hand_written_send_twice_leaves_a_message_nobody_receives() {
+        use Instr::*;
+        let schedule = hand_written(
+            vec![
+                Forward { micro: 0, chunk: 0 },
+                SendActivation { micro: 0, chunk: 0 },
+                SendActivation { micro: 0, chunk: 0 },
+                RecvGrad { micro: 0, chunk: 0 },
+                Backward { micro: 0, chunk: 0 },
+                OptimizerStep,
+            ],
+            vec![
+                RecvActivation { micro: 0, chunk: 0 },
+                Forward { micro: 0, chunk: 0 },
+                Backward { micro: 0, chunk: 0 },
+                SendGrad { micro: 0, chunk: 0 },
+                OptimizerStep,
+            ],
+        );
+        let err = simulate(&schedule, Costs::UNIT).unwrap_err();
+        assert_eq!(err, ScheduleError::Unreceived { stage: 0, to: 1, what: "activation", micro: 0 });
+    }
 
     // ANCHOR: deadlock_test
     #[test]
