@@ -66,7 +66,7 @@
 //! after r - 1 had received step s - 1's, so the last one proves that ranks r - 1, ..., r - (n-1)
 //! have all arrived.
 
-use super::{Collective, CommError, Rank, ReduceOp};
+use super::{Collective, CommError, CommStats, Communicator, Rank, ReduceOp};
 use std::ops::Range;
 
 // ANCHOR: wire
@@ -249,6 +249,125 @@ pub fn barrier(wire: &mut impl Wire) -> Result<(), CommError> {
     }
     Ok(())
 }
+
+// ANCHOR: ring_transport
+/// A transport whose collectives are the ring algorithms above: thread ranks and TCP ranks.
+/// It says how to start a collective (check that no peer failed, hand out a [`Wire`] that counts
+/// its bytes) and how to split; the [`Communicator`] below follows, the same for every transport.
+pub trait RingTransport: Send {
+    /// The wire of one collective, borrowing the transport while it runs.
+    type Link<'a>: Wire
+    where
+        Self: 'a;
+    /// What `split` makes.
+    type Group: Communicator + 'static;
+    /// This rank's position in the group, and the group's size.
+    fn position(&self) -> Rank;
+    fn members(&self) -> usize;
+    /// Fails if a peer already failed: nothing would complete.
+    fn check(&self) -> Result<(), CommError>;
+    /// The wire for one call of `collective`.
+    fn link(&mut self, collective: Collective) -> Self::Link<'_>;
+    /// Told when a collective failed (a transport whose ring is then out of step remembers it).
+    fn failed(&mut self, _error: &CommError) {}
+    fn counts(&mut self) -> &mut CommStats;
+    fn counted(&self) -> &CommStats;
+    fn split_group(&mut self, ranks: &[Rank]) -> Result<Self::Group, CommError>;
+
+    /// Runs one collective: fails at once if a peer already failed, counts the call, and hands
+    /// the algorithm a wire that counts its bytes under `collective`.
+    fn run(
+        &mut self,
+        collective: Collective,
+        algorithm: impl FnOnce(&mut Self::Link<'_>) -> Result<(), CommError>,
+    ) -> Result<(), CommError>
+    where
+        Self: Sized,
+    {
+        self.check()?;
+        let stats = self.counts();
+        *stats.calls.entry(collective).or_default() += 1;
+        // A collective that was called has byte counts, zero ones included (a broadcast's last
+        // rank sends nothing): readers can index the maps by every collective they called.
+        stats.sent.entry(collective).or_default();
+        stats.received.entry(collective).or_default();
+        let result = algorithm(&mut self.link(collective));
+        if let Err(e) = &result {
+            self.failed(e);
+        }
+        result
+    }
+
+    /// `peer` names a rank of this group, or the call is refused.
+    fn check_peer(&self, peer: Rank, collective: Collective) -> Result<(), CommError> {
+        let n = self.members();
+        if peer >= n {
+            let reason = format!("rank {peer} is not in a group of {n}");
+            return Err(CommError::InvalidArgument { collective, reason });
+        }
+        Ok(())
+    }
+}
+
+impl<T: RingTransport> Communicator for T {
+    fn rank(&self) -> Rank {
+        self.position()
+    }
+
+    fn world_size(&self) -> usize {
+        self.members()
+    }
+
+    fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
+        self.run(Collective::AllReduce, |link| all_reduce(link, buf, op))
+    }
+
+    fn reduce_scatter(&mut self, input: &[f32], output: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
+        self.run(Collective::ReduceScatter, |link| reduce_scatter(link, input, output, op))
+    }
+
+    fn all_gather(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
+        self.run(Collective::AllGather, |link| all_gather(link, input, output))
+    }
+
+    fn broadcast(&mut self, buf: &mut [f32], root: Rank) -> Result<(), CommError> {
+        self.run(Collective::Broadcast, |link| broadcast(link, buf, root))
+    }
+
+    fn send(&mut self, buf: &[f32], to: Rank) -> Result<(), CommError> {
+        self.check_peer(to, Collective::SendRecv)?;
+        self.run(Collective::SendRecv, |link| Wire::send(link, to, buf))
+    }
+
+    fn recv(&mut self, buf: &mut [f32], from: Rank) -> Result<(), CommError> {
+        self.check_peer(from, Collective::SendRecv)?;
+        self.run(Collective::SendRecv, |link| Wire::recv(link, from, buf))
+    }
+
+    /// A ring transport's sends never wait for their receive (the [`Wire`] contract), so
+    /// sending and then receiving is already both at once, however large the messages.
+    fn sendrecv(&mut self, send: &[f32], to: Rank, recv: &mut [f32], from: Rank) -> Result<(), CommError> {
+        self.check_peer(to, Collective::SendRecv)?;
+        self.check_peer(from, Collective::SendRecv)?;
+        self.run(Collective::SendRecv, |link| {
+            Wire::send(link, to, send)?;
+            Wire::recv(link, from, recv)
+        })
+    }
+
+    fn barrier(&mut self) -> Result<(), CommError> {
+        self.run(Collective::Barrier, |link| barrier(link))
+    }
+
+    fn split(&mut self, ranks: &[Rank]) -> Result<Box<dyn Communicator>, CommError> {
+        Ok(Box::new(self.split_group(ranks)?))
+    }
+
+    fn stats(&self) -> CommStats {
+        self.counted().clone()
+    }
+}
+// ANCHOR_END: ring_transport
 
 #[cfg(test)]
 mod tests {

@@ -574,32 +574,6 @@ impl TcpComm {
         let group = group_id(self.group, &members, occurrence);
         Ok(TcpComm::new(self.mesh.clone(), group, members, new_rank, self.timeout))
     }
-
-    fn run(
-        &mut self,
-        collective: Collective,
-        algorithm: impl FnOnce(&mut Link<'_>) -> Result<(), CommError>,
-    ) -> Result<(), CommError> {
-        self.mesh.inbox.check()?;
-        *self.stats.calls.entry(collective).or_default() += 1;
-        self.stats.sent.entry(collective).or_default();
-        self.stats.received.entry(collective).or_default();
-        let result = algorithm(&mut Link { comm: self, collective });
-        if let Err(e) = &result {
-            // The ring is out of step now: every later call fails too, and the goodbye says why.
-            self.mesh.inbox.fail(e.clone());
-        }
-        result
-    }
-
-    fn check_peer(&self, peer: Rank, collective: Collective) -> Result<(), CommError> {
-        let n = self.world_size();
-        if peer >= n {
-            let reason = format!("rank {peer} is not in a group of {n}");
-            return Err(CommError::InvalidArgument { collective, reason });
-        }
-        Ok(())
-    }
 }
 
 /// A split's group id, the same on every member: FNV-1a over the parent's id, the members'
@@ -619,7 +593,7 @@ fn bytes(values: usize) -> u64 {
 
 /// A communicator's wire for the length of one collective: group ranks in, world ranks out,
 /// every byte counted under that collective.
-struct Link<'a> {
+pub struct Link<'a> {
     comm: &'a mut TcpComm,
     collective: Collective,
 }
@@ -696,61 +670,33 @@ impl ring::Wire for Link<'_> {
     }
 }
 
-impl Communicator for TcpComm {
-    fn rank(&self) -> Rank {
+impl ring::RingTransport for TcpComm {
+    type Link<'a> = Link<'a>;
+    type Group = TcpComm;
+
+    fn position(&self) -> Rank {
         self.rank
     }
-
-    fn world_size(&self) -> usize {
+    fn members(&self) -> usize {
         self.members.len()
     }
-
-    fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
-        self.run(Collective::AllReduce, |link| ring::all_reduce(link, buf, op))
+    fn check(&self) -> Result<(), CommError> {
+        self.mesh.inbox.check()
     }
-
-    fn reduce_scatter(&mut self, input: &[f32], output: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
-        self.run(Collective::ReduceScatter, |link| ring::reduce_scatter(link, input, output, op))
+    fn link(&mut self, collective: Collective) -> Link<'_> {
+        Link { comm: self, collective }
     }
-
-    fn all_gather(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
-        self.run(Collective::AllGather, |link| ring::all_gather(link, input, output))
+    /// The ring is out of step now: every later call fails too, and the goodbye says why.
+    fn failed(&mut self, error: &CommError) {
+        self.mesh.inbox.fail(error.clone());
     }
-
-    fn broadcast(&mut self, buf: &mut [f32], root: Rank) -> Result<(), CommError> {
-        self.run(Collective::Broadcast, |link| ring::broadcast(link, buf, root))
+    fn counts(&mut self) -> &mut CommStats {
+        &mut self.stats
     }
-
-    fn send(&mut self, buf: &[f32], to: Rank) -> Result<(), CommError> {
-        self.check_peer(to, Collective::SendRecv)?;
-        self.run(Collective::SendRecv, |link| ring::Wire::send(link, to, buf))
+    fn counted(&self) -> &CommStats {
+        &self.stats
     }
-
-    fn recv(&mut self, buf: &mut [f32], from: Rank) -> Result<(), CommError> {
-        self.check_peer(from, Collective::SendRecv)?;
-        self.run(Collective::SendRecv, |link| ring::Wire::recv(link, from, buf))
-    }
-
-    /// The peer's reader thread drains every send, so sending and then receiving is already
-    /// both at once, however large the messages.
-    fn sendrecv(&mut self, send: &[f32], to: Rank, recv: &mut [f32], from: Rank) -> Result<(), CommError> {
-        self.check_peer(to, Collective::SendRecv)?;
-        self.check_peer(from, Collective::SendRecv)?;
-        self.run(Collective::SendRecv, |link| {
-            ring::Wire::send(link, to, send)?;
-            ring::Wire::recv(link, from, recv)
-        })
-    }
-
-    fn barrier(&mut self) -> Result<(), CommError> {
-        self.run(Collective::Barrier, |link| ring::barrier(link))
-    }
-
-    fn split(&mut self, ranks: &[Rank]) -> Result<Box<dyn Communicator>, CommError> {
-        Ok(Box::new(self.split_group(ranks)?))
-    }
-
-    fn stats(&self) -> CommStats {
-        self.stats.clone()
+    fn split_group(&mut self, ranks: &[Rank]) -> Result<TcpComm, CommError> {
+        TcpComm::split_group(self, ranks)
     }
 }

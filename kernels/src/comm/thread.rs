@@ -10,7 +10,7 @@
 //! they receive wait on each other. An exchange is [`Communicator::sendrecv`], on both.
 
 use super::mailbox::{GroupId, GroupKey, Message, PostOffice};
-use super::{Collective, CommError, CommStats, Communicator, Rank, ReduceOp, ring};
+use super::{Collective, CommError, CommStats, Rank, ReduceOp, ring, split_position};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,17 +73,7 @@ impl ThreadComm {
     /// is exchanged: each member works out the same group from the list alone.
     pub fn split_group(&mut self, ranks: &[Rank]) -> Result<ThreadComm, CommError> {
         self.office.check()?;
-        let n = self.world_size();
-        let invalid = |reason: String| CommError::InvalidArgument { collective: Collective::Split, reason };
-        if let Some(&bad) = ranks.iter().find(|&&r| r >= n) {
-            return Err(invalid(format!("rank {bad} is not in this group of {n} ranks")));
-        }
-        if let Some(i) = (1..ranks.len()).find(|&i| ranks[..i].contains(&ranks[i])) {
-            return Err(invalid(format!("rank {} is listed twice in {ranks:?}", ranks[i])));
-        }
-        let Some(new_rank) = ranks.iter().position(|&r| r == self.rank) else {
-            return Err(invalid(format!("rank {} called split but is not in {ranks:?}", self.rank)));
-        };
+        let new_rank = split_position(ranks, self.members.len(), self.rank)?;
         let count = self.splits.entry(ranks.to_vec()).or_default();
         let occurrence = *count;
         *count += 1;
@@ -91,38 +81,11 @@ impl ThreadComm {
         let group = self.office.group_id(GroupKey { parent: self.group, members: members.to_vec(), occurrence });
         Ok(ThreadComm::new(self.office.clone(), group, members, new_rank, self.timeout))
     }
-
-    /// Runs one collective: fails at once if a peer already failed, counts the call, and hands
-    /// the algorithm a [`Link`] that counts its bytes under `collective`.
-    fn run(
-        &mut self,
-        collective: Collective,
-        algorithm: impl FnOnce(&mut Link<'_>) -> Result<(), CommError>,
-    ) -> Result<(), CommError> {
-        self.office.check()?;
-        *self.stats.calls.entry(collective).or_default() += 1;
-        // A collective that was called has byte counts, zero ones included (a broadcast's last
-        // rank sends nothing): readers can index the maps by every collective they called.
-        self.stats.sent.entry(collective).or_default();
-        self.stats.received.entry(collective).or_default();
-        algorithm(&mut Link { comm: self, collective })
-    }
-
-    fn check_peer(&self, peer: Rank, collective: Collective) -> Result<(), CommError> {
-        let n = self.world_size();
-        if peer >= n {
-            return Err(CommError::InvalidArgument {
-                collective,
-                reason: format!("rank {peer} is not in a group of {n}"),
-            });
-        }
-        Ok(())
-    }
 }
 
 /// A communicator's wire for the length of one collective: group ranks in, world ranks out, and
 /// every byte counted under that collective.
-struct Link<'a> {
+pub struct Link<'a> {
     comm: &'a mut ThreadComm,
     collective: Collective,
 }
@@ -197,60 +160,29 @@ impl ring::Wire for Link<'_> {
     }
 }
 
-impl Communicator for ThreadComm {
-    fn rank(&self) -> Rank {
+impl ring::RingTransport for ThreadComm {
+    type Link<'a> = Link<'a>;
+    type Group = ThreadComm;
+
+    fn position(&self) -> Rank {
         self.rank
     }
-
-    fn world_size(&self) -> usize {
+    fn members(&self) -> usize {
         self.members.len()
     }
-
-    fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
-        self.run(Collective::AllReduce, |link| ring::all_reduce(link, buf, op))
+    fn check(&self) -> Result<(), CommError> {
+        self.office.check()
     }
-
-    fn reduce_scatter(&mut self, input: &[f32], output: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
-        self.run(Collective::ReduceScatter, |link| ring::reduce_scatter(link, input, output, op))
+    fn link(&mut self, collective: Collective) -> Link<'_> {
+        Link { comm: self, collective }
     }
-
-    fn all_gather(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
-        self.run(Collective::AllGather, |link| ring::all_gather(link, input, output))
+    fn counts(&mut self) -> &mut CommStats {
+        &mut self.stats
     }
-
-    fn broadcast(&mut self, buf: &mut [f32], root: Rank) -> Result<(), CommError> {
-        self.run(Collective::Broadcast, |link| ring::broadcast(link, buf, root))
+    fn counted(&self) -> &CommStats {
+        &self.stats
     }
-
-    fn send(&mut self, buf: &[f32], to: Rank) -> Result<(), CommError> {
-        self.check_peer(to, Collective::SendRecv)?;
-        self.run(Collective::SendRecv, |link| ring::Wire::send(link, to, buf))
-    }
-
-    fn recv(&mut self, buf: &mut [f32], from: Rank) -> Result<(), CommError> {
-        self.check_peer(from, Collective::SendRecv)?;
-        self.run(Collective::SendRecv, |link| ring::Wire::recv(link, from, buf))
-    }
-
-    /// Sends never wait here, so sending and then receiving is already both at once.
-    fn sendrecv(&mut self, send: &[f32], to: Rank, recv: &mut [f32], from: Rank) -> Result<(), CommError> {
-        self.check_peer(to, Collective::SendRecv)?;
-        self.check_peer(from, Collective::SendRecv)?;
-        self.run(Collective::SendRecv, |link| {
-            ring::Wire::send(link, to, send)?;
-            ring::Wire::recv(link, from, recv)
-        })
-    }
-
-    fn barrier(&mut self) -> Result<(), CommError> {
-        self.run(Collective::Barrier, |link| ring::barrier(link))
-    }
-
-    fn split(&mut self, ranks: &[Rank]) -> Result<Box<dyn Communicator>, CommError> {
-        Ok(Box::new(self.split_group(ranks)?))
-    }
-
-    fn stats(&self) -> CommStats {
-        self.stats.clone()
+    fn split_group(&mut self, ranks: &[Rank]) -> Result<ThreadComm, CommError> {
+        ThreadComm::split_group(self, ranks)
     }
 }
