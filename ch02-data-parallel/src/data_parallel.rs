@@ -13,7 +13,9 @@ use ch01_single_gpu::preflight;
 use ch01_single_gpu::tokenizer::Tokenizer;
 use ch01_single_gpu::train::{StepRecord, TrainSteps, Trainer, drive, load_dataset, model_config};
 use ch01_single_gpu::{TrainConfig, TrainError, TrainReport};
-use kernels::comm::thread::{LaunchError, ThreadComm, launch};
+use kernels::comm::process::run_rank as run_process_rank;
+use kernels::comm::rendezvous::RendezvousConfig;
+use kernels::comm::thread::{LaunchError, launch};
 use kernels::comm::{CommStats, Communicator, ReduceOp};
 use kernels::device::DeviceRequest;
 use kernels::{MemoryReport, Trace, View};
@@ -55,6 +57,10 @@ pub enum DpError {
     Launch(#[from] LaunchError),
     #[error("rank 0 returned no report")]
     NoReport,
+    #[error(
+        "--dp {dp} does not match the {world} rank processes (WORLD_SIZE={world}): leave --dp out, or make them equal"
+    )]
+    WorldSizeMismatch { dp: usize, world: usize },
     #[error(
         "chapter 2's ranks are threads on the CPU (GPU ranks communicate through NCCL, which chapter 5 uses); run it with --device cpu or auto"
     )]
@@ -175,18 +181,25 @@ fn fingerprint(params: &[f32]) -> u64 {
     params.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, p| (h ^ p.to_bits() as u64).wrapping_mul(0x0000_0100_0000_01B3))
 }
 
-fn check_config(cfg: &DpConfig) -> Result<usize, DpError> {
+/// Checks a run's settings before any rank starts, and returns its number of ranks. `processes`:
+/// the ranks are that many processes (one replica each), not threads of this one.
+pub fn check_config(cfg: &DpConfig, processes: Option<usize>) -> Result<usize, DpError> {
     if matches!(cfg.train.device, DeviceRequest::Cuda(_)) {
         return Err(DpError::GpuRanks);
     }
     // The default: one rank per core, or the most ranks up to that which divide the batch.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let default = (1..=cores.min(cfg.train.batch_size.max(1))).rev().find(|d| cfg.train.batch_size.is_multiple_of(*d));
-    let dp = cfg.dp.unwrap_or(default.unwrap_or(1));
+    let dp = cfg.dp.or(processes).unwrap_or(default.unwrap_or(1));
     if dp == 0 {
         return Err(DpError::ZeroRanks);
     }
-    if dp > MAX_THREAD_RANKS {
+    if let Some(world) = processes
+        && world != dp
+    {
+        return Err(DpError::WorldSizeMismatch { dp, world });
+    }
+    if processes.is_none() && dp > MAX_THREAD_RANKS {
         return Err(DpError::TooManyRanks { dp, available: MAX_THREAD_RANKS, what: "thread ranks on the CPU" });
     }
     let batch = cfg.train.batch_size;
@@ -202,22 +215,24 @@ fn check_config(cfg: &DpConfig) -> Result<usize, DpError> {
     if let Some(path) = &cfg.timeline {
         preflight::check_output_file("--timeline", path)?;
     }
-    // dp replicas in one process (their communication buffers, a quarter of the parameters'
-    // four buffers, come on top).
+    // dp replicas in one process, or one in each (their communication buffers, a quarter of
+    // the parameters' four buffers, come on top).
     let model = model_config(train, Tokenizer::new(train.tokenizer).vocab_size())?;
     let t = train.seq_len.unwrap_or(model.block_size);
     if batch > 0 && t > 0 {
-        preflight::check_memory(train, &model, batch / dp, t, kernels::Device::Cpu, dp)?;
+        let replicas = if processes.is_some() { 1 } else { dp };
+        preflight::check_memory(train, &model, batch / dp, t, kernels::Device::Cpu, replicas)?;
     }
     Ok(dp)
 }
 
 // ANCHOR: run_rank
 /// One rank: chapter 1's trainer on its rows, a communication thread beside it, and the loop.
-fn run_rank(
+/// The same on any communicator: a thread rank's, or a process's over TCP.
+fn run_rank<C: Communicator + 'static>(
     cfg: &DpConfig,
     dp: usize,
-    comm: ThreadComm,
+    comm: C,
     dataset: Arc<Dataset>,
     trace: &Trace,
 ) -> Result<(Option<TrainReport>, ReplicaReport, u64), DpError> {
@@ -250,7 +265,7 @@ fn run_rank(
 /// Trains with `dp` data-parallel thread ranks and reports what rank 0 saw, plus every rank's
 /// memory and communication.
 pub fn train(cfg: &DpConfig) -> Result<DpReport, DpError> {
-    let dp = check_config(cfg)?;
+    let dp = check_config(cfg, None)?;
     // Thread ranks compute on the CPU, whatever `auto` would pick.
     let cfg = &DpConfig { train: TrainConfig { device: DeviceRequest::Cpu, ..cfg.train.clone() }, ..cfg.clone() };
     let dataset = Arc::new(load_dataset(&cfg.train.data, &Tokenizer::new(cfg.train.tokenizer))?);
@@ -283,3 +298,23 @@ pub fn train(cfg: &DpConfig) -> Result<DpReport, DpError> {
     Ok(DpReport { dp, report, ranks, grad_bytes })
 }
 // ANCHOR_END: train
+
+// ANCHOR: train_process
+/// One rank of a run whose ranks are processes (`--nproc-per-node`, or torchrun's variables in
+/// `config`): the same rank function as [`train`]'s threads, over TCP. Rank 0 returns the
+/// report, with its own replica's figures; the other ranks return `None`.
+pub fn train_process(cfg: &DpConfig, config: &RendezvousConfig) -> Result<Option<DpReport>, DpError> {
+    let dp = check_config(cfg, Some(config.world_size))?;
+    let cfg = &DpConfig { train: TrainConfig { device: DeviceRequest::Cpu, ..cfg.train.clone() }, ..cfg.clone() };
+    let dataset = Arc::new(load_dataset(&cfg.train.data, &Tokenizer::new(cfg.train.tokenizer))?);
+    let traced = cfg.train.trace.is_some() || cfg.timeline.is_some();
+    let trace = if traced { Trace::enabled() } else { Trace::disabled() };
+    // The error names the first rank to fail, as on threads ("rank 1 failed: ...").
+    let (leader, replica, grad_bytes) = run_process_rank(config, |comm| run_rank(cfg, dp, comm, dataset, &trace))?;
+    let Some(report) = leader else { return Ok(None) };
+    if let Some(path) = &cfg.train.trace {
+        trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
+    }
+    Ok(Some(DpReport { dp, report, ranks: vec![replica], grad_bytes }))
+}
+// ANCHOR_END: train_process

@@ -10,6 +10,9 @@
 //! - [`tcp`]: ranks as processes (on one machine or several) connected by TCP sockets, as Gloo
 //!   does: the same ring algorithms over a socket [`ring::Wire`], so the same bits and bytes as
 //!   thread ranks; processes meet through the [`rendezvous`].
+//! - [`process`]: ranks as processes of one program: `--nproc-per-node K` (the program starts K
+//!   copies of itself, as torchrun would) or torchrun's environment, and how a job whose ranks
+//!   are processes fails (one line naming the first failed rank, never a hang).
 //! - NCCL (through cudarc), one thread per GPU, for multi-GPU runs (see the CUDA chapter).
 //!
 //! Every call is a collective: all ranks of the communicator make the same calls in the same
@@ -36,6 +39,7 @@ use std::time::Duration;
 mod launcher;
 mod mailbox;
 pub mod nccl;
+pub mod process;
 pub mod rendezvous;
 pub mod ring;
 pub mod tcp;
@@ -61,10 +65,16 @@ pub fn timeout_from_env() -> Result<Duration, CommError> {
 /// [`timeout_from_env`] on a value: `None` is the default, anything but a whole number of
 /// seconds above 0 is an error naming the variable (waiting forever is not an option).
 pub fn parse_timeout(value: Option<&str>) -> Result<Duration, CommError> {
-    let Some(text) = value else { return Ok(DEFAULT_TIMEOUT) };
+    parse_seconds(TIMEOUT_VAR, value, DEFAULT_TIMEOUT)
+}
+
+/// The value of the environment variable `name`, a whole number of seconds above 0, or
+/// `default` where it is not set.
+pub(crate) fn parse_seconds(name: &str, value: Option<&str>, default: Duration) -> Result<Duration, CommError> {
+    let Some(text) = value else { return Ok(default) };
     match text.trim().parse::<u64>() {
         Ok(seconds) if seconds > 0 => Ok(Duration::from_secs(seconds)),
-        _ => Err(CommError::Backend(format!("{TIMEOUT_VAR}={text:?} is not a whole number of seconds above 0"))),
+        _ => Err(CommError::Backend(format!("{name}={text:?} is not a whole number of seconds above 0"))),
     }
 }
 
