@@ -13,12 +13,15 @@ use ch01_single_gpu::preflight;
 use ch01_single_gpu::tokenizer::Tokenizer;
 use ch01_single_gpu::train::{StepRecord, TrainSteps, Trainer, drive, load_dataset, model_config};
 use ch01_single_gpu::{TrainConfig, TrainError, TrainReport};
+use kernels::comm::process::all_gather_json;
 use kernels::comm::process::run_rank as run_process_rank;
 use kernels::comm::rendezvous::RendezvousConfig;
 use kernels::comm::thread::{LaunchError, launch};
 use kernels::comm::{CommStats, Communicator, ReduceOp};
 use kernels::device::DeviceRequest;
+use kernels::trace::TraceEvent;
 use kernels::{MemoryReport, Trace, View};
+use serde::{Deserialize, Serialize};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
@@ -68,8 +71,9 @@ pub enum DpError {
 }
 
 /// One data-parallel replica's account of a run (the JSON report's per-rank entry is
-/// `ch01_single_gpu::report::RankReport`, built from this).
-#[derive(Clone, Debug)]
+/// `ch01_single_gpu::report::RankReport`, built from this). Serializable: process ranks send it
+/// to rank 0.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReplicaReport {
     pub rank: usize,
     pub memory: MemoryReport,
@@ -261,6 +265,22 @@ fn run_rank<C: Communicator + 'static>(
 }
 // ANCHOR_END: run_rank
 
+/// `--trace` and `--timeline`: every rank's lanes, from one trace.
+fn write_trace(cfg: &DpConfig, trace: &Trace) -> Result<(), DpError> {
+    if let Some(path) = &cfg.train.trace {
+        trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
+    }
+    if let Some(path) = &cfg.timeline
+        && let Some((from, to)) = trace.last_spans("step")
+    {
+        let lanes =
+            |rank: u32, lane: u32| format!("rank {rank} {}", if lane == 0 { "compute" } else { "communication" });
+        std::fs::write(path, trace.to_svg(from, to, lanes))
+            .map_err(|source| TrainError::Io { path: path.clone(), source })?;
+    }
+    Ok(())
+}
+
 // ANCHOR: train
 /// Trains with `dp` data-parallel thread ranks and reports what rank 0 saw, plus every rank's
 /// memory and communication.
@@ -275,17 +295,7 @@ pub fn train(cfg: &DpConfig) -> Result<DpReport, DpError> {
     // owns what it uses (`'static`): a rank stuck after a failure cannot hold up the report.
     let (rank_cfg, rank_trace) = (cfg.clone(), trace.clone());
     let results = launch(dp, move |comm| run_rank(&rank_cfg, dp, comm, dataset.clone(), &rank_trace))?;
-    if let Some(path) = &cfg.train.trace {
-        trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
-    }
-    if let Some(path) = &cfg.timeline
-        && let Some((from, to)) = trace.last_spans("step")
-    {
-        let lanes =
-            |rank: u32, lane: u32| format!("rank {rank} {}", if lane == 0 { "compute" } else { "communication" });
-        std::fs::write(path, trace.to_svg(from, to, lanes))
-            .map_err(|source| TrainError::Io { path: path.clone(), source })?;
-    }
+    write_trace(cfg, &trace)?;
     let mut ranks = Vec::new();
     let mut leader = None;
     let mut grad_bytes = 0;
@@ -300,9 +310,19 @@ pub fn train(cfg: &DpConfig) -> Result<DpReport, DpError> {
 // ANCHOR_END: train
 
 // ANCHOR: train_process
+/// What a process rank hands rank 0 at the end: what thread ranks return to their launcher,
+/// and its trace's events with the wall-clock time the trace began (to line them up).
+#[derive(Serialize, Deserialize)]
+struct ProcessReport {
+    replica: ReplicaReport,
+    events: Vec<TraceEvent>,
+    origin_unix_us: f64,
+}
+
 /// One rank of a run whose ranks are processes (`--nproc-per-node`, or torchrun's variables in
-/// `config`): the same rank function as [`train`]'s threads, over TCP. Rank 0 returns the
-/// report, with its own replica's figures; the other ranks return `None`.
+/// `config`): the same rank function as [`train`]'s threads, over TCP. Every rank's report and
+/// trace are then gathered on rank 0, which returns the run's report (the same as on threads,
+/// but for timings) and writes one trace with every rank's lanes; the other ranks return `None`.
 pub fn train_process(cfg: &DpConfig, config: &RendezvousConfig) -> Result<Option<DpReport>, DpError> {
     let dp = check_config(cfg, Some(config.world_size))?;
     let cfg = &DpConfig { train: TrainConfig { device: DeviceRequest::Cpu, ..cfg.train.clone() }, ..cfg.clone() };
@@ -310,11 +330,24 @@ pub fn train_process(cfg: &DpConfig, config: &RendezvousConfig) -> Result<Option
     let traced = cfg.train.trace.is_some() || cfg.timeline.is_some();
     let trace = if traced { Trace::enabled() } else { Trace::disabled() };
     // The error names the first rank to fail, as on threads ("rank 1 failed: ...").
-    let (leader, replica, grad_bytes) = run_process_rank(config, |comm| run_rank(cfg, dp, comm, dataset, &trace))?;
+    let (leader, reports, grad_bytes) = run_process_rank(config, |mut comm| {
+        // The reports travel on a group of their own: the training's byte counts stay its own.
+        let mut reports_group = comm.split(&(0..dp).collect::<Vec<_>>()).map_err(TrainError::from)?;
+        let (leader, replica, grad_bytes) = run_rank(cfg, dp, comm, dataset, &trace)?;
+        let origin_unix_us = trace.origin_unix_us().unwrap_or(0.0);
+        let mine = ProcessReport { replica, events: trace.events(), origin_unix_us };
+        let all = all_gather_json(&mut *reports_group, &mine).map_err(TrainError::from)?;
+        Ok::<_, DpError>((leader, all, grad_bytes))
+    })?;
     let Some(report) = leader else { return Ok(None) };
-    if let Some(path) = &cfg.train.trace {
-        trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
+    let mut ranks = Vec::new();
+    for rank in reports {
+        if rank.replica.rank != 0 {
+            trace.merge(rank.events, rank.origin_unix_us);
+        }
+        ranks.push(rank.replica);
     }
-    Ok(Some(DpReport { dp, report, ranks: vec![replica], grad_bytes }))
+    write_trace(cfg, &trace)?;
+    Ok(Some(DpReport { dp, report, ranks, grad_bytes }))
 }
 // ANCHOR_END: train_process

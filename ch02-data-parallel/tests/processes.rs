@@ -116,15 +116,34 @@ fn on_threads(dir: &Path, n: usize, steps: u64) -> (Vec<Value>, Value, Vec<u8>) 
 fn two_processes_launched_by_nproc_per_node_match_two_threads_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
     let want = on_threads(dir.path(), 2, 4);
-    let (report, ckpt) = (dir.path().join("procs.json"), dir.path().join("procs"));
-    let (r, c) = (report.to_str().unwrap(), ckpt.to_str().unwrap());
-    let out = run(&args(4, &["--dp", "2", "--nproc-per-node", "2", "--report", r, "--save", c]));
+    let (report, ckpt, trace) = (dir.path().join("procs.json"), dir.path().join("procs"), dir.path().join("t.json"));
+    let (r, c, t) = (report.to_str().unwrap(), ckpt.to_str().unwrap(), trace.to_str().unwrap());
+    let out = run(&args(4, &["--dp", "2", "--nproc-per-node", "2", "--report", r, "--save", c, "--trace", t]));
     let stdout = String::from_utf8_lossy(&succeeded(&out).stdout);
     // Rank 0's output is the run's, once: one summary, not one per process.
     assert_eq!(stdout.matches("summary").count(), 1, "{stdout}");
     assert!(stdout.contains("ranks              2"), "{stdout}");
     assert!(String::from_utf8_lossy(&out.stderr).trim().is_empty(), "the ranks are quiet");
     assert_eq!(fingerprint(&report, &ckpt), want, "processes over TCP compute the thread ranks' bits");
+    // Every rank in the report, as on threads, with the same byte counts.
+    let ranks = |path: &Path| {
+        let report: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        report["ranks"].as_array().unwrap().iter().map(|r| (r["rank"].clone(), r["comm"].clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(ranks(&report), ranks(&dir.path().join("threads.json")));
+    // One trace, rank 0's, with both ranks' compute and communication lanes, the steps of
+    // rank 1 lined up with rank 0's (within a step's length: they wait for each other).
+    let trace: Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    let lanes: std::collections::BTreeSet<(u64, u64)> =
+        events.iter().map(|e| (e["pid"].as_u64().unwrap(), e["tid"].as_u64().unwrap())).collect();
+    assert_eq!(lanes.into_iter().collect::<Vec<_>>(), [(0, 0), (0, 1), (1, 0), (1, 1)]);
+    let last_step = |pid: u64| {
+        let steps = events.iter().filter(|e| e["name"] == "step" && e["pid"] == pid);
+        steps.map(|e| (e["ts"].as_f64().unwrap(), e["dur"].as_f64().unwrap())).next_back().unwrap()
+    };
+    let ((start0, dur0), (start1, _)) = (last_step(0), last_step(1));
+    assert!((start0 - start1).abs() < dur0 + 1e5, "rank 1's last step at {start1} µs, rank 0's at {start0} µs");
 }
 
 #[test]

@@ -32,7 +32,7 @@
 //! through device buffers of its own ([`nccl`]); handing it a tensor's device buffer directly,
 //! with no host copy, is not built yet.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -88,7 +88,7 @@ pub enum ReduceOp {
     Max,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Collective {
     AllReduce,
@@ -124,7 +124,7 @@ pub enum CommError {
 /// Bytes one rank sent and received, by collective, through one communicator (a sub-group's
 /// communicator counts its own traffic, not its parent's). Every collective called at least once
 /// has an entry in all three maps, zero included.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommStats {
     pub sent: BTreeMap<Collective, u64>,
     pub received: BTreeMap<Collective, u64>,

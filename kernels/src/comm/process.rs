@@ -32,10 +32,12 @@
 //! launcher's own one line replaces. The other ranks are quiet: their standard output is
 //! discarded, their standard error kept for the one line if they fail.
 
-use super::Rank;
 use super::rendezvous::{RendezvousConfig, RendezvousError};
 use super::tcp::{TcpComm, rendezvous_timeout_from_env};
 use super::thread::LaunchError;
+use super::{CommError, Communicator, Rank};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use std::ffi::OsString;
 use std::fmt::Display;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -155,6 +157,43 @@ pub fn run_rank<T, E: Display>(
     Err(own)
 }
 // ANCHOR_END: run_rank
+
+// ANCHOR: all_gather_json
+/// Every rank's `value`, in rank order, on every rank: how process ranks hand rank 0 what
+/// thread ranks return to their launcher (their reports, their traces). A collective: every rank
+/// calls it. The value travels as JSON, four bytes to an `f32` (their bits, which the
+/// collectives copy and never compute with), padded to the longest rank's.
+pub fn all_gather_json<T, C>(comm: &mut C, value: &T) -> Result<Vec<T>, CommError>
+where
+    T: Serialize + DeserializeOwned,
+    C: Communicator + ?Sized,
+{
+    let n = comm.world_size();
+    let bytes =
+        serde_json::to_vec(value).map_err(|e| CommError::Backend(format!("encoding a value to gather: {e}")))?;
+    let mut lengths = vec![0.0f32; n];
+    comm.all_gather(&[f32::from_bits(bytes.len() as u32)], &mut lengths)?;
+    let lengths: Vec<usize> = lengths.iter().map(|l| l.to_bits() as usize).collect();
+    let words = lengths.iter().max().map_or(0, |&l| l.div_ceil(4));
+    let mut mine = vec![0.0f32; words];
+    for (word, chunk) in mine.iter_mut().zip(bytes.chunks(4)) {
+        let mut four = [0u8; 4];
+        four[..chunk.len()].copy_from_slice(chunk);
+        *word = f32::from_bits(u32::from_le_bytes(four));
+    }
+    let mut all = vec![0.0f32; words * n];
+    comm.all_gather(&mine, &mut all)?;
+    all.chunks(words.max(1))
+        .zip(&lengths)
+        .enumerate()
+        .map(|(rank, (words, &len))| {
+            let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_bits().to_le_bytes()).take(len).collect();
+            serde_json::from_slice(&bytes)
+                .map_err(|e| CommError::Backend(format!("decoding the value rank {rank} sent: {e}")))
+        })
+        .collect()
+}
+// ANCHOR_END: all_gather_json
 
 /// The thread that ends a rank whose main thread does not notice a failure (it is computing).
 struct Watchdog {
@@ -445,6 +484,18 @@ mod tests {
 
     fn os(args: &[&str]) -> Vec<OsString> {
         args.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn all_gather_json_hands_every_rank_every_value() {
+        let results = crate::comm::thread::launch(3, |mut comm| {
+            // Lengths that differ, and are not multiples of four.
+            let mine: Vec<String> = (0..comm.rank() * 5 + 1).map(|i| format!("r{}-{i}", comm.rank())).collect();
+            all_gather_json(&mut comm, &mine)
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let want: Vec<Vec<String>> = (0..3).map(|r| (0..r * 5 + 1).map(|i| format!("r{r}-{i}")).collect()).collect();
+        assert!(results.iter().all(|got| got == &want), "{results:?}");
     }
 
     #[test]
