@@ -138,6 +138,8 @@ pub fn run_rank<T, E: Display>(
     let watchdog = Watchdog::start(&comm);
     let outcome = catch_unwind(AssertUnwindSafe(|| f(comm)));
     watchdog.disarm();
+    // The goodbye goes out when the guard drops, once the communicators are gone too.
+    guard.wait_for_communicators(Duration::from_secs(1));
     let own = match outcome {
         Ok(Ok(value)) => return Ok(value),
         Ok(Err(e)) => LaunchError::Failed { rank: me, message: format!("{e:#}") },

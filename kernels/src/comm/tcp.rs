@@ -638,6 +638,16 @@ impl MeshGuard {
     pub fn rank(&self) -> Rank {
         self.mesh.rank
     }
+
+    /// Waits until every communicator on these connections is dropped (a communication thread
+    /// may still be ending), for at most `timeout`: then dropping this guard sends the goodbye,
+    /// which a process that exits with a communicator still alive would never send.
+    pub fn wait_for_communicators(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Arc::strong_count(&self.mesh) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
 }
 
 /// See [`TcpComm::failure_watch`].
