@@ -185,20 +185,30 @@ fn fingerprint(params: &[f32]) -> u64 {
     params.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, p| (h ^ p.to_bits() as u64).wrapping_mul(0x0000_0100_0000_01B3))
 }
 
+/// A run whose ranks are processes: how many in all, and how many of them hold a replica in this
+/// machine's memory (all of them under `--nproc-per-node`; this process alone, for a rank that
+/// checks itself).
+#[derive(Clone, Copy, Debug)]
+pub struct Processes {
+    pub world: usize,
+    pub on_this_machine: usize,
+}
+
 /// Checks a run's settings before any rank starts, and returns its number of ranks. `processes`:
-/// the ranks are that many processes (one replica each), not threads of this one.
-pub fn check_config(cfg: &DpConfig, processes: Option<usize>) -> Result<usize, DpError> {
+/// the ranks are processes (one replica each), not threads of this one.
+pub fn check_config(cfg: &DpConfig, processes: Option<Processes>) -> Result<usize, DpError> {
+    let world = processes.map(|p| p.world);
     if matches!(cfg.train.device, DeviceRequest::Cuda(_)) {
         return Err(DpError::GpuRanks);
     }
     // The default: one rank per core, or the most ranks up to that which divide the batch.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let default = (1..=cores.min(cfg.train.batch_size.max(1))).rev().find(|d| cfg.train.batch_size.is_multiple_of(*d));
-    let dp = cfg.dp.or(processes).unwrap_or(default.unwrap_or(1));
+    let dp = cfg.dp.or(world).unwrap_or(default.unwrap_or(1));
     if dp == 0 {
         return Err(DpError::ZeroRanks);
     }
-    if let Some(world) = processes
+    if let Some(world) = world
         && world != dp
     {
         return Err(DpError::WorldSizeMismatch { dp, world });
@@ -224,7 +234,7 @@ pub fn check_config(cfg: &DpConfig, processes: Option<usize>) -> Result<usize, D
     let model = model_config(train, Tokenizer::new(train.tokenizer).vocab_size())?;
     let t = train.seq_len.unwrap_or(model.block_size);
     if batch > 0 && t > 0 {
-        let replicas = if processes.is_some() { 1 } else { dp };
+        let replicas = processes.map_or(dp, |p| p.on_this_machine);
         preflight::check_memory(train, &model, batch / dp, t, kernels::Device::Cpu, replicas)?;
     }
     Ok(dp)
@@ -324,7 +334,7 @@ struct ProcessReport {
 /// trace are then gathered on rank 0, which returns the run's report (the same as on threads,
 /// but for timings) and writes one trace with every rank's lanes; the other ranks return `None`.
 pub fn train_process(cfg: &DpConfig, config: &RendezvousConfig) -> Result<Option<DpReport>, DpError> {
-    let dp = check_config(cfg, Some(config.world_size))?;
+    let dp = check_config(cfg, Some(Processes { world: config.world_size, on_this_machine: 1 }))?;
     let cfg = &DpConfig { train: TrainConfig { device: DeviceRequest::Cpu, ..cfg.train.clone() }, ..cfg.clone() };
     let dataset = Arc::new(load_dataset(&cfg.train.data, &Tokenizer::new(cfg.train.tokenizer))?);
     let traced = cfg.train.trace.is_some() || cfg.timeline.is_some();

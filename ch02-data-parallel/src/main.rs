@@ -2,7 +2,7 @@
 //! ring all-reduce that overlaps backward.
 
 use ch01_single_gpu::cli::{CommonArgs, print_summary, run_main};
-use ch02_data_parallel::{DpConfig, DpReport, check_config, train, train_process};
+use ch02_data_parallel::{DpConfig, DpReport, Processes, check_config, train, train_process};
 use clap::Parser;
 use kernels::comm::process::{Ranks, launch_this_program};
 use kernels::memory::format_bytes;
@@ -68,7 +68,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // Bad settings get their one line here, before any process starts.
         Ranks::Launcher { nproc } => {
             outputs.prepare()?;
-            check_config(&cfg, Some(nproc))?;
+            check_config(&cfg, Some(Processes { world: nproc, on_this_machine: nproc }))?;
             return Ok(launch_this_program(nproc)?);
         }
         // Rank 0 prints and writes for the run; the others only train.

@@ -279,6 +279,9 @@ fn every_bad_launch_is_one_line_and_a_non_zero_exit() {
     assert_one_error_line(&out, "use one or the other");
     assert_one_error_line(&run(&args(2, &["--nproc-per-node", "0"])), "--nproc-per-node must be at least 1");
     assert_one_error_line(&run(&args(2, &["--nproc-per-node", "3"])), "global batch of 4 sequences is not divisible");
+    // The launcher counts the memory of all its processes (they share this machine).
+    let huge = args(2, &["--nproc-per-node", "4", "--batch-size", "400000000"]);
+    assert_one_error_line(&run(&huge), "on 4 ranks");
     let bad_timeout = rank_command(2, 1, port, &args(2, &[])).env("SFS_RENDEZVOUS_TIMEOUT_SECS", "soon").output();
     assert_one_error_line(&bad_timeout.expect("runs"), "SFS_RENDEZVOUS_TIMEOUT_SECS=\"soon\" is not a whole number");
 }
