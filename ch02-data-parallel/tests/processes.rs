@@ -180,7 +180,8 @@ fn sigkill(pid: u32) {
     assert!(status.success(), "kill -KILL {pid}");
 }
 
-/// The rank processes a launcher started: (pid, RANK) of each child, from /proc.
+/// The rank processes a launcher started: (pid, RANK) of each child, from /proc (Linux).
+#[cfg(target_os = "linux")]
 fn children_of(launcher: u32) -> Vec<(u32, String)> {
     let mut children = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
@@ -201,6 +202,7 @@ fn children_of(launcher: u32) -> Vec<(u32, String)> {
 }
 
 #[test]
+#[cfg(target_os = "linux")]
 fn a_killed_rank_under_nproc_per_node_ends_the_job_with_one_line_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let metrics = dir.path().join("m.jsonl");
