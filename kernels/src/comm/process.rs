@@ -132,7 +132,7 @@ pub fn run_rank<T, E: Display>(
     let me = config.rank;
     let failed = |message: String| LaunchError::Failed { rank: me, message };
     let timeout = rendezvous_timeout_from_env().map_err(|e| failed(e.to_string()))?;
-    let comm = TcpComm::from_rendezvous(config, timeout).map_err(|e| failed(e.to_string()))?;
+    let comm = TcpComm::from_rendezvous(config, timeout).map_err(|e| failed(with_torchrun_hint(e.to_string())))?;
     // Keeps the connections open until this rank's failure, if any, is recorded for its goodbye.
     let guard = comm.guard();
     let watchdog = Watchdog::start(&comm);
@@ -196,6 +196,17 @@ where
         .collect()
 }
 // ANCHOR_END: all_gather_json
+
+/// Recent torchrun versions run a store of their own on `MASTER_PORT` (and tell their workers so
+/// with `TORCHELASTIC_USE_AGENT_STORE`), where our rank 0 means to listen: say so when it is taken.
+fn with_torchrun_hint(message: String) -> String {
+    if message.contains("Address already in use") && std::env::var_os("TORCHELASTIC_USE_AGENT_STORE").is_some() {
+        return format!(
+            "{message} (torchrun's own store listens on MASTER_PORT: start the ranks with {NPROC_PER_NODE_FLAG}, or set the variables yourself)"
+        );
+    }
+    message
+}
 
 /// The thread that ends a rank whose main thread does not notice a failure (it is computing).
 struct Watchdog {
