@@ -78,6 +78,8 @@ pub struct ZeroReport {
     /// Activation floats per token by the formula, and the tokens of each rank's pass.
     pub activations: ActivationFloats,
     pub tokens_per_rank: usize,
+    /// T: tokens per sequence.
+    pub seq_len: usize,
 }
 
 fn check(cfg: &ZeroConfig) -> Result<ZeroStage, ZeroError> {
@@ -207,6 +209,7 @@ pub fn train(cfg: &ZeroConfig) -> Result<ZeroReport, ZeroError> {
         units,
         activations: ActivationFloats::new(&model, t, cfg.recompute),
         tokens_per_rank: train.batch_size / cfg.dp * t,
+        seq_len: t,
     })
 }
 // ANCHOR_END: train

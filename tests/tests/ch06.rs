@@ -185,3 +185,24 @@ fn stages_1_and_2_move_what_data_parallelism_moves_and_stage_3_half_as_much_agai
     }
 }
 // ANCHOR_END: bytes_test
+
+#[test]
+fn a_zero_3_checkpoint_is_chapter_1s_and_resumes_under_any_layout() {
+    use ch01_single_gpu::schedule::LrSchedule;
+    // A constant schedule lets a run be extended: 3 steps under ZeRO-3 on 2 ranks, saved
+    // (gathered into chapter 1's layout, moments included), then resumed to 6 by chapter 1 and
+    // by ZeRO-1 on 4 ranks, must continue chapter 1's uninterrupted 6 steps.
+    let dir = tempfile::tempdir().unwrap();
+    let six = TrainConfig { lr_schedule: LrSchedule::Constant, eval_every: 0, batch_size: 8, ..tiny_config(6) };
+    let straight = ch01_single_gpu::train(&six).unwrap();
+    let three = TrainConfig { steps: 3, save: Some(dir.path().to_path_buf()), ..six.clone() };
+    zero(&three, 2, 3, Recompute::Full);
+    let resumed = TrainConfig { resume: Some(dir.path().to_path_buf()), ..six.clone() };
+    let by_ch01 = ch01_single_gpu::train(&resumed).unwrap();
+    let by_zero1 = zero(&resumed, 4, 1, Recompute::Selective);
+    scale_tests::assert_close("chapter 1 resumed", &by_ch01.losses(), &straight.losses()[3..], 1e-5);
+    scale_tests::assert_close("zero 1 resumed", &by_zero1.report.losses(), &straight.losses()[3..], 1e-5);
+    let tol = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    assert!(tol(&by_zero1.report.params, &straight.params) < 1e-4, "resumed to chapter 1's parameters");
+    assert!(tol(&by_ch01.params, &straight.params) < 1e-4, "chapter 1 resumed to its own parameters");
+}
