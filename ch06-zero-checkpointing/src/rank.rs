@@ -317,6 +317,27 @@ fn unit_tensors_mut<'a>(layout: &ParamLayout, unit: &Unit, buf: ViewMut<'a>) -> 
     pieces
 }
 
+/// The head's parameters: ln_f from the head's unit, wte (the tied output projection) from the
+/// embeddings'.
+fn head_params<'a>(layout: &ParamLayout, units: &[Unit], params: &'a Params) -> Head<View<'a>> {
+    let head = units.len() - 1;
+    let wte = unit_tensors(layout, &units[0], params.unit(units, 0))[0];
+    let ln_f = unit_tensors(layout, &units[head], params.unit(units, head));
+    Head { ln_f_weight: ln_f[0], ln_f_bias: ln_f[1], wte }
+}
+
+/// The head's gradients, from the same two units.
+fn head_grads<'a>(layout: &ParamLayout, units: &[Unit], grads: &'a mut Grads) -> Head<ViewMut<'a>> {
+    let head = units.len() - 1;
+    let (ln_f, embeddings) = grads.unit(units, head);
+    let mut ln_f = unit_tensors_mut(layout, &units[head], ln_f).into_iter();
+    let wte = embeddings.and_then(|e| unit_tensors_mut(layout, &units[0], e).into_iter().next());
+    let (Some(ln_f_weight), Some(ln_f_bias), Some(wte)) = (ln_f.next(), ln_f.next(), wte) else {
+        unreachable!("the head's unit holds ln_f, the embeddings' wte")
+    };
+    Head { ln_f_weight, ln_f_bias, wte }
+}
+
 fn block_of<T>(pieces: Vec<T>) -> BlockParams<T> {
     let mut it = pieces.into_iter();
     BlockParams::from_tensors(|| it.next().unwrap_or_else(|| unreachable!("a block has 12 tensors")))
@@ -388,7 +409,7 @@ impl ZeroRank {
             }
         }
         let owned_ranges: Vec<Range<usize>> = match stage.shards_optimizer() {
-            false => vec![0..layout.total],
+            false => std::iter::once(0..layout.total).collect(),
             true => units.iter().map(|u| u.owned(rank)).collect(),
         };
         let mut optimizers = Vec::new();
@@ -479,9 +500,7 @@ impl ZeroRank {
         }
         state.gather(comm, head)?;
         let loss = {
-            let wte = unit_tensors(&state.layout, &state.units[emb], state.params.unit(&state.units, emb))[0];
-            let ln_f = unit_tensors(&state.layout, &state.units[head], state.params.unit(&state.units, head));
-            let params = Head { ln_f_weight: ln_f[0], ln_f_bias: ln_f[1], wte };
+            let params = head_params(&state.layout, &state.units, &state.params);
             let (x, head_acts) = acts.head_parts();
             head_forward(&params, model, x, head_acts, Some(targets), d.bt())?
         };
@@ -508,21 +527,7 @@ impl ZeroRank {
         }
         {
             let State { layout, units, params, grads, .. } = &mut *state;
-            let wte = unit_tensors(layout, &units[emb], params.unit(units, emb))[0];
-            let ln_f = unit_tensors(layout, &units[head], params.unit(units, head));
-            let head_params = Head { ln_f_weight: ln_f[0], ln_f_bias: ln_f[1], wte };
-            let (head_grads, emb_grads) = grads.unit(units, head);
-            let (Some(emb_grads), [ln_f_weight, ln_f_bias]) = (
-                emb_grads,
-                <[ViewMut<'_>; 2]>::try_from(unit_tensors_mut(layout, &units[head], head_grads))
-                    .ok()
-                    .unwrap_or_else(|| unreachable!("ln_f has two tensors")),
-            ) else {
-                unreachable!("the head's unit is not the embeddings'")
-            };
-            let wte_grad = unit_tensors_mut(layout, &units[emb], emb_grads).into_iter().next();
-            let Some(wte) = wte_grad else { unreachable!("the embeddings hold wte") };
-            let head_grads = Head { ln_f_weight, ln_f_bias, wte };
+            let (head_params, head_grads) = (head_params(layout, units, params), head_grads(layout, units, grads));
             let (x, head_acts) = acts.head_parts();
             let (d_ln, d_x) = (scratch.block.d_ln.view_mut(), scratch.d_res[0].view_mut());
             head_backward(&head_params, head_grads, model, x, head_acts, d_ln, d_x, targets, dloss, d.bt());
