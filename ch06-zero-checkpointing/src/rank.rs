@@ -12,7 +12,7 @@
 //! sub-group in a 3D run. Every rank makes the same collectives in the same order: units go in
 //! layout order for the optimizer, in backward order during backward.
 
-use crate::recompute::{Recompute, SavedActivations, block_backward, block_forward};
+use crate::recompute::{Recompute, SavedActivations, block_backward, block_forward, recompute};
 use crate::zero::{Unit, ZeroStage, units};
 use ch01_single_gpu::checkpoint::{self, CheckpointContents, RunShape, TrainerState};
 use ch01_single_gpu::config::ModelConfig;
@@ -518,7 +518,7 @@ impl ZeroRank {
     /// first and the embedding's last, so its buffer lives through the whole backward).
     fn backward(&mut self, inputs: &[u32], targets: &[u32], dloss: f32) -> Result<(), TrainError> {
         let (d, c) = (self.dims(), self.model.n_embd);
-        let Self { state, comm, acts, scratch, proj, model, .. } = self;
+        let Self { state, comm, acts, scratch, proj, model, trace, .. } = self;
         let comm = comm.as_mut();
         let (emb, head) = (0, state.units.len() - 1);
         for u in [emb, head] {
@@ -543,7 +543,11 @@ impl ZeroRank {
                 let State { layout, units, params, grads, .. } = &mut *state;
                 let p = block_of(unit_tensors(layout, &units[u], params.unit(units, u)));
                 let mut g = block_of(unit_tensors_mut(layout, &units[u], grads.unit(units, u).0));
-                block_backward(&p, &mut g, acts, l, scratch, from, proj.view_mut(), d)?;
+                if acts.mode != Recompute::None {
+                    let _span = trace.span("recompute");
+                    recompute(&p, acts, l, proj.view_mut(), d)?;
+                }
+                block_backward(&p, &mut g, acts, l, scratch, from, d)?;
             }
             from = 1 - from;
             state.release(u);

@@ -189,10 +189,39 @@ pub fn block_forward(
 }
 // ANCHOR_END: block_forward
 
+// ANCHOR: recompute
+/// What backward needs of block l that forward did not keep, recomputed: nothing (`none`);
+/// the attention matrices, from the saved q, k, v, into the shared buffer, lent to the block
+/// until its backward (`selective`); the whole block's forward from its saved input, into the
+/// shared buffers (`full`).
+pub fn recompute(
+    p: &BlockParams<View<'_>>,
+    acts: &mut SavedActivations,
+    l: usize,
+    proj: ViewMut<'_>,
+    d: Dims,
+) -> Result<(), CommError> {
+    let SavedActivations { mode, inputs, blocks, att, .. } = acts;
+    match mode {
+        Recompute::None => Ok(()),
+        Recompute::Selective => {
+            let Some(shared) = att.as_mut() else { unreachable!("selective recomputation has its buffer") };
+            let acts = &mut blocks[l];
+            std::mem::swap(shared, &mut acts.att);
+            // softmax(QKᵀ) again (and att_y again, to the same bits).
+            let (w, h) = (d.shape.attn_width(), d.shape.n_head);
+            attention_forward(acts.att_y.view_mut(), acts.att.view_mut(), acts.qkv.view(), d.t, w, h);
+            Ok(())
+        }
+        Recompute::Full => p.forward(inputs[l].view(), &mut blocks[0], proj, d, &mut Whole),
+    }
+}
+// ANCHOR_END: recompute
+
 // ANCHOR: block_backward
-/// Block l's backward, from dL/d(out) in `scratch.d_res[from]` to dL/d(input) in the other
-/// one, accumulating into `grads`: first recomputing what the mode did not keep.
-#[allow(clippy::too_many_arguments)]
+/// Block l's backward (after [`recompute`]), from dL/d(out) in `scratch.d_res[from]` to
+/// dL/d(input) in the other one, accumulating into `grads`. `selective` takes the attention
+/// buffer back from the block.
 pub fn block_backward(
     p: &BlockParams<View<'_>>,
     grads: &mut BlockParams<ViewMut<'_>>,
@@ -200,36 +229,21 @@ pub fn block_backward(
     l: usize,
     scratch: &mut BackwardScratch,
     from: usize,
-    proj: ViewMut<'_>,
     d: Dims,
 ) -> Result<(), CommError> {
-    let (w, h) = (d.shape.attn_width(), d.shape.n_head);
     let SavedActivations { mode, inputs, blocks, att, .. } = acts;
     let BackwardScratch { d_res, block: g } = scratch;
     let [first, second] = d_res;
     let (d_out, d_x) = if from == 0 { (first, second) } else { (second, first) };
-    match mode {
-        Recompute::None => {
-            let x = if l == 0 { inputs[0].view() } else { blocks[l - 1].out.view() };
-            p.backward(grads, d_out.view(), x, &blocks[l], g, d_x.view_mut(), d, &mut Whole)
-        }
-        Recompute::Selective => {
-            let Some(shared) = att.as_mut() else { unreachable!("selective recomputation has its buffer") };
-            let (done, todo) = blocks.split_at_mut(l);
-            let acts = &mut todo[0];
-            std::mem::swap(shared, &mut acts.att);
-            // softmax(QKᵀ) again from the saved q, k, v (and att_y again, to the same bits).
-            attention_forward(acts.att_y.view_mut(), acts.att.view_mut(), acts.qkv.view(), d.t, w, h);
-            let x = done.last().map_or(inputs[0].view(), |prev| prev.out.view());
-            let result = p.backward(grads, d_out.view(), x, acts, g, d_x.view_mut(), d, &mut Whole);
-            std::mem::swap(shared, &mut acts.att);
-            result
-        }
-        Recompute::Full => {
-            // The block's forward again, from its saved input into the shared buffers.
-            p.forward(inputs[l].view(), &mut blocks[0], proj, d, &mut Whole)?;
-            p.backward(grads, d_out.view(), inputs[l].view(), &blocks[0], g, d_x.view_mut(), d, &mut Whole)
-        }
+    if *mode == Recompute::Full {
+        return p.backward(grads, d_out.view(), inputs[l].view(), &blocks[0], g, d_x.view_mut(), d, &mut Whole);
     }
+    let (done, todo) = blocks.split_at_mut(l);
+    let x = done.last().map_or(inputs[0].view(), |prev| prev.out.view());
+    let result = p.backward(grads, d_out.view(), x, &todo[0], g, d_x.view_mut(), d, &mut Whole);
+    if let Some(shared) = att.as_mut() {
+        std::mem::swap(shared, &mut todo[0].att);
+    }
+    result
 }
 // ANCHOR_END: block_backward

@@ -129,9 +129,17 @@ fn run_rank(
     let rows = train.batch_size / dp;
     let mut me = ZeroRank::new(train, model, (stage, cfg.recompute), comm, (rows, t), run, dataset)?;
     me.trace = trace.lane(rank as u32, 0);
+    let m = &me.model;
+    let n_params =
+        (ch01_single_gpu::params::ParamLayout::new(m).total - (m.padded_vocab_size() - m.vocab_size) * m.n_embd) as f64;
     let header = format!(
-        "model: {} layers, {} heads, {} dims | data parallel: {dp} ranks, {rows} rows each | ZeRO stage {stage} | recompute {}",
-        me.model.n_layer, me.model.n_head, me.model.n_embd, cfg.recompute
+        "device: cpu ({dp} thread ranks) | dtype: f32 | model: {} layers, {} heads, {} dims, {:.2}M parameters | tokenizer: {:?} | data parallel: {dp} ranks, {rows} rows each | ZeRO stage {stage} | recompute {}",
+        m.n_layer,
+        m.n_head,
+        m.n_embd,
+        n_params / 1e6,
+        train.tokenizer,
+        cfg.recompute
     );
     let outcome = drive(train, &mut me, rank == 0, &header)?;
     let gathered = me.gather_all()?; // collective: every rank takes part
