@@ -23,6 +23,7 @@ fn bits(r: &TrainReport) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
     )
 }
 
+// ANCHOR: equivalence
 #[test]
 fn zero_0_is_chapter_2_bit_for_bit() {
     let cfg = config();
@@ -43,6 +44,7 @@ fn every_stage_on_dp_2_and_4_matches_single_device() {
         }
     }
 }
+// ANCHOR_END: equivalence
 
 #[test]
 fn three_ranks_pad_every_unit_and_still_match_single_device() {
