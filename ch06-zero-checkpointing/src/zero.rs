@@ -76,8 +76,12 @@ impl Unit {
     /// Rank r's real floats, in the flat buffer: [r·S_u, (r+1)·S_u) of the unit, cut at its end
     /// (the last ranks' shards may hold padding, or be padding entirely).
     pub fn owned(&self, rank: usize) -> Range<usize> {
+        // EXERCISE(ch06-shard-range, points = 5): rank r's S_u floats start r·S_u into the unit; cut both ends at the unit's end, so that padding is never owned
+        // TESTS: -p ch06-zero-checkpointing --lib -- zero::tests::units_tile_the_buffer_and_shards_tile_each_unit zero::tests::predictions_without_padding_are_the_papers_terms_plus_named_buffers
         let start = (self.range.start + rank * self.shard).min(self.range.end);
         start..(start + self.shard).min(self.range.end)
+        // WRONG(owns the padding, past the unit's end): `(start + self.shard).min(self.range.end)` -> `start + self.shard`
+        // END EXERCISE
     }
 }
 
