@@ -236,6 +236,38 @@ impl BlockActivations {
     }
 }
 
+impl BlockActivations {
+    /// As [`BlockActivations::new`], with no room for the attention matrices (`att` is empty):
+    /// selective recomputation (chapter 6) keeps everything else and recomputes them, the part
+    /// that grows with T², in backward, into one buffer that serves every block.
+    pub fn without_attention(
+        shape: BlockShape,
+        batch: usize,
+        seq: usize,
+        device: Device,
+        dtype: DType,
+        ledger: &MemoryLedger,
+    ) -> Result<BlockActivations, TensorError> {
+        let a = Alloc { device, dtype, category: Category::Activations, ledger };
+        let (bt, c, w, m) = (batch * seq, shape.n_embd, shape.attn_width(), shape.mlp_hidden);
+        Ok(BlockActivations {
+            ln_1: a.t(&[bt, c])?,
+            ln_1_mean: a.stat(&[bt])?,
+            ln_1_rstd: a.stat(&[bt])?,
+            qkv: a.t(&[bt, 3 * w])?,
+            att: a.t(&[0])?,
+            att_y: a.t(&[bt, w])?,
+            res_2: a.t(&[bt, c])?,
+            ln_2: a.t(&[bt, c])?,
+            ln_2_mean: a.stat(&[bt])?,
+            ln_2_rstd: a.stat(&[bt])?,
+            fc: a.t(&[bt, m])?,
+            fc_gelu: a.t(&[bt, m])?,
+            out: a.t(&[bt, c])?,
+        })
+    }
+}
+
 impl HeadActivations {
     pub fn new(
         cfg: &ModelConfig,

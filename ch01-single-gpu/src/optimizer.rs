@@ -10,7 +10,7 @@
 use crate::params::ParamLayout;
 use kernels::dispatch::{adamw_update, squared_norm as squared_norm_of};
 use kernels::ops::adamw::AdamWConfig;
-use kernels::{Category, CudaError, DType, Device, MemoryLedger, Tensor, TensorError, View};
+use kernels::{Category, CudaError, DType, Device, MemoryLedger, Tensor, TensorError, View, ViewMut};
 use std::ops::Range;
 
 // ANCHOR: squared_norm
@@ -94,6 +94,22 @@ impl Optimizer {
         }
     }
     // ANCHOR_END: update
+
+    // ANCHOR: update_owned
+    /// [`Optimizer::update`] on buffers that hold only the owned range (a ZeRO rank's shard of
+    /// the parameters and of the reduced gradient): index 0 of `params` and `grads` is
+    /// `owned.start` of the layout. f32 master weights only (no compute copy).
+    pub fn update_owned(&mut self, mut params: ViewMut<'_>, grads: View<'_>, lr: f32, clip_scale: f32, step: u64) {
+        let at = self.owned.start;
+        for (range, wd) in &self.decay_groups {
+            let local = range.start - at..range.end - at;
+            let p = params.slice_mut(local.clone());
+            let g = grads.slice(local.clone());
+            let (m, v) = (self.adam_m.view_mut().slice_into(local.clone()), self.adam_v.view_mut().slice_into(local));
+            adamw_update(p, None, g, m, v, self.adam, lr, *wd, clip_scale, step);
+        }
+    }
+    // ANCHOR_END: update_owned
 
     /// Sets the moments of the owned range from full-buffer moments (a checkpoint's).
     pub fn load_moments(&mut self, m: &[f32], v: &[f32]) -> Result<(), TensorError> {

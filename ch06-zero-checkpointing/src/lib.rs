@@ -1,0 +1,18 @@
+//! Chapter 6: ZeRO and activation checkpointing.
+//!
+//! Chapter 2's data parallelism keeps a whole copy of the model state on every rank: 16 bytes a
+//! parameter in f32 (4 for the parameter, 4 for its gradient, 8 for Adam's two moments). ZeRO
+//! keeps one copy across the data-parallel group instead, each rank 1/N of it (`zero.rs`: the
+//! shards and the memory formulas; `rank.rs`: the rank that trains with them). Activation
+//! checkpointing trades compute for the rest of the memory: what forward keeps, backward
+//! recomputes (`recompute.rs`).
+
+pub mod rank;
+pub mod recompute;
+pub mod report;
+pub mod train;
+pub mod zero;
+
+pub use recompute::Recompute;
+pub use train::{ZeroConfig, ZeroError, ZeroRankReport, ZeroReport, train};
+pub use zero::ZeroStage;

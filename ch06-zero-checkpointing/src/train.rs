@@ -1,0 +1,223 @@
+//! The chapter's trainer: `--dp` thread ranks, one data-parallel group, ZeRO over it, and
+//! activation checkpointing on every rank.
+
+use crate::rank::ZeroRank;
+use crate::recompute::{ActivationFloats, Recompute};
+use crate::zero::{Prediction, Unit, ZeroStage, predict};
+use ch01_single_gpu::data::Dataset;
+use ch01_single_gpu::preflight;
+use ch01_single_gpu::sample::{SampleConfig, generate};
+use ch01_single_gpu::tokenizer::Tokenizer;
+use ch01_single_gpu::train::{LoopOutcome, check_config, drive, load_dataset, model_config, run_shape};
+use ch01_single_gpu::{TrainConfig, TrainError, TrainReport};
+use ch02_data_parallel::data_parallel::MAX_THREAD_RANKS;
+use kernels::comm::CommStats;
+use kernels::comm::thread::{LaunchError, launch};
+use kernels::device::DeviceRequest;
+use kernels::{DType, Device, MemoryReport, Trace, View};
+use std::sync::Arc;
+
+#[derive(Clone, Debug)]
+pub struct ZeroConfig {
+    pub train: TrainConfig,
+    /// Data-parallel ranks (thread ranks on the CPU).
+    pub dp: usize,
+    /// `--zero`: 0 to 3.
+    pub zero: u8,
+    pub recompute: Recompute,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ZeroError {
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error(
+        "--zero must be 0, 1, 2 or 3 (got {0}): 1 shards the optimizer state, 2 also the gradients, 3 also the parameters"
+    )]
+    BadStage(u8),
+    #[error("--dp must be at least 1")]
+    ZeroRanks,
+    #[error("--dp {0} is more ranks than are available ({MAX_THREAD_RANKS} thread ranks on the CPU)")]
+    TooManyRanks(usize),
+    #[error(
+        "the global batch of {batch} sequences is not divisible by --dp {dp}: every rank must get the same number of rows"
+    )]
+    BatchNotDivisible { batch: usize, dp: usize },
+    #[error(
+        "chapter 6's ranks are threads on the CPU (GPU ranks communicate through NCCL, which chapter 5 uses); run it with --device cpu or auto"
+    )]
+    GpuRanks,
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error("rank 0 returned no report")]
+    NoReport,
+}
+
+/// One rank's account of a run.
+#[derive(Clone, Debug)]
+pub struct ZeroRankReport {
+    pub rank: usize,
+    pub memory: MemoryReport,
+    /// What the formula says the ledger's peaks must be.
+    pub predicted: Prediction,
+    pub comm: CommStats,
+    /// What the last training step alone sent and received.
+    pub step_comm: CommStats,
+}
+
+pub struct ZeroReport {
+    pub dp: usize,
+    pub zero: ZeroStage,
+    pub recompute: Recompute,
+    /// Chapter 1's report from rank 0: every step's loss and norm, the parameters gathered into
+    /// chapter 1's layout.
+    pub report: TrainReport,
+    pub ranks: Vec<ZeroRankReport>,
+    /// The units the flat buffer is sharded by, on these `dp` ranks.
+    pub units: Vec<Unit>,
+    /// Activation floats per token by the formula, and the tokens of each rank's pass.
+    pub activations: ActivationFloats,
+    pub tokens_per_rank: usize,
+    /// T: tokens per sequence.
+    pub seq_len: usize,
+}
+
+fn check(cfg: &ZeroConfig) -> Result<ZeroStage, ZeroError> {
+    let stage = ZeroStage::new(cfg.zero).ok_or(ZeroError::BadStage(cfg.zero))?;
+    if matches!(cfg.train.device, DeviceRequest::Cuda(_)) {
+        return Err(ZeroError::GpuRanks);
+    }
+    let (dp, batch) = (cfg.dp, cfg.train.batch_size);
+    match () {
+        _ if dp == 0 => return Err(ZeroError::ZeroRanks),
+        _ if dp > MAX_THREAD_RANKS => return Err(ZeroError::TooManyRanks(dp)),
+        _ if batch > 0 && !batch.is_multiple_of(dp) => return Err(ZeroError::BatchNotDivisible { batch, dp }),
+        _ => {}
+    }
+    cfg.train.validate()?;
+    let model = model_config(&cfg.train, Tokenizer::new(cfg.train.tokenizer).vocab_size())?;
+    let t = cfg.train.seq_len.unwrap_or(model.block_size);
+    if batch > 0 && t > 0 {
+        // dp ranks of chapter 1's size at most: ZeRO and recomputation only take away.
+        preflight::check_memory(&cfg.train, &model, batch / dp, t, Device::Cpu, dp)?;
+    }
+    Ok(stage)
+}
+
+struct RankResult {
+    report: ZeroRankReport,
+    /// Rank 0: the loop's outcome and the gathered model.
+    leader: Option<(LoopOutcome, Vec<f32>)>,
+    units: Vec<Unit>,
+}
+
+// ANCHOR: run_rank
+/// One rank: its trainer over the data-parallel group `comm`, driven by chapter 1's loop.
+fn run_rank(
+    cfg: &ZeroConfig,
+    stage: ZeroStage,
+    comm: Box<dyn kernels::comm::Communicator>,
+    dataset: Arc<Dataset>,
+    trace: &Trace,
+) -> Result<RankResult, ZeroError> {
+    let train = &cfg.train;
+    let model = model_config(train, Tokenizer::new(train.tokenizer).vocab_size())?;
+    let t = check_config(train, &model)?;
+    dataset.check_seq_len(t).map_err(TrainError::from)?;
+    let run = run_shape(train, &model, t, &dataset);
+    let (rank, dp) = (comm.rank(), comm.world_size());
+    let rows = train.batch_size / dp;
+    let mut me = ZeroRank::new(train, model, (stage, cfg.recompute), comm, (rows, t), run, dataset)?;
+    me.trace = trace.lane(rank as u32, 0);
+    let m = &me.model;
+    let n_params =
+        (ch01_single_gpu::params::ParamLayout::new(m).total - (m.padded_vocab_size() - m.vocab_size) * m.n_embd) as f64;
+    let header = format!(
+        "device: cpu ({dp} thread ranks) | dtype: f32 | model: {} layers, {} heads, {} dims, {:.2}M parameters | tokenizer: {:?} | data parallel: {dp} ranks, {rows} rows each | ZeRO stage {stage} | recompute {}",
+        m.n_layer,
+        m.n_head,
+        m.n_embd,
+        n_params / 1e6,
+        train.tokenizer,
+        cfg.recompute
+    );
+    let outcome = drive(train, &mut me, rank == 0, &header)?;
+    let gathered = me.gather_all()?; // collective: every rank takes part
+    let report = ZeroRankReport {
+        rank,
+        memory: me.ledger().report(),
+        predicted: predict(stage, me.units(), dp, rank),
+        comm: me.comm_stats(),
+        step_comm: me.step_comm.clone(),
+    };
+    let leader = (rank == 0).then_some((outcome, gathered.params));
+    Ok(RankResult { report, leader, units: me.units().to_vec() })
+}
+// ANCHOR_END: run_rank
+
+// ANCHOR: train
+/// Trains with `dp` data-parallel thread ranks under ZeRO stage `zero`, recomputing as asked.
+pub fn train(cfg: &ZeroConfig) -> Result<ZeroReport, ZeroError> {
+    let stage = check(cfg)?;
+    let cfg = &ZeroConfig { train: TrainConfig { device: DeviceRequest::Cpu, ..cfg.train.clone() }, ..cfg.clone() };
+    let tokenizer = Tokenizer::new(cfg.train.tokenizer);
+    let model = model_config(&cfg.train, tokenizer.vocab_size())?;
+    let t = check_config(&cfg.train, &model)?;
+    let dataset = Arc::new(load_dataset(&cfg.train.data, &tokenizer)?);
+    let trace = if cfg.train.trace.is_some() { Trace::enabled() } else { Trace::disabled() };
+    let (rank_cfg, rank_trace) = (cfg.clone(), trace.clone());
+    let results = launch(cfg.dp, move |comm| run_rank(&rank_cfg, stage, Box::new(comm), dataset.clone(), &rank_trace))?;
+    if let Some(path) = &cfg.train.trace {
+        trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
+    }
+    let mut ranks = Vec::new();
+    let (mut leader, mut units) = (None, Vec::new());
+    for result in results {
+        leader = leader.or(result.leader);
+        units = result.units;
+        ranks.push(result.report);
+    }
+    let (LoopOutcome { steps, val_losses, train_seconds }, params) = leader.ok_or(ZeroError::NoReport)?;
+    let train = &cfg.train;
+    let layout = ch01_single_gpu::params::ParamLayout::new(&model);
+    let sample = match train.sample_tokens {
+        0 => None,
+        tokens => {
+            let sample_cfg =
+                SampleConfig { tokens, temperature: train.temperature, top_k: train.top_k, seed: train.seed };
+            let prompt = tokenizer.encode(&train.prompt);
+            let out = generate(&layout.views(View::Cpu(&params)), &model, &prompt, sample_cfg, Device::Cpu, DType::F32)
+                .map_err(TrainError::from)?;
+            Some(train.prompt.clone() + &tokenizer.decode(&out))
+        }
+    };
+    let tokens = (steps.len() * train.batch_size * t * train.grad_accum) as f64;
+    let report = TrainReport {
+        model: model.clone(),
+        tokenizer: train.tokenizer,
+        device: format!("cpu ({} data-parallel ranks on threads)", cfg.dp),
+        dtype: DType::F32,
+        flops_per_token: model.flops_per_token(t),
+        peak_flops: None,
+        n_params: layout.total - (model.padded_vocab_size() - model.vocab_size) * model.n_embd,
+        steps,
+        val_losses,
+        tokens_per_sec: if train_seconds > 0.0 { tokens / train_seconds } else { 0.0 },
+        memory: ranks[0].memory.clone(),
+        sample,
+        layout,
+        params,
+    };
+    Ok(ZeroReport {
+        dp: cfg.dp,
+        zero: stage,
+        recompute: cfg.recompute,
+        report,
+        ranks,
+        units,
+        activations: ActivationFloats::new(&model, t, cfg.recompute),
+        tokens_per_rank: train.batch_size / cfg.dp * t,
+        seq_len: t,
+    })
+}
+// ANCHOR_END: train
