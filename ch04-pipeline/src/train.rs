@@ -8,12 +8,14 @@ use crate::stage::{PartCosts, Partition, balanced_partition, copy_by_name, unifo
 use ch01_single_gpu::checkpoint::{self, CheckpointContents, TrainerState};
 use ch01_single_gpu::config::ModelConfig;
 use ch01_single_gpu::data::{BatchSampler, Dataset};
+use ch01_single_gpu::model::Whole;
 use ch01_single_gpu::params::ParamLayout;
 use ch01_single_gpu::sample::{SampleConfig, generate};
 use ch01_single_gpu::tokenizer::Tokenizer;
 use ch01_single_gpu::train::{LoopOutcome, check_config, drive, load_dataset, model_config, run_shape};
 use ch01_single_gpu::{TrainConfig, TrainError, TrainReport};
 use ch02_data_parallel::data_parallel::MAX_THREAD_RANKS;
+use kernels::comm::grid::{Grid, GroupKind};
 use kernels::comm::thread::{LaunchError, ThreadComm, launch};
 use kernels::comm::{CommStats, Communicator};
 use kernels::device::DeviceRequest;
@@ -210,8 +212,8 @@ pub fn check_schedules(
 // ANCHOR_END: check_schedules
 
 // ANCHOR: run_stage
-/// One rank of the grid: stage s of pipe d is world rank d + dp·s (the pipeline dimension
-/// outermost, as in the book's grid). It joins its pipe and its data-parallel group, and runs.
+/// One rank of the grid: stage s of pipe d is world rank d + dp·s (`Grid`: the pipeline
+/// dimension outermost, as in the book's grid). It joins its pipe and its data-parallel group, and runs.
 fn run_stage(
     cfg: &PipelineConfig,
     mut world: ThreadComm,
@@ -219,16 +221,16 @@ fn run_stage(
     trace: &Trace,
 ) -> Result<(StageReport, Option<LoopOutcome>), PipelineError> {
     let (rank, dp) = (world.rank(), cfg.dp);
-    let (replica, stage) = (rank % dp, rank / dp);
-    let pipe_members: Vec<usize> = (0..cfg.pp).map(|s| replica + dp * s).collect();
-    let pipe = world.split_group(&pipe_members).map_err(TrainError::from)?;
+    let grid = Grid::new(dp, 1, cfg.pp);
+    let replica = grid.coords(rank).dp;
+    let pipe = world.split(&grid.group(GroupKind::Pipeline, rank)).map_err(TrainError::from)?;
     let dp_group = match dp {
         1 => None,
-        _ => Some(world.split_group(&(stage * dp..(stage + 1) * dp).collect::<Vec<_>>()).map_err(TrainError::from)?),
+        _ => Some(world.split(&grid.group(GroupKind::Data, rank)).map_err(TrainError::from)?),
     };
     // The trace follows the first pipe, one lane per stage.
     let trace = if replica == 0 { trace.clone() } else { Trace::disabled() };
-    let mut me = Stage::new(cfg, pipe, (replica, dp_group), dataset, trace)?;
+    let mut me = Stage::new(cfg, pipe, (replica, dp_group), Box::new(Whole), dataset, trace)?;
     let header = me.header();
     // Saving needs every stage's share: `train` gathers them and saves once the loop is done.
     let loop_cfg = TrainConfig { save: None, ..cfg.train.clone() };
