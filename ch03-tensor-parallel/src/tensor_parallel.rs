@@ -178,7 +178,8 @@ struct TpRank {
     sent_in_steps: u64,
 }
 
-fn check_tp(cfg: &TpConfig) -> Result<(), TpError> {
+/// The flags checked against each other and the model, once, before any rank starts.
+pub fn check_tp(cfg: &TpConfig) -> Result<(), TpError> {
     let (tp, dp) = (cfg.tp, cfg.dp);
     if tp == 0 {
         return Err(TpError::ZeroRanks);

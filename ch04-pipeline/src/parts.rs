@@ -9,7 +9,7 @@ use ch01_single_gpu::model::{
     BlockComm, BlockShape, Head, HeadActivations, Whole, embed_backward, embed_forward, head_backward, head_forward,
 };
 use ch01_single_gpu::params::{ParamLayout, ParamSpec};
-use kernels::comm::CommError;
+use kernels::comm::{CommError, CommStats};
 use kernels::{View, ViewMut};
 
 // ANCHOR: stage_parts
@@ -78,6 +78,10 @@ pub trait StageParts: Send {
     fn sum_norm(&mut self, squared: f64) -> Result<f64, TrainError>;
     /// Ranks that compute one stage between them.
     fn ranks(&self) -> usize;
+    /// What this rank sent and received inside its stage (nothing, without a group).
+    fn stats(&self) -> CommStats {
+        CommStats::default()
+    }
 }
 // ANCHOR_END: stage_parts
 

@@ -460,6 +460,7 @@ impl Stage {
             blocks: self.chunks.clone(),
             memory: self.ledger.report(),
             comm: merged(self.comm.stats(), self.grad_comm.stats()),
+            stage_comm: self.parts.stats(),
             peak_in_flight: peak_in_flight(&self.train_list),
             // One slot of each chunk: one micro-batch's activations through the whole stage.
             micro_activation_bytes: (0..self.pipe.chunks)
