@@ -85,7 +85,8 @@ pub struct HybridRankReport {
 pub struct HybridReport {
     pub grid: Grid,
     pub plan: PipelinePlan,
-    /// Rows of a micro-batch (B / (dp · microbatches)) and tokens per row.
+    /// Micro-batches per batch, rows of each (B / (dp · microbatches)), and tokens per row.
+    pub microbatches: usize,
     pub rows: usize,
     pub t: usize,
     /// The last step's bubble as measured on the first pipe, when traced.
@@ -234,7 +235,8 @@ pub fn train(cfg: &HybridConfig) -> Result<HybridReport, HybridError> {
     let report = conclude(p, &model, (t, &dataset), gathered, outcome, memory, device)?;
     let rows = p.train.batch_size / (p.dp * p.microbatches);
     let measured_bubble = measured_bubble(&trace, p.pp);
-    Ok(HybridReport { grid, plan, rows, t, measured_bubble, report, ranks })
+    let microbatches = p.microbatches;
+    Ok(HybridReport { grid, plan, microbatches, rows, t, measured_bubble, report, ranks })
 }
 // ANCHOR_END: train
 
