@@ -29,6 +29,7 @@ use ch04_pipeline::stage::copy_by_name;
 use ch04_pipeline::train::{Gathered, PipelinePlan, check, conclude, measured_bubble, plan, write_trace};
 use ch04_pipeline::{PipelineConfig, PipelineError, StageReport};
 use kernels::comm::grid::{Coords, Grid, GroupKind};
+use kernels::comm::tcp::TcpComm;
 use kernels::comm::thread::{LaunchError, launch};
 use kernels::comm::{Communicator, ReduceOp};
 use kernels::device::DeviceRequest;
@@ -67,6 +68,8 @@ pub enum HybridError {
         "chapter 5's ranks are threads or processes on the CPU here; --device cuda is not built yet (NCCL ranks are unverified without a GPU)"
     )]
     GpuRanks,
+    #[error("WORLD_SIZE is {world}, but the grid --dp x --tp x --pp has {grid} ranks: start one process per rank")]
+    WorldSize { world: usize, grid: usize },
     #[error(transparent)]
     Launch(#[from] LaunchError),
     #[error("rank 0 returned no report")]
@@ -203,10 +206,18 @@ fn header(cfg: &HybridConfig, model: &ModelConfig) -> String {
     )
 }
 
-// ANCHOR: train
-/// Trains on a dp x tp x pp grid of thread ranks and reports chapter 1's figures (the
-/// parameters gathered into chapter 1's layout) and every rank's.
-pub fn train(cfg: &HybridConfig) -> Result<HybridReport, HybridError> {
+/// What every way of running the ranks does before they start: the checks, the pipeline's
+/// plan, the data, the trace.
+struct Prepared {
+    cfg: HybridConfig,
+    model: ModelConfig,
+    t: usize,
+    plan: PipelinePlan,
+    dataset: Arc<Dataset>,
+    trace: Trace,
+}
+
+fn prepare(cfg: &HybridConfig) -> Result<Prepared, HybridError> {
     let tokenizer = Tokenizer::new(cfg.pipeline.train.tokenizer);
     let model = model_config(&cfg.pipeline.train, tokenizer.vocab_size())?;
     check_hybrid(cfg, &model)?;
@@ -218,27 +229,71 @@ pub fn train(cfg: &HybridConfig) -> Result<HybridReport, HybridError> {
     let dataset = Arc::new(load_dataset(&p.train.data, &tokenizer)?);
     let traced = p.train.trace.is_some() || p.timeline.is_some();
     let trace = if traced { Trace::enabled() } else { Trace::disabled() };
-    // Each rank owns what it uses (the launcher's ranks are `'static` threads).
-    let (rank_cfg, rank_trace, rank_data) = (cfg.clone(), trace.clone(), dataset.clone());
-    let grid = cfg.grid();
-    let results = launch(grid.world_size(), move |comm| run_rank(&rank_cfg, comm, rank_data.clone(), &rank_trace))?;
+    Ok(Prepared { cfg, model, t, plan, dataset, trace })
+}
+
+/// ...and after, on rank 0: the trace written, the checkpoint saved, the report.
+fn finish(
+    run: Prepared,
+    (outcome, gathered): (LoopOutcome, Gathered),
+    ranks: Vec<HybridRankReport>,
+    device: String,
+) -> Result<HybridReport, HybridError> {
+    let Prepared { cfg, model, t, plan, dataset, trace } = run;
+    let p = &cfg.pipeline;
     write_trace(p, &trace)?;
+    let memory = ranks[0].stage.memory.clone();
+    let report = conclude(p, &model, (t, &dataset), gathered, outcome, memory, device)?;
+    let (microbatches, rows) = (p.microbatches, p.train.batch_size / (p.dp * p.microbatches));
+    let measured_bubble = measured_bubble(&trace, p.pp);
+    Ok(HybridReport { grid: cfg.grid(), plan, microbatches, rows, t, measured_bubble, report, ranks })
+}
+
+// ANCHOR: train
+/// Trains on a dp x tp x pp grid of thread ranks and reports chapter 1's figures (the
+/// parameters gathered into chapter 1's layout) and every rank's.
+pub fn train(cfg: &HybridConfig) -> Result<HybridReport, HybridError> {
+    let run = prepare(cfg)?;
+    let grid = run.cfg.grid();
+    // Each rank owns what it uses (the launcher's ranks are `'static` threads).
+    let (rank_cfg, rank_trace, rank_data) = (run.cfg.clone(), run.trace.clone(), run.dataset.clone());
+    let results = launch(grid.world_size(), move |comm| run_rank(&rank_cfg, comm, rank_data.clone(), &rank_trace))?;
     let mut ranks = Vec::with_capacity(results.len());
     let mut leader = None;
     for (rank, lead) in results {
         leader = leader.or(lead);
         ranks.push(rank);
     }
-    let (outcome, gathered) = leader.ok_or(HybridError::NoReport)?;
+    let leader = leader.ok_or(HybridError::NoReport)?;
     let device = format!("cpu ({} thread ranks: dp {} x tp {} x pp {})", grid.world_size(), grid.dp, grid.tp, grid.pp);
-    let memory = ranks[0].stage.memory.clone();
-    let report = conclude(p, &model, (t, &dataset), gathered, outcome, memory, device)?;
-    let rows = p.train.batch_size / (p.dp * p.microbatches);
-    let measured_bubble = measured_bubble(&trace, p.pp);
-    let microbatches = p.microbatches;
-    Ok(HybridReport { grid, plan, microbatches, rows, t, measured_bubble, report, ranks })
+    finish(run, leader, ranks, device)
 }
 // ANCHOR_END: train
+
+/// Whether a launcher (torchrun, `--nproc-per-node`, SLURM) started this process as one rank of
+/// a job: it sets `WORLD_SIZE`.
+pub fn launched_as_a_rank() -> bool {
+    std::env::var_os("WORLD_SIZE").is_some()
+}
+
+// ANCHOR: train_process
+/// This process is one rank of the grid (`WORLD_SIZE`, `RANK`, `MASTER_ADDR`, `MASTER_PORT`
+/// say which, as torchrun sets them): the same `run_rank` as a thread rank's, over TCP. Rank 0
+/// returns the run's report (its own rank's figures only); the other ranks return `None`.
+pub fn train_this_process(cfg: &HybridConfig) -> Result<Option<HybridReport>, HybridError> {
+    let run = prepare(cfg)?;
+    let grid = run.cfg.grid();
+    let world = TcpComm::from_env().map_err(TrainError::from)?;
+    if world.world_size() != grid.world_size() {
+        return Err(HybridError::WorldSize { world: world.world_size(), grid: grid.world_size() });
+    }
+    let (rank, lead) = run_rank(&run.cfg, world, run.dataset.clone(), &run.trace)?;
+    let Some(lead) = lead else { return Ok(None) };
+    let device =
+        format!("cpu ({} processes over TCP: dp {} x tp {} x pp {})", grid.world_size(), grid.dp, grid.tp, grid.pp);
+    Ok(Some(finish(run, lead, vec![rank], device)?))
+}
+// ANCHOR_END: train_process
 
 /// Bytes of one rank's memory at its peak, by category (0 where it held none).
 pub fn held(rank: &HybridRankReport, category: Category) -> u64 {

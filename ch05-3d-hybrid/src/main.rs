@@ -8,7 +8,7 @@ use ch05_3d_hybrid::cost::{
     data_bytes_per_step, pipeline_bytes_per_evaluation, pipeline_bytes_per_step, tensor_bytes_per_evaluation,
     tensor_bytes_per_step,
 };
-use ch05_3d_hybrid::hybrid::held;
+use ch05_3d_hybrid::hybrid::{held, launched_as_a_rank, train_this_process};
 use ch05_3d_hybrid::{HybridConfig, HybridReport, train};
 use clap::Parser;
 use kernels::Category;
@@ -133,7 +133,9 @@ fn print_grid(r: &HybridReport, val_batches: usize) {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let (dp, tp, pp, chosen) = grid_flags(&cli);
-    if chosen {
+    // Under a launcher every process runs this: rank 0 speaks for them.
+    let speaks = !launched_as_a_rank() || std::env::var("RANK").is_ok_and(|r| r.trim() == "0");
+    if chosen && speaks {
         println!(
             "no --dp/--tp/--pp given: running dp 1 x tp 2 x pp 2 (4 thread ranks), the smallest grid with tensor and pipeline groups (add --dp 2 for data-parallel ones)"
         );
@@ -152,7 +154,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         skip_tied_sum: false,
     };
     let cfg = HybridConfig { pipeline, tp, fault: None };
-    let report = train(&cfg)?;
+    // One rank of a job a launcher started (torchrun's variables), or every rank as a thread.
+    let report = match launched_as_a_rank() {
+        true => match train_this_process(&cfg)? {
+            Some(report) => report,
+            None => return Ok(()), // not rank 0: rank 0 reports
+        },
+        false => train(&cfg)?,
+    };
     print_summary(&report.report);
     print_grid(&report, cfg.pipeline.train.val_batches);
     outputs.write(&report.run_report(&cfg), compare)
