@@ -29,9 +29,10 @@ use ch04_pipeline::stage::copy_by_name;
 use ch04_pipeline::train::{Gathered, PipelinePlan, check, conclude, measured_bubble, plan, write_trace};
 use ch04_pipeline::{PipelineConfig, PipelineError, StageReport};
 use kernels::comm::grid::{Coords, Grid, GroupKind};
-use kernels::comm::tcp::TcpComm;
+use kernels::comm::rendezvous::RendezvousConfig;
+use kernels::comm::tcp::{RENDEZVOUS_TIMEOUT, TcpComm};
 use kernels::comm::thread::{LaunchError, launch};
-use kernels::comm::{Communicator, ReduceOp};
+use kernels::comm::{CommError, Communicator, ReduceOp};
 use kernels::device::DeviceRequest;
 use kernels::{Category, Trace};
 use std::sync::Arc;
@@ -283,10 +284,13 @@ pub fn launched_as_a_rank() -> bool {
 pub fn train_this_process(cfg: &HybridConfig) -> Result<Option<HybridReport>, HybridError> {
     let run = prepare(cfg)?;
     let grid = run.cfg.grid();
-    let world = TcpComm::from_env().map_err(TrainError::from)?;
-    if world.world_size() != grid.world_size() {
-        return Err(HybridError::WorldSize { world: world.world_size(), grid: grid.world_size() });
+    // The launcher's variables checked against the grid before meeting the other ranks, which
+    // would wait for ranks that never come.
+    let rendezvous = RendezvousConfig::from_env().map_err(|e| TrainError::Comm(CommError::Backend(e.to_string())))?;
+    if rendezvous.world_size != grid.world_size() {
+        return Err(HybridError::WorldSize { world: rendezvous.world_size, grid: grid.world_size() });
     }
+    let world = TcpComm::from_rendezvous(&rendezvous, RENDEZVOUS_TIMEOUT).map_err(TrainError::from)?;
     let (rank, lead) = run_rank(&run.cfg, world, run.dataset.clone(), &run.trace)?;
     let Some(lead) = lead else { return Ok(None) };
     let device =

@@ -72,7 +72,8 @@ fn print_grid(r: &HybridReport, val_batches: usize) {
     let (steps, evaluations) = (r.report.steps.len() as u64, r.report.val_losses.len() as u64);
     println!("{}", r.grid);
     println!(
-        "  bytes sent per rank: per step by the formula, and in the whole run measured beside the formula ({steps} steps, {evaluations} evaluations)"
+        "  bytes sent per rank: per step by the formula, and in the whole run measured beside the formula ({steps} steps, {evaluations} evaluation{})",
+        if evaluations == 1 { "" } else { "s" }
     );
     for rank in &r.ranks {
         let s = &rank.stage;

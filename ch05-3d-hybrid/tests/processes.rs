@@ -81,7 +81,8 @@ fn a_world_size_that_is_not_the_grid_is_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port().to_string();
     let mut cmd = ch05(dir.path(), "one");
-    cmd.envs([("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")]);
+    // Rank 0 of 8 would wait minutes for seven others: it must say what is wrong at once.
+    cmd.envs([("WORLD_SIZE", "8"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")]);
     let out = output_within(cmd.env("MASTER_PORT", &port), Duration::from_secs(60));
-    assert_one_error_line(&out, "WORLD_SIZE is 1, but the grid --dp x --tp x --pp has 4 ranks");
+    assert_one_error_line(&out, "WORLD_SIZE is 8, but the grid --dp x --tp x --pp has 4 ranks");
 }
