@@ -134,7 +134,12 @@ impl StageParts for TpParts {
     /// The split tensors' pieces on every rank; a replicated tensor (the same copy on every
     /// rank of the group) on rank 0 only, as chapter 3 counts it.
     fn counts_in_norm(&self, spec: &ParamSpec) -> bool {
+        // EXERCISE(ch05-norm-counts, points = 5): whether this tensor rank counts `spec` in the squared norm: its piece of a split tensor always, a replicated tensor (every rank holds the same copy) on one rank of the group only
+        // TESTS: -p ch05-3d-hybrid --lib -- tp_stage::tests::every_parameter_is_counted_once_across_the_tensor_group
         spec.placement != Placement::Replicated || self.group.rank() == 0
+        // WRONG(every rank counts its copy: the replicated tensors' share of the norm n times over): `spec.placement != Placement::Replicated || self.group.rank() == 0` -> `true`
+        // WRONG(rank 0 alone counts, and the other ranks' pieces of the split tensors are lost): `spec.placement != Placement::Replicated || self.group.rank() == 0` -> `self.group.rank() == 0`
+        // END EXERCISE
     }
 
     fn sum_norm(&mut self, squared: f64) -> Result<f64, TrainError> {
@@ -165,3 +170,32 @@ impl BlockComm for TpParts {
     }
 }
 // ANCHOR_END: tp_parts
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kernels::comm::thread::launch;
+
+    #[test]
+    fn every_parameter_is_counted_once_across_the_tensor_group() {
+        // A tensor split n ways has n pieces, one per rank, each to be counted; a replicated one
+        // has n identical copies, one to be counted.
+        let model = ModelConfig { n_layer: 2, n_head: 4, n_embd: 16, block_size: 8, vocab_size: 200 };
+        for n in [1, 2, 4] {
+            let cfg = model.clone();
+            let counted = launch(n, move |comm| {
+                let parts = TpParts::new(&cfg, Box::new(comm), None);
+                let full = ParamLayout::new(&cfg);
+                let shard = parts.layout(&full)?;
+                Ok::<_, TrainError>(shard.specs.iter().map(|spec| parts.counts_in_norm(spec)).collect::<Vec<_>>())
+            })
+            .unwrap();
+            let specs = ParamLayout::new(&model).specs;
+            for (i, spec) in specs.iter().enumerate() {
+                let ranks = counted.iter().filter(|c| c[i]).count();
+                let expected = if spec.placement == Placement::Replicated { 1 } else { n };
+                assert_eq!(ranks, expected, "{} ({:?}) counted by {ranks} of {n} ranks", spec.name, spec.placement);
+            }
+        }
+    }
+}
