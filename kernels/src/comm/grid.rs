@@ -73,7 +73,7 @@ impl Grid {
         // EXERCISE(ch05-grid-coords, points = 5): the inverse of rank = tp + TP·(dp + DP·pp): tp the fastest-changing digit, pp the slowest
         // TESTS: -p kernels --lib -- comm::grid::tests
         Coords { tp: rank % self.tp, dp: rank / self.tp % self.dp, pp: rank / (self.tp * self.dp) }
-        // WRONG(data parallelism innermost, as if rank = dp + DP·(tp + TP·pp)): `Coords { tp: rank % self.tp, dp: rank / self.tp % self.dp, pp: rank / (self.tp * self.dp) }` -> `Coords { dp: rank % self.dp, tp: rank / self.dp % self.tp, pp: rank / (self.tp * self.dp) }`
+        // WRONG(data parallelism innermost, as if rank were dp + DP·tp + DP·TP·pp): `Coords { tp: rank % self.tp, dp: rank / self.tp % self.dp, pp: rank / (self.tp * self.dp) }` -> `Coords { dp: rank % self.dp, tp: rank / self.dp % self.tp, pp: rank / (self.tp * self.dp) }`
         // WRONG(forgets that dp wraps around before pp starts): `rank / self.tp % self.dp` -> `rank / self.tp`
         // END EXERCISE
     }
