@@ -13,10 +13,15 @@ use ch01_single_gpu::preflight;
 use ch01_single_gpu::tokenizer::Tokenizer;
 use ch01_single_gpu::train::{StepRecord, TrainSteps, Trainer, drive, load_dataset, model_config};
 use ch01_single_gpu::{TrainConfig, TrainError, TrainReport};
-use kernels::comm::thread::{LaunchError, ThreadComm, launch};
+use kernels::comm::process::all_gather_json;
+use kernels::comm::process::run_rank as run_process_rank;
+use kernels::comm::rendezvous::RendezvousConfig;
+use kernels::comm::thread::{LaunchError, launch};
 use kernels::comm::{CommStats, Communicator, ReduceOp};
 use kernels::device::DeviceRequest;
+use kernels::trace::TraceEvent;
 use kernels::{MemoryReport, Trace, View};
+use serde::{Deserialize, Serialize};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
@@ -56,14 +61,19 @@ pub enum DpError {
     #[error("rank 0 returned no report")]
     NoReport,
     #[error(
+        "--dp {dp} does not match the {world} rank processes (WORLD_SIZE={world}): leave --dp out, or make them equal"
+    )]
+    WorldSizeMismatch { dp: usize, world: usize },
+    #[error(
         "chapter 2's ranks are threads on the CPU (GPU ranks communicate through NCCL, which chapter 5 uses); run it with --device cpu or auto"
     )]
     GpuRanks,
 }
 
 /// One data-parallel replica's account of a run (the JSON report's per-rank entry is
-/// `ch01_single_gpu::report::RankReport`, built from this).
-#[derive(Clone, Debug)]
+/// `ch01_single_gpu::report::RankReport`, built from this). Serializable: process ranks send it
+/// to rank 0.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReplicaReport {
     pub rank: usize,
     pub memory: MemoryReport,
@@ -175,18 +185,35 @@ fn fingerprint(params: &[f32]) -> u64 {
     params.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, p| (h ^ p.to_bits() as u64).wrapping_mul(0x0000_0100_0000_01B3))
 }
 
-fn check_config(cfg: &DpConfig) -> Result<usize, DpError> {
+/// A run whose ranks are processes: how many in all, and how many of them hold a replica in this
+/// machine's memory (all of them under `--nproc-per-node`; this process alone, for a rank that
+/// checks itself).
+#[derive(Clone, Copy, Debug)]
+pub struct Processes {
+    pub world: usize,
+    pub on_this_machine: usize,
+}
+
+/// Checks a run's settings before any rank starts, and returns its number of ranks. `processes`:
+/// the ranks are processes (one replica each), not threads of this one.
+pub fn check_config(cfg: &DpConfig, processes: Option<Processes>) -> Result<usize, DpError> {
+    let world = processes.map(|p| p.world);
     if matches!(cfg.train.device, DeviceRequest::Cuda(_)) {
         return Err(DpError::GpuRanks);
     }
     // The default: one rank per core, or the most ranks up to that which divide the batch.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let default = (1..=cores.min(cfg.train.batch_size.max(1))).rev().find(|d| cfg.train.batch_size.is_multiple_of(*d));
-    let dp = cfg.dp.unwrap_or(default.unwrap_or(1));
+    let dp = cfg.dp.or(world).unwrap_or(default.unwrap_or(1));
     if dp == 0 {
         return Err(DpError::ZeroRanks);
     }
-    if dp > MAX_THREAD_RANKS {
+    if let Some(world) = world
+        && world != dp
+    {
+        return Err(DpError::WorldSizeMismatch { dp, world });
+    }
+    if processes.is_none() && dp > MAX_THREAD_RANKS {
         return Err(DpError::TooManyRanks { dp, available: MAX_THREAD_RANKS, what: "thread ranks on the CPU" });
     }
     let batch = cfg.train.batch_size;
@@ -202,22 +229,24 @@ fn check_config(cfg: &DpConfig) -> Result<usize, DpError> {
     if let Some(path) = &cfg.timeline {
         preflight::check_output_file("--timeline", path)?;
     }
-    // dp replicas in one process (their communication buffers, a quarter of the parameters'
-    // four buffers, come on top).
+    // dp replicas in one process, or one in each (their communication buffers, a quarter of
+    // the parameters' four buffers, come on top).
     let model = model_config(train, Tokenizer::new(train.tokenizer).vocab_size())?;
     let t = train.seq_len.unwrap_or(model.block_size);
     if batch > 0 && t > 0 {
-        preflight::check_memory(train, &model, batch / dp, t, kernels::Device::Cpu, dp)?;
+        let replicas = processes.map_or(dp, |p| p.on_this_machine);
+        preflight::check_memory(train, &model, batch / dp, t, kernels::Device::Cpu, replicas)?;
     }
     Ok(dp)
 }
 
 // ANCHOR: run_rank
 /// One rank: chapter 1's trainer on its rows, a communication thread beside it, and the loop.
-fn run_rank(
+/// The same on any communicator: a thread rank's, or a process's over TCP.
+fn run_rank<C: Communicator + 'static>(
     cfg: &DpConfig,
     dp: usize,
-    comm: ThreadComm,
+    comm: C,
     dataset: Arc<Dataset>,
     trace: &Trace,
 ) -> Result<(Option<TrainReport>, ReplicaReport, u64), DpError> {
@@ -246,20 +275,8 @@ fn run_rank(
 }
 // ANCHOR_END: run_rank
 
-// ANCHOR: train
-/// Trains with `dp` data-parallel thread ranks and reports what rank 0 saw, plus every rank's
-/// memory and communication.
-pub fn train(cfg: &DpConfig) -> Result<DpReport, DpError> {
-    let dp = check_config(cfg)?;
-    // Thread ranks compute on the CPU, whatever `auto` would pick.
-    let cfg = &DpConfig { train: TrainConfig { device: DeviceRequest::Cpu, ..cfg.train.clone() }, ..cfg.clone() };
-    let dataset = Arc::new(load_dataset(&cfg.train.data, &Tokenizer::new(cfg.train.tokenizer))?);
-    let traced = cfg.train.trace.is_some() || cfg.timeline.is_some();
-    let trace = if traced { Trace::enabled() } else { Trace::disabled() };
-    // The launcher names the rank that failed first, and why ("rank 1 failed: ..."). Each rank
-    // owns what it uses (`'static`): a rank stuck after a failure cannot hold up the report.
-    let (rank_cfg, rank_trace) = (cfg.clone(), trace.clone());
-    let results = launch(dp, move |comm| run_rank(&rank_cfg, dp, comm, dataset.clone(), &rank_trace))?;
+/// `--trace` and `--timeline`: every rank's lanes, from one trace.
+fn write_trace(cfg: &DpConfig, trace: &Trace) -> Result<(), DpError> {
     if let Some(path) = &cfg.train.trace {
         trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
     }
@@ -271,6 +288,24 @@ pub fn train(cfg: &DpConfig) -> Result<DpReport, DpError> {
         std::fs::write(path, trace.to_svg(from, to, lanes))
             .map_err(|source| TrainError::Io { path: path.clone(), source })?;
     }
+    Ok(())
+}
+
+// ANCHOR: train
+/// Trains with `dp` data-parallel thread ranks and reports what rank 0 saw, plus every rank's
+/// memory and communication.
+pub fn train(cfg: &DpConfig) -> Result<DpReport, DpError> {
+    let dp = check_config(cfg, None)?;
+    // Thread ranks compute on the CPU, whatever `auto` would pick.
+    let cfg = &DpConfig { train: TrainConfig { device: DeviceRequest::Cpu, ..cfg.train.clone() }, ..cfg.clone() };
+    let dataset = Arc::new(load_dataset(&cfg.train.data, &Tokenizer::new(cfg.train.tokenizer))?);
+    let traced = cfg.train.trace.is_some() || cfg.timeline.is_some();
+    let trace = if traced { Trace::enabled() } else { Trace::disabled() };
+    // The launcher names the rank that failed first, and why ("rank 1 failed: ..."). Each rank
+    // owns what it uses (`'static`): a rank stuck after a failure cannot hold up the report.
+    let (rank_cfg, rank_trace) = (cfg.clone(), trace.clone());
+    let results = launch(dp, move |comm| run_rank(&rank_cfg, dp, comm, dataset.clone(), &rank_trace))?;
+    write_trace(cfg, &trace)?;
     let mut ranks = Vec::new();
     let mut leader = None;
     let mut grad_bytes = 0;
@@ -283,3 +318,46 @@ pub fn train(cfg: &DpConfig) -> Result<DpReport, DpError> {
     Ok(DpReport { dp, report, ranks, grad_bytes })
 }
 // ANCHOR_END: train
+
+// ANCHOR: train_process
+/// What a process rank hands rank 0 at the end: what thread ranks return to their launcher,
+/// and its trace's events with the wall-clock time the trace began (to line them up).
+#[derive(Serialize, Deserialize)]
+struct ProcessReport {
+    replica: ReplicaReport,
+    events: Vec<TraceEvent>,
+    origin_unix_us: f64,
+}
+
+/// One rank of a run whose ranks are processes (`--nproc-per-node`, or torchrun's variables in
+/// `config`): the same rank function as [`train`]'s threads, over TCP. Every rank's report and
+/// trace are then gathered on rank 0, which returns the run's report (the same as on threads,
+/// but for timings) and writes one trace with every rank's lanes; the other ranks return `None`.
+pub fn train_process(cfg: &DpConfig, config: &RendezvousConfig) -> Result<Option<DpReport>, DpError> {
+    let dp = check_config(cfg, Some(Processes { world: config.world_size, on_this_machine: 1 }))?;
+    let cfg = &DpConfig { train: TrainConfig { device: DeviceRequest::Cpu, ..cfg.train.clone() }, ..cfg.clone() };
+    let dataset = Arc::new(load_dataset(&cfg.train.data, &Tokenizer::new(cfg.train.tokenizer))?);
+    let traced = cfg.train.trace.is_some() || cfg.timeline.is_some();
+    let trace = if traced { Trace::enabled() } else { Trace::disabled() };
+    // The error names the first rank to fail, as on threads ("rank 1 failed: ...").
+    let (leader, reports, grad_bytes) = run_process_rank(config, |mut comm| {
+        // The reports travel on a group of their own: the training's byte counts stay its own.
+        let mut reports_group = comm.split(&(0..dp).collect::<Vec<_>>()).map_err(TrainError::from)?;
+        let (leader, replica, grad_bytes) = run_rank(cfg, dp, comm, dataset, &trace)?;
+        let origin_unix_us = trace.origin_unix_us().unwrap_or(0.0);
+        let mine = ProcessReport { replica, events: trace.events(), origin_unix_us };
+        let all = all_gather_json(&mut *reports_group, &mine).map_err(TrainError::from)?;
+        Ok::<_, DpError>((leader, all, grad_bytes))
+    })?;
+    let Some(report) = leader else { return Ok(None) };
+    let mut ranks = Vec::new();
+    for rank in reports {
+        if rank.replica.rank != 0 {
+            trace.merge(rank.events, rank.origin_unix_us);
+        }
+        ranks.push(rank.replica);
+    }
+    write_trace(cfg, &trace)?;
+    Ok(Some(DpReport { dp, report, ranks, grad_bytes }))
+}
+// ANCHOR_END: train_process

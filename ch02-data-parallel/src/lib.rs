@@ -10,4 +10,4 @@ pub mod grad_sync;
 pub mod overlap;
 pub mod report;
 
-pub use data_parallel::{DpConfig, DpError, DpReport, ReplicaReport, train};
+pub use data_parallel::{DpConfig, DpError, DpReport, Processes, ReplicaReport, check_config, train, train_process};

@@ -2,8 +2,9 @@
 //! ring all-reduce that overlaps backward.
 
 use ch01_single_gpu::cli::{CommonArgs, print_summary, run_main};
-use ch02_data_parallel::{DpConfig, DpReport, train};
+use ch02_data_parallel::{DpConfig, DpReport, Processes, check_config, train, train_process};
 use clap::Parser;
+use kernels::comm::process::{Ranks, launch_this_program};
 use kernels::memory::format_bytes;
 use std::process::ExitCode;
 
@@ -26,6 +27,11 @@ struct Cli {
     /// Draw the last step of every rank (compute and communication) as an SVG timeline.
     #[arg(long)]
     timeline: Option<std::path::PathBuf>,
+    /// Run each rank as a process of its own (this program started K times, the ranks talking
+    /// over TCP on 127.0.0.1) instead of a thread. Under torchrun, leave it out: the
+    /// environment (WORLD_SIZE, RANK, ...) says the ranks are processes.
+    #[arg(long, allow_negative_numbers = true)]
+    nproc_per_node: Option<usize>,
 }
 
 fn print_data_parallel(r: &DpReport) {
@@ -48,16 +54,35 @@ fn print_data_parallel(r: &DpReport) {
     println!("  communication hidden by backward: {:.0}%", 100.0 * r.hidden_fraction());
 }
 
+// ANCHOR: run
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let ranks = Ranks::from_env(cli.nproc_per_node)?;
     let outputs = cli.common.outputs.clone();
-    let compare = outputs.prepare()?;
     let cfg =
         DpConfig { train: cli.common.into_config()?, dp: cli.dp, bucket_mb: cli.bucket_mb, timeline: cli.timeline };
-    let report = train(&cfg)?;
+    let report = match ranks {
+        Ranks::Threads => {
+            let compare = outputs.prepare()?;
+            Some((train(&cfg)?, compare))
+        }
+        // Bad settings get their one line here, before any process starts.
+        Ranks::Launcher { nproc } => {
+            outputs.prepare()?;
+            check_config(&cfg, Some(Processes { world: nproc, on_this_machine: nproc }))?;
+            return Ok(launch_this_program(nproc)?);
+        }
+        // Rank 0 prints and writes for the run; the others only train.
+        Ranks::Process(config) => {
+            let compare = if config.rank == 0 { outputs.prepare()? } else { None };
+            train_process(&cfg, &config)?.map(|report| (report, compare))
+        }
+    };
+    let Some((report, compare)) = report else { return Ok(()) };
     print_summary(&report.report);
     print_data_parallel(&report);
     outputs.write(&report.run_report(&cfg), compare)
 }
+// ANCHOR_END: run
 
 fn main() -> ExitCode {
     run_main::<Cli>(run)

@@ -4,12 +4,12 @@
 //! gives its bytes back when dropped, so the ledger cannot drift from the buffers. The book's
 //! memory arithmetic (parameters + gradients + Adam state + activations) is checked against it.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Category {
     Parameters,
@@ -90,7 +90,7 @@ impl fmt::Debug for Allocation {
 }
 
 /// A snapshot of the ledger.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryReport {
     pub current: BTreeMap<Category, u64>,
     /// Each category's own peak.

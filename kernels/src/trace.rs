@@ -3,13 +3,13 @@
 //! `let _s = trace.span("forward");` records from now until `_s` is dropped. A disabled trace
 //! (the default) records nothing and costs one branch per span.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TraceEvent {
     pub name: Cow<'static, str>,
     /// Process lane in the viewer: one per rank/device.
@@ -22,6 +22,10 @@ pub struct TraceEvent {
 
 struct Inner {
     origin: Instant,
+    /// The wall clock at `origin`, in microseconds since the Unix epoch: what lines up the
+    /// traces of separate processes (exactly on one machine; across machines, as well as their
+    /// clocks agree).
+    origin_unix_us: f64,
     events: Mutex<Vec<TraceEvent>>,
 }
 
@@ -62,7 +66,11 @@ impl Trace {
 
     pub fn enabled() -> Trace {
         Trace {
-            inner: Some(Arc::new(Inner { origin: Instant::now(), events: Mutex::new(Vec::new()) })),
+            inner: Some(Arc::new(Inner {
+                origin: Instant::now(),
+                origin_unix_us: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1e6),
+                events: Mutex::new(Vec::new()),
+            })),
             pid: 0,
             tid: 0,
         }
@@ -88,6 +96,22 @@ impl Trace {
     /// clock, such as a GPU's events, to be placed on this one.
     pub fn now_us(&self) -> Option<f64> {
         self.inner.as_ref().map(|inner| inner.origin.elapsed().as_secs_f64() * 1e6)
+    }
+
+    /// When the trace began, in microseconds since the Unix epoch (`None` when disabled).
+    pub fn origin_unix_us(&self) -> Option<f64> {
+        self.inner.as_ref().map(|inner| inner.origin_unix_us)
+    }
+
+    /// Adds another process's events (their own lanes), recorded on a trace that began at
+    /// `origin_unix_us` ([`Trace::origin_unix_us`]), placed on this trace's clock: how rank 0
+    /// merges every rank's trace into one file.
+    pub fn merge(&self, events: Vec<TraceEvent>, origin_unix_us: f64) {
+        if let Some(inner) = &self.inner {
+            let shift = origin_unix_us - inner.origin_unix_us;
+            let mut mine = inner.events.lock().unwrap_or_else(|e| e.into_inner());
+            mine.extend(events.into_iter().map(|e| TraceEvent { start_us: e.start_us + shift, ..e }));
+        }
     }
 
     /// Adds a span measured elsewhere, in this lane.

@@ -167,10 +167,39 @@ fn ranks_that_disagree_on_the_world_size_are_told_so() {
     };
     let err = std::thread::scope(|s| {
         let server = s.spawn(|| rendezvous(&config(2, 0), || vec![1; 128], Duration::from_secs(5)));
-        // The client gives up quickly: rank 0 hangs up on it and it can only retry.
-        let client = rendezvous(&config(3, 1), Vec::new, Duration::from_millis(500));
-        assert!(client.is_err());
+        // Rank 0 tells the client why, so it fails at once rather than at its deadline.
+        let start = Instant::now();
+        let client = rendezvous(&config(3, 1), Vec::new, Duration::from_secs(20)).expect_err("refused");
+        assert!(start.elapsed() < Duration::from_secs(10), "told at once, not at the deadline");
+        assert!(client.to_string().contains("rank 0 refused rank 1: rank 1 of WORLD_SIZE 3"), "{client}");
         server.join().expect("no panic").expect_err("rank 0 refuses the hello")
     });
     assert!(err.to_string().contains("rank 1 of WORLD_SIZE 3 said hello to rank 0 of WORLD_SIZE 2"), "{err}");
+}
+
+#[test]
+fn two_processes_claiming_the_same_rank_are_both_refused() {
+    let port = free_port();
+    let config = |rank| RendezvousConfig {
+        world_size: 3,
+        rank,
+        local_rank: rank,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+    };
+    let start = Instant::now();
+    let (server, clients) = std::thread::scope(|s| {
+        let server = s.spawn(|| rendezvous(&config(0), || vec![1; 128], Duration::from_secs(20)));
+        let clients: Vec<_> =
+            (0..2).map(|_| s.spawn(|| rendezvous(&config(1), Vec::new, Duration::from_secs(20)))).collect();
+        let clients: Vec<_> = clients.into_iter().map(|c| c.join().expect("no panic")).collect();
+        (server.join().expect("no panic"), clients)
+    });
+    assert!(start.elapsed() < Duration::from_secs(10), "no rank waits for its deadline: {:?}", start.elapsed());
+    let err = server.expect_err("rank 0 refuses");
+    assert!(err.to_string().contains("two processes say they are rank 1"), "{err}");
+    for client in clients {
+        let err = client.expect_err("both rank 1s are refused");
+        assert!(err.to_string().contains("two processes say they are rank 1"), "{err}");
+    }
 }

@@ -4,6 +4,7 @@
 //! with torchrun's variables all-reduce together.
 
 use kernels::Rng;
+use kernels::comm::process::{FAILURE_GRACE, run_rank};
 use kernels::comm::rendezvous::RendezvousConfig;
 use kernels::comm::tcp::TcpComm;
 use kernels::comm::thread::launch;
@@ -239,6 +240,9 @@ const CHILD: &str = "SFS_TCP_TEST_CHILD";
 #[test]
 fn child_rank() {
     let Ok(mode) = std::env::var(CHILD) else { return };
+    if mode == "compute" {
+        return computing_rank();
+    }
     let result = TcpComm::from_env().and_then(|mut comm| {
         let (r, n) = (comm.rank(), comm.world_size());
         if mode == "exit" && r == n - 1 {
@@ -253,6 +257,23 @@ fn child_rank() {
         Ok(bits) => println!("\nRESULT {bits:?}"),
         Err(e) => println!("\nERROR {e}"),
     }
+}
+
+/// The "compute" mode: through `process::run_rank`, the last rank exits abruptly after the first
+/// all-reduce while the others are busy computing (sleeping) for a minute, never calling another
+/// collective: the watchdog must end them.
+fn computing_rank() {
+    let config = RendezvousConfig::from_env().expect("torchrun's variables");
+    let result = run_rank(&config, |mut comm| {
+        let (r, n) = (comm.rank(), comm.world_size());
+        comm.all_reduce(&mut [1.0; 4], ReduceOp::Sum)?;
+        if r == n - 1 {
+            std::process::exit(3);
+        }
+        std::thread::sleep(Duration::from_secs(60));
+        Ok::<_, CommError>(())
+    });
+    println!("\nRESULT {result:?}");
 }
 
 fn spawn(mode: &str, world_size: usize, rank: Rank, port: u16) -> Child {
@@ -309,6 +330,21 @@ fn processes_started_with_torchrun_variables_all_reduce_together() {
     })
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(run_processes("all-reduce", n), want, "each process ends with the thread ranks' bits");
+}
+
+#[test]
+fn a_rank_busy_computing_when_a_peer_dies_exits_within_the_grace() {
+    let start = Instant::now();
+    let port = free_port();
+    let children: Vec<Child> = (0..2).map(|rank| spawn("compute", 2, rank, port)).collect();
+    let outputs: Vec<Output> = children.into_iter().map(|c| wait(c, start + Duration::from_secs(30))).collect();
+    let elapsed = start.elapsed();
+    assert_eq!(outputs[1].status.code(), Some(3), "rank 1 exits abruptly");
+    let stderr = String::from_utf8_lossy(&outputs[0].stderr);
+    assert_eq!(outputs[0].status.code(), Some(1), "rank 0: {stderr}");
+    assert!(stderr.contains("error: rank 1 failed: its connection closed"), "{stderr}");
+    // The grace, plus starting two processes: far below the minute rank 0 meant to compute.
+    assert!(elapsed < FAILURE_GRACE + Duration::from_secs(10), "took {elapsed:?}");
 }
 
 #[test]

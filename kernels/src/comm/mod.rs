@@ -11,6 +11,9 @@
 //!   does: the same ring algorithms over a socket [`ring::Wire`], so the same bits and bytes as
 //!   thread ranks; processes meet through the [`rendezvous`].
 //! - [`grid`]: the `dp × tp × pp` grid, the one place ranks are mapped to coordinates and groups.
+//! - [`process`]: ranks as processes of one program: `--nproc-per-node K` (the program starts K
+//!   copies of itself, as torchrun would) or torchrun's environment, and how a job whose ranks
+//!   are processes fails (one line naming the first failed rank, never a hang).
 //! - NCCL (through cudarc), one thread per GPU, for multi-GPU runs (see the CUDA chapter).
 //!
 //! Every call is a collective: all ranks of the communicator make the same calls in the same
@@ -30,7 +33,7 @@
 //! through device buffers of its own ([`nccl`]); handing it a tensor's device buffer directly,
 //! with no host copy, is not built yet.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -38,6 +41,7 @@ pub mod grid;
 mod launcher;
 mod mailbox;
 pub mod nccl;
+pub mod process;
 pub mod rendezvous;
 pub mod ring;
 pub mod tcp;
@@ -63,10 +67,16 @@ pub fn timeout_from_env() -> Result<Duration, CommError> {
 /// [`timeout_from_env`] on a value: `None` is the default, anything but a whole number of
 /// seconds above 0 is an error naming the variable (waiting forever is not an option).
 pub fn parse_timeout(value: Option<&str>) -> Result<Duration, CommError> {
-    let Some(text) = value else { return Ok(DEFAULT_TIMEOUT) };
+    parse_seconds(TIMEOUT_VAR, value, DEFAULT_TIMEOUT)
+}
+
+/// The value of the environment variable `name`, a whole number of seconds above 0, or
+/// `default` where it is not set.
+pub(crate) fn parse_seconds(name: &str, value: Option<&str>, default: Duration) -> Result<Duration, CommError> {
+    let Some(text) = value else { return Ok(default) };
     match text.trim().parse::<u64>() {
         Ok(seconds) if seconds > 0 => Ok(Duration::from_secs(seconds)),
-        _ => Err(CommError::Backend(format!("{TIMEOUT_VAR}={text:?} is not a whole number of seconds above 0"))),
+        _ => Err(CommError::Backend(format!("{name}={text:?} is not a whole number of seconds above 0"))),
     }
 }
 
@@ -80,7 +90,7 @@ pub enum ReduceOp {
     Max,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Collective {
     AllReduce,
@@ -116,7 +126,7 @@ pub enum CommError {
 /// Bytes one rank sent and received, by collective, through one communicator (a sub-group's
 /// communicator counts its own traffic, not its parent's). Every collective called at least once
 /// has an entry in all three maps, zero included.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommStats {
     pub sent: BTreeMap<Collective, u64>,
     pub received: BTreeMap<Collective, u64>,

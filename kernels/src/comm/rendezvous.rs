@@ -20,7 +20,12 @@
 //! ```text
 //! rank r > 0 -> rank 0:  "SFSR"  rank: u32  world_size: u32
 //! rank 0 -> rank r:      "SFSR"  length: u32  payload: length bytes
+//!   or, refusing:        "SFSX"  length: u32  reason: length bytes of UTF-8
 //! ```
+//!
+//! Rank 0 refuses every rank it has heard from when one hello is wrong (another `WORLD_SIZE`, a
+//! `RANK` that a live connection already claimed), so that all of them fail at once with the
+//! same reason instead of waiting for the deadline.
 //!
 //! Rank 0 answers only once all `WORLD_SIZE - 1` ranks have said hello, so a rendezvous that
 //! returns also means that every process has started: it is a barrier too. Every wait is bounded
@@ -34,6 +39,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 const MAGIC: &[u8; 4] = b"SFSR";
+const REFUSED: &[u8; 4] = b"SFSX";
 /// A bound on what a reply may announce, so that a stray connection cannot make us allocate
 /// gigabytes. A unique id is 128 bytes.
 pub const MAX_PAYLOAD: usize = 1 << 20;
@@ -199,11 +205,18 @@ fn serve(config: &RendezvousConfig, payload: &[u8], deadline: &Deadline) -> Resu
             continue; // not one of ours (a port scanner, another program): ignore it
         }
         let (rank, size) = (u32_at(&hello, 4) as usize, u32_at(&hello, 8) as usize);
-        if size != n || rank == 0 || rank >= n {
-            let reason = format!("rank {rank} of WORLD_SIZE {size} said hello to rank 0 of WORLD_SIZE {n}");
+        let wrong = if size != n || rank == 0 || rank >= n {
+            Some(format!("rank {rank} of WORLD_SIZE {size} said hello to rank 0 of WORLD_SIZE {n}"))
+        } else if peers[rank].as_ref().is_some_and(still_open) {
+            Some(format!("two processes say they are rank {rank} (RANK={rank} twice)"))
+        } else {
+            None
+        };
+        if let Some(reason) = wrong {
+            refuse(peers.iter_mut().flatten().chain([&mut stream]), &reason);
             return Err(deadline.protocol(reason));
         }
-        // A second hello from a rank means its first connection broke: answer the new one.
+        // A second hello from a rank whose first connection closed: that rank connected again.
         peers[rank] = Some(stream);
     }
     let mut reply = MAGIC.to_vec();
@@ -215,6 +228,27 @@ fn serve(config: &RendezvousConfig, payload: &[u8], deadline: &Deadline) -> Resu
         stream.write_all(&reply).map_err(|e| deadline.io(e))?;
     }
     Ok(())
+}
+
+/// Whether a connection that said hello is still open (its rank has not gone away): a closed
+/// one reads as the end of the stream at once, an open one has nothing to read yet.
+fn still_open(stream: &TcpStream) -> bool {
+    let open = stream.set_nonblocking(true).is_ok()
+        && matches!(stream.peek(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+    let _ = stream.set_nonblocking(false);
+    open
+}
+
+/// Tells every rank rank 0 heard from why the rendezvous failed (best effort: a rank that is
+/// gone cannot be told, and finds out at its deadline).
+fn refuse<'a>(streams: impl Iterator<Item = &'a mut TcpStream>, reason: &str) {
+    let mut reply = REFUSED.to_vec();
+    reply.extend_from_slice(&(reason.len() as u32).to_le_bytes());
+    reply.extend_from_slice(reason.as_bytes());
+    for stream in streams {
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+        let _ = stream.write_all(&reply);
+    }
 }
 
 /// Connects to rank 0, retrying while it is not listening yet (it may start last).
@@ -272,6 +306,12 @@ fn handshake(
     let mut header = [0u8; 8];
     deadline.read_exact(&mut stream, &mut header, "rank 0 to send the payload (are all ranks started?)")?;
     let len = u32_at(&header, 4) as usize;
+    if &header[..4] == REFUSED && len <= MAX_PAYLOAD {
+        let mut reason = vec![0u8; len];
+        deadline.read_exact(&mut stream, &mut reason, "rank 0's reason for refusing this rank")?;
+        let reason = String::from_utf8_lossy(&reason);
+        return Err(deadline.protocol(format!("rank 0 refused rank {}: {reason}", config.rank)));
+    }
     if &header[..4] != MAGIC || len > MAX_PAYLOAD {
         return Err(
             deadline.protocol(format!("unexpected reply header {header:?}: is rank 0 running this rendezvous?"))

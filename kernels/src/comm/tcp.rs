@@ -48,7 +48,10 @@
 //! a [`CommError::Timeout`], and so is a send the peer does not drain for that long.
 
 use super::rendezvous::{RendezvousConfig, rendezvous};
-use super::{Collective, CommError, CommStats, Communicator, Rank, ReduceOp, ring, split_position, timeout_from_env};
+use super::{
+    Collective, CommError, CommStats, Communicator, Rank, ReduceOp, parse_seconds, ring, split_position,
+    timeout_from_env,
+};
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Display;
 use std::io::{self, BufReader, Read, Write};
@@ -56,8 +59,19 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// How long [`TcpComm::from_env`] waits for every process to show up.
+/// How long [`TcpComm::from_env`] waits for every process to show up, unless
+/// [`RENDEZVOUS_TIMEOUT_VAR`] says otherwise.
 pub const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The environment variable that bounds [`TcpComm::from_env`]'s wait for the other processes
+/// (connection refused, a missing rank), in whole seconds.
+pub const RENDEZVOUS_TIMEOUT_VAR: &str = "SFS_RENDEZVOUS_TIMEOUT_SECS";
+
+/// The rendezvous timeout [`RENDEZVOUS_TIMEOUT_VAR`] asks for, or [`RENDEZVOUS_TIMEOUT`].
+pub fn rendezvous_timeout_from_env() -> Result<Duration, CommError> {
+    let value = std::env::var_os(RENDEZVOUS_TIMEOUT_VAR).map(|v| v.to_string_lossy().into_owned());
+    parse_seconds(RENDEZVOUS_TIMEOUT_VAR, value.as_deref(), RENDEZVOUS_TIMEOUT)
+}
 
 /// Names a communicator's group on the wire: the world is 0.
 type GroupId = u64;
@@ -135,6 +149,19 @@ impl Inbox {
 
     fn check(&self) -> Result<(), CommError> {
         lock(&self.state).failure.clone().map_or(Ok(()), Err)
+    }
+
+    /// The first failure, once there is one, or `None` after `timeout` without one.
+    fn wait_for_failure(&self, timeout: Duration) -> Option<CommError> {
+        let deadline = Instant::now() + timeout;
+        let mut state = lock(&self.state);
+        loop {
+            let now = Instant::now();
+            if state.failure.is_some() || now >= deadline {
+                return state.failure.clone();
+            }
+            state = self.changed.wait_timeout(state, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
     }
 
     /// The next frame of `group` from world rank `from`, for world rank `me`. Gives up after
@@ -502,10 +529,10 @@ pub struct TcpComm {
 impl TcpComm {
     /// This process's communicator in a job started by torchrun or any launcher that sets
     /// `WORLD_SIZE`, `RANK`, `LOCAL_RANK`, `MASTER_ADDR` and `MASTER_PORT`. Waits up to
-    /// [`RENDEZVOUS_TIMEOUT`] for the others.
+    /// [`RENDEZVOUS_TIMEOUT`] (or [`RENDEZVOUS_TIMEOUT_VAR`]) for the others.
     pub fn from_env() -> Result<TcpComm, CommError> {
         let config = RendezvousConfig::from_env().map_err(|e| CommError::Backend(e.to_string()))?;
-        TcpComm::from_rendezvous(&config, RENDEZVOUS_TIMEOUT)
+        TcpComm::from_rendezvous(&config, rendezvous_timeout_from_env()?)
     }
 
     /// Rank `config.rank` of `config.world_size`: meets the others (see the module's
@@ -551,6 +578,19 @@ impl TcpComm {
         self.members[self.rank]
     }
 
+    /// A handle on this process's connections that outlives the communicator: it keeps them
+    /// open (the goodbye goes out once it and every communicator are dropped), records this
+    /// rank's own failure for that goodbye, and says whether a failure is known.
+    pub fn guard(&self) -> MeshGuard {
+        MeshGuard { mesh: self.mesh.clone() }
+    }
+
+    /// Something another thread can wait on for this process's first communication failure,
+    /// without keeping the connections open.
+    pub fn failure_watch(&self) -> FailureWatch {
+        FailureWatch { inbox: self.mesh.inbox.clone() }
+    }
+
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
@@ -573,6 +613,53 @@ impl TcpComm {
         let members: Arc<[Rank]> = ranks.iter().map(|&r| self.members[r]).collect();
         let group = group_id(self.group, &members, occurrence);
         Ok(TcpComm::new(self.mesh.clone(), group, members, new_rank, self.timeout))
+    }
+}
+
+/// See [`TcpComm::guard`].
+#[derive(Clone)]
+pub struct MeshGuard {
+    mesh: Arc<Mesh>,
+}
+
+impl MeshGuard {
+    /// Records that this rank failed, unless a failure is already known: the goodbye every
+    /// peer receives then names this rank and `reason`, and every later collective fails.
+    pub fn fail(&self, reason: String) {
+        self.mesh.inbox.fail(CommError::PeerFailed { rank: self.mesh.rank, reason });
+    }
+
+    /// The first failure this process saw (a peer's, or its own), if any.
+    pub fn failure(&self) -> Option<CommError> {
+        self.mesh.inbox.check().err()
+    }
+
+    /// This process's world rank.
+    pub fn rank(&self) -> Rank {
+        self.mesh.rank
+    }
+
+    /// Waits until every communicator on these connections is dropped (a communication thread
+    /// may still be ending), for at most `timeout`: then dropping this guard sends the goodbye,
+    /// which a process that exits with a communicator still alive would never send.
+    pub fn wait_for_communicators(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Arc::strong_count(&self.mesh) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// See [`TcpComm::failure_watch`].
+#[derive(Clone)]
+pub struct FailureWatch {
+    inbox: Arc<Inbox>,
+}
+
+impl FailureWatch {
+    /// Blocks until a failure is known (and returns it) or `timeout` passes (`None`).
+    pub fn wait(&self, timeout: Duration) -> Option<CommError> {
+        self.inbox.wait_for_failure(timeout)
     }
 }
 
