@@ -29,10 +29,10 @@ use ch04_pipeline::stage::copy_by_name;
 use ch04_pipeline::train::{Gathered, PipelinePlan, check, conclude, measured_bubble, plan, write_trace};
 use ch04_pipeline::{PipelineConfig, PipelineError, StageReport};
 use kernels::comm::grid::{Coords, Grid, GroupKind};
+use kernels::comm::process::run_rank as run_process_rank;
 use kernels::comm::rendezvous::RendezvousConfig;
-use kernels::comm::tcp::{RENDEZVOUS_TIMEOUT, TcpComm};
 use kernels::comm::thread::{LaunchError, launch};
-use kernels::comm::{CommError, Communicator, ReduceOp};
+use kernels::comm::{Communicator, ReduceOp};
 use kernels::device::DeviceRequest;
 use kernels::{Category, Trace};
 use std::sync::Arc;
@@ -69,6 +69,10 @@ pub enum HybridError {
         "chapter 5's ranks are threads or processes on the CPU here; --device cuda is not built yet (NCCL ranks are unverified without a GPU)"
     )]
     GpuRanks,
+    #[error(
+        "--nproc-per-node {nproc} starts {nproc} ranks, but the grid --dp x --tp x --pp has {grid}: one process per rank"
+    )]
+    NprocNotGrid { nproc: usize, grid: usize },
     #[error("WORLD_SIZE is {world}, but the grid --dp x --tp x --pp has {grid} ranks: start one process per rank")]
     WorldSize { world: usize, grid: usize },
     #[error(transparent)]
@@ -115,6 +119,17 @@ pub fn check_hybrid(cfg: &HybridConfig, model: &ModelConfig) -> Result<(), Hybri
         return Err(HybridError::TooManyRanks { dp, tp, pp });
     }
     check(p, model)?; // now with --dp: the batch split into replicas and micro-batches
+    Ok(())
+}
+
+/// `--nproc-per-node K`, checked before any process starts: the flags, and K against the grid.
+pub fn check_launch(cfg: &HybridConfig, nproc: usize) -> Result<(), HybridError> {
+    let model = model_config(&cfg.pipeline.train, Tokenizer::new(cfg.pipeline.train.tokenizer).vocab_size())?;
+    check_hybrid(cfg, &model)?;
+    let grid = cfg.grid().world_size();
+    if nproc != grid {
+        return Err(HybridError::NprocNotGrid { nproc, grid });
+    }
     Ok(())
 }
 
@@ -271,27 +286,21 @@ pub fn train(cfg: &HybridConfig) -> Result<HybridReport, HybridError> {
 }
 // ANCHOR_END: train
 
-/// Whether a launcher (torchrun, `--nproc-per-node`, SLURM) started this process as one rank of
-/// a job: it sets `WORLD_SIZE`.
-pub fn launched_as_a_rank() -> bool {
-    std::env::var_os("WORLD_SIZE").is_some()
-}
-
 // ANCHOR: train_process
-/// This process is one rank of the grid (`WORLD_SIZE`, `RANK`, `MASTER_ADDR`, `MASTER_PORT`
-/// say which, as torchrun sets them): the same `run_rank` as a thread rank's, over TCP. Rank 0
-/// returns the run's report (its own rank's figures only); the other ranks return `None`.
-pub fn train_this_process(cfg: &HybridConfig) -> Result<Option<HybridReport>, HybridError> {
+/// This process is one rank of the grid (`config`: `WORLD_SIZE`, `RANK`, `MASTER_ADDR`,
+/// `MASTER_PORT`, as `--nproc-per-node` or torchrun sets them): the same `run_rank` as a thread
+/// rank's, over TCP, under chapter 2's process runner (a failure anywhere ends every rank with
+/// one line naming the first). Rank 0 returns the run's report, with its own rank's figures
+/// only; the other ranks return `None`.
+pub fn train_this_process(cfg: &HybridConfig, config: &RendezvousConfig) -> Result<Option<HybridReport>, HybridError> {
     let run = prepare(cfg)?;
     let grid = run.cfg.grid();
-    // The launcher's variables checked against the grid before meeting the other ranks, which
-    // would wait for ranks that never come.
-    let rendezvous = RendezvousConfig::from_env().map_err(|e| TrainError::Comm(CommError::Backend(e.to_string())))?;
-    if rendezvous.world_size != grid.world_size() {
-        return Err(HybridError::WorldSize { world: rendezvous.world_size, grid: grid.world_size() });
+    // Checked before meeting the other ranks, which would wait for ranks that never come.
+    if config.world_size != grid.world_size() {
+        return Err(HybridError::WorldSize { world: config.world_size, grid: grid.world_size() });
     }
-    let world = TcpComm::from_rendezvous(&rendezvous, RENDEZVOUS_TIMEOUT).map_err(TrainError::from)?;
-    let (rank, lead) = run_rank(&run.cfg, world, run.dataset.clone(), &run.trace)?;
+    let (rank_cfg, dataset, trace) = (&run.cfg, run.dataset.clone(), &run.trace);
+    let (rank, lead) = run_process_rank(config, |world| run_rank(rank_cfg, world, dataset, trace))?;
     let Some(lead) = lead else { return Ok(None) };
     let device =
         format!("cpu ({} processes over TCP: dp {} x tp {} x pp {})", grid.world_size(), grid.dp, grid.tp, grid.pp);

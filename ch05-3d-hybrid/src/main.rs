@@ -8,11 +8,13 @@ use ch05_3d_hybrid::cost::{
     data_bytes_per_step, pipeline_bytes_per_evaluation, pipeline_bytes_per_step, tensor_bytes_per_evaluation,
     tensor_bytes_per_step,
 };
-use ch05_3d_hybrid::hybrid::{held, launched_as_a_rank, train_this_process};
+use ch05_3d_hybrid::hybrid::{check_launch, held, train_this_process};
 use ch05_3d_hybrid::{HybridConfig, HybridReport, train};
 use clap::Parser;
 use kernels::Category;
 use kernels::comm::Collective;
+use kernels::comm::process::{Ranks, launch_this_program};
+use kernels::comm::rendezvous::RendezvousConfig;
 use kernels::memory::format_bytes;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +58,12 @@ struct Cli {
     /// Draw the last training step of the first pipe's stages, as measured, as an SVG timeline.
     #[arg(long)]
     timeline: Option<PathBuf>,
+    /// Run each rank as a process of its own (this program started K times, the ranks talking
+    /// over TCP on 127.0.0.1) instead of a thread; K must be the grid's size. Under torchrun or
+    /// another launcher, leave it out: the environment (WORLD_SIZE, RANK, ...) says the ranks
+    /// are processes.
+    #[arg(long, allow_negative_numbers = true)]
+    nproc_per_node: Option<usize>,
 }
 
 /// The grid the flags ask for: what is given, 1 for the rest; with none given, the smallest
@@ -132,17 +140,18 @@ fn print_grid(r: &HybridReport, val_batches: usize) {
 }
 // ANCHOR_END: print_grid
 
+// ANCHOR: run
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let ranks = Ranks::from_env(cli.nproc_per_node)?;
     let (dp, tp, pp, chosen) = grid_flags(&cli);
-    // Under a launcher every process runs this: rank 0 speaks for them.
-    let speaks = !launched_as_a_rank() || std::env::var("RANK").is_ok_and(|r| r.trim() == "0");
-    if chosen && speaks {
+    // Under a launcher every process runs this: rank 0 speaks for them (and for the launcher).
+    if chosen && matches!(&ranks, Ranks::Threads | Ranks::Process(RendezvousConfig { rank: 0, .. })) {
+        let how = if ranks == Ranks::Threads { "thread ranks" } else { "processes" };
         println!(
-            "no --dp/--tp/--pp given: running dp 1 x tp 2 x pp 2 (4 thread ranks), the smallest grid with tensor and pipeline groups (add --dp 2 for data-parallel ones)"
+            "no --dp/--tp/--pp given: running dp 1 x tp 2 x pp 2 (4 {how}), the smallest grid with tensor and pipeline groups (add --dp 2 for data-parallel ones)"
         );
     }
     let outputs = cli.common.outputs.clone();
-    let compare = outputs.prepare()?;
     let pipeline = PipelineConfig {
         train: cli.common.into_config()?,
         pp,
@@ -155,18 +164,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         skip_tied_sum: false,
     };
     let cfg = HybridConfig { pipeline, tp, fault: None };
-    // One rank of a job a launcher started (torchrun's variables), or every rank as a thread.
-    let report = match launched_as_a_rank() {
-        true => match train_this_process(&cfg)? {
-            Some(report) => report,
-            None => return Ok(()), // not rank 0: rank 0 reports
-        },
-        false => train(&cfg)?,
+    let (report, compare) = match ranks {
+        Ranks::Threads => {
+            let compare = outputs.prepare()?;
+            (train(&cfg)?, compare)
+        }
+        // Bad settings get their one line here, before any process starts.
+        Ranks::Launcher { nproc } => {
+            outputs.prepare()?;
+            check_launch(&cfg, nproc)?;
+            return Ok(launch_this_program(nproc)?);
+        }
+        // One rank of the job: rank 0 prints and writes for the run; the others only train.
+        Ranks::Process(config) => {
+            let compare = if config.rank == 0 { outputs.prepare()? } else { None };
+            match train_this_process(&cfg, &config)? {
+                Some(report) => (report, compare),
+                None => return Ok(()),
+            }
+        }
     };
     print_summary(&report.report);
     print_grid(&report, cfg.pipeline.train.val_batches);
     outputs.write(&report.run_report(&cfg), compare)
 }
+// ANCHOR_END: run
 
 fn main() -> ExitCode {
     run_main::<Cli>(run)

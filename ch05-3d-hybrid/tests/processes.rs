@@ -77,6 +77,23 @@ fn four_processes_over_tcp_train_what_four_thread_ranks_train_bit_for_bit() {
 // ANCHOR_END: processes_test
 
 #[test]
+fn nproc_per_node_launches_the_grid_as_processes_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let threads = output_within(&mut ch05(dir.path(), "threads"), Duration::from_secs(120));
+    assert!(threads.status.success(), "{}", String::from_utf8_lossy(&threads.stderr));
+    let out = output_within(ch05(dir.path(), "procs").args(["--nproc-per-node", "4"]), Duration::from_secs(120));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("4 processes over TCP"));
+    let (a, b) = (dir.path().join("threads.jsonl"), dir.path().join("procs.jsonl"));
+    assert_eq!(losses(&a), losses(&b), "losses and gradient norms");
+    let read = |name: &str| std::fs::read(dir.path().join(name).join("model.safetensors")).unwrap();
+    assert!(read("threads") == read("procs"), "the saved weights differ");
+    // One process per rank of the grid, or one line before any starts.
+    let out = output_within(ch05(dir.path(), "wrong").args(["--nproc-per-node", "2"]), Duration::from_secs(60));
+    assert_one_error_line(&out, "--nproc-per-node 2 starts 2 ranks, but the grid --dp x --tp x --pp has 4");
+}
+
+#[test]
 fn a_world_size_that_is_not_the_grid_is_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port().to_string();
