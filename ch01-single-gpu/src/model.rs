@@ -277,13 +277,26 @@ impl HeadActivations {
         dtype: DType,
         ledger: &MemoryLedger,
     ) -> Result<HeadActivations, TensorError> {
+        HeadActivations::with_columns(cfg, cfg.padded_vocab_size(), batch, seq, device, dtype, ledger)
+    }
+
+    /// The same with `columns` of the logits (a vocabulary shard's, on a tensor-parallel rank).
+    pub fn with_columns(
+        cfg: &ModelConfig,
+        columns: usize,
+        batch: usize,
+        seq: usize,
+        device: Device,
+        dtype: DType,
+        ledger: &MemoryLedger,
+    ) -> Result<HeadActivations, TensorError> {
         let a = Alloc { device, dtype, category: Category::Activations, ledger };
         let (bt, c) = (batch * seq, cfg.n_embd);
         Ok(HeadActivations {
             ln_f: a.t(&[bt, c])?,
             ln_f_mean: a.stat(&[bt])?,
             ln_f_rstd: a.stat(&[bt])?,
-            logits: a.t(&[bt, cfg.padded_vocab_size()])?,
+            logits: a.t(&[bt, columns])?,
             losses: a.stat(&[bt])?,
         })
     }

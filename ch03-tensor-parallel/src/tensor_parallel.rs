@@ -30,6 +30,7 @@ use ch01_single_gpu::train::{
 };
 use ch01_single_gpu::{TrainConfig, TrainError, TrainReport};
 use ch02_data_parallel::grad_sync::GradSync;
+use kernels::comm::grid::{Coords, Grid, GroupKind};
 use kernels::comm::thread::{LaunchError, ThreadComm, launch};
 use kernels::comm::{CommStats, Communicator, ReduceOp};
 use kernels::device::DeviceRequest;
@@ -177,7 +178,8 @@ struct TpRank {
     sent_in_steps: u64,
 }
 
-fn check_tp(cfg: &TpConfig) -> Result<(), TpError> {
+/// The flags checked against each other and the model, once, before any rank starts.
+pub fn check_tp(cfg: &TpConfig) -> Result<(), TpError> {
     let (tp, dp) = (cfg.tp, cfg.dp);
     if tp == 0 {
         return Err(TpError::ZeroRanks);
@@ -565,7 +567,7 @@ fn report(
 }
 
 // ANCHOR: run_rank
-/// One rank of the dp x tp grid. Ranks are numbered with tensor parallelism innermost,
+/// One rank of the dp x tp grid. Ranks are numbered by `Grid` with tensor parallelism innermost,
 /// rank = tp_rank + tp · dp_rank, so that a tensor-parallel group is neighbours (one node's
 /// fast links, on a cluster).
 fn run_rank(
@@ -574,9 +576,10 @@ fn run_rank(
     dataset: Arc<Dataset>,
 ) -> Result<(Option<TrainReport>, TpRankReport), TpError> {
     let (rank, tp, dp) = (world.rank(), cfg.tp, cfg.dp);
-    let (tp_rank, dp_rank) = (rank % tp, rank / tp);
-    let shard_mates: Vec<usize> = (0..tp).map(|r| r + tp * dp_rank).collect();
-    let replicas: Vec<usize> = (0..dp).map(|d| tp_rank + tp * d).collect();
+    let grid = Grid::new(dp, tp, 1);
+    let Coords { tp: tp_rank, dp: dp_rank, .. } = grid.coords(rank);
+    let shard_mates = grid.group(GroupKind::Tensor, rank);
+    let replicas = grid.group(GroupKind::Data, rank);
     let split = |world: &mut ThreadComm, ranks: &[usize]| world.split_group(ranks).map_err(TrainError::Comm);
     let (group, dp_group) = (split(&mut world, &shard_mates)?, split(&mut world, &replicas)?);
     let model = model_config(&cfg.train, Tokenizer::new(cfg.train.tokenizer).vocab_size())?;

@@ -6,6 +6,7 @@
 //! simulator with no devices (`simulate.rs`), and run by one interpreter (`pipeline.rs`) on one
 //! thread per stage (`train.rs`).
 
+pub mod parts;
 pub mod pipeline;
 pub mod report;
 pub mod schedule;

@@ -9,6 +9,7 @@
 //! on both, is chapter 1's gradient. The global norm is the sum of the stages' squared norms
 //! (counting the tied copy once), so every stage clips as chapter 1 does.
 
+use crate::parts::StageParts;
 use crate::schedule::{Instr, Pipe, Schedule, last_use, peak_in_flight};
 use crate::stage::{StageParams, copy_by_name, holds, stage_layout};
 use crate::train::{PipelineConfig, StageReport, partition};
@@ -16,16 +17,14 @@ use ch01_single_gpu::TrainError;
 use ch01_single_gpu::config::ModelConfig;
 use ch01_single_gpu::data::{Batch, BatchSampler, Dataset, sequential_batch};
 use ch01_single_gpu::model::{
-    BackwardScratch, BlockActivations, BlockShape, Dims, Head, HeadActivations, Whole, blocks_backward, blocks_forward,
-    embed_backward, embed_forward, head_backward, head_forward,
+    BackwardScratch, BlockActivations, Dims, Head, HeadActivations, blocks_backward, blocks_forward,
 };
 use ch01_single_gpu::optimizer::{Optimizer, squared_norm};
-use ch01_single_gpu::params::ParamLayout;
+use ch01_single_gpu::params::{ParamLayout, ParamSpec};
 use ch01_single_gpu::schedule::learning_rate;
 use ch01_single_gpu::tokenizer::Tokenizer;
 use ch01_single_gpu::train::{StartState, StepRecord, TrainSteps, check_config, model_config, run_shape};
 use ch02_data_parallel::grad_sync::GradSync;
-use kernels::comm::thread::ThreadComm;
 use kernels::comm::{CommStats, Communicator, ReduceOp};
 use kernels::dispatch::copy;
 use kernels::ops::grad_norm::clip_scale;
@@ -48,7 +47,7 @@ struct Slot {
 }
 
 /// A stage: its share of the model, its buffers, and its place in the pipe.
-pub(crate) struct Stage {
+pub struct Stage {
     s: usize,
     n: usize,
     cfg: PipelineConfig,
@@ -60,8 +59,9 @@ pub(crate) struct Stage {
     params: Tensor,
     grads: Tensor,
     optimizer: Optimizer,
-    /// The squared norm counts each parameter once: the last stage's copy of wte is left out.
-    norm_range: Range<usize>,
+    /// The squared norm counts each parameter once: the last stage's copy of wte is left out
+    /// (and so are the tensors `parts` says another rank counts).
+    norm_ranges: Vec<Range<usize>>,
     /// Activation buffers, taken by a micro-batch at its first instruction and given back after
     /// its last. They grow to the schedule's peak in flight, and no further.
     slots: Vec<Slot>,
@@ -72,10 +72,12 @@ pub(crate) struct Stage {
     proj: Tensor,
     /// Activations travel on `comm`, gradients on `grad_comm` (all stages each): two wires, each
     /// delivering in order, so that the two kinds never need to agree on an order.
-    comm: ThreadComm,
-    grad_comm: ThreadComm,
+    comm: Box<dyn Communicator>,
+    grad_comm: Box<dyn Communicator>,
     /// First and last stage only: the pair that sums the tied embedding's gradient.
-    tied: Option<ThreadComm>,
+    tied: Option<Box<dyn Communicator>>,
+    /// How this stage runs the model's parts: whole, or on a tensor-parallel shard (chapter 5).
+    parts: Box<dyn StageParts>,
     /// With --dp: this stage's replicas in the other pipelines (chapter 2's gradient sync), and
     /// which replica this is.
     dp_sync: Option<GradSync>,
@@ -97,11 +99,13 @@ pub(crate) struct Stage {
 
 impl Stage {
     /// Stage `comm.rank()` of a pipe (`comm` is the pipe's communicator), replica `replica` of
-    /// --dp, with `dp` its data-parallel group when there is more than one pipe.
-    pub(crate) fn new(
+    /// --dp, with `dp` its data-parallel group when there is more than one pipe, running the
+    /// model's parts as `parts` does.
+    pub fn new(
         cfg: &PipelineConfig,
-        mut comm: ThreadComm,
-        (replica, dp): (usize, Option<ThreadComm>),
+        mut comm: Box<dyn Communicator>,
+        (replica, dp): (usize, Option<Box<dyn Communicator>>),
+        parts: Box<dyn StageParts>,
         dataset: Arc<Dataset>,
         trace: Trace,
     ) -> Result<Stage, TrainError> {
@@ -111,11 +115,12 @@ impl Stage {
         dataset.check_seq_len(t)?;
         let (s, n) = (comm.rank(), comm.world_size());
         let pipe = Pipe { ranks: n, chunks: cfg.virtual_stages };
-        let parts = partition(cfg, &model, t);
-        let chunks: Vec<Range<usize>> = (0..pipe.chunks).map(|c| parts[pipe.virtual_stage(s, c)].clone()).collect();
+        let blocks_of = partition(cfg, &model, t);
+        let chunks: Vec<Range<usize>> = (0..pipe.chunks).map(|c| blocks_of[pipe.virtual_stage(s, c)].clone()).collect();
         let full = ParamLayout::new(&model);
         let n_blocks = chunks.iter().map(|b| b.len()).sum();
-        let layout = stage_layout(&full, |spec| holds(spec, s, n, &chunks), n_blocks);
+        let cut_from = parts.layout(&full)?;
+        let layout = stage_layout(&cut_from, |spec| holds(spec, s, n, &chunks), n_blocks);
         let (first, last) = (s == 0, s + 1 == n);
 
         let ledger = MemoryLedger::new();
@@ -128,7 +133,7 @@ impl Stage {
         // checkpoint in chapter 1's layout), and keeps its share: the same start in every layout.
         let mine = |whole: &[f32]| {
             let mut share = vec![0.0; layout.total];
-            copy_by_name(&full, whole, &layout, &mut share);
+            copy_by_name(&cut_from, &parts.take(&full, &cut_from, whole), &layout, &mut share);
             share
         };
         let run = run_shape(train, &model, t, &dataset);
@@ -138,13 +143,13 @@ impl Stage {
         }
         params.copy_from(&mine(&host))?;
         // ANCHOR_END: stage_init
-        let wte = layout.get("wte.weight").map_or(0, |spec| spec.numel());
-        let norm_range = if last && !first { wte..layout.total } else { 0..layout.total };
+        let norm_ranges =
+            norm_ranges(&layout, |spec| parts.counts_in_norm(spec) && !(last && !first && spec.name == "wte.weight"));
 
         // Each pipe computes its replica's share of every batch, in micro-batches.
         let rows = train.batch_size / (cfg.dp * cfg.microbatches);
-        let grad_comm = comm.split_group(&(0..n).collect::<Vec<_>>())?;
-        let tied = if n > 1 && (first || last) { Some(comm.split_group(&[0, n - 1])?) } else { None };
+        let grad_comm = comm.split(&(0..n).collect::<Vec<_>>())?;
+        let tied = if n > 1 && (first || last) { Some(comm.split(&[0, n - 1])?) } else { None };
         let micro_per_step = cfg.microbatches * train.grad_accum;
         let train_list = Schedule::new(cfg.schedule, n, pipe.chunks, micro_per_step).stages[s].clone();
         let train_list = if cfg.skip_tied_sum {
@@ -153,7 +158,7 @@ impl Stage {
             train_list
         };
         let eval_list = Schedule::forward_only(n, pipe.chunks, cfg.microbatches).stages[s].clone();
-        let scratch = BackwardScratch::new(BlockShape::whole(&model), rows, t, Device::Cpu, DType::F32, &ledger)?;
+        let scratch = BackwardScratch::new(parts.shape(&model), rows, t, Device::Cpu, DType::F32, &ledger)?;
         let dp_sync = dp.map(|dp| GradSync::new(dp, &layout, 0, &ledger, Trace::disabled()));
         let proj = Tensor::zeros_on(&[rows * t, model.n_embd], Device::Cpu, DType::F32, Category::Other, &ledger)?;
         Ok(Stage {
@@ -167,7 +172,7 @@ impl Stage {
             params,
             grads,
             optimizer,
-            norm_range,
+            norm_ranges,
             slots: Vec::new(),
             free: vec![Vec::new(); pipe.chunks],
             slot_of: HashMap::new(),
@@ -176,6 +181,7 @@ impl Stage {
             comm,
             grad_comm,
             tied,
+            parts,
             dp_sync,
             replica,
             train_list,
@@ -206,14 +212,23 @@ impl Stage {
             Some(i) => i,
             None => {
                 let (rows, t, c, ledger) = (self.rows, self.t, self.model.n_embd, &self.ledger);
-                let shape = BlockShape::whole(&self.model);
+                let shape = self.parts.shape(&self.model);
                 let act = |category| Tensor::zeros_on(&[rows * t, c], Device::Cpu, DType::F32, category, ledger);
                 let blocks = self.chunks[chunk]
                     .clone()
                     .map(|_| BlockActivations::new(shape, rows, t, Device::Cpu, DType::F32, ledger))
                     .collect::<Result<_, _>>()?;
+                let columns = self.parts.logit_columns(&self.model);
                 let head = match self.pipe.is_last(self.s, chunk) {
-                    true => Some(HeadActivations::new(&self.model, rows, t, Device::Cpu, DType::F32, ledger)?),
+                    true => Some(HeadActivations::with_columns(
+                        &self.model,
+                        columns,
+                        rows,
+                        t,
+                        Device::Cpu,
+                        DType::F32,
+                        ledger,
+                    )?),
                     false => None,
                 };
                 let (input, grad) = (act(Category::Activations)?, act(Category::Other)?);
@@ -286,14 +301,15 @@ impl Stage {
         let chunk = self.slots[i].chunk;
         let (first, last) = (self.pipe.is_first(self.s, chunk), self.pipe.is_last(self.s, chunk));
         let (t, c) = (self.t, self.model.n_embd);
-        let d = Dims { b: self.rows, t, shape: BlockShape::whole(&self.model) };
+        let d = Dims { b: self.rows, t, shape: self.parts.shape(&self.model) };
         let p = StageParams::new(&self.layout, self.layout.tensor_views(self.params.view()));
         let blocks = &p.blocks[self.chunk_blocks(chunk)];
         let slot = &mut self.slots[i];
         if first && let (Some(wte), Some(wpe)) = (p.wte, p.wpe) {
-            embed_forward(slot.input.view_mut(), &batch.inputs, wte, wpe, t, c);
+            self.parts.embed_forward(slot.input.view_mut(), &batch.inputs, wte, wpe, t, c)?;
         }
-        blocks_forward(blocks, slot.input.view(), &mut slot.blocks, self.proj.view_mut(), d, &mut Whole)?;
+        let comm = self.parts.block_comm();
+        blocks_forward(blocks, slot.input.view(), &mut slot.blocks, self.proj.view_mut(), d, comm)?;
         if !last {
             return Ok(0.0);
         }
@@ -304,7 +320,7 @@ impl Stage {
         };
         let x = slot.blocks.last().map_or(&slot.input, |b| &b.out).view();
         let head = Head { ln_f_weight, ln_f_bias, wte };
-        let loss = head_forward(&head, &self.model, x, acts, Some(&batch.targets), d.bt())?;
+        let loss = self.parts.head_forward(&head, &self.model, x, acts, Some(&batch.targets), d.bt())?;
         Ok(loss.unwrap_or(f32::NAN) as f64)
     }
     // ANCHOR_END: stage_forward
@@ -317,7 +333,7 @@ impl Stage {
         let chunk = self.slots[i].chunk;
         let (first, last) = (self.pipe.is_first(self.s, chunk), self.pipe.is_last(self.s, chunk));
         let (t, c) = (self.t, self.model.n_embd);
-        let d = Dims { b: self.rows, t, shape: BlockShape::whole(&self.model) };
+        let d = Dims { b: self.rows, t, shape: self.parts.shape(&self.model) };
         let mine = self.chunk_blocks(chunk);
         let p = StageParams::new(&self.layout, self.layout.tensor_views(self.params.view()));
         let mut g = StageParams::new(&self.layout, self.layout.tensor_views_mut(self.grads.view_mut()));
@@ -336,16 +352,17 @@ impl Stage {
             let x = slot.blocks.last().map_or(&slot.input, |b| &b.out).view();
             let (d_ln, d_x) = (scratch.block.d_ln.view_mut(), scratch.d_res[0].view_mut());
             let head = Head { ln_f_weight, ln_f_bias, wte };
-            head_backward(&head, grads, &self.model, x, acts, d_ln, d_x, &batch.targets, dloss, d.bt());
+            self.parts.head_backward(&head, grads, &self.model, x, acts, d_ln, d_x, &batch.targets, dloss, d.bt())?;
         } else {
             copy(scratch.d_res[0].view_mut(), slot.grad.view());
         }
         let x = slot.input.view();
         let (blocks, grads) = (&p.blocks[mine.clone()], &mut g.blocks[mine]);
-        blocks_backward(blocks, grads, x, &slot.blocks, scratch, d, &mut Whole, &mut |_, _| {})?;
+        let comm = self.parts.block_comm();
+        blocks_backward(blocks, grads, x, &slot.blocks, scratch, d, comm, &mut |_, _| {})?;
         if first {
             if let (Some(dwte), Some(dwpe)) = (g.wte, g.wpe) {
-                embed_backward(dwte, dwpe, scratch.d_res[0].view(), &batch.inputs, t, c);
+                self.parts.embed_backward(dwte, dwpe, scratch.d_res[0].view(), &batch.inputs, t, c);
             }
         } else {
             copy(slot.grad.view_mut(), scratch.d_res[0].view());
@@ -379,7 +396,12 @@ impl Stage {
             sync.finish(self.grads.as_mut_slice())?;
             loss = sync.reduce_scalars(vec![loss], ReduceOp::Avg)?[0];
         }
-        let squared = squared_norm(self.grads.view(), self.norm_range.clone())?;
+        let mut squared = 0.0;
+        for range in &self.norm_ranges {
+            squared += squared_norm(self.grads.view(), range.clone())?;
+        }
+        // With tensor parallelism, the stage's ranks' parts first (nothing to do without).
+        let squared = self.parts.sum_norm(squared)?;
         // A squared norm is an f64: it travels as an f32 and the f32 rounding of the rest, so
         // that the sum (in stage order, in f64, the same on every stage) loses nothing.
         let hi = squared as f32;
@@ -416,7 +438,7 @@ impl Stage {
     }
 
     /// The line the run starts with.
-    pub(crate) fn header(&self) -> String {
+    pub fn header(&self) -> String {
         let (cfg, m) = (&self.cfg, &self.model);
         format!(
             "device: cpu ({} thread ranks) | model: {} layers, {} heads, {} dims | pipeline: {} stages, {} micro-batches of {} rows, {}",
@@ -426,7 +448,7 @@ impl Stage {
 
     /// This stage's account of the run, its final tensors included (and its data-parallel
     /// sync stopped).
-    pub(crate) fn report(&mut self) -> Result<StageReport, TrainError> {
+    pub fn report(&mut self) -> Result<StageReport, TrainError> {
         let dp_comm = match self.dp_sync.as_mut() {
             Some(sync) => sync.stop()?,
             None => CommStats::default(),
@@ -438,6 +460,7 @@ impl Stage {
             blocks: self.chunks.clone(),
             memory: self.ledger.report(),
             comm: merged(self.comm.stats(), self.grad_comm.stats()),
+            stage_comm: self.parts.stats(),
             peak_in_flight: peak_in_flight(&self.train_list),
             // One slot of each chunk: one micro-batch's activations through the whole stage.
             micro_activation_bytes: (0..self.pipe.chunks)
@@ -520,8 +543,21 @@ impl TrainSteps for Stage {
     }
 
     fn ranks(&self) -> usize {
-        self.cfg.pp * self.cfg.dp
+        self.cfg.pp * self.cfg.dp * self.parts.ranks()
     }
+}
+
+/// The ranges of `layout` made of the tensors `counts` keeps, neighbours merged: the squared
+/// norm of each is one sum (so one range, when every tensor counts, is one sum as before).
+fn norm_ranges(layout: &ParamLayout, counts: impl Fn(&ParamSpec) -> bool) -> Vec<Range<usize>> {
+    let mut ranges: Vec<Range<usize>> = Vec::new();
+    for spec in layout.specs.iter().filter(|spec| counts(spec)) {
+        match ranges.last_mut() {
+            Some(last) if last.end == spec.offset => last.end = spec.range().end,
+            _ => ranges.push(spec.range()),
+        }
+    }
+    ranges
 }
 
 /// The bytes of two communicators, added up.

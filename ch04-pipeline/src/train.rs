@@ -8,12 +8,14 @@ use crate::stage::{PartCosts, Partition, balanced_partition, copy_by_name, unifo
 use ch01_single_gpu::checkpoint::{self, CheckpointContents, TrainerState};
 use ch01_single_gpu::config::ModelConfig;
 use ch01_single_gpu::data::{BatchSampler, Dataset};
+use ch01_single_gpu::model::Whole;
 use ch01_single_gpu::params::ParamLayout;
 use ch01_single_gpu::sample::{SampleConfig, generate};
 use ch01_single_gpu::tokenizer::Tokenizer;
 use ch01_single_gpu::train::{LoopOutcome, check_config, drive, load_dataset, model_config, run_shape};
 use ch01_single_gpu::{TrainConfig, TrainError, TrainReport};
 use ch02_data_parallel::data_parallel::MAX_THREAD_RANKS;
+use kernels::comm::grid::{Grid, GroupKind};
 use kernels::comm::thread::{LaunchError, ThreadComm, launch};
 use kernels::comm::{CommStats, Communicator};
 use kernels::device::DeviceRequest;
@@ -97,6 +99,8 @@ pub struct StageReport {
     pub blocks: Vec<Range<usize>>,
     pub memory: MemoryReport,
     pub comm: CommStats,
+    /// The traffic inside the stage: its tensor-parallel group's in chapter 5, none here.
+    pub stage_comm: CommStats,
     /// Micro-batches whose activations this stage held at once (the schedule's prediction).
     pub peak_in_flight: usize,
     /// Floats of one micro-batch's activations on this stage.
@@ -136,7 +140,7 @@ pub struct PipelineReport {
     pub replicas: Vec<StageReport>,
 }
 
-pub(crate) fn check(cfg: &PipelineConfig, model: &ModelConfig) -> Result<(), PipelineError> {
+pub fn check(cfg: &PipelineConfig, model: &ModelConfig) -> Result<(), PipelineError> {
     if matches!(cfg.train.device, DeviceRequest::Cuda(_)) {
         return Err(PipelineError::GpuRanks);
     }
@@ -210,8 +214,8 @@ pub fn check_schedules(
 // ANCHOR_END: check_schedules
 
 // ANCHOR: run_stage
-/// One rank of the grid: stage s of pipe d is world rank d + dp·s (the pipeline dimension
-/// outermost, as in the book's grid). It joins its pipe and its data-parallel group, and runs.
+/// One rank of the grid: stage s of pipe d is world rank d + dp·s (`Grid`: the pipeline
+/// dimension outermost, as in the book's grid). It joins its pipe and its data-parallel group, and runs.
 fn run_stage(
     cfg: &PipelineConfig,
     mut world: ThreadComm,
@@ -219,16 +223,16 @@ fn run_stage(
     trace: &Trace,
 ) -> Result<(StageReport, Option<LoopOutcome>), PipelineError> {
     let (rank, dp) = (world.rank(), cfg.dp);
-    let (replica, stage) = (rank % dp, rank / dp);
-    let pipe_members: Vec<usize> = (0..cfg.pp).map(|s| replica + dp * s).collect();
-    let pipe = world.split_group(&pipe_members).map_err(TrainError::from)?;
+    let grid = Grid::new(dp, 1, cfg.pp);
+    let replica = grid.coords(rank).dp;
+    let pipe = world.split(&grid.group(GroupKind::Pipeline, rank)).map_err(TrainError::from)?;
     let dp_group = match dp {
         1 => None,
-        _ => Some(world.split_group(&(stage * dp..(stage + 1) * dp).collect::<Vec<_>>()).map_err(TrainError::from)?),
+        _ => Some(world.split(&grid.group(GroupKind::Data, rank)).map_err(TrainError::from)?),
     };
     // The trace follows the first pipe, one lane per stage.
     let trace = if replica == 0 { trace.clone() } else { Trace::disabled() };
-    let mut me = Stage::new(cfg, pipe, (replica, dp_group), dataset, trace)?;
+    let mut me = Stage::new(cfg, pipe, (replica, dp_group), Box::new(Whole), dataset, trace)?;
     let header = me.header();
     // Saving needs every stage's share: `train` gathers them and saves once the loop is done.
     let loop_cfg = TrainConfig { save: None, ..cfg.train.clone() };
@@ -238,20 +242,23 @@ fn run_stage(
 }
 // ANCHOR_END: run_stage
 
-// ANCHOR: train
-/// Trains with `pp` pipeline stages on thread ranks and reports chapter 1's figures (the
-/// parameters gathered into chapter 1's layout) and every stage's.
-pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
-    let tokenizer = Tokenizer::new(cfg.train.tokenizer);
-    let model = model_config(&cfg.train, tokenizer.vocab_size())?;
-    check(cfg, &model)?;
-    let cfg = &PipelineConfig { train: TrainConfig { device: DeviceRequest::Cpu, ..cfg.train.clone() }, ..cfg.clone() };
+/// What a pipeline's step will cost before any rank runs it: the schedules simulated (a broken
+/// one is an error here), the bubble with equal stages and with the stages' estimated costs.
+pub struct PipelinePlan {
+    /// Micro-batches per optimizer step: --microbatches x --grad-accum.
+    pub micro_per_step: usize,
+    pub bubble: f64,
+    pub bubble_estimated: f64,
+    pub estimated_shares: Vec<f64>,
+}
+
+/// The [`PipelinePlan`] of `cfg` (chapter 5 plans its pipes with it too).
+pub fn plan(cfg: &PipelineConfig, model: &ModelConfig, t: usize) -> Result<PipelinePlan, PipelineError> {
     let micro_per_step = cfg.microbatches * cfg.train.grad_accum.max(1);
     let pipe = Pipe { ranks: cfg.pp, chunks: cfg.virtual_stages };
     let bubble = check_schedules(cfg.schedule, pipe, micro_per_step, cfg.microbatches)?;
     // The same schedule with each stage's estimated cost: what an uneven partition costs.
-    let t = check_config(&cfg.train, &model)?;
-    let (parts, costs) = (partition(cfg, &model, t), PartCosts::estimate(&model, t));
+    let (parts, costs) = (partition(cfg, model, t), PartCosts::estimate(model, t));
     let n_virtual = cfg.pp * cfg.virtual_stages;
     let virtual_cost = |v: usize| costs.stage(v, n_virtual, &parts[v]);
     let stage_costs: Vec<f64> =
@@ -262,24 +269,36 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
         stage_costs.iter().map(|c| Costs { forward: c / total, backward: 2.0 * c / total }).collect();
     let simulated = simulate_stages(&Schedule::new(cfg.schedule, cfg.pp, pipe.chunks, micro_per_step), &per_micro)
         .map_err(|source| PipelineError::Schedule { schedule: cfg.schedule, source })?;
-    let bubble_estimated = simulated.bubble_fraction();
+    Ok(PipelinePlan { micro_per_step, bubble, bubble_estimated: simulated.bubble_fraction(), estimated_shares })
+}
+
+/// The model gathered into chapter 1's layout, with where the data stood: what a run reports and
+/// saves, whatever its layout was.
+pub struct Gathered {
+    pub params: Vec<f32>,
+    pub adam_m: Vec<f32>,
+    pub adam_v: Vec<f32>,
+    pub step: u64,
+    pub sampler: BatchSampler,
+}
+
+// ANCHOR: train
+/// Trains with `pp` pipeline stages on thread ranks and reports chapter 1's figures (the
+/// parameters gathered into chapter 1's layout) and every stage's.
+pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
+    let tokenizer = Tokenizer::new(cfg.train.tokenizer);
+    let model = model_config(&cfg.train, tokenizer.vocab_size())?;
+    check(cfg, &model)?;
+    let cfg = &PipelineConfig { train: TrainConfig { device: DeviceRequest::Cpu, ..cfg.train.clone() }, ..cfg.clone() };
+    let t = check_config(&cfg.train, &model)?;
+    let PipelinePlan { micro_per_step, bubble, bubble_estimated, estimated_shares } = plan(cfg, &model, t)?;
     let dataset = Arc::new(load_dataset(&cfg.train.data, &tokenizer)?);
     let traced = cfg.train.trace.is_some() || cfg.timeline.is_some();
     let trace = if traced { Trace::enabled() } else { Trace::disabled() };
     // Each rank owns what it uses (the launcher's ranks are `'static` threads).
     let (rank_cfg, rank_trace, rank_data) = (cfg.clone(), trace.clone(), dataset.clone());
     let results = launch(cfg.pp * cfg.dp, move |comm| run_stage(&rank_cfg, comm, rank_data.clone(), &rank_trace))?;
-    if let Some(path) = &cfg.train.trace {
-        trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
-    }
-    // The last step runs from the first stage's first instruction to the last stage's step.
-    if let Some(path) = &cfg.timeline
-        && let (Some((from, _)), Some((_, to))) =
-            (trace.last_span("step", 0, 0), trace.last_span("step", cfg.pp as u32 - 1, 0))
-    {
-        std::fs::write(path, trace.to_svg(from, to, |stage, _| format!("stage {stage}")))
-            .map_err(|source| TrainError::Io { path: path.clone(), source })?;
-    }
+    write_trace(cfg, &trace)?;
 
     // ANCHOR: gather
     // Chapter 1's layout, from every stage's share (the tied wte is the same on both holders):
@@ -301,44 +320,11 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
         copy_by_name(&stage.layout, &stage.adam_v, &full, &mut adam_v);
         stages.push(stage);
     }
-    let LoopOutcome { steps, val_losses, train_seconds } = leader.ok_or(PipelineError::NoReport)?;
-    if let Some(dir) = &cfg.train.save {
-        let run = run_shape(&cfg.train, &model, t, &dataset);
-        let state = TrainerState { step: stages[0].step, sampler: stages[0].sampler.clone(), run };
-        let optimizer = Some((&adam_m[..], &adam_v[..], &state));
-        let contents = CheckpointContents { cfg: &model, layout: &full, params: &params, optimizer };
-        checkpoint::save(dir, &contents).map_err(TrainError::from)?;
-    }
+    let outcome = leader.ok_or(PipelineError::NoReport)?;
+    let gathered = Gathered { params, adam_m, adam_v, step: stages[0].step, sampler: stages[0].sampler.clone() };
     // ANCHOR_END: gather
-    let train = &cfg.train;
-    let sample = match train.sample_tokens {
-        0 => None,
-        tokens => {
-            let sample_cfg =
-                SampleConfig { tokens, temperature: train.temperature, top_k: train.top_k, seed: train.seed };
-            let prompt = tokenizer.encode(&train.prompt);
-            let out = generate(&full.views(View::Cpu(&params)), &model, &prompt, sample_cfg, Device::Cpu, DType::F32)
-                .map_err(TrainError::from)?;
-            Some(train.prompt.clone() + &tokenizer.decode(&out))
-        }
-    };
-    let tokens = (steps.len() * train.batch_size * t * train.grad_accum) as f64;
-    let report = TrainReport {
-        model: model.clone(),
-        tokenizer: train.tokenizer,
-        device: format!("cpu ({} pipeline stages on threads)", cfg.pp),
-        dtype: DType::F32,
-        flops_per_token: model.flops_per_token(t),
-        peak_flops: None,
-        n_params: full.total - (model.padded_vocab_size() - model.vocab_size) * model.n_embd,
-        steps,
-        val_losses,
-        tokens_per_sec: if train_seconds > 0.0 { tokens / train_seconds } else { 0.0 },
-        memory: stages[0].memory.clone(),
-        sample,
-        layout: full,
-        params,
-    };
+    let device = format!("cpu ({} pipeline stages on threads)", cfg.pp);
+    let report = conclude(cfg, &model, (t, &dataset), gathered, outcome, stages[0].memory.clone(), device)?;
     Ok(PipelineReport {
         pp: cfg.pp,
         microbatches: cfg.microbatches,
@@ -355,3 +341,72 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
     })
 }
 // ANCHOR_END: train
+
+/// Writes the run's trace (--trace) and the last step's timeline (--timeline), if asked for.
+pub fn write_trace(cfg: &PipelineConfig, trace: &Trace) -> Result<(), TrainError> {
+    if let Some(path) = &cfg.train.trace {
+        trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
+    }
+    // The last step runs from the first stage's first instruction to the last stage's step.
+    if let Some(path) = &cfg.timeline
+        && let (Some((from, _)), Some((_, to))) =
+            (trace.last_span("step", 0, 0), trace.last_span("step", cfg.pp as u32 - 1, 0))
+    {
+        std::fs::write(path, trace.to_svg(from, to, |stage, _| format!("stage {stage}")))
+            .map_err(|source| TrainError::Io { path: path.clone(), source })?;
+    }
+    Ok(())
+}
+
+/// The end of a run whose model is `gathered` into chapter 1's layout: the checkpoint (--save),
+/// the text sample, and chapter 1's report of it.
+pub fn conclude(
+    cfg: &PipelineConfig,
+    model: &ModelConfig,
+    (t, dataset): (usize, &Dataset),
+    gathered: Gathered,
+    outcome: LoopOutcome,
+    memory: MemoryReport,
+    device: String,
+) -> Result<TrainReport, PipelineError> {
+    let full = ParamLayout::new(model);
+    let Gathered { params, adam_m, adam_v, step, sampler } = gathered;
+    let LoopOutcome { steps, val_losses, train_seconds } = outcome;
+    if let Some(dir) = &cfg.train.save {
+        let run = run_shape(&cfg.train, model, t, dataset);
+        let state = TrainerState { step, sampler, run };
+        let optimizer = Some((&adam_m[..], &adam_v[..], &state));
+        let contents = CheckpointContents { cfg: model, layout: &full, params: &params, optimizer };
+        checkpoint::save(dir, &contents).map_err(TrainError::from)?;
+    }
+    let train = &cfg.train;
+    let tokenizer = Tokenizer::new(train.tokenizer);
+    let sample = match train.sample_tokens {
+        0 => None,
+        tokens => {
+            let sample_cfg =
+                SampleConfig { tokens, temperature: train.temperature, top_k: train.top_k, seed: train.seed };
+            let prompt = tokenizer.encode(&train.prompt);
+            let out = generate(&full.views(View::Cpu(&params)), model, &prompt, sample_cfg, Device::Cpu, DType::F32)
+                .map_err(TrainError::from)?;
+            Some(train.prompt.clone() + &tokenizer.decode(&out))
+        }
+    };
+    let tokens = (steps.len() * train.batch_size * t * train.grad_accum) as f64;
+    Ok(TrainReport {
+        model: model.clone(),
+        tokenizer: train.tokenizer,
+        device,
+        dtype: DType::F32,
+        flops_per_token: model.flops_per_token(t),
+        peak_flops: None,
+        n_params: full.total - (model.padded_vocab_size() - model.vocab_size) * model.n_embd,
+        steps,
+        val_losses,
+        tokens_per_sec: if train_seconds > 0.0 { tokens / train_seconds } else { 0.0 },
+        memory,
+        sample,
+        layout: full,
+        params,
+    })
+}

@@ -10,6 +10,7 @@
 //! - [`tcp`]: ranks as processes (on one machine or several) connected by TCP sockets, as Gloo
 //!   does: the same ring algorithms over a socket [`ring::Wire`], so the same bits and bytes as
 //!   thread ranks; processes meet through the [`rendezvous`].
+//! - [`grid`]: the `dp × tp × pp` grid, the one place ranks are mapped to coordinates and groups.
 //! - [`process`]: ranks as processes of one program: `--nproc-per-node K` (the program starts K
 //!   copies of itself, as torchrun would) or torchrun's environment, and how a job whose ranks
 //!   are processes fails (one line naming the first failed rank, never a hang).
@@ -36,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+pub mod grid;
 mod launcher;
 mod mailbox;
 pub mod nccl;
@@ -179,6 +181,47 @@ pub trait Communicator: Send {
     fn stats(&self) -> CommStats;
 }
 // ANCHOR_END: communicator
+
+/// A sub-group's communicator (what [`Communicator::split`] returns) is a communicator too, so
+/// code generic over `C: Communicator` runs on it.
+impl Communicator for Box<dyn Communicator> {
+    fn rank(&self) -> Rank {
+        (**self).rank()
+    }
+    fn world_size(&self) -> usize {
+        (**self).world_size()
+    }
+    fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
+        (**self).all_reduce(buf, op)
+    }
+    fn reduce_scatter(&mut self, input: &[f32], output: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
+        (**self).reduce_scatter(input, output, op)
+    }
+    fn all_gather(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
+        (**self).all_gather(input, output)
+    }
+    fn broadcast(&mut self, buf: &mut [f32], root: Rank) -> Result<(), CommError> {
+        (**self).broadcast(buf, root)
+    }
+    fn send(&mut self, buf: &[f32], to: Rank) -> Result<(), CommError> {
+        (**self).send(buf, to)
+    }
+    fn recv(&mut self, buf: &mut [f32], from: Rank) -> Result<(), CommError> {
+        (**self).recv(buf, from)
+    }
+    fn sendrecv(&mut self, send: &[f32], to: Rank, recv: &mut [f32], from: Rank) -> Result<(), CommError> {
+        (**self).sendrecv(send, to, recv, from)
+    }
+    fn barrier(&mut self) -> Result<(), CommError> {
+        (**self).barrier()
+    }
+    fn split(&mut self, ranks: &[Rank]) -> Result<Box<dyn Communicator>, CommError> {
+        (**self).split(ranks)
+    }
+    fn stats(&self) -> CommStats {
+        (**self).stats()
+    }
+}
 
 /// A sub-group's member list checked against a group of `n` ranks: where `me` stands in it (its
 /// rank in the new group), or why the list is wrong. Every implementation's `split` starts here.
