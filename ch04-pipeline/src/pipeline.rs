@@ -9,10 +9,13 @@
 //! on both, is chapter 1's gradient. The global norm is the sum of the stages' squared norms
 //! (counting the tied copy once), so every stage clips as chapter 1 does.
 
-use crate::schedule::{Instr, Pipe, Schedule, last_use, peak_in_flight};
+use crate::schedule::{Instr, Pipe, Schedule, ScheduleKind, last_use, peak_in_flight};
 use crate::stage::{StageParams, copy_by_name, holds, stage_layout};
 use crate::train::{PipelineConfig, StageReport, partition};
 use ch01_single_gpu::TrainError;
+use ch01_single_gpu::backward_split::{
+    BlockOutputGrads, blocks_backward_input, blocks_backward_weights, head_backward_input, head_backward_weights,
+};
 use ch01_single_gpu::config::ModelConfig;
 use ch01_single_gpu::data::{Batch, BatchSampler, Dataset, sequential_batch};
 use ch01_single_gpu::model::{
@@ -38,13 +41,15 @@ use std::time::Instant;
 
 /// One micro-batch's buffers in one model chunk of a stage: its input, what the chunk's blocks'
 /// forward saved, and (on the last stage) the head's; `grad` is dL/d(output) as it arrives and
-/// dL/d(input) as it leaves.
+/// dL/d(input) as it leaves. With a split backward (zb-h1), `output_grads` holds what each
+/// block's B leaves for its W, and on the first stage `grad` keeps dL/d(embeddings) for W.
 struct Slot {
     chunk: usize,
     input: Tensor,
     blocks: Vec<BlockActivations>,
     head: Option<HeadActivations>,
     grad: Tensor,
+    output_grads: Vec<BlockOutputGrads>,
 }
 
 /// A stage: its share of the model, its buffers, and its place in the pipe.
@@ -217,7 +222,14 @@ impl Stage {
                     false => None,
                 };
                 let (input, grad) = (act(Category::Activations)?, act(Category::Other)?);
-                self.slots.push(Slot { chunk, input, blocks, head, grad });
+                let output_grads = match self.cfg.schedule {
+                    ScheduleKind::ZbH1 => self.chunks[chunk]
+                        .clone()
+                        .map(|_| BlockOutputGrads::new(shape, rows, t, Device::Cpu, DType::F32, ledger))
+                        .collect::<Result<_, _>>()?,
+                    _ => Vec::new(),
+                };
+                self.slots.push(Slot { chunk, input, blocks, head, grad, output_grads });
                 self.slots.len() - 1
             }
         };
@@ -260,6 +272,8 @@ impl Stage {
                     self.grad_comm.recv(self.slots[i].grad.as_mut_slice(), pipe.next(s, chunk).0)?;
                 }
                 (Instr::Backward { micro, .. }, Some(i)) => self.backward(i, &micros[micro], dloss)?,
+                (Instr::BackwardInput { micro, .. }, Some(i)) => self.backward_input(i, &micros[micro], dloss)?,
+                (Instr::BackwardWeights { micro, .. }, Some(i)) => self.backward_weights(i, &micros[micro]),
                 (Instr::SendGrad { chunk, .. }, Some(i)) => {
                     self.grad_comm.send(self.slots[i].grad.as_slice(), pipe.prev(s, chunk).0)?;
                 }
@@ -354,6 +368,63 @@ impl Stage {
     }
     // ANCHOR_END: stage_backward
 
+    // ANCHOR: stage_backward_split
+    /// B of one micro-batch (zb-h1): the stage's backward less its weight gradients (see
+    /// `ch01_single_gpu::backward_split`). dL/d(input) is left in `grad`: sent back, or, on the
+    /// first stage, kept for the embedding's W.
+    fn backward_input(&mut self, i: usize, batch: &Batch, dloss: f32) -> Result<(), TrainError> {
+        let chunk = self.slots[i].chunk;
+        let last = self.pipe.is_last(self.s, chunk);
+        let d = Dims { b: self.rows, t: self.t, shape: BlockShape::whole(&self.model) };
+        let mine = self.chunk_blocks(chunk);
+        let p = StageParams::new(&self.layout, self.layout.tensor_views(self.params.view()));
+        let mut g = StageParams::new(&self.layout, self.layout.tensor_views_mut(self.grads.view_mut()));
+        let (slot, scratch) = (&mut self.slots[i], &mut self.scratch);
+        if last {
+            let (Some(ln_f_weight), Some(ln_f_bias), Some(wte), Some(acts)) =
+                (p.ln_f_weight, p.ln_f_bias, p.wte, slot.head.as_mut())
+            else {
+                unreachable!("the last stage holds the head")
+            };
+            let (Some(gw), Some(gb)) = (g.ln_f_weight.as_mut(), g.ln_f_bias.as_mut()) else {
+                unreachable!("the last stage holds the head's gradients")
+            };
+            let x = slot.blocks.last().map_or(&slot.input, |b| &b.out).view();
+            let (d_ln, d_x) = (scratch.block.d_ln.view_mut(), scratch.d_res[0].view_mut());
+            let head = Head { ln_f_weight, ln_f_bias, wte };
+            let (gw, gb) = (gw.reborrow(), gb.reborrow());
+            head_backward_input(&head, gw, gb, &self.model, x, acts, d_ln, d_x, &batch.targets, dloss, d.bt());
+        } else {
+            copy(scratch.d_res[0].view_mut(), slot.grad.view());
+        }
+        let (blocks, grads) = (&p.blocks[mine.clone()], &mut g.blocks[mine]);
+        let (x, acts, saved) = (slot.input.view(), &slot.blocks, &mut slot.output_grads);
+        blocks_backward_input(blocks, grads, x, acts, saved, scratch, d, &mut Whole)?;
+        copy(slot.grad.view_mut(), scratch.d_res[0].view());
+        Ok(())
+    }
+
+    /// W of one micro-batch: the head's share of dwte (last stage), the blocks' weight
+    /// gradients, the embeddings' (first stage), in the order the fused backward adds them.
+    fn backward_weights(&mut self, i: usize, batch: &Batch) {
+        let chunk = self.slots[i].chunk;
+        let (first, last) = (self.pipe.is_first(self.s, chunk), self.pipe.is_last(self.s, chunk));
+        let (t, c) = (self.t, self.model.n_embd);
+        let d = Dims { b: self.rows, t, shape: BlockShape::whole(&self.model) };
+        let mine = self.chunk_blocks(chunk);
+        let p = StageParams::new(&self.layout, self.layout.tensor_views(self.params.view()));
+        let mut g = StageParams::new(&self.layout, self.layout.tensor_views_mut(self.grads.view_mut()));
+        let slot = &self.slots[i];
+        if last && let (Some(dwte), Some(acts)) = (g.wte.as_mut(), slot.head.as_ref()) {
+            head_backward_weights(dwte.reborrow(), &self.model, acts, d.bt());
+        }
+        blocks_backward_weights(&p.blocks[mine.clone()], &mut g.blocks[mine], &slot.blocks, &slot.output_grads, d);
+        if first && let (Some(dwte), Some(dwpe)) = (g.wte, g.wpe) {
+            embed_backward(dwte, dwpe, slot.grad.view(), &batch.inputs, t, c);
+        }
+    }
+    // ANCHOR_END: stage_backward_split
+
     // ANCHOR: reduce_tied
     /// The first stage holds the embedding's share of dL/d(wte), the last the output
     /// projection's: after the sum both hold chapter 1's gradient (bit-identical, so the two
@@ -445,7 +516,11 @@ impl Stage {
                 .map(|s| {
                     4 * (s.input.numel()
                         + s.blocks.iter().map(block_floats).sum::<usize>()
-                        + s.head.as_ref().map_or(0, head_floats)) as u64
+                        + s.head.as_ref().map_or(0, head_floats)
+                        + s.output_grads
+                            .iter()
+                            .map(|g| [&g.d_out, &g.d_fc, &g.d_res_2, &g.d_qkv].iter().map(|t| t.numel()).sum::<usize>())
+                            .sum::<usize>()) as u64
                 })
                 .sum(),
             layout: self.layout.clone(),

@@ -182,7 +182,7 @@ pub fn measured_bubble(trace: &Trace, n: usize) -> Option<f64> {
     let steps: Vec<(f64, f64)> = (0..n).map(|s| trace.last_span("step", s as u32, 0)).collect::<Option<_>>()?;
     let from = steps.iter().map(|s| s.0).fold(f64::INFINITY, f64::min);
     let to = steps.iter().map(|s| s.1).fold(f64::NEG_INFINITY, f64::max);
-    let computing = |name: &str| name.starts_with("forward") || name.starts_with("backward");
+    let computing = |name: &str| ["forward", "backward", "weight"].iter().any(|w| name.starts_with(w));
     let busy: f64 = trace
         .events()
         .iter()
@@ -258,8 +258,10 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
         (0..cfg.pp).map(|s| (0..pipe.chunks).map(|c| virtual_cost(pipe.virtual_stage(s, c))).sum()).collect();
     let total: f64 = stage_costs.iter().sum();
     let estimated_shares = stage_costs.iter().map(|c| c / total).collect();
-    let per_micro: Vec<Costs> =
-        stage_costs.iter().map(|c| Costs { forward: c / total, backward: 2.0 * c / total }).collect();
+    let per_micro: Vec<Costs> = stage_costs
+        .iter()
+        .map(|c| Costs { forward: c / total, backward: 2.0 * c / total, weight: c / total })
+        .collect();
     let simulated = simulate_stages(&Schedule::new(cfg.schedule, cfg.pp, pipe.chunks, micro_per_step), &per_micro)
         .map_err(|source| PipelineError::Schedule { schedule: cfg.schedule, source })?;
     let bubble_estimated = simulated.bubble_fraction();

@@ -270,10 +270,12 @@ const SVG_FONT: f64 = 11.0;
 const SVG_LABEL_PAD: f64 = 3.0;
 
 /// What a span's first word says it is: (first word, colour, legend). The last is the rest.
-const SPAN_KINDS: [(&str, &str, &str); 8] = [
+const SPAN_KINDS: [(&str, &str, &str); 9] = [
     ("step", "#e8e8e8", "step"),
     ("forward", "#8ecae6", "forward"),
     ("backward", "#219ebc", "backward"),
+    // A pipeline's deferred weight gradients (chapter 4's zb-h1): the backward's second half.
+    ("weight", "#e76f51", "weight gradients"),
     ("optimizer", "#ffb703", "optimizer (AdamW)"),
     ("all-reduce", "#fb8500", "all-reduce"),
     ("eval", "#b5e48c", "evaluation"),
