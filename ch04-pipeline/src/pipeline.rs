@@ -16,6 +16,7 @@ use ch01_single_gpu::TrainError;
 use ch01_single_gpu::backward_split::{
     BlockOutputGrads, blocks_backward_input, blocks_backward_weights, head_backward_input, head_backward_weights,
 };
+use ch01_single_gpu::checkpoint::{self, CheckpointContents, TrainerState};
 use ch01_single_gpu::config::ModelConfig;
 use ch01_single_gpu::data::{Batch, BatchSampler, Dataset, sequential_batch};
 use ch01_single_gpu::model::{
@@ -26,7 +27,7 @@ use ch01_single_gpu::optimizer::{Optimizer, squared_norm};
 use ch01_single_gpu::params::ParamLayout;
 use ch01_single_gpu::schedule::learning_rate;
 use ch01_single_gpu::tokenizer::Tokenizer;
-use ch01_single_gpu::train::{StartState, StepRecord, TrainSteps, check_config, model_config, run_shape};
+use ch01_single_gpu::train::{StartState, StepRecord, TrainSteps, check_config, model_config, run_shape, saves_after};
 use ch02_data_parallel::grad_sync::GradSync;
 use kernels::comm::thread::ThreadComm;
 use kernels::comm::{CommStats, Communicator, ReduceOp};
@@ -98,6 +99,17 @@ pub(crate) struct Stage {
     ledger: MemoryLedger,
     /// This stage's lane of the run's trace: one span per instruction.
     trace: Trace,
+    /// Stage 0 of the first pipe, after a step that saves: every stage's tensors and moments in
+    /// chapter 1's layout, and where the run stands, for [`TrainSteps::save`].
+    gathered: Option<Gathered>,
+}
+
+/// The whole model's state, gathered from the stages for a checkpoint.
+struct Gathered {
+    params: Vec<f32>,
+    adam_m: Vec<f32>,
+    adam_v: Vec<f32>,
+    state: TrainerState,
 }
 
 impl Stage {
@@ -194,6 +206,7 @@ impl Stage {
             record: None,
             ledger,
             trace: trace.lane(s as u32, 0),
+            gathered: None,
         })
     }
 
@@ -425,6 +438,48 @@ impl Stage {
     }
     // ANCHOR_END: stage_backward_split
 
+    // ANCHOR: gather_checkpoint
+    /// After a step that saves (first pipe only: the pipes hold the same model): every stage
+    /// sends its parameters and Adam moments to stage 0, which puts them into chapter 1's layout
+    /// by name (the tied wte is the same on both holders), as `train` does with the report.
+    fn gather_checkpoint(&mut self) -> Result<(), TrainError> {
+        let mine = [self.params.to_vec()?, self.optimizer.adam_m.to_vec()?, self.optimizer.adam_v.to_vec()?];
+        if self.s > 0 {
+            for buf in &mine {
+                self.comm.send(buf, 0)?;
+            }
+            return Ok(());
+        }
+        let full = ParamLayout::new(&self.model);
+        let mut whole = [vec![0.0; full.total], vec![0.0; full.total], vec![0.0; full.total]];
+        for (w, m) in whole.iter_mut().zip(&mine) {
+            copy_by_name(&self.layout, m, &full, w);
+        }
+        for s in 1..self.n {
+            let layout = self.layout_of(s, &full);
+            for w in whole.iter_mut() {
+                let mut theirs = vec![0.0; layout.total];
+                self.comm.recv(&mut theirs, s)?;
+                copy_by_name(&layout, &theirs, &full, w);
+            }
+        }
+        let [params, adam_m, adam_v] = whole;
+        let run = run_shape(&self.cfg.train, &self.model, self.t, &self.dataset);
+        let state = TrainerState { step: self.step, sampler: self.sampler.clone(), run };
+        self.gathered = Some(Gathered { params, adam_m, adam_v, state });
+        Ok(())
+    }
+    // ANCHOR_END: gather_checkpoint
+
+    /// Stage s's layout, derived as [`Stage::new`] derives its own.
+    fn layout_of(&self, s: usize, full: &ParamLayout) -> ParamLayout {
+        let parts = partition(&self.cfg, &self.model, self.t);
+        let chunks: Vec<Range<usize>> =
+            (0..self.pipe.chunks).map(|c| parts[self.pipe.virtual_stage(s, c)].clone()).collect();
+        let n_blocks = chunks.iter().map(|b| b.len()).sum();
+        stage_layout(full, |spec| holds(spec, s, self.n, &chunks), n_blocks)
+    }
+
     // ANCHOR: reduce_tied
     /// The first stage holds the embedding's share of dL/d(wte), the last the output
     /// projection's: after the sum both hold chapter 1's gradient (bit-identical, so the two
@@ -554,6 +609,9 @@ impl TrainSteps for Stage {
         let result = self.execute(&list, &micros, dloss);
         self.train_list = list;
         result?;
+        if self.replica == 0 && saves_after(&self.cfg.train, self.step) {
+            self.gather_checkpoint()?;
+        }
         self.record.take().ok_or(TrainError::Zero("optimizer steps in the schedule"))
     }
     // ANCHOR_END: pipeline_step
@@ -586,8 +644,13 @@ impl TrainSteps for Stage {
         Ok(loss[0])
     }
 
-    fn save(&self, _dir: &Path) -> Result<(), TrainError> {
-        Ok(()) // the stages' parameters are gathered and saved once the run ends
+    /// The leader (stage 0 of the first pipe) writes what the step gathered.
+    fn save(&self, dir: &Path) -> Result<(), TrainError> {
+        let Some(g) = &self.gathered else { return Err(TrainError::PartialOptimizer) };
+        let full = ParamLayout::new(&self.model);
+        let optimizer = Some((&g.adam_m[..], &g.adam_v[..], &g.state));
+        let contents = CheckpointContents { cfg: &self.model, layout: &full, params: &g.params, optimizer };
+        Ok(checkpoint::save(dir, &contents)?)
     }
 
     fn steps_done(&self) -> u64 {

@@ -5,13 +5,12 @@ use crate::pipeline::Stage;
 use crate::schedule::{Pipe, Schedule, ScheduleKind};
 use crate::simulate::{Costs, ScheduleError, simulate, simulate_stages};
 use crate::stage::{PartCosts, Partition, balanced_partition, copy_by_name, uniform_partition};
-use ch01_single_gpu::checkpoint::{self, CheckpointContents, TrainerState};
 use ch01_single_gpu::config::ModelConfig;
 use ch01_single_gpu::data::{BatchSampler, Dataset};
 use ch01_single_gpu::params::ParamLayout;
 use ch01_single_gpu::sample::{SampleConfig, generate};
 use ch01_single_gpu::tokenizer::Tokenizer;
-use ch01_single_gpu::train::{LoopOutcome, check_config, drive, load_dataset, model_config, run_shape};
+use ch01_single_gpu::train::{LoopOutcome, check_config, drive, load_dataset, model_config};
 use ch01_single_gpu::{TrainConfig, TrainError, TrainReport};
 use ch02_data_parallel::data_parallel::MAX_THREAD_RANKS;
 use kernels::comm::thread::{LaunchError, ThreadComm, launch};
@@ -64,8 +63,6 @@ pub enum PipelineError {
         "chapter 4's stages are threads on the CPU (GPU stages communicate through NCCL, which chapter 5 uses); run it with --device cpu or auto"
     )]
     GpuRanks,
-    #[error("--save-every is not supported by chapter 4: it saves once, at the end, with every stage's share gathered")]
-    SaveEvery,
     #[error(
         "the interleaved schedule sends micro-batches through each chunk in groups of --pp {pp}: the {m} micro-batches per step (--microbatches x --grad-accum) must be a multiple of it"
     )]
@@ -139,9 +136,6 @@ pub struct PipelineReport {
 pub(crate) fn check(cfg: &PipelineConfig, model: &ModelConfig) -> Result<(), PipelineError> {
     if matches!(cfg.train.device, DeviceRequest::Cuda(_)) {
         return Err(PipelineError::GpuRanks);
-    }
-    if cfg.train.save_every > 0 && cfg.train.save.is_some() {
-        return Err(PipelineError::SaveEvery);
     }
     let (pp, m, batch, v, dp) = (cfg.pp, cfg.microbatches, cfg.train.batch_size, cfg.virtual_stages, cfg.dp);
     match () {
@@ -230,10 +224,10 @@ fn run_stage(
     let trace = if replica == 0 { trace.clone() } else { Trace::disabled() };
     let mut me = Stage::new(cfg, pipe, (replica, dp_group), dataset, trace)?;
     let header = me.header();
-    // Saving needs every stage's share: `train` gathers them and saves once the loop is done.
-    let loop_cfg = TrainConfig { save: None, ..cfg.train.clone() };
+    // A step that saves gathers every stage's share on rank 0 (stage 0 of the first pipe),
+    // which writes the checkpoint.
     let leads = rank == 0;
-    let outcome = drive(&loop_cfg, &mut me, leads, &header)?;
+    let outcome = drive(&cfg.train, &mut me, leads, &header)?;
     Ok((me.report()?, leads.then_some(outcome)))
 }
 // ANCHOR_END: run_stage
@@ -285,9 +279,10 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
 
     // ANCHOR: gather
     // Chapter 1's layout, from every stage's share (the tied wte is the same on both holders):
-    // the report's parameters, and a checkpoint that any layout resumes.
+    // the report's parameters. (The checkpoints, which any layout resumes, were gathered the
+    // same way at each step that saved: see `Stage::gather_checkpoint`.)
     let full = ParamLayout::new(&model);
-    let (mut params, mut adam_m, mut adam_v) = (vec![0.0; full.total], vec![0.0; full.total], vec![0.0; full.total]);
+    let mut params = vec![0.0; full.total];
     let mut stages = Vec::new();
     let mut leader = None;
     let mut replicas = Vec::new();
@@ -299,18 +294,9 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
             continue;
         }
         copy_by_name(&stage.layout, &stage.params, &full, &mut params);
-        copy_by_name(&stage.layout, &stage.adam_m, &full, &mut adam_m);
-        copy_by_name(&stage.layout, &stage.adam_v, &full, &mut adam_v);
         stages.push(stage);
     }
     let LoopOutcome { steps, val_losses, train_seconds } = leader.ok_or(PipelineError::NoReport)?;
-    if let Some(dir) = &cfg.train.save {
-        let run = run_shape(&cfg.train, &model, t, &dataset);
-        let state = TrainerState { step: stages[0].step, sampler: stages[0].sampler.clone(), run };
-        let optimizer = Some((&adam_m[..], &adam_v[..], &state));
-        let contents = CheckpointContents { cfg: &model, layout: &full, params: &params, optimizer };
-        checkpoint::save(dir, &contents).map_err(TrainError::from)?;
-    }
     // ANCHOR_END: gather
     let train = &cfg.train;
     let sample = match train.sample_tokens {

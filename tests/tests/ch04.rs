@@ -316,4 +316,30 @@ fn checkpoints_are_layout_independent_both_ways() {
     let resumed = pipeline(&TrainConfig { resume: Some(ch01_ckpt), ..four.clone() }, 4, 2, ScheduleKind::Gpipe);
     assert_matches_ch01(&four, &reference, &resumed.report, 1e-5);
 }
+
+#[test]
+fn save_every_checkpoints_mid_run_and_a_resume_is_bit_for_bit() {
+    // Four steps straight, against two saving after every step (the first save mid-run, the
+    // second at the end, each gathered from both stages) and a resume for the other two.
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let four = TrainConfig { lr_schedule: ch01_single_gpu::schedule::LrSchedule::Constant, ..config() };
+    let straight = pipeline(&four, 2, 2, ScheduleKind::ZbH1).report;
+    let two = TrainConfig { steps: 2, save: Some(ckpt.clone()), save_every: 1, ..four.clone() };
+    pipeline(&two, 2, 2, ScheduleKind::ZbH1);
+    assert_eq!(ch01_single_gpu::checkpoint::read_trainer_state(&ckpt).unwrap().step, 2);
+    let resumed = pipeline(&TrainConfig { resume: Some(ckpt), ..four.clone() }, 2, 2, ScheduleKind::ZbH1).report;
+    assert_eq!(resumed.steps.iter().map(|s| s.step).collect::<Vec<_>>(), [3, 4]);
+    assert_eq!(straight.losses()[2..], resumed.losses()[..]);
+    assert!(straight.steps[2..].iter().zip(&resumed.steps).all(|(a, b)| a.grad_norm == b.grad_norm));
+    assert!(straight.params == resumed.params, "the resumed run ends elsewhere");
+    // A run that stops (a learning rate of 1e30 overflows within a few steps) keeps the
+    // checkpoint of its last good step: saved mid-run, never at the end.
+    let ckpt = dir.path().join("stopped");
+    let exploding = TrainConfig { lr: 1e30, steps: 5, save: Some(ckpt.clone()), save_every: 1, ..four };
+    let err = ch04_pipeline::train(&pipeline_config(&exploding, 2, 2, ScheduleKind::OneFOneB)).err().unwrap();
+    assert!(err.to_string().contains("the last good checkpoint, from step"), "{err}");
+    let saved = ch01_single_gpu::checkpoint::read_trainer_state(&ckpt).unwrap().step;
+    assert!((1..5).contains(&saved), "saved at step {saved}");
+}
 // ANCHOR_END: checkpoint_test
