@@ -316,6 +316,9 @@ fn backward_input(s: usize, n: usize, i: usize) -> Vec<Instr> {
 /// stage. The gradient comes back through the B's alone, and the W's fill what was 1F1B's
 /// drain bubble.
 pub fn zb_h1(s: usize, n: usize, m: usize) -> Vec<Instr> {
+    // EXERCISE(ch04-zb-h1, points = 10): 1F1B's warm-up; then each remaining forward, followed by the oldest B (backward_input(s, n, k)) and, from the (s+1)-th of them on, the oldest W not yet run; in the drain, each B followed by the oldest W left; then the W's still left, then flush(s, n)
+    // TESTS: -p ch04-pipeline --lib -- schedule::tests::zb_h1_splits_every_backward_and_holds_what_1f1b_s_first_stage_holds simulate::tests::zb_h1_has_a_third_of_1f1b_s_bubble
+    // NEEDS: ch04-one-f-one-b ch04-simulator-deadlock
     let warmup = (n - s - 1).min(m);
     let weights = |i| Instr::BackwardWeights { micro: i, chunk: 0 };
     let mut deferred = 0..m; // the micro-batches whose W is still to run, in order
@@ -324,16 +327,19 @@ pub fn zb_h1(s: usize, n: usize, m: usize) -> Vec<Instr> {
         out.extend(forward(s, n, warmup + k));
         out.extend(backward_input(s, n, k));
         if k >= s {
+            // WRONG(no W put off: each follows its B, and later stages hold only 1F1B's N - s): `k >= s` -> `true`
             out.extend(deferred.next().map(weights));
         }
     }
     for k in m - warmup..m {
         out.extend(backward_input(s, n, k));
         out.extend(deferred.next().map(weights));
+        // WRONG(the put-off W's all wait for the end of the drain: its idle time stays): `out.extend(deferred.next().map(weights));` -> ``
     }
     out.extend(deferred.map(weights));
     out.extend(flush(s, n));
     out
+    // END EXERCISE
 }
 // ANCHOR_END: zb_h1
 
