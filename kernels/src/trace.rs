@@ -457,7 +457,17 @@ mod tests {
     #[test]
     fn the_legend_wraps_within_the_width() {
         let trace = Trace::enabled();
-        let names = ["step", "forward", "backward", "optimizer", "all-reduce 0", "eval", "save", "send activations"];
+        let names = [
+            "step",
+            "forward",
+            "backward",
+            "weight grads 0",
+            "optimizer",
+            "all-reduce 0",
+            "eval",
+            "save",
+            "send activations",
+        ];
         for (i, name) in names.iter().enumerate() {
             trace.lane(0, i as u32).record(*name, 0.0, 1_000.0);
         }
@@ -471,7 +481,7 @@ mod tests {
             rows.push(attr(&format!(" x=\"{entry}"), "y"));
         }
         assert_eq!(rows.len(), SPAN_KINDS.len(), "every kind, \"other\" included: {legend}");
-        assert!(rows.windows(2).any(|w| w[1] > w[0]), "eight entries take two lines: {legend}");
+        assert!(rows.windows(2).any(|w| w[1] > w[0]), "nine entries take two lines: {legend}");
         let height = attr(svg.lines().next().unwrap(), "height");
         assert!(height >= rows.iter().fold(0.0, |m, &y| f64::max(m, y)), "the last line is inside the figure");
     }
