@@ -4,6 +4,7 @@
 //! and returns a [`train::TrainReport`]. The binary (`main.rs`) is a thin command line around it,
 //! and later chapters and the cross-chapter tests call it directly.
 
+pub mod backward_split;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

@@ -2,7 +2,7 @@
 //!
 //! The model's blocks are cut into `--pp` contiguous stages, one per rank (`stage.rs`); the
 //! batch is cut into `--microbatches` micro-batches that flow through them. What each stage does
-//! and when is a schedule, written as data (`schedule.rs`: GPipe, 1F1B, interleaved), checked and timed by a
+//! and when is a schedule, written as data (`schedule.rs`: GPipe, 1F1B, interleaved, ZB-H1), checked and timed by a
 //! simulator with no devices (`simulate.rs`), and run by one interpreter (`pipeline.rs`) on one
 //! thread per stage (`train.rs`).
 

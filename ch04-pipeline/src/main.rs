@@ -34,7 +34,8 @@ struct Cli {
     #[arg(long, default_value_t = 1)]
     dp: usize,
     /// The schedule: gpipe (all forwards, then all backwards), 1f1b (one forward, one backward),
-    /// or interleaved (1F1B over --virtual-stages chunks per stage).
+    /// interleaved (1F1B over --virtual-stages chunks per stage), or zb-h1 (1F1B with each
+    /// backward split into its input and its weight gradients, the latter deferred).
     #[arg(long, value_enum, default_value_t = ScheduleKind::OneFOneB)]
     schedule: ScheduleKind,
     /// Model chunks per stage, for --schedule interleaved: stage s holds chunks s, s + N, s + 2N, ...
@@ -77,11 +78,20 @@ fn print_pipeline(r: &PipelineReport) {
             format_bytes(replica.dp_comm.total_sent()),
         );
     }
-    println!(
-        "  bubble             {:.1}% simulated with equal stages (theory (p-1)/(v·m+p-1) = {:.1}%, v = {v} chunks, m = {m} micro-batches per step)",
-        100.0 * r.bubble,
-        100.0 * (n - 1.0) / (v * m + n - 1.0),
-    );
+    if r.schedule == ScheduleKind::ZbH1 {
+        // F = B = W: the step is 2m + p - 1 + max(m, p) (see the simulator's tests).
+        println!(
+            "  bubble             {:.1}% simulated with equal stages (theory 1 - 3m/(2m+p-1+max(m,p)) = {:.1}%, (p-1)/(3m+p-1) once m >= p; m = {m} micro-batches per step)",
+            100.0 * r.bubble,
+            100.0 * (1.0 - 3.0 * m / (2.0 * m + n - 1.0 + m.max(n))),
+        );
+    } else {
+        println!(
+            "  bubble             {:.1}% simulated with equal stages (theory (p-1)/(v·m+p-1) = {:.1}%, v = {v} chunks, m = {m} micro-batches per step)",
+            100.0 * r.bubble,
+            100.0 * (n - 1.0) / (v * m + n - 1.0),
+        );
+    }
     println!("                     {:.1}% with the stages' estimated costs", 100.0 * r.bubble_estimated);
     match r.measured_bubble {
         Some(measured) => println!("                     {:.1}% measured in the last step", 100.0 * measured),

@@ -4,6 +4,7 @@
 //! pieces. The interpreter never asks which.
 
 use ch01_single_gpu::TrainError;
+use ch01_single_gpu::backward_split::{head_backward_input, head_backward_weights};
 use ch01_single_gpu::config::ModelConfig;
 use ch01_single_gpu::model::{
     BlockComm, BlockShape, Head, HeadActivations, Whole, embed_backward, embed_forward, head_backward, head_forward,
@@ -69,6 +70,34 @@ pub trait StageParts: Send {
         dloss: f32,
         bt: usize,
     ) -> Result<(), TrainError>;
+    /// zb-h1's B of the head: its backward less the output projection's weight gradient, which
+    /// [`StageParts::head_backward_weights`] adds at W (`ch01_single_gpu::backward_split`). A
+    /// stage whose head cannot split says so (chapter 5 refuses zb-h1 before it starts).
+    #[allow(clippy::too_many_arguments)]
+    fn head_backward_input(
+        &mut self,
+        _head: &Head<View<'_>>,
+        _grads: (ViewMut<'_>, ViewMut<'_>),
+        _model: &ModelConfig,
+        _x: View<'_>,
+        _acts: &mut HeadActivations,
+        _d_ln: ViewMut<'_>,
+        _d_x: ViewMut<'_>,
+        _targets: &[u32],
+        _dloss: f32,
+        _bt: usize,
+    ) -> Result<(), TrainError> {
+        Err(cannot_split())
+    }
+    fn head_backward_weights(
+        &mut self,
+        _dwte: ViewMut<'_>,
+        _model: &ModelConfig,
+        _acts: &HeadActivations,
+        _bt: usize,
+    ) -> Result<(), TrainError> {
+        Err(cannot_split())
+    }
     /// The hook the blocks call at Megatron's two points per branch.
     fn block_comm(&mut self) -> &mut dyn BlockComm;
     /// Whether this rank counts `spec`'s gradient in the global norm (a tensor every rank of a
@@ -84,6 +113,14 @@ pub trait StageParts: Send {
     }
 }
 // ANCHOR_END: stage_parts
+
+fn cannot_split() -> TrainError {
+    TrainError::OutOfRange {
+        flag: "--schedule",
+        expected: "a schedule whose head backward this stage can split into B and W",
+        value: "zb-h1".into(),
+    }
+}
 
 /// Chapter 4's stage: the whole width, chapter 1's functions, no communication inside a stage.
 impl StageParts for Whole {
@@ -154,6 +191,34 @@ impl StageParts for Whole {
         bt: usize,
     ) -> Result<(), TrainError> {
         head_backward(head, grads, model, x, acts, d_ln, d_x, targets, dloss, bt);
+        Ok(())
+    }
+
+    fn head_backward_input(
+        &mut self,
+        head: &Head<View<'_>>,
+        (d_ln_f_weight, d_ln_f_bias): (ViewMut<'_>, ViewMut<'_>),
+        model: &ModelConfig,
+        x: View<'_>,
+        acts: &mut HeadActivations,
+        d_ln: ViewMut<'_>,
+        d_x: ViewMut<'_>,
+        targets: &[u32],
+        dloss: f32,
+        bt: usize,
+    ) -> Result<(), TrainError> {
+        head_backward_input(head, d_ln_f_weight, d_ln_f_bias, model, x, acts, d_ln, d_x, targets, dloss, bt);
+        Ok(())
+    }
+
+    fn head_backward_weights(
+        &mut self,
+        dwte: ViewMut<'_>,
+        model: &ModelConfig,
+        acts: &HeadActivations,
+        bt: usize,
+    ) -> Result<(), TrainError> {
+        head_backward_weights(dwte, model, acts, bt);
         Ok(())
     }
 

@@ -10,10 +10,12 @@
 //! (counting the tied copy once), so every stage clips as chapter 1 does.
 
 use crate::parts::StageParts;
-use crate::schedule::{Instr, Pipe, Schedule, last_use, peak_in_flight};
+use crate::schedule::{Instr, Pipe, Schedule, ScheduleKind, last_use, peak_in_flight};
 use crate::stage::{StageParams, copy_by_name, holds, stage_layout};
 use crate::train::{PipelineConfig, StageReport, partition};
 use ch01_single_gpu::TrainError;
+use ch01_single_gpu::backward_split::{BlockOutputGrads, blocks_backward_input, blocks_backward_weights};
+use ch01_single_gpu::checkpoint::{self, CheckpointContents, TrainerState};
 use ch01_single_gpu::config::ModelConfig;
 use ch01_single_gpu::data::{Batch, BatchSampler, Dataset, sequential_batch};
 use ch01_single_gpu::model::{
@@ -23,7 +25,7 @@ use ch01_single_gpu::optimizer::{Optimizer, squared_norm};
 use ch01_single_gpu::params::{ParamLayout, ParamSpec};
 use ch01_single_gpu::schedule::learning_rate;
 use ch01_single_gpu::tokenizer::Tokenizer;
-use ch01_single_gpu::train::{StartState, StepRecord, TrainSteps, check_config, model_config, run_shape};
+use ch01_single_gpu::train::{StartState, StepRecord, TrainSteps, check_config, model_config, run_shape, saves_after};
 use ch02_data_parallel::grad_sync::GradSync;
 use kernels::comm::{CommStats, Communicator, ReduceOp};
 use kernels::dispatch::copy;
@@ -37,13 +39,15 @@ use std::time::Instant;
 
 /// One micro-batch's buffers in one model chunk of a stage: its input, what the chunk's blocks'
 /// forward saved, and (on the last stage) the head's; `grad` is dL/d(output) as it arrives and
-/// dL/d(input) as it leaves.
+/// dL/d(input) as it leaves. With a split backward (zb-h1), `output_grads` holds what each
+/// block's B leaves for its W, and on the first stage `grad` keeps dL/d(embeddings) for W.
 struct Slot {
     chunk: usize,
     input: Tensor,
     blocks: Vec<BlockActivations>,
     head: Option<HeadActivations>,
     grad: Tensor,
+    output_grads: Vec<BlockOutputGrads>,
 }
 
 /// A stage: its share of the model, its buffers, and its place in the pipe.
@@ -95,6 +99,17 @@ pub struct Stage {
     ledger: MemoryLedger,
     /// This stage's lane of the run's trace: one span per instruction.
     trace: Trace,
+    /// Stage 0 of the first pipe, after a step that saves: every stage's tensors and moments in
+    /// chapter 1's layout, and where the run stands, for [`TrainSteps::save`].
+    gathered: Option<Gathered>,
+}
+
+/// The whole model's state, gathered from the stages for a checkpoint.
+struct Gathered {
+    params: Vec<f32>,
+    adam_m: Vec<f32>,
+    adam_v: Vec<f32>,
+    state: TrainerState,
 }
 
 impl Stage {
@@ -195,6 +210,7 @@ impl Stage {
             record: None,
             ledger,
             trace: trace.lane(s as u32, 0),
+            gathered: None,
         })
     }
 
@@ -232,7 +248,14 @@ impl Stage {
                     false => None,
                 };
                 let (input, grad) = (act(Category::Activations)?, act(Category::Other)?);
-                self.slots.push(Slot { chunk, input, blocks, head, grad });
+                let output_grads = match self.cfg.schedule {
+                    ScheduleKind::ZbH1 => self.chunks[chunk]
+                        .clone()
+                        .map(|_| BlockOutputGrads::new(shape, rows, t, Device::Cpu, DType::F32, ledger))
+                        .collect::<Result<_, _>>()?,
+                    _ => Vec::new(),
+                };
+                self.slots.push(Slot { chunk, input, blocks, head, grad, output_grads });
                 self.slots.len() - 1
             }
         };
@@ -275,6 +298,8 @@ impl Stage {
                     self.grad_comm.recv(self.slots[i].grad.as_mut_slice(), pipe.next(s, chunk).0)?;
                 }
                 (Instr::Backward { micro, .. }, Some(i)) => self.backward(i, &micros[micro], dloss)?,
+                (Instr::BackwardInput { micro, .. }, Some(i)) => self.backward_input(i, &micros[micro], dloss)?,
+                (Instr::BackwardWeights { micro, .. }, Some(i)) => self.backward_weights(i, &micros[micro])?,
                 (Instr::SendGrad { chunk, .. }, Some(i)) => {
                     self.grad_comm.send(self.slots[i].grad.as_slice(), pipe.prev(s, chunk).0)?;
                 }
@@ -370,6 +395,117 @@ impl Stage {
         Ok(())
     }
     // ANCHOR_END: stage_backward
+
+    // ANCHOR: stage_backward_split
+    /// B of one micro-batch (zb-h1): the stage's backward less its weight gradients (see
+    /// `ch01_single_gpu::backward_split`). dL/d(input) is left in `grad`: sent back, or, on the
+    /// first stage, kept for the embedding's W.
+    fn backward_input(&mut self, i: usize, batch: &Batch, dloss: f32) -> Result<(), TrainError> {
+        let chunk = self.slots[i].chunk;
+        let last = self.pipe.is_last(self.s, chunk);
+        let d = Dims { b: self.rows, t: self.t, shape: self.parts.shape(&self.model) };
+        let mine = self.chunk_blocks(chunk);
+        let p = StageParams::new(&self.layout, self.layout.tensor_views(self.params.view()));
+        let mut g = StageParams::new(&self.layout, self.layout.tensor_views_mut(self.grads.view_mut()));
+        let (slot, scratch, parts) = (&mut self.slots[i], &mut self.scratch, &mut self.parts);
+        if last {
+            let (Some(ln_f_weight), Some(ln_f_bias), Some(wte), Some(acts)) =
+                (p.ln_f_weight, p.ln_f_bias, p.wte, slot.head.as_mut())
+            else {
+                unreachable!("the last stage holds the head")
+            };
+            let (Some(gw), Some(gb)) = (g.ln_f_weight.as_mut(), g.ln_f_bias.as_mut()) else {
+                unreachable!("the last stage holds the head's gradients")
+            };
+            let x = slot.blocks.last().map_or(&slot.input, |b| &b.out).view();
+            let (d_ln, d_x) = (scratch.block.d_ln.view_mut(), scratch.d_res[0].view_mut());
+            let head = Head { ln_f_weight, ln_f_bias, wte };
+            let (gw, gb) = (gw.reborrow(), gb.reborrow());
+            parts.head_backward_input(
+                &head,
+                (gw, gb),
+                &self.model,
+                x,
+                acts,
+                d_ln,
+                d_x,
+                &batch.targets,
+                dloss,
+                d.bt(),
+            )?;
+        } else {
+            copy(scratch.d_res[0].view_mut(), slot.grad.view());
+        }
+        let (blocks, grads) = (&p.blocks[mine.clone()], &mut g.blocks[mine]);
+        let (x, acts, saved) = (slot.input.view(), &slot.blocks, &mut slot.output_grads);
+        blocks_backward_input(blocks, grads, x, acts, saved, scratch, d, parts.block_comm())?;
+        copy(slot.grad.view_mut(), scratch.d_res[0].view());
+        Ok(())
+    }
+
+    /// W of one micro-batch: the head's share of dwte (last stage), the blocks' weight
+    /// gradients, the embeddings' (first stage), in the order the fused backward adds them.
+    fn backward_weights(&mut self, i: usize, batch: &Batch) -> Result<(), TrainError> {
+        let chunk = self.slots[i].chunk;
+        let (first, last) = (self.pipe.is_first(self.s, chunk), self.pipe.is_last(self.s, chunk));
+        let (t, c) = (self.t, self.model.n_embd);
+        let d = Dims { b: self.rows, t, shape: self.parts.shape(&self.model) };
+        let mine = self.chunk_blocks(chunk);
+        let p = StageParams::new(&self.layout, self.layout.tensor_views(self.params.view()));
+        let mut g = StageParams::new(&self.layout, self.layout.tensor_views_mut(self.grads.view_mut()));
+        let slot = &self.slots[i];
+        if last && let (Some(dwte), Some(acts)) = (g.wte.as_mut(), slot.head.as_ref()) {
+            self.parts.head_backward_weights(dwte.reborrow(), &self.model, acts, d.bt())?;
+        }
+        blocks_backward_weights(&p.blocks[mine.clone()], &mut g.blocks[mine], &slot.blocks, &slot.output_grads, d);
+        if first && let (Some(dwte), Some(dwpe)) = (g.wte, g.wpe) {
+            self.parts.embed_backward(dwte, dwpe, slot.grad.view(), &batch.inputs, t, c);
+        }
+        Ok(())
+    }
+    // ANCHOR_END: stage_backward_split
+
+    // ANCHOR: gather_checkpoint
+    /// After a step that saves (first pipe only: the pipes hold the same model): every stage
+    /// sends its parameters and Adam moments to stage 0, which puts them into chapter 1's layout
+    /// by name (the tied wte is the same on both holders), as `train` does with the report.
+    fn gather_checkpoint(&mut self) -> Result<(), TrainError> {
+        let mine = [self.params.to_vec()?, self.optimizer.adam_m.to_vec()?, self.optimizer.adam_v.to_vec()?];
+        if self.s > 0 {
+            for buf in &mine {
+                self.comm.send(buf, 0)?;
+            }
+            return Ok(());
+        }
+        let full = ParamLayout::new(&self.model);
+        let mut whole = [vec![0.0; full.total], vec![0.0; full.total], vec![0.0; full.total]];
+        for (w, m) in whole.iter_mut().zip(&mine) {
+            copy_by_name(&self.layout, m, &full, w);
+        }
+        for s in 1..self.n {
+            let layout = self.layout_of(s, &full);
+            for w in whole.iter_mut() {
+                let mut theirs = vec![0.0; layout.total];
+                self.comm.recv(&mut theirs, s)?;
+                copy_by_name(&layout, &theirs, &full, w);
+            }
+        }
+        let [params, adam_m, adam_v] = whole;
+        let run = run_shape(&self.cfg.train, &self.model, self.t, &self.dataset);
+        let state = TrainerState { step: self.step, sampler: self.sampler.clone(), run };
+        self.gathered = Some(Gathered { params, adam_m, adam_v, state });
+        Ok(())
+    }
+    // ANCHOR_END: gather_checkpoint
+
+    /// Stage s's layout, derived as [`Stage::new`] derives its own.
+    fn layout_of(&self, s: usize, full: &ParamLayout) -> ParamLayout {
+        let parts = partition(&self.cfg, &self.model, self.t);
+        let chunks: Vec<Range<usize>> =
+            (0..self.pipe.chunks).map(|c| parts[self.pipe.virtual_stage(s, c)].clone()).collect();
+        let n_blocks = chunks.iter().map(|b| b.len()).sum();
+        stage_layout(full, |spec| holds(spec, s, self.n, &chunks), n_blocks)
+    }
 
     // ANCHOR: reduce_tied
     /// The first stage holds the embedding's share of dL/d(wte), the last the output
@@ -468,7 +604,11 @@ impl Stage {
                 .map(|s| {
                     4 * (s.input.numel()
                         + s.blocks.iter().map(block_floats).sum::<usize>()
-                        + s.head.as_ref().map_or(0, head_floats)) as u64
+                        + s.head.as_ref().map_or(0, head_floats)
+                        + s.output_grads
+                            .iter()
+                            .map(|g| [&g.d_out, &g.d_fc, &g.d_res_2, &g.d_qkv].iter().map(|t| t.numel()).sum::<usize>())
+                            .sum::<usize>()) as u64
                 })
                 .sum(),
             layout: self.layout.clone(),
@@ -502,6 +642,9 @@ impl TrainSteps for Stage {
         let result = self.execute(&list, &micros, dloss);
         self.train_list = list;
         result?;
+        if self.replica == 0 && saves_after(&self.cfg.train, self.step) {
+            self.gather_checkpoint()?;
+        }
         self.record.take().ok_or(TrainError::Zero("optimizer steps in the schedule"))
     }
     // ANCHOR_END: pipeline_step
@@ -534,8 +677,13 @@ impl TrainSteps for Stage {
         Ok(loss[0])
     }
 
-    fn save(&self, _dir: &Path) -> Result<(), TrainError> {
-        Ok(()) // the stages' parameters are gathered and saved once the run ends
+    /// The leader (stage 0 of the first pipe) writes what the step gathered.
+    fn save(&self, dir: &Path) -> Result<(), TrainError> {
+        let Some(g) = &self.gathered else { return Err(TrainError::PartialOptimizer) };
+        let full = ParamLayout::new(&self.model);
+        let optimizer = Some((&g.adam_m[..], &g.adam_v[..], &g.state));
+        let contents = CheckpointContents { cfg: &self.model, layout: &full, params: &g.params, optimizer };
+        Ok(checkpoint::save(dir, &contents)?)
     }
 
     fn steps_done(&self) -> u64 {

@@ -30,6 +30,13 @@ pub enum Instr {
     Backward { micro: usize, chunk: usize },
     /// Send dL/d(the chunk's input) of `micro` to the previous stage.
     SendGrad { micro: usize, chunk: usize },
+    /// The first half of a split backward (B, zero-bubble schedules): dL/d(the chunk's input)
+    /// of `micro`, what the previous stage waits for, and the gradients the weight-gradient
+    /// half will need.
+    BackwardInput { micro: usize, chunk: usize },
+    /// The second half (W): the chunk's weight gradients of `micro`, accumulated. Nobody waits
+    /// for it but the optimizer step, so a schedule runs it where the stage would idle.
+    BackwardWeights { micro: usize, chunk: usize },
     /// Sum the tied embedding's gradient between the first stage (the embedding's use) and the
     /// last (the output projection's use).
     ReduceTiedGrads,
@@ -47,7 +54,9 @@ impl Instr {
             | Instr::SendActivation { micro, chunk }
             | Instr::RecvGrad { micro, chunk }
             | Instr::Backward { micro, chunk }
-            | Instr::SendGrad { micro, chunk } => Some((micro, chunk)),
+            | Instr::SendGrad { micro, chunk }
+            | Instr::BackwardInput { micro, chunk }
+            | Instr::BackwardWeights { micro, chunk } => Some((micro, chunk)),
             Instr::ReduceTiedGrads | Instr::OptimizerStep => None,
         }
     }
@@ -62,6 +71,9 @@ impl fmt::Display for Instr {
             Instr::RecvGrad { .. } => "recv gradient",
             Instr::Backward { .. } => "backward",
             Instr::SendGrad { .. } => "send gradient",
+            // The timeline colours a span by its first word: B is a backward, W its own.
+            Instr::BackwardInput { .. } => "backward input",
+            Instr::BackwardWeights { .. } => "weight grads",
             Instr::ReduceTiedGrads => "reduce tied gradients",
             Instr::OptimizerStep => "optimizer step",
         };
@@ -84,6 +96,11 @@ pub enum ScheduleKind {
     /// 1F1B over V model chunks per rank (Narayanan et al. 2021): the bubble shrinks V times,
     /// for V times the messages. M must be a multiple of N.
     Interleaved,
+    /// 1F1B with each backward split into B (input gradient) and W (weight gradients), W
+    /// deferred into the drain's idle time (Qi et al. 2023, ZB-H1): the same peak in flight as
+    /// 1F1B's first stage, a third of its bubble.
+    #[value(name = "zb-h1")]
+    ZbH1,
 }
 
 impl fmt::Display for ScheduleKind {
@@ -92,6 +109,7 @@ impl fmt::Display for ScheduleKind {
             ScheduleKind::Gpipe => "gpipe",
             ScheduleKind::OneFOneB => "1f1b",
             ScheduleKind::Interleaved => "interleaved",
+            ScheduleKind::ZbH1 => "zb-h1",
         })
     }
 }
@@ -148,6 +166,7 @@ impl Schedule {
                 ScheduleKind::Gpipe => gpipe(s, n, m),
                 ScheduleKind::OneFOneB => one_f_one_b(s, n, m),
                 ScheduleKind::Interleaved => interleaved(s, pipe, m),
+                ScheduleKind::ZbH1 => zb_h1(s, n, m),
             })
             .collect();
         Schedule { stages, chunks: pipe.chunks }
@@ -275,6 +294,55 @@ pub fn interleaved(s: usize, pipe: Pipe, m: usize) -> Vec<Instr> {
 }
 // ANCHOR_END: generators
 
+// ANCHOR: zb_h1
+/// Micro-batch i's input-gradient half (B) on stage s of n, with its communication: a backward
+/// whose W comes later.
+fn backward_input(s: usize, n: usize, i: usize) -> Vec<Instr> {
+    let mut out = Vec::with_capacity(3);
+    if s + 1 < n {
+        out.push(Instr::RecvGrad { micro: i, chunk: 0 });
+    }
+    out.push(Instr::BackwardInput { micro: i, chunk: 0 });
+    if s > 0 {
+        out.push(Instr::SendGrad { micro: i, chunk: 0 });
+    }
+    out
+}
+
+/// ZB-H1: 1F1B's warm-up, its steady phase with each backward split in two, B then W, and
+/// stage s running its W's s micro-batches late; in the drain, each B is followed by one W
+/// that was put off, and the rest come last. A micro-batch is in flight from its forward to
+/// its W, so stage s holds N - s + s = N at most: what 1F1B's first stage holds, on every
+/// stage. The gradient comes back through the B's alone, and the W's fill what was 1F1B's
+/// drain bubble.
+pub fn zb_h1(s: usize, n: usize, m: usize) -> Vec<Instr> {
+    // EXERCISE(ch04-zb-h1, points = 10): 1F1B's warm-up; then each remaining forward, followed by the oldest B (backward_input(s, n, k)) and, from the (s+1)-th of them on, the oldest W not yet run; in the drain, each B followed by the oldest W left; then the W's still left, then flush(s, n)
+    // TESTS: -p ch04-pipeline --lib -- schedule::tests::zb_h1_splits_every_backward_and_holds_what_1f1b_s_first_stage_holds simulate::tests::zb_h1_has_a_third_of_1f1b_s_bubble
+    // NEEDS: ch04-one-f-one-b ch04-simulator-deadlock
+    let warmup = (n - s - 1).min(m);
+    let weights = |i| Instr::BackwardWeights { micro: i, chunk: 0 };
+    let mut deferred = 0..m; // the micro-batches whose W is still to run, in order
+    let mut out: Vec<Instr> = (0..warmup).flat_map(|i| forward(s, n, i)).collect();
+    for k in 0..m - warmup {
+        out.extend(forward(s, n, warmup + k));
+        out.extend(backward_input(s, n, k));
+        if k >= s {
+            // WRONG(no W put off: each follows its B, and later stages hold only 1F1B's N - s): `k >= s` -> `true`
+            out.extend(deferred.next().map(weights));
+        }
+    }
+    for k in m - warmup..m {
+        out.extend(backward_input(s, n, k));
+        out.extend(deferred.next().map(weights));
+        // WRONG(the put-off W's all wait for the end of the drain: its idle time stays): `out.extend(deferred.next().map(weights));` -> ``
+    }
+    out.extend(deferred.map(weights));
+    out.extend(flush(s, n));
+    out
+    // END EXERCISE
+}
+// ANCHOR_END: zb_h1
+
 /// The most micro-batches whose buffers a stage holds at once: a micro-batch holds them from
 /// its first instruction on the stage to its last (its input arrives, ..., its gradient leaves).
 pub fn peak_in_flight(instrs: &[Instr]) -> usize {
@@ -390,6 +458,43 @@ mod tests {
                         .collect();
                     assert_eq!(order, (0..m).collect::<Vec<_>>(), "stage {s} of {n}, m {m}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn zb_h1_splits_every_backward_and_holds_what_1f1b_s_first_stage_holds() {
+        use Instr::*;
+        for n in 1..=8 {
+            for m in 1..=16 {
+                let one_f_one_b = Schedule::new(ScheduleKind::OneFOneB, n, 1, m);
+                let zb = Schedule::new(ScheduleKind::ZbH1, n, 1, m);
+                for (s, list) in zb.stages.iter().enumerate() {
+                    for micro in 0..m {
+                        let mine: Vec<Instr> = list.iter().copied().filter(|i| i.micro() == Some((micro, 0))).collect();
+                        let mut want = Vec::new();
+                        want.extend((s > 0).then_some(RecvActivation { micro, chunk: 0 }));
+                        want.push(Forward { micro, chunk: 0 });
+                        want.extend((s + 1 < n).then_some(SendActivation { micro, chunk: 0 }));
+                        want.extend((s + 1 < n).then_some(RecvGrad { micro, chunk: 0 }));
+                        want.push(BackwardInput { micro, chunk: 0 });
+                        want.extend((s > 0).then_some(SendGrad { micro, chunk: 0 }));
+                        want.push(BackwardWeights { micro, chunk: 0 });
+                        assert_eq!(mine, want, "stage {s} of {n}, micro-batch {micro} of {m}");
+                    }
+                    assert_eq!(list.last(), Some(&OptimizerStep));
+                    // W's in micro-batch order, as 1F1B's backwards: the same sums, in the same
+                    // order, so the same gradients bit for bit.
+                    let order: Vec<usize> = list
+                        .iter()
+                        .filter_map(|i| if let BackwardWeights { micro, .. } = i { Some(*micro) } else { None })
+                        .collect();
+                    assert_eq!(order, (0..m).collect::<Vec<_>>(), "stage {s} of {n}, m {m}");
+                    // Up to N in flight on every stage: 1F1B's bound on its first stage.
+                    assert_eq!(peak_in_flight(list), m.min(n), "stage {s} of {n}, m {m}");
+                }
+                let peak = |sched: &Schedule| sched.stages.iter().map(|l| peak_in_flight(l)).max();
+                assert_eq!(peak(&zb), peak(&one_f_one_b), "n {n} m {m}: the same memory bound");
             }
         }
     }

@@ -17,12 +17,17 @@ use std::collections::{HashMap, VecDeque};
 #[derive(Clone, Copy, Debug)]
 pub struct Costs {
     pub forward: f64,
+    /// The whole backward...
     pub backward: f64,
+    /// ...of which the weight gradients (W) take this much when a schedule splits it: its
+    /// input-gradient half (B) costs `backward - weight`.
+    pub weight: f64,
 }
 
 impl Costs {
-    /// The textbook assumption: backward costs twice the forward.
-    pub const UNIT: Costs = Costs { forward: 1.0, backward: 2.0 };
+    /// The textbook assumption: backward costs twice the forward, half of it the weight
+    /// gradients (each of the two costs a matmul as large as the forward's): F = B = W = 1.
+    pub const UNIT: Costs = Costs { forward: 1.0, backward: 2.0, weight: 1.0 };
 }
 
 /// One compute instruction as simulated: stage, what, when.
@@ -82,8 +87,8 @@ pub enum ScheduleError {
     Invalid { stage: usize, at: usize, instr: Instr, reason: String },
     #[error("stage {stage} sent {what} {micro} to stage {to}, which never receives it")]
     Unreceived { stage: usize, to: usize, what: &'static str, micro: usize },
-    #[error("stage {stage} {what} micro-batch {micro} {times} times (once is right)")]
-    NotOnce { stage: usize, what: &'static str, micro: usize, times: usize },
+    #[error("stage {stage} {what} micro-batch {micro} {times} times ({right} is right)")]
+    NotOnce { stage: usize, what: &'static str, micro: usize, times: usize, right: usize },
 }
 
 /// A message in flight: which (micro-batch, chunk) it is for, at the receiver, and when it left.
@@ -213,6 +218,18 @@ impl Sim<'_> {
                 need(grad, "backward before its gradient arrived")?;
                 self.compute(s, instr, self.costs[s].backward / pipe.chunks as f64);
             }
+            BackwardInput { micro, chunk } => {
+                need(self.ran(s, Forward { micro, chunk }), "backward of a micro-batch not yet forwarded")?;
+                let grad = pipe.is_last(s, chunk) || self.ran(s, RecvGrad { micro, chunk });
+                need(grad, "backward before its gradient arrived")?;
+                let cost = self.costs[s].backward - self.costs[s].weight;
+                self.compute(s, instr, cost / pipe.chunks as f64);
+            }
+            BackwardWeights { micro, chunk } => {
+                let input = self.ran(s, BackwardInput { micro, chunk });
+                need(input, "weight gradients before the input gradients (W needs what B saves)")?;
+                self.compute(s, instr, self.costs[s].weight / pipe.chunks as f64);
+            }
             SendActivation { micro, chunk } => {
                 need(!pipe.is_last(s, chunk), "the last stage has no next stage")?;
                 need(self.ran(s, Forward { micro, chunk }), "sends an activation not yet computed")?;
@@ -224,7 +241,8 @@ impl Sim<'_> {
             }
             SendGrad { micro, chunk } => {
                 need(!pipe.is_first(s, chunk), "the first stage has no previous stage")?;
-                need(self.ran(s, Backward { micro, chunk }), "sends a gradient not yet computed")?;
+                let computed = self.ran(s, Backward { micro, chunk }) || self.ran(s, BackwardInput { micro, chunk });
+                need(computed, "sends a gradient not yet computed")?;
                 let (to, their_chunk) = pipe.prev(s, chunk);
                 self.channels
                     .entry((s, to, Wire::Gradient))
@@ -298,20 +316,23 @@ impl Sim<'_> {
     }
 
     /// Every stage forwards every micro-batch once through each of its chunks, and backwards
-    /// each once if the schedule trains; every message was received.
+    /// each once if the schedule trains (whole, or as a B and a W); every message was received.
     fn check_complete(&self) -> Result<(), ScheduleError> {
+        use Instr::*;
         let micros = self.lists.iter().flatten().filter_map(Instr::micro).map(|m| m.0 + 1).max().unwrap_or(0);
-        let trains = self.lists.iter().flatten().any(|i| matches!(i, Instr::Backward { .. }));
+        let trains = self.lists.iter().flatten().any(|i| matches!(i, Backward { .. } | BackwardInput { .. }));
         for s in 0..self.n() {
             for (micro, chunk) in (0..micros).flat_map(|m| (0..self.pipe.chunks).map(move |c| (m, c))) {
-                let mut checks = vec![("forwards", Instr::Forward { micro, chunk })];
+                let times = |instr| self.done.get(&(s, instr)).copied().unwrap_or(0);
+                let split = times(BackwardInput { micro, chunk });
+                let mut checks = vec![("forwards", times(Forward { micro, chunk }), 1)];
                 if trains {
-                    checks.push(("backwards", Instr::Backward { micro, chunk }));
+                    checks.push(("backwards", times(Backward { micro, chunk }) + split, 1));
+                    checks.push(("computes the weight gradients of", times(BackwardWeights { micro, chunk }), split));
                 }
-                for (what, instr) in checks {
-                    let times = self.done.get(&(s, instr)).copied().unwrap_or(0);
-                    if times != 1 {
-                        return Err(ScheduleError::NotOnce { stage: s, what, micro, times });
+                for (what, times, right) in checks {
+                    if times != right {
+                        return Err(ScheduleError::NotOnce { stage: s, what, micro, times, right });
                     }
                 }
             }
@@ -364,6 +385,51 @@ mod tests {
         }
     }
     // ANCHOR_END: bubble_test
+
+    // ANCHOR: zb_h1_test
+    #[test]
+    fn zb_h1_has_a_third_of_1f1b_s_bubble() {
+        // F = B = W = 1. 1F1B's step is 3(M + N - 1): each stage idles 3(N - 1). In ZB-H1 the
+        // gradient returns through the B's alone and the W's fill the drain: the step is
+        // 3M + N - 1 once M >= N (each stage idles N - 1, a third), and with fewer micro-batches
+        // 2M + 2N - 1 (stage 0 cannot start its first B before 2N - 1, and then has 2M - 1 of
+        // its B's and W's left). Both: 2M + N - 1 + max(M, N).
+        for n in 1..=8 {
+            for m in 1..=16 {
+                let zb = simulate(&Schedule::new(ScheduleKind::ZbH1, n, 1, m), Costs::UNIT).unwrap();
+                let one_f_one_b = simulate(&Schedule::new(ScheduleKind::OneFOneB, n, 1, m), Costs::UNIT).unwrap();
+                assert_eq!(zb.makespan, (2 * m + n - 1 + m.max(n)) as f64, "n {n} m {m}");
+                assert_eq!(zb.busy, one_f_one_b.busy, "the same work");
+                let (n_, m_) = (n as f64, m as f64);
+                if m >= n {
+                    let theory = (n_ - 1.0) / (3.0 * m_ + n_ - 1.0);
+                    let bubble = zb.bubble_fraction();
+                    assert!((bubble - theory).abs() < 1e-12, "n {n} m {m}: {bubble} vs {theory}");
+                }
+                if n > 1 {
+                    assert!(zb.bubble_fraction() < one_f_one_b.bubble_fraction(), "n {n} m {m}");
+                }
+            }
+        }
+    }
+    // ANCHOR_END: zb_h1_test
+
+    #[test]
+    fn a_split_backward_out_of_order_is_caught() {
+        let broken = |edit: &dyn Fn(&mut Vec<Instr>)| {
+            let mut s = Schedule::new(ScheduleKind::ZbH1, 2, 1, 2);
+            edit(&mut s.stages[1]);
+            simulate(&s, Costs::UNIT).unwrap_err().to_string()
+        };
+        let w0 = Instr::BackwardWeights { micro: 0, chunk: 0 };
+        let err = broken(&|l| {
+            l.retain(|i| *i != w0);
+            l.insert(0, w0);
+        });
+        assert!(err.contains("weight gradients before the input gradients"), "{err}");
+        let err = broken(&|l| l.retain(|i| *i != w0));
+        assert!(err.contains("stage 1 computes the weight gradients of micro-batch 0 0 times (1 is right)"), "{err}");
+    }
 
     /// Two stages, one micro-batch each way round: hand-written, so that the simulator is graded
     /// apart from the generators.
@@ -500,7 +566,7 @@ mod tests {
     #[test]
     fn a_slow_stage_sets_the_pace() {
         // Stage 1 of 2 twice as slow: the step is paced by it, and the fast stage idles.
-        let (fast, slow) = (Costs::UNIT, Costs { forward: 2.0, backward: 4.0 });
+        let (fast, slow) = (Costs::UNIT, Costs { forward: 2.0, backward: 4.0, weight: 2.0 });
         let sim = simulate_stages(&Schedule::new(ScheduleKind::OneFOneB, 2, 1, 4), &[fast, slow]).unwrap();
         // The slow stage's 4 x 6 units, after stage 0's first forward and before its last backward.
         assert_eq!(sim.makespan, 1.0 + 24.0 + 2.0);

@@ -66,8 +66,6 @@ pub enum PipelineError {
         "chapter 4's stages are threads on the CPU (GPU stages communicate through NCCL, which chapter 5 uses); run it with --device cpu or auto"
     )]
     GpuRanks,
-    #[error("--save-every is not supported by chapter 4: it saves once, at the end, with every stage's share gathered")]
-    SaveEvery,
     #[error(
         "the interleaved schedule sends micro-batches through each chunk in groups of --pp {pp}: the {m} micro-batches per step (--microbatches x --grad-accum) must be a multiple of it"
     )]
@@ -144,9 +142,6 @@ pub fn check(cfg: &PipelineConfig, model: &ModelConfig) -> Result<(), PipelineEr
     if matches!(cfg.train.device, DeviceRequest::Cuda(_)) {
         return Err(PipelineError::GpuRanks);
     }
-    if cfg.train.save_every > 0 && cfg.train.save.is_some() {
-        return Err(PipelineError::SaveEvery);
-    }
     let (pp, m, batch, v, dp) = (cfg.pp, cfg.microbatches, cfg.train.batch_size, cfg.virtual_stages, cfg.dp);
     match () {
         _ if pp == 0 => Err(PipelineError::ZeroStages),
@@ -186,7 +181,7 @@ pub fn measured_bubble(trace: &Trace, n: usize) -> Option<f64> {
     let steps: Vec<(f64, f64)> = (0..n).map(|s| trace.last_span("step", s as u32, 0)).collect::<Option<_>>()?;
     let from = steps.iter().map(|s| s.0).fold(f64::INFINITY, f64::min);
     let to = steps.iter().map(|s| s.1).fold(f64::NEG_INFINITY, f64::max);
-    let computing = |name: &str| name.starts_with("forward") || name.starts_with("backward");
+    let computing = |name: &str| ["forward", "backward", "weight"].iter().any(|w| name.starts_with(w));
     let busy: f64 = trace
         .events()
         .iter()
@@ -234,10 +229,10 @@ fn run_stage(
     let trace = if replica == 0 { trace.clone() } else { Trace::disabled() };
     let mut me = Stage::new(cfg, pipe, (replica, dp_group), Box::new(Whole), dataset, trace)?;
     let header = me.header();
-    // Saving needs every stage's share: `train` gathers them and saves once the loop is done.
-    let loop_cfg = TrainConfig { save: None, ..cfg.train.clone() };
+    // A step that saves gathers every stage's share on rank 0 (stage 0 of the first pipe),
+    // which writes the checkpoint.
     let leads = rank == 0;
-    let outcome = drive(&loop_cfg, &mut me, leads, &header)?;
+    let outcome = drive(&cfg.train, &mut me, leads, &header)?;
     Ok((me.report()?, leads.then_some(outcome)))
 }
 // ANCHOR_END: run_stage
@@ -265,8 +260,10 @@ pub fn plan(cfg: &PipelineConfig, model: &ModelConfig, t: usize) -> Result<Pipel
         (0..cfg.pp).map(|s| (0..pipe.chunks).map(|c| virtual_cost(pipe.virtual_stage(s, c))).sum()).collect();
     let total: f64 = stage_costs.iter().sum();
     let estimated_shares = stage_costs.iter().map(|c| c / total).collect();
-    let per_micro: Vec<Costs> =
-        stage_costs.iter().map(|c| Costs { forward: c / total, backward: 2.0 * c / total }).collect();
+    let per_micro: Vec<Costs> = stage_costs
+        .iter()
+        .map(|c| Costs { forward: c / total, backward: 2.0 * c / total, weight: c / total })
+        .collect();
     let simulated = simulate_stages(&Schedule::new(cfg.schedule, cfg.pp, pipe.chunks, micro_per_step), &per_micro)
         .map_err(|source| PipelineError::Schedule { schedule: cfg.schedule, source })?;
     Ok(PipelinePlan { micro_per_step, bubble, bubble_estimated: simulated.bubble_fraction(), estimated_shares })
@@ -302,9 +299,10 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
 
     // ANCHOR: gather
     // Chapter 1's layout, from every stage's share (the tied wte is the same on both holders):
-    // the report's parameters, and a checkpoint that any layout resumes.
+    // the report's parameters. (The checkpoints, which any layout resumes, were gathered the
+    // same way at each step that saved: see `Stage::gather_checkpoint`.)
     let full = ParamLayout::new(&model);
-    let (mut params, mut adam_m, mut adam_v) = (vec![0.0; full.total], vec![0.0; full.total], vec![0.0; full.total]);
+    let mut params = vec![0.0; full.total];
     let mut stages = Vec::new();
     let mut leader = None;
     let mut replicas = Vec::new();
@@ -316,15 +314,22 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
             continue;
         }
         copy_by_name(&stage.layout, &stage.params, &full, &mut params);
-        copy_by_name(&stage.layout, &stage.adam_m, &full, &mut adam_m);
-        copy_by_name(&stage.layout, &stage.adam_v, &full, &mut adam_v);
         stages.push(stage);
     }
     let outcome = leader.ok_or(PipelineError::NoReport)?;
-    let gathered = Gathered { params, adam_m, adam_v, step: stages[0].step, sampler: stages[0].sampler.clone() };
     // ANCHOR_END: gather
+    // The checkpoints were written by the loop (`Stage::save`): `conclude` reports, samples, and
+    // does not save again.
+    let concluding = PipelineConfig { train: TrainConfig { save: None, ..cfg.train.clone() }, ..cfg.clone() };
+    let gathered = Gathered {
+        params,
+        adam_m: Vec::new(),
+        adam_v: Vec::new(),
+        step: stages[0].step,
+        sampler: stages[0].sampler.clone(),
+    };
     let device = format!("cpu ({} pipeline stages on threads)", cfg.pp);
-    let report = conclude(cfg, &model, (t, &dataset), gathered, outcome, stages[0].memory.clone(), device)?;
+    let report = conclude(&concluding, &model, (t, &dataset), gathered, outcome, stages[0].memory.clone(), device)?;
     Ok(PipelineReport {
         pp: cfg.pp,
         microbatches: cfg.microbatches,

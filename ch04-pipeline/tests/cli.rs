@@ -48,3 +48,29 @@ fn bad_input_is_one_line_before_any_stage_starts() {
         assert!(!String::from_utf8_lossy(&out.stderr).contains("rank 0 failed"), "{args:?}: checked before launch");
     }
 }
+
+#[test]
+fn zb_h1_runs_and_draws_its_weight_gradients_in_their_own_colour() {
+    let dir = tempfile::tempdir().unwrap();
+    let (report, sim, measured) = (dir.path().join("run.json"), dir.path().join("sim.svg"), dir.path().join("run.svg"));
+    let out = output_within(
+        ch04()
+            .args(["--pp", "2", "--microbatches", "2", "--schedule", "zb-h1", "--report"])
+            .arg(&report)
+            .arg("--timeline-sim")
+            .arg(&sim)
+            .arg("--timeline")
+            .arg(&measured),
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(report["schedule"].as_str(), Some("zb-h1"));
+    // F = B = W: a step of 2m + p - 1 + max(m, p) = 7 units, of which each stage works 3m = 6.
+    assert!((report["bubble_fraction"].as_f64().unwrap() - 1.0 / 7.0).abs() < 1e-12);
+    for svg in [sim, measured] {
+        let svg = std::fs::read_to_string(svg).unwrap();
+        assert!(svg.contains("weight grads 1") && svg.contains("backward input 1"), "B and W spans");
+        assert!(svg.contains(">weight gradients</text>"), "W in the legend");
+    }
+}

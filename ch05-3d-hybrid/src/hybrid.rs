@@ -25,6 +25,7 @@ use ch02_data_parallel::data_parallel::MAX_THREAD_RANKS;
 use ch03_tensor_parallel::tensor_parallel::{TpConfig, TpError, check_tp};
 use ch03_tensor_parallel::tp_comm::Fault;
 use ch04_pipeline::pipeline::Stage;
+use ch04_pipeline::schedule::ScheduleKind;
 use ch04_pipeline::stage::copy_by_name;
 use ch04_pipeline::train::{Gathered, PipelinePlan, check, conclude, measured_bubble, plan, write_trace};
 use ch04_pipeline::{PipelineConfig, PipelineError, StageReport};
@@ -75,6 +76,10 @@ pub enum HybridError {
     NprocNotGrid { nproc: usize, grid: usize },
     #[error("WORLD_SIZE is {world}, but the grid --dp x --tp x --pp has {grid} ranks: start one process per rank")]
     WorldSize { world: usize, grid: usize },
+    #[error(
+        "--schedule zb-h1 is chapter 4's (a whole-width stage); chapter 5's stages would need chapter 3's vocabulary-parallel head split into B and W, which is not built: use 1f1b or interleaved"
+    )]
+    ZeroBubble,
     #[error(transparent)]
     Launch(#[from] LaunchError),
     #[error("rank 0 returned no report")]
@@ -112,6 +117,9 @@ pub fn check_hybrid(cfg: &HybridConfig, model: &ModelConfig) -> Result<(), Hybri
         return Err(HybridError::GpuRanks);
     }
     let p = &cfg.pipeline;
+    if p.schedule == ScheduleKind::ZbH1 {
+        return Err(HybridError::ZeroBubble);
+    }
     check(&PipelineConfig { dp: 1, ..p.clone() }, model)?;
     check_tp(&TpConfig { train: p.train.clone(), tp: cfg.tp, dp: 1, fault: None })?;
     let (dp, tp, pp) = (p.dp, cfg.tp, p.pp);
@@ -153,9 +161,11 @@ pub fn run_rank<C: Communicator>(
     let parts = Box::new(TpParts::new(&model, tensor, cfg.fault));
     // The trace follows the first pipe's tensor rank 0, one lane per stage.
     let trace = if at.dp == 0 && at.tp == 0 { trace.clone() } else { Trace::disabled() };
-    let mut me = Stage::new(&cfg.pipeline, pipe, (at.dp, data), parts, dataset, trace)?;
-    // Saving needs every rank's share: it is gathered, and saved once the loop is done.
+    // Saving needs every rank's share: it is gathered, and saved once the loop is done (not by
+    // chapter 4's stage, which gathers a pipe of whole-width stages).
     let loop_cfg = TrainConfig { save: None, ..train.clone() };
+    let stage_cfg = PipelineConfig { train: loop_cfg.clone(), ..cfg.pipeline.clone() };
+    let mut me = Stage::new(&stage_cfg, pipe, (at.dp, data), parts, dataset, trace)?;
     let outcome = drive(&loop_cfg, &mut me, rank == 0, &header(cfg, &model))?;
     let stage = me.report()?;
     let gathered = gather(&mut world, cfg, &model, at, &stage)?;

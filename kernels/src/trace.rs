@@ -294,10 +294,12 @@ const SVG_FONT: f64 = 11.0;
 const SVG_LABEL_PAD: f64 = 3.0;
 
 /// What a span's first word says it is: (first word, colour, legend). The last is the rest.
-const SPAN_KINDS: [(&str, &str, &str); 8] = [
+const SPAN_KINDS: [(&str, &str, &str); 9] = [
     ("step", "#e8e8e8", "step"),
     ("forward", "#8ecae6", "forward"),
     ("backward", "#219ebc", "backward"),
+    // A pipeline's deferred weight gradients (chapter 4's zb-h1): the backward's second half.
+    ("weight", "#e76f51", "weight gradients"),
     ("optimizer", "#ffb703", "optimizer (AdamW)"),
     ("all-reduce", "#fb8500", "all-reduce"),
     ("eval", "#b5e48c", "evaluation"),
@@ -479,7 +481,17 @@ mod tests {
     #[test]
     fn the_legend_wraps_within_the_width() {
         let trace = Trace::enabled();
-        let names = ["step", "forward", "backward", "optimizer", "all-reduce 0", "eval", "save", "send activations"];
+        let names = [
+            "step",
+            "forward",
+            "backward",
+            "weight grads 0",
+            "optimizer",
+            "all-reduce 0",
+            "eval",
+            "save",
+            "send activations",
+        ];
         for (i, name) in names.iter().enumerate() {
             trace.lane(0, i as u32).record(*name, 0.0, 1_000.0);
         }
@@ -493,7 +505,7 @@ mod tests {
             rows.push(attr(&format!(" x=\"{entry}"), "y"));
         }
         assert_eq!(rows.len(), SPAN_KINDS.len(), "every kind, \"other\" included: {legend}");
-        assert!(rows.windows(2).any(|w| w[1] > w[0]), "eight entries take two lines: {legend}");
+        assert!(rows.windows(2).any(|w| w[1] > w[0]), "nine entries take two lines: {legend}");
         let height = attr(svg.lines().next().unwrap(), "height");
         assert!(height >= rows.iter().fold(0.0, |m, &y| f64::max(m, y)), "the last line is inside the figure");
     }

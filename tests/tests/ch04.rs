@@ -50,7 +50,7 @@ const SCHEDULES: [ScheduleKind; 2] = [ScheduleKind::Gpipe, ScheduleKind::OneFOne
 fn one_stage_one_micro_batch_is_chapter_1_bit_for_bit() {
     let cfg = config();
     let single = ch01(&cfg);
-    for schedule in SCHEDULES {
+    for schedule in SCHEDULES.into_iter().chain([ScheduleKind::ZbH1]) {
         let run = pipeline(&cfg, 1, 1, schedule).report;
         assert_eq!(single.losses(), run.losses(), "{schedule}");
         assert_eq!(single.val_losses, run.val_losses, "{schedule}");
@@ -72,6 +72,25 @@ fn every_schedule_stage_count_and_micro_batch_count_matches_chapter_1() {
         }
     }
 }
+
+// ANCHOR: zb_h1_equivalence
+#[test]
+fn zb_h1_is_1f1b_bit_for_bit_and_so_chapter_1() {
+    // The split backward computes each gradient with the fused one's operations, and zb-h1
+    // runs its W's in 1F1B's micro-batch order: every sum is 1F1B's, in 1F1B's order.
+    let cfg = config();
+    let single = ch01(&cfg);
+    for (pp, m, dp) in [(2, 1, 1), (2, 4, 1), (4, 2, 1), (4, 4, 1), (2, 2, 2)] {
+        eprintln!("zb-h1, pp {pp}, {m} micro-batches, dp {dp}");
+        let run = |schedule| ch04_pipeline::train(&PipelineConfig { dp, ..pipeline_config(&cfg, pp, m, schedule) });
+        let (zb, one_f_one_b) = (run(ScheduleKind::ZbH1).unwrap().report, run(ScheduleKind::OneFOneB).unwrap().report);
+        assert_matches_ch01(&cfg, &single, &zb, 1e-5);
+        assert_eq!(zb.losses(), one_f_one_b.losses(), "pp {pp} m {m} dp {dp}");
+        assert!(zb.steps.iter().zip(&one_f_one_b.steps).all(|(a, b)| a.grad_norm == b.grad_norm));
+        assert!(zb.params == one_f_one_b.params, "pp {pp} m {m} dp {dp}: parameters differ from 1F1B's");
+    }
+}
+// ANCHOR_END: zb_h1_equivalence
 
 #[test]
 fn an_uneven_partition_and_accumulation_match_chapter_1() {
@@ -175,7 +194,7 @@ fn a_missing_tied_gradient_sum_is_caught() {
 #[test]
 fn activation_memory_is_micro_batches_in_flight_times_one_micro_batch() {
     let cfg = TrainConfig { eval_every: 0, ..config() };
-    for (schedule, m) in [(ScheduleKind::Gpipe, 4), (ScheduleKind::OneFOneB, 4)] {
+    for (schedule, m) in [(ScheduleKind::Gpipe, 4), (ScheduleKind::OneFOneB, 4), (ScheduleKind::ZbH1, 4)] {
         let run = pipeline(&cfg, 2, m, schedule);
         let lists = Schedule::new(schedule, 2, 1, m).stages;
         for stage in &run.stages {
@@ -183,6 +202,8 @@ fn activation_memory_is_micro_batches_in_flight_times_one_micro_batch() {
             assert_eq!(stage.peak_in_flight, in_flight);
             let expected = match schedule {
                 ScheduleKind::Gpipe => m,
+                // A micro-batch is held until its W: N on every stage.
+                ScheduleKind::ZbH1 => m.min(2),
                 _ => m.min(2 - stage.stage),
             };
             assert_eq!(in_flight, expected, "{schedule} stage {}", stage.stage);
@@ -294,5 +315,31 @@ fn checkpoints_are_layout_independent_both_ways() {
     // ...and four stages resume chapter 1's.
     let resumed = pipeline(&TrainConfig { resume: Some(ch01_ckpt), ..four.clone() }, 4, 2, ScheduleKind::Gpipe);
     assert_matches_ch01(&four, &reference, &resumed.report, 1e-5);
+}
+
+#[test]
+fn save_every_checkpoints_mid_run_and_a_resume_is_bit_for_bit() {
+    // Four steps straight, against two saving after every step (the first save mid-run, the
+    // second at the end, each gathered from both stages) and a resume for the other two.
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let four = TrainConfig { lr_schedule: ch01_single_gpu::schedule::LrSchedule::Constant, ..config() };
+    let straight = pipeline(&four, 2, 2, ScheduleKind::ZbH1).report;
+    let two = TrainConfig { steps: 2, save: Some(ckpt.clone()), save_every: 1, ..four.clone() };
+    pipeline(&two, 2, 2, ScheduleKind::ZbH1);
+    assert_eq!(ch01_single_gpu::checkpoint::read_trainer_state(&ckpt).unwrap().step, 2);
+    let resumed = pipeline(&TrainConfig { resume: Some(ckpt), ..four.clone() }, 2, 2, ScheduleKind::ZbH1).report;
+    assert_eq!(resumed.steps.iter().map(|s| s.step).collect::<Vec<_>>(), [3, 4]);
+    assert_eq!(straight.losses()[2..], resumed.losses()[..]);
+    assert!(straight.steps[2..].iter().zip(&resumed.steps).all(|(a, b)| a.grad_norm == b.grad_norm));
+    assert!(straight.params == resumed.params, "the resumed run ends elsewhere");
+    // A run that stops (a learning rate of 1e30 overflows within a few steps) keeps the
+    // checkpoint of its last good step: saved mid-run, never at the end.
+    let ckpt = dir.path().join("stopped");
+    let exploding = TrainConfig { lr: 1e30, steps: 5, save: Some(ckpt.clone()), save_every: 1, ..four };
+    let err = ch04_pipeline::train(&pipeline_config(&exploding, 2, 2, ScheduleKind::OneFOneB)).err().unwrap();
+    assert!(err.to_string().contains("the last good checkpoint, from step"), "{err}");
+    let saved = ch01_single_gpu::checkpoint::read_trainer_state(&ckpt).unwrap().step;
+    assert!((1..5).contains(&saved), "saved at step {saved}");
 }
 // ANCHOR_END: checkpoint_test
