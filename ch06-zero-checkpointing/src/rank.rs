@@ -17,14 +17,13 @@ use crate::zero::{Unit, ZeroStage, units};
 use ch01_single_gpu::checkpoint::{self, CheckpointContents, RunShape, TrainerState};
 use ch01_single_gpu::config::ModelConfig;
 use ch01_single_gpu::data::{BatchSampler, Dataset, sequential_batch};
-use ch01_single_gpu::model::{
-    BackwardScratch, BlockShape, Dims, Head, embed_backward, embed_forward, head_backward, head_forward,
-};
+use ch01_single_gpu::model::{BackwardScratch, Dims, Head, Whole};
 use ch01_single_gpu::optimizer::{Optimizer, squared_norm};
-use ch01_single_gpu::params::{BlockParams, ParamLayout};
+use ch01_single_gpu::params::{BlockParams, ParamLayout, ParamSpec};
 use ch01_single_gpu::schedule::learning_rate;
 use ch01_single_gpu::train::{StartState, StepRecord, TrainSteps, saves_after};
 use ch01_single_gpu::{TrainConfig, TrainError};
+use ch04_pipeline::parts::StageParts;
 use kernels::comm::{CommStats, Communicator, ReduceOp};
 use kernels::ops::grad_norm::clip_scale;
 use kernels::{Category, DType, Device, MemoryLedger, Tensor, TensorError, Trace, View, ViewMut};
@@ -99,7 +98,14 @@ impl Grads {
 /// A rank's buffers, apart from its communicator so that a pass can borrow both.
 struct State {
     stage: ZeroStage,
+    /// Chapter 1's layout, and the one this rank's tensors are laid out by: the same, or (with
+    /// tensor parallelism) its tensor rank's shard of it, which ZeRO then shards over the
+    /// data-parallel group.
+    full: ParamLayout,
     layout: ParamLayout,
+    /// The floats of `layout` this rank counts in the global norm (a tensor that every rank of
+    /// a tensor group holds the same copy of is counted by one of them), neighbours merged.
+    norm_ranges: Vec<Range<usize>>,
     units: Vec<Unit>,
     n: usize,
     rank: usize,
@@ -215,19 +221,33 @@ impl State {
     }
     // ANCHOR_END: stage1_collectives
 
-    /// Σ g² of the reduced gradient floats this rank owns (all of them at stage 0).
+    /// Σ g² of the reduced gradient floats this rank owns (all of them at stage 0) and counts.
     fn partial_squared_norm(&self) -> Result<f64, TrainError> {
         let mut sum = 0.0;
+        // The counted floats of `owned`, as ranges of a buffer whose index 0 is `at`.
+        let counted = |owned: Range<usize>, at: usize| {
+            let cut = move |r: &Range<usize>| r.start.max(owned.start)..r.end.min(owned.end);
+            self.norm_ranges.iter().map(cut).filter(|r| !r.is_empty()).map(move |r| r.start - at..r.end - at)
+        };
         match (&self.grads.full, self.stage.shards_optimizer()) {
-            (Some(all), false) => sum = squared_norm(all.view(), 0..self.layout.total)?,
+            (Some(all), false) => {
+                for range in counted(0..self.layout.total, 0) {
+                    sum += squared_norm(all.view(), range)?;
+                }
+            }
             (Some(all), true) => {
                 for unit in &self.units {
-                    sum += squared_norm(all.view(), unit.owned(self.rank))?;
+                    for range in counted(unit.owned(self.rank), 0) {
+                        sum += squared_norm(all.view(), range)?;
+                    }
                 }
             }
             (None, _) => {
                 for (unit, shard) in self.units.iter().zip(&self.grads.shards) {
-                    sum += squared_norm(shard.view(), 0..unit.owned(self.rank).len())?;
+                    let owned = unit.owned(self.rank);
+                    for range in counted(owned.clone(), owned.start) {
+                        sum += squared_norm(shard.view(), range)?;
+                    }
                 }
             }
         }
@@ -338,6 +358,18 @@ fn head_grads<'a>(layout: &ParamLayout, units: &[Unit], grads: &'a mut Grads) ->
     Head { ln_f_weight, ln_f_bias, wte }
 }
 
+/// The ranges of `layout` made of the tensors `counts` keeps, neighbours merged.
+fn merged_ranges(layout: &ParamLayout, counts: impl Fn(&ParamSpec) -> bool) -> Vec<Range<usize>> {
+    let mut ranges: Vec<Range<usize>> = Vec::new();
+    for spec in layout.specs.iter().filter(|spec| counts(spec)) {
+        match ranges.last_mut() {
+            Some(last) if last.end == spec.offset => last.end = spec.range().end,
+            _ => ranges.push(spec.range()),
+        }
+    }
+    ranges
+}
+
 fn block_of<T>(pieces: Vec<T>) -> BlockParams<T> {
     let mut it = pieces.into_iter();
     BlockParams::from_tensors(|| it.next().unwrap_or_else(|| unreachable!("a block has 12 tensors")))
@@ -350,6 +382,10 @@ pub struct ZeroRank {
     pub recompute: Recompute,
     state: State,
     comm: Box<dyn Communicator>,
+    /// How the model's parts run here: whole (chapter 2's ranks), or on a tensor-parallel
+    /// shard (chapter 5's `TpParts`), and the tensor group again, to gather the shards.
+    parts: Box<dyn StageParts>,
+    tp_gather: Option<Box<dyn Communicator>>,
     acts: SavedActivations,
     scratch: BackwardScratch,
     proj: Tensor,
@@ -380,11 +416,33 @@ impl ZeroRank {
         run: RunShape,
         dataset: Arc<Dataset>,
     ) -> Result<ZeroRank, TrainError> {
+        ZeroRank::on_shard(cfg, model, (stage, recompute), (comm, Box::new(Whole), None), (rows, t), run, dataset)
+    }
+
+    /// The same on a tensor-parallel shard: `parts` runs the model's parts (chapter 5's
+    /// `TpParts` over the tensor group), ZeRO shards this tensor rank's parameters over the
+    /// data-parallel group `comm`, and `tp_gather` (the tensor group, a second time) puts the
+    /// shards back together for checkpoints and the report.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    pub fn on_shard(
+        cfg: &TrainConfig,
+        model: ModelConfig,
+        (stage, recompute): (ZeroStage, Recompute),
+        (comm, parts, tp_gather): (Box<dyn Communicator>, Box<dyn StageParts>, Option<Box<dyn Communicator>>),
+        (rows, t): (usize, usize),
+        run: RunShape,
+        dataset: Arc<Dataset>,
+    ) -> Result<ZeroRank, TrainError> {
         let (rank, n) = (comm.rank(), comm.world_size());
-        let layout = ParamLayout::new(&model);
+        let full = ParamLayout::new(&model);
+        let layout = parts.layout(&full)?;
         let units = units(&layout, n);
         let ledger = MemoryLedger::new();
-        let StartState { params: host, moments, step, sampler } = StartState::load(cfg, &run, &layout)?;
+        let StartState { params: whole, moments, step, sampler } = StartState::load(cfg, &run, &full)?;
+        // Every rank starts from chapter 1's model and keeps its tensor rank's part of it.
+        let host = parts.take(&full, &layout, &whole);
+        let moments = moments.map(|(m, v)| (parts.take(&full, &layout, &m), parts.take(&full, &layout, &v)));
+        let norm_ranges = merged_ranges(&layout, |spec| parts.counts_in_norm(spec));
         let filled = |len, category, values: &[f32]| -> Result<Tensor, TrainError> {
             let mut tensor = f32_tensor(len, category, &ledger)?;
             tensor.as_mut_slice()[..values.len()].copy_from_slice(values);
@@ -431,17 +489,34 @@ impl ZeroRank {
                 staging = padded.map(comm_buffer).transpose()?;
             }
         }
-        let acts = SavedActivations::new(&model, recompute, rows, t, &ledger)?;
-        let scratch = BackwardScratch::new(BlockShape::whole(&model), rows, t, Device::Cpu, DType::F32, &ledger)?;
+        let (shape, columns) = (parts.shape(&model), parts.logit_columns(&model));
+        let acts = SavedActivations::on_shard(&model, recompute, (shape, columns), rows, t, &ledger)?;
+        let scratch = BackwardScratch::new(shape, rows, t, Device::Cpu, DType::F32, &ledger)?;
         let proj = Tensor::zeros_on(&[rows * t, model.n_embd], Device::Cpu, DType::F32, Category::Other, &ledger)?;
-        let state =
-            State { stage, layout, units, n, rank, ledger, params, grads, optimizers, staging, received, sending };
+        let state = State {
+            stage,
+            full,
+            layout,
+            norm_ranges,
+            units,
+            n,
+            rank,
+            ledger,
+            params,
+            grads,
+            optimizers,
+            staging,
+            received,
+            sending,
+        };
         Ok(ZeroRank {
             cfg: cfg.clone(),
             model,
             recompute,
             state,
             comm,
+            parts,
+            tp_gather,
             acts,
             scratch,
             proj,
@@ -470,13 +545,42 @@ impl ZeroRank {
         self.comm.stats()
     }
 
-    /// The whole model in chapter 1's layout (collective: every rank must call it).
+    /// The whole model in chapter 1's layout (collective: every rank must call it): each
+    /// tensor rank's share from the data-parallel group's shards, then (with tensor
+    /// parallelism) the tensor ranks' shares put together as chapter 3 does.
     pub fn gather_all(&mut self) -> Result<Gathered, TrainError> {
-        self.state.gather_all(self.comm.as_mut())
+        let mine = self.state.gather_all(self.comm.as_mut())?;
+        let Some(group) = self.tp_gather.as_mut() else { return Ok(mine) };
+        let (full, layout) = (&self.state.full, &self.state.layout);
+        let tp = group.world_size();
+        let mut put_together = |piece: &[f32]| -> Result<Vec<f32>, TrainError> {
+            let mut all = vec![0.0; tp * layout.total];
+            group.all_gather(piece, &mut all)?;
+            let mut whole = vec![0.0; full.total];
+            for (rank, piece) in all.chunks_exact(layout.total).enumerate() {
+                full.put_shard(layout, piece, rank, tp, &mut whole);
+            }
+            Ok(whole)
+        };
+        Ok(Gathered {
+            params: put_together(&mine.params)?,
+            adam_m: put_together(&mine.adam_m)?,
+            adam_v: put_together(&mine.adam_v)?,
+        })
+    }
+
+    /// Tensor-parallel ranks of the group this rank's parts run over (1: none).
+    pub fn tp(&self) -> usize {
+        self.parts.ranks()
+    }
+
+    /// What this rank sent and received inside its tensor group.
+    pub fn tp_stats(&self) -> CommStats {
+        self.parts.stats()
     }
 
     fn dims(&self) -> Dims {
-        Dims { b: self.rows, t: self.t, shape: BlockShape::whole(&self.model) }
+        Dims { b: self.rows, t: self.t, shape: self.parts.shape(&self.model) }
     }
 
     // ANCHOR: zero_forward
@@ -485,24 +589,24 @@ impl ZeroRank {
     /// rows' mean loss.
     fn forward(&mut self, inputs: &[u32], targets: &[u32]) -> Result<f32, TrainError> {
         let (d, c) = (self.dims(), self.model.n_embd);
-        let Self { state, comm, acts, proj, model, .. } = self;
+        let Self { state, comm, acts, proj, model, parts, .. } = self;
         let comm = comm.as_mut();
         let (emb, head) = (0, state.units.len() - 1);
         state.gather(comm, emb)?;
         let wte_wpe = unit_tensors(&state.layout, &state.units[emb], state.params.unit(&state.units, emb));
-        embed_forward(acts.first_input(), inputs, wte_wpe[0], wte_wpe[1], d.t, c);
+        parts.embed_forward(acts.first_input(), inputs, wte_wpe[0], wte_wpe[1], d.t, c)?;
         for l in 0..model.n_layer {
             let u = 1 + l;
             state.gather(comm, u)?;
             let p = block_of(unit_tensors(&state.layout, &state.units[u], state.params.unit(&state.units, u)));
-            block_forward(&p, acts, l, proj.view_mut(), d)?;
+            block_forward(&p, acts, l, proj.view_mut(), d, parts.block_comm())?;
             state.release(u);
         }
         state.gather(comm, head)?;
         let loss = {
             let params = head_params(&state.layout, &state.units, &state.params);
             let (x, head_acts) = acts.head_parts();
-            head_forward(&params, model, x, head_acts, Some(targets), d.bt())?
+            parts.head_forward(&params, model, x, head_acts, Some(targets), d.bt())?
         };
         state.release(head);
         state.release(emb);
@@ -518,7 +622,7 @@ impl ZeroRank {
     /// first and the embedding's last, so its buffer lives through the whole backward).
     fn backward(&mut self, inputs: &[u32], targets: &[u32], dloss: f32) -> Result<(), TrainError> {
         let (d, c) = (self.dims(), self.model.n_embd);
-        let Self { state, comm, acts, scratch, proj, model, trace, .. } = self;
+        let Self { state, comm, acts, scratch, proj, model, trace, parts, .. } = self;
         let comm = comm.as_mut();
         let (emb, head) = (0, state.units.len() - 1);
         for u in [emb, head] {
@@ -530,7 +634,7 @@ impl ZeroRank {
             let (head_params, head_grads) = (head_params(layout, units, params), head_grads(layout, units, grads));
             let (x, head_acts) = acts.head_parts();
             let (d_ln, d_x) = (scratch.block.d_ln.view_mut(), scratch.d_res[0].view_mut());
-            head_backward(&head_params, head_grads, model, x, head_acts, d_ln, d_x, targets, dloss, d.bt());
+            parts.head_backward(&head_params, head_grads, model, x, head_acts, d_ln, d_x, targets, dloss, d.bt())?;
         }
         state.release(head);
         state.finish_grads(comm, head)?;
@@ -545,9 +649,9 @@ impl ZeroRank {
                 let mut g = block_of(unit_tensors_mut(layout, &units[u], grads.unit(units, u).0));
                 if acts.mode != Recompute::None {
                     let _span = trace.span("recompute");
-                    recompute(&p, acts, l, proj.view_mut(), d)?;
+                    recompute(&p, acts, l, proj.view_mut(), d, parts.block_comm())?;
                 }
-                block_backward(&p, &mut g, acts, l, scratch, from, d)?;
+                block_backward(&p, &mut g, acts, l, scratch, from, d, parts.block_comm())?;
             }
             from = 1 - from;
             state.release(u);
@@ -557,7 +661,7 @@ impl ZeroRank {
             let State { layout, units, grads, .. } = &mut *state;
             let mut wte_wpe = unit_tensors_mut(layout, &units[emb], grads.unit(units, emb).0).into_iter();
             let (Some(dwte), Some(dwpe)) = (wte_wpe.next(), wte_wpe.next()) else { unreachable!("wte and wpe") };
-            embed_backward(dwte, dwpe, scratch.d_res[from].view(), inputs, d.t, c);
+            parts.embed_backward(dwte, dwpe, scratch.d_res[from].view(), inputs, d.t, c);
         }
         state.release(emb);
         state.finish_grads(comm, emb)?;
@@ -629,14 +733,15 @@ impl TrainSteps for ZeroRank {
                 }
                 let mut mean = [loss];
                 comm.all_reduce(&mut mean, ReduceOp::Avg)?;
-                (mean[0], self.state.partial_squared_norm()?.sqrt() as f32)
+                (mean[0], self.parts.sum_norm(self.state.partial_squared_norm()?)?.sqrt() as f32)
             }
             // Each rank holds the sum of its own floats only: the norm is the sum of the parts.
             true => {
                 self.state.reduce_scatter_gradients(comm)?;
                 let partial = self.state.partial_squared_norm()?;
                 let (squared, loss) = self.reduce_norm_and_loss(partial, loss)?;
-                (loss, squared.sqrt() as f32)
+                // With tensor parallelism, then the tensor group's parts (identity without).
+                (loss, self.parts.sum_norm(squared)?.sqrt() as f32)
             }
         };
         // As chapter 1's take_step: a non-finite step updates nothing.
@@ -680,8 +785,7 @@ impl TrainSteps for ZeroRank {
         let Some(g) = &self.pending_save else { return Err(TrainError::PartialOptimizer) };
         let state = TrainerState { step: self.step, sampler: self.sampler.clone(), run: self.run.clone() };
         let optimizer = Some((&g.adam_m[..], &g.adam_v[..], &state));
-        let contents =
-            CheckpointContents { cfg: &self.model, layout: &self.state.layout, params: &g.params, optimizer };
+        let contents = CheckpointContents { cfg: &self.model, layout: &self.state.full, params: &g.params, optimizer };
         Ok(checkpoint::save(dir, &contents)?)
     }
 

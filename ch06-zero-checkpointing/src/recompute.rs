@@ -13,7 +13,7 @@
 //! recomputed tensors are the saved ones, bit for bit, and so is everything after them.
 
 use ch01_single_gpu::config::ModelConfig;
-use ch01_single_gpu::model::{BackwardScratch, BlockActivations, BlockShape, Dims, HeadActivations, Whole};
+use ch01_single_gpu::model::{BackwardScratch, BlockActivations, BlockComm, BlockShape, Dims, HeadActivations};
 use ch01_single_gpu::params::BlockParams;
 use kernels::comm::CommError;
 use kernels::dispatch::{attention_forward, copy};
@@ -59,16 +59,30 @@ pub struct ActivationFloats {
 
 impl ActivationFloats {
     pub fn new(cfg: &ModelConfig, seq: usize, mode: Recompute) -> ActivationFloats {
-        let (c, h) = (cfg.n_embd, cfg.n_head);
-        // ln_1, att_y, res_2, ln_2 (4C); qkv (3C); fc, fc_gelu (8C); out (C); 4 statistics.
-        let without_attention = 16 * c + 4;
+        ActivationFloats::on_shard(cfg, seq, mode, BlockShape::whole(cfg), cfg.padded_vocab_size())
+    }
+
+    /// The same on a tensor-parallel rank: blocks of `shape` (W = its heads' width, M its MLP
+    /// width, H its heads) and `columns` of the logits. The residual stream (C wide) is whole
+    /// on every rank.
+    pub fn on_shard(
+        cfg: &ModelConfig,
+        seq: usize,
+        mode: Recompute,
+        shape: BlockShape,
+        columns: usize,
+    ) -> ActivationFloats {
+        let (c, w, m, h) = (cfg.n_embd, shape.attn_width(), shape.mlp_hidden, shape.n_head);
+        // ln_1, res_2, ln_2, out (4C); qkv (3W); att_y (W); fc, fc_gelu (2M); 4 statistics.
+        // A whole block (W = C, M = 4C): 16C + 4.
+        let without_attention = 4 * c + 4 * w + 2 * m + 4;
         let attention = h * seq; // one row of B·H·T·T per token
         let (per_block, recompute) = match mode {
             Recompute::None => (without_attention + attention, 0),
             Recompute::Selective => (without_attention, attention),
             Recompute::Full => (c, without_attention + attention),
         };
-        let head = c + 2 + cfg.padded_vocab_size() + 1;
+        let head = c + 2 + columns + 1;
         ActivationFloats { per_block, blocks: cfg.n_layer, recompute, rest: c + head }
     }
 
@@ -99,7 +113,19 @@ impl SavedActivations {
         seq: usize,
         ledger: &MemoryLedger,
     ) -> Result<SavedActivations, TensorError> {
-        let (device, dtype, shape) = (Device::Cpu, DType::F32, BlockShape::whole(cfg));
+        SavedActivations::on_shard(cfg, mode, (BlockShape::whole(cfg), cfg.padded_vocab_size()), batch, seq, ledger)
+    }
+
+    /// The same on a tensor-parallel rank: blocks of `shape`, `columns` of the logits.
+    pub fn on_shard(
+        cfg: &ModelConfig,
+        mode: Recompute,
+        (shape, columns): (BlockShape, usize),
+        batch: usize,
+        seq: usize,
+        ledger: &MemoryLedger,
+    ) -> Result<SavedActivations, TensorError> {
+        let (device, dtype) = (Device::Cpu, DType::F32);
         let input = || Tensor::zeros_on(&[batch * seq, cfg.n_embd], device, dtype, Category::Activations, ledger);
         let n_inputs = if mode == Recompute::Full { cfg.n_layer + 1 } else { 1 };
         let inputs = (0..n_inputs).map(|_| input()).collect::<Result<_, _>>()?;
@@ -115,11 +141,11 @@ impl SavedActivations {
             .collect::<Result<_, _>>()?;
         let att = match mode {
             Recompute::Selective => {
-                Some(Tensor::zeros_on(&[batch, cfg.n_head, seq, seq], device, dtype, Category::Activations, ledger)?)
+                Some(Tensor::zeros_on(&[batch, shape.n_head, seq, seq], device, dtype, Category::Activations, ledger)?)
             }
             _ => None,
         };
-        let head = HeadActivations::new(cfg, batch, seq, device, dtype, ledger)?;
+        let head = HeadActivations::with_columns(cfg, columns, batch, seq, device, dtype, ledger)?;
         Ok(SavedActivations { mode, inputs, blocks, att, head })
     }
 
@@ -166,19 +192,20 @@ pub fn block_forward(
     l: usize,
     proj: ViewMut<'_>,
     d: Dims,
+    comm: &mut dyn BlockComm,
 ) -> Result<(), CommError> {
     let SavedActivations { mode, inputs, blocks, att, .. } = acts;
     match mode {
         Recompute::Full => {
             let (done, next) = inputs.split_at_mut(l + 1);
-            p.forward(done[l].view(), &mut blocks[0], proj, d, &mut Whole)?;
+            p.forward(done[l].view(), &mut blocks[0], proj, d, comm)?;
             copy(next[0].view_mut(), blocks[0].out.view());
         }
         Recompute::None | Recompute::Selective => {
             let (done, todo) = blocks.split_at_mut(l);
             let x = done.last().map_or(inputs[0].view(), |prev| prev.out.view());
             let lent = att.as_mut().map(|shared| std::mem::swap(shared, &mut todo[0].att)).is_some();
-            let result = p.forward(x, &mut todo[0], proj, d, &mut Whole);
+            let result = p.forward(x, &mut todo[0], proj, d, comm);
             if lent && let Some(shared) = att.as_mut() {
                 std::mem::swap(shared, &mut todo[0].att);
             }
@@ -200,6 +227,7 @@ pub fn recompute(
     l: usize,
     proj: ViewMut<'_>,
     d: Dims,
+    comm: &mut dyn BlockComm,
 ) -> Result<(), CommError> {
     let SavedActivations { mode, inputs, blocks, att, .. } = acts;
     match mode {
@@ -213,7 +241,7 @@ pub fn recompute(
             attention_forward(acts.att_y.view_mut(), acts.att.view_mut(), acts.qkv.view(), d.t, w, h);
             Ok(())
         }
-        Recompute::Full => p.forward(inputs[l].view(), &mut blocks[0], proj, d, &mut Whole),
+        Recompute::Full => p.forward(inputs[l].view(), &mut blocks[0], proj, d, comm),
     }
 }
 // ANCHOR_END: recompute
@@ -230,17 +258,18 @@ pub fn block_backward(
     scratch: &mut BackwardScratch,
     from: usize,
     d: Dims,
+    comm: &mut dyn BlockComm,
 ) -> Result<(), CommError> {
     let SavedActivations { mode, inputs, blocks, att, .. } = acts;
     let BackwardScratch { d_res, block: g } = scratch;
     let [first, second] = d_res;
     let (d_out, d_x) = if from == 0 { (first, second) } else { (second, first) };
     if *mode == Recompute::Full {
-        return p.backward(grads, d_out.view(), inputs[l].view(), &blocks[0], g, d_x.view_mut(), d, &mut Whole);
+        return p.backward(grads, d_out.view(), inputs[l].view(), &blocks[0], g, d_x.view_mut(), d, comm);
     }
     let (done, todo) = blocks.split_at_mut(l);
     let x = done.last().map_or(inputs[0].view(), |prev| prev.out.view());
-    let result = p.backward(grads, d_out.view(), x, &todo[0], g, d_x.view_mut(), d, &mut Whole);
+    let result = p.backward(grads, d_out.view(), x, &todo[0], g, d_x.view_mut(), d, comm);
     if let Some(shared) = att.as_mut() {
         std::mem::swap(shared, &mut todo[0].att);
     }

@@ -1,17 +1,24 @@
 //! The chapter's trainer: `--dp` thread ranks, one data-parallel group, ZeRO over it, and
-//! activation checkpointing on every rank.
+//! activation checkpointing on every rank. On chapter 5's grid (`train_on_grid`), ZeRO shards
+//! each tensor rank's own parameters over its data-parallel group (`--tp`, every stage).
 
 use crate::rank::ZeroRank;
 use crate::recompute::{ActivationFloats, Recompute};
 use crate::zero::{Prediction, Unit, ZeroStage, predict};
 use ch01_single_gpu::data::Dataset;
+use ch01_single_gpu::model::{BlockShape, Whole};
 use ch01_single_gpu::preflight;
 use ch01_single_gpu::sample::{SampleConfig, generate};
 use ch01_single_gpu::tokenizer::Tokenizer;
 use ch01_single_gpu::train::{LoopOutcome, check_config, drive, load_dataset, model_config, run_shape};
 use ch01_single_gpu::{TrainConfig, TrainError, TrainReport};
 use ch02_data_parallel::data_parallel::MAX_THREAD_RANKS;
+use ch03_tensor_parallel::tensor_parallel::{TpConfig, TpError, check_tp};
+use ch04_pipeline::parts::StageParts;
+use ch05_3d_hybrid::tp_stage::TpParts;
 use kernels::comm::CommStats;
+use kernels::comm::Communicator;
+use kernels::comm::grid::{Grid, GroupKind};
 use kernels::comm::thread::{LaunchError, launch};
 use kernels::device::DeviceRequest;
 use kernels::{DType, Device, MemoryReport, Trace, View};
@@ -25,6 +32,20 @@ pub struct ZeroConfig {
     /// `--zero`: 0 to 3.
     pub zero: u8,
     pub recompute: Recompute,
+}
+
+/// The grid's other dimensions, beside `--dp` (chapter 5's flags).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GridShape {
+    /// Tensor-parallel ranks: each holds its shard of every split tensor (chapter 3), and ZeRO
+    /// shards that shard over the data-parallel group.
+    pub tp: usize,
+}
+
+impl Default for GridShape {
+    fn default() -> GridShape {
+        GridShape { tp: 1 }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +69,10 @@ pub enum ZeroError {
     )]
     GpuRanks,
     #[error(transparent)]
+    Tensor(#[from] TpError),
+    #[error("--dp {dp} x --tp {tp} is more ranks than are available ({MAX_THREAD_RANKS} thread ranks on the CPU)")]
+    TooManyGridRanks { dp: usize, tp: usize },
+    #[error(transparent)]
     Launch(#[from] LaunchError),
     #[error("rank 0 returned no report")]
     NoReport,
@@ -56,7 +81,12 @@ pub enum ZeroError {
 /// One rank's account of a run.
 #[derive(Clone, Debug)]
 pub struct ZeroRankReport {
+    /// Its rank in the grid (rank = tp_rank + tp · dp_rank), and its coordinates.
     pub rank: usize,
+    pub dp_rank: usize,
+    pub tp_rank: usize,
+    /// What it sent and received inside its tensor group (nothing without one).
+    pub tp_comm: CommStats,
     pub memory: MemoryReport,
     /// What the formula says the ledger's peaks must be.
     pub predicted: Prediction,
@@ -67,6 +97,8 @@ pub struct ZeroRankReport {
 
 pub struct ZeroReport {
     pub dp: usize,
+    /// Tensor-parallel ranks (1: none): the units are a tensor rank's shard's.
+    pub tp: usize,
     pub zero: ZeroStage,
     pub recompute: Recompute,
     /// Chapter 1's report from rank 0: every step's loss and norm, the parameters gathered into
@@ -82,7 +114,7 @@ pub struct ZeroReport {
     pub seq_len: usize,
 }
 
-fn check(cfg: &ZeroConfig) -> Result<ZeroStage, ZeroError> {
+fn check(cfg: &ZeroConfig, grid: &GridShape) -> Result<ZeroStage, ZeroError> {
     let stage = ZeroStage::new(cfg.zero).ok_or(ZeroError::BadStage(cfg.zero))?;
     if matches!(cfg.train.device, DeviceRequest::Cuda(_)) {
         return Err(ZeroError::GpuRanks);
@@ -95,11 +127,17 @@ fn check(cfg: &ZeroConfig) -> Result<ZeroStage, ZeroError> {
         _ => {}
     }
     cfg.train.validate()?;
+    // Chapter 3's checks of the split (heads, MLP, vocabulary), and the grid's size.
+    check_tp(&TpConfig { train: cfg.train.clone(), tp: grid.tp, dp: 1, fault: None })?;
+    if dp.saturating_mul(grid.tp) > MAX_THREAD_RANKS {
+        return Err(ZeroError::TooManyGridRanks { dp, tp: grid.tp });
+    }
     let model = model_config(&cfg.train, Tokenizer::new(cfg.train.tokenizer).vocab_size())?;
     let t = cfg.train.seq_len.unwrap_or(model.block_size);
     if batch > 0 && t > 0 {
-        // dp ranks of chapter 1's size at most: ZeRO and recomputation only take away.
-        preflight::check_memory(&cfg.train, &model, batch / dp, t, Device::Cpu, dp)?;
+        // dp x tp ranks of chapter 1's size at most: ZeRO, tensor parallelism and
+        // recomputation only take away.
+        preflight::check_memory(&cfg.train, &model, batch / dp, t, Device::Cpu, dp * grid.tp)?;
     }
     Ok(stage)
 }
@@ -111,12 +149,33 @@ struct RankResult {
     units: Vec<Unit>,
 }
 
+// ANCHOR: grid_groups
+/// Rank `world.rank()` of a dp x tp grid: its data-parallel group (ZeRO's), and how it runs
+/// the model's parts: whole with one tensor rank, else chapter 5's `TpParts` over its tensor
+/// group (and that group once more, to gather the shards).
+fn grid_groups(
+    mut world: Box<dyn Communicator>,
+    model: &ch01_single_gpu::config::ModelConfig,
+    tp: usize,
+) -> Result<(Box<dyn Communicator>, Box<dyn StageParts>, Option<Box<dyn Communicator>>), TrainError> {
+    if tp == 1 {
+        return Ok((world, Box::new(Whole), None)); // chapter 2's ranks: the world is the group
+    }
+    let (rank, dp) = (world.rank(), world.world_size() / tp);
+    let grid = Grid::new(dp, tp, 1);
+    let data = world.split(&grid.group(GroupKind::Data, rank))?;
+    let tensor = world.split(&grid.group(GroupKind::Tensor, rank))?;
+    let gather = world.split(&grid.group(GroupKind::Tensor, rank))?;
+    Ok((data, Box::new(TpParts::new(model, tensor, None)), Some(gather)))
+}
+// ANCHOR_END: grid_groups
+
 // ANCHOR: run_rank
-/// One rank: its trainer over the data-parallel group `comm`, driven by chapter 1's loop.
+/// One rank: its trainer over the data-parallel group, driven by chapter 1's loop.
 fn run_rank(
     cfg: &ZeroConfig,
-    stage: ZeroStage,
-    comm: Box<dyn kernels::comm::Communicator>,
+    (stage, tp): (ZeroStage, usize),
+    world: Box<dyn Communicator>,
     dataset: Arc<Dataset>,
     trace: &Trace,
 ) -> Result<RankResult, ZeroError> {
@@ -125,15 +184,23 @@ fn run_rank(
     let t = check_config(train, &model)?;
     dataset.check_seq_len(t).map_err(TrainError::from)?;
     let run = run_shape(train, &model, t, &dataset);
-    let (rank, dp) = (comm.rank(), comm.world_size());
+    let rank = world.rank();
+    let (comm, parts, gather) = grid_groups(world, &model, tp)?;
+    let (dp_rank, dp) = (comm.rank(), comm.world_size());
     let rows = train.batch_size / dp;
-    let mut me = ZeroRank::new(train, model, (stage, cfg.recompute), comm, (rows, t), run, dataset)?;
+    let groups = (comm, parts, gather);
+    let mut me = ZeroRank::on_shard(train, model, (stage, cfg.recompute), groups, (rows, t), run, dataset)?;
     me.trace = trace.lane(rank as u32, 0);
     let m = &me.model;
     let n_params =
         (ch01_single_gpu::params::ParamLayout::new(m).total - (m.padded_vocab_size() - m.vocab_size) * m.n_embd) as f64;
+    let tensor = match tp {
+        1 => String::new(),
+        _ => format!(" | tensor parallel: {tp} ranks, {} heads each", m.n_head / tp),
+    };
     let header = format!(
-        "device: cpu ({dp} thread ranks) | dtype: f32 | model: {} layers, {} heads, {} dims, {:.2}M parameters | tokenizer: {:?} | data parallel: {dp} ranks, {rows} rows each | ZeRO stage {stage} | recompute {}",
+        "device: cpu ({} thread ranks) | dtype: f32 | model: {} layers, {} heads, {} dims, {:.2}M parameters | tokenizer: {:?} | data parallel: {dp} ranks, {rows} rows each{tensor} | ZeRO stage {stage} | recompute {}",
+        dp * tp,
         m.n_layer,
         m.n_head,
         m.n_embd,
@@ -145,8 +212,11 @@ fn run_rank(
     let gathered = me.gather_all()?; // collective: every rank takes part
     let report = ZeroRankReport {
         rank,
+        dp_rank,
+        tp_rank: rank % tp,
+        tp_comm: me.tp_stats(),
         memory: me.ledger().report(),
-        predicted: predict(stage, me.units(), dp, rank),
+        predicted: predict(stage, me.units(), dp, dp_rank),
         comm: me.comm_stats(),
         step_comm: me.step_comm.clone(),
     };
@@ -158,7 +228,13 @@ fn run_rank(
 // ANCHOR: train
 /// Trains with `dp` data-parallel thread ranks under ZeRO stage `zero`, recomputing as asked.
 pub fn train(cfg: &ZeroConfig) -> Result<ZeroReport, ZeroError> {
-    let stage = check(cfg)?;
+    train_on_grid(cfg, &GridShape::default())
+}
+
+/// The same on a dp x tp grid: `dp * tp` thread ranks, ZeRO over each data-parallel group.
+pub fn train_on_grid(cfg: &ZeroConfig, grid: &GridShape) -> Result<ZeroReport, ZeroError> {
+    let stage = check(cfg, grid)?;
+    let tp = grid.tp;
     let cfg = &ZeroConfig { train: TrainConfig { device: DeviceRequest::Cpu, ..cfg.train.clone() }, ..cfg.clone() };
     let tokenizer = Tokenizer::new(cfg.train.tokenizer);
     let model = model_config(&cfg.train, tokenizer.vocab_size())?;
@@ -166,7 +242,9 @@ pub fn train(cfg: &ZeroConfig) -> Result<ZeroReport, ZeroError> {
     let dataset = Arc::new(load_dataset(&cfg.train.data, &tokenizer)?);
     let trace = if cfg.train.trace.is_some() { Trace::enabled() } else { Trace::disabled() };
     let (rank_cfg, rank_trace) = (cfg.clone(), trace.clone());
-    let results = launch(cfg.dp, move |comm| run_rank(&rank_cfg, stage, Box::new(comm), dataset.clone(), &rank_trace))?;
+    let results = launch(cfg.dp * tp, move |comm| {
+        run_rank(&rank_cfg, (stage, tp), Box::new(comm), dataset.clone(), &rank_trace)
+    })?;
     if let Some(path) = &cfg.train.trace {
         trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
     }
@@ -195,7 +273,10 @@ pub fn train(cfg: &ZeroConfig) -> Result<ZeroReport, ZeroError> {
     let report = TrainReport {
         model: model.clone(),
         tokenizer: train.tokenizer,
-        device: format!("cpu ({} data-parallel ranks on threads)", cfg.dp),
+        device: match tp {
+            1 => format!("cpu ({} data-parallel ranks on threads)", cfg.dp),
+            _ => format!("cpu ({} thread ranks: dp {} x tp {tp})", cfg.dp * tp, cfg.dp),
+        },
         dtype: DType::F32,
         flops_per_token: model.flops_per_token(t),
         peak_flops: None,
@@ -208,14 +289,16 @@ pub fn train(cfg: &ZeroConfig) -> Result<ZeroReport, ZeroError> {
         layout,
         params,
     };
+    let (shape, columns) = (BlockShape::shard(&model, tp), model.padded_vocab_size() / tp);
     Ok(ZeroReport {
         dp: cfg.dp,
+        tp,
         zero: stage,
         recompute: cfg.recompute,
         report,
         ranks,
         units,
-        activations: ActivationFloats::new(&model, t, cfg.recompute),
+        activations: ActivationFloats::on_shard(&model, t, cfg.recompute, shape, columns),
         tokens_per_rank: train.batch_size / cfg.dp * t,
         seq_len: t,
     })

@@ -208,3 +208,44 @@ fn a_zero_3_checkpoint_is_chapter_1s_and_resumes_under_any_layout() {
     assert!(tol(&by_zero1.report.params, &straight.params) < 1e-4, "resumed to chapter 1's parameters");
     assert!(tol(&by_ch01.params, &straight.params) < 1e-4, "chapter 1 resumed to its own parameters");
 }
+
+// ANCHOR: tp_test
+#[test]
+fn every_stage_on_dp_2_x_tp_2_matches_single_device_and_holds_the_shards_formula() {
+    use ch06_zero_checkpointing::GridShape;
+    use kernels::Category;
+    // ZeRO shards each tensor rank's own parameters over its data-parallel group: the units
+    // are the tensor shard's, and the ledger must hold predict() of them, exactly.
+    let cfg = config();
+    let single = ch01_single_gpu::train(&cfg).unwrap();
+    let whole = ch01_single_gpu::params::ParamLayout::new(&single.model);
+    let shard = whole.shard(2).unwrap();
+    for (stage, recompute) in
+        [(0, Recompute::None), (1, Recompute::None), (2, Recompute::Selective), (3, Recompute::Full)]
+    {
+        eprintln!("dp 2 x tp 2, zero {stage}, recompute {recompute}");
+        let zero_cfg = ZeroConfig { train: cfg.clone(), dp: 2, zero: stage, recompute };
+        let run = ch06_zero_checkpointing::train_on_grid(&zero_cfg, &GridShape { tp: 2 }).unwrap();
+        assert_matches_ch01(&cfg, &single, &run.report, 1e-5);
+        assert_eq!(run.units.iter().map(|u| u.len()).sum::<usize>(), shard.total, "units tile the tp shard");
+        assert_eq!(run.ranks.len(), 4);
+        for rank in &run.ranks {
+            assert_eq!(rank.rank, rank.tp_rank + 2 * rank.dp_rank, "tensor ranks innermost");
+            assert!(rank.tp_comm.total_sent() > 0, "the tensor group's sums happened");
+            for category in
+                [Category::Parameters, Category::Gradients, Category::OptimizerState, Category::Communication]
+            {
+                assert_eq!(
+                    rank.memory.peak[&category],
+                    rank.predicted.bytes(category),
+                    "zero {stage}, rank {}: {category}: {}",
+                    rank.rank,
+                    rank.predicted.describe(category)
+                );
+            }
+            let acts = (run.activations.total() * run.tokens_per_rank * 4) as u64;
+            assert_eq!(rank.memory.peak[&Category::Activations], acts, "zero {stage}: activations on the shard");
+        }
+    }
+}
+// ANCHOR_END: tp_test
