@@ -102,6 +102,23 @@ pub struct Stage {
     /// Stage 0 of the first pipe, after a step that saves: every stage's tensors and moments in
     /// chapter 1's layout, and where the run stands, for [`TrainSteps::save`].
     gathered: Option<Gathered>,
+    /// Chapter 6's ZeRO-1, when asked for ([`Stage::sharding_optimizer`]): instead of `dp_sync`.
+    sharded: Option<ShardedOptimizer>,
+}
+
+/// ZeRO-1 over the stage's data-parallel group (chapter 6): the stage's flat buffer, padded to
+/// P = N·S floats, is cut into N shards of S; replica r owns floats [r·S, (r+1)·S) and keeps
+/// Adam's moments for those alone. After the flush the gradients are reduce-scattered (each
+/// replica gets the sum of its shard), each replica updates its shard, and the parameters are
+/// all-gathered: the bytes of chapter 2's all-reduce, and 1/N of its optimizer state.
+struct ShardedOptimizer {
+    dp: Box<dyn Communicator>,
+    /// The stage's floats, and this replica's of them.
+    total: usize,
+    owned: Range<usize>,
+    /// P floats (a collective's whole buffer, padding included) and S floats (this shard).
+    padded: Tensor,
+    shard: Tensor,
 }
 
 /// The whole model's state, gathered from the stages for a checkpoint.
@@ -118,11 +135,37 @@ impl Stage {
     /// model's parts as `parts` does.
     pub fn new(
         cfg: &PipelineConfig,
+        comm: Box<dyn Communicator>,
+        (replica, dp): (usize, Option<Box<dyn Communicator>>),
+        parts: Box<dyn StageParts>,
+        dataset: Arc<Dataset>,
+        trace: Trace,
+    ) -> Result<Stage, TrainError> {
+        Stage::build(cfg, comm, (replica, dp), parts, dataset, trace, false)
+    }
+
+    /// As [`Stage::new`], with chapter 6's ZeRO-1 over the data-parallel group `dp`: Adam's
+    /// moments for this replica's shard of the stage only, the gradients reduce-scattered and
+    /// the parameters all-gathered instead of chapter 2's all-reduce.
+    pub fn sharding_optimizer(
+        cfg: &PipelineConfig,
+        comm: Box<dyn Communicator>,
+        (replica, dp): (usize, Option<Box<dyn Communicator>>),
+        parts: Box<dyn StageParts>,
+        dataset: Arc<Dataset>,
+        trace: Trace,
+    ) -> Result<Stage, TrainError> {
+        Stage::build(cfg, comm, (replica, dp), parts, dataset, trace, true)
+    }
+
+    fn build(
+        cfg: &PipelineConfig,
         mut comm: Box<dyn Communicator>,
         (replica, dp): (usize, Option<Box<dyn Communicator>>),
         parts: Box<dyn StageParts>,
         dataset: Arc<Dataset>,
         trace: Trace,
+        shard_optimizer: bool,
     ) -> Result<Stage, TrainError> {
         let train = &cfg.train;
         let model = model_config(train, Tokenizer::new(train.tokenizer).vocab_size())?;
@@ -141,8 +184,16 @@ impl Stage {
         let ledger = MemoryLedger::new();
         let buffer = |category| Tensor::zeros_on(&[layout.total], Device::Cpu, DType::F32, category, &ledger);
         let (mut params, grads) = (buffer(Category::Parameters)?, buffer(Category::Gradients)?);
-        let mut optimizer =
-            Optimizer::new(&layout, 0..layout.total, train.weight_decay, train.adam, Device::Cpu, &ledger)?;
+        let (mut dp, mut owned, mut sharded) = (dp, 0..layout.total, None);
+        if shard_optimizer && let Some(group) = dp.take() {
+            let (r, n) = (group.rank(), group.world_size());
+            let s = layout.total.div_ceil(n);
+            owned = (r * s).min(layout.total)..((r + 1) * s).min(layout.total);
+            let comm_buffer = |len| Tensor::zeros_on(&[len], Device::Cpu, DType::F32, Category::Communication, &ledger);
+            let (padded, shard) = (comm_buffer(n * s)?, comm_buffer(s)?);
+            sharded = Some(ShardedOptimizer { dp: group, total: layout.total, owned: owned.clone(), padded, shard });
+        }
+        let mut optimizer = Optimizer::new(&layout, owned, train.weight_decay, train.adam, Device::Cpu, &ledger)?;
         // ANCHOR: stage_init
         // Every stage reads the whole model as chapter 1 does (initialised from the seed, or a
         // checkpoint in chapter 1's layout), and keeps its share: the same start in every layout.
@@ -211,6 +262,7 @@ impl Stage {
             ledger,
             trace: trace.lane(s as u32, 0),
             gathered: None,
+            sharded,
         })
     }
 
@@ -533,8 +585,13 @@ impl Stage {
             loss = sync.reduce_scalars(vec![loss], ReduceOp::Avg)?[0];
         }
         let mut squared = 0.0;
-        for range in &self.norm_ranges {
-            squared += squared_norm(self.grads.view(), range.clone())?;
+        match self.sharded.as_mut() {
+            None => {
+                for range in &self.norm_ranges {
+                    squared += squared_norm(self.grads.view(), range.clone())?;
+                }
+            }
+            Some(z) => (squared, loss) = z.reduce_scatter(&mut self.grads, &self.norm_ranges, loss)?,
         }
         // With tensor parallelism, the stage's ranks' parts first (nothing to do without).
         let squared = self.parts.sum_norm(squared)?;
@@ -554,6 +611,9 @@ impl Stage {
         let lr = learning_rate(train.lr_schedule, train.lr, self.step, train.steps, train.warmup_steps);
         let scale = clip_scale(grad_norm, train.grad_clip);
         self.optimizer.update(&mut self.params, None, &self.grads, lr, scale, self.step + 1);
+        if let Some(z) = self.sharded.as_mut() {
+            z.all_gather(&mut self.params)?;
+        }
         self.step += 1;
         let tokens = (train.batch_size * self.t * train.grad_accum) as f64;
         let tokens_per_sec = tokens / self.started.elapsed().as_secs_f64();
@@ -585,9 +645,15 @@ impl Stage {
     /// This stage's account of the run, its final tensors included (and its data-parallel
     /// sync stopped).
     pub fn report(&mut self) -> Result<StageReport, TrainError> {
-        let dp_comm = match self.dp_sync.as_mut() {
-            Some(sync) => sync.stop()?,
-            None => CommStats::default(),
+        let dp_comm = match (self.dp_sync.as_mut(), self.sharded.as_ref()) {
+            (Some(sync), _) => sync.stop()?,
+            (None, Some(z)) => z.dp.stats(),
+            (None, None) => CommStats::default(),
+        };
+        // ZeRO-1: every replica's moments, put together into the stage's layout.
+        let (adam_m, adam_v) = match self.sharded.as_mut() {
+            Some(z) => (z.gather(&self.optimizer.adam_m)?, z.gather(&self.optimizer.adam_v)?),
+            None => (self.optimizer.adam_m.to_vec()?, self.optimizer.adam_v.to_vec()?),
         };
         Ok(StageReport {
             stage: self.s,
@@ -613,8 +679,8 @@ impl Stage {
                 .sum(),
             layout: self.layout.clone(),
             params: self.params.to_vec()?,
-            adam_m: self.optimizer.adam_m.to_vec()?,
-            adam_v: self.optimizer.adam_v.to_vec()?,
+            adam_m,
+            adam_v,
             sampler: self.sampler.clone(),
             step: self.step,
         })
@@ -673,6 +739,9 @@ impl TrainSteps for Stage {
         if let Some(sync) = self.dp_sync.as_mut() {
             loss[0] = sync.reduce_scalars(vec![loss[0]], ReduceOp::Avg)?[0];
         }
+        if let Some(z) = self.sharded.as_mut() {
+            z.dp.all_reduce(&mut loss, ReduceOp::Avg)?;
+        }
         self.comm.all_reduce(&mut loss, ReduceOp::Sum)?;
         Ok(loss[0])
     }
@@ -694,6 +763,65 @@ impl TrainSteps for Stage {
         self.cfg.pp * self.cfg.dp * self.parts.ranks()
     }
 }
+
+// ANCHOR: sharded_optimizer
+impl ShardedOptimizer {
+    /// After the flush: each replica's gradients reduce-scattered, so this replica's shard of
+    /// `grads` holds their sum (the rest is left stale); returns the squared norm of the
+    /// counted floats of every shard and the replicas' mean loss (the same on every replica).
+    fn reduce_scatter(
+        &mut self,
+        grads: &mut Tensor,
+        counted: &[Range<usize>],
+        loss: f32,
+    ) -> Result<(f64, f32), TrainError> {
+        let (total, owned) = (grads.numel(), self.owned.clone());
+        let padded = self.padded.as_mut_slice();
+        padded[..total].copy_from_slice(grads.as_slice());
+        padded[total..].fill(0.0);
+        self.dp.reduce_scatter(padded, self.shard.as_mut_slice(), ReduceOp::Sum)?;
+        grads.as_mut_slice()[owned.clone()].copy_from_slice(&self.shard.as_slice()[..owned.len()]);
+        let mut squared = 0.0;
+        for range in counted {
+            let mine = range.start.max(owned.start)..range.end.min(owned.end);
+            if !mine.is_empty() {
+                squared += squared_norm(grads.view(), mine)?;
+            }
+        }
+        // [hi, lo, loss] from each replica (an f64 travels as an f32 and its rounding), added
+        // in replica order.
+        let n = self.dp.world_size();
+        let hi = squared as f32;
+        let mut all = vec![0.0f32; 3 * n];
+        self.dp.all_gather(&[hi, (squared - hi as f64) as f32, loss], &mut all)?;
+        let squared = all.chunks(3).map(|s| s[0] as f64 + s[1] as f64).sum();
+        let loss = all.chunks(3).map(|s| s[2] as f64).sum::<f64>() / n as f64;
+        Ok((squared, loss as f32))
+    }
+
+    /// After this replica's update of its shard: every replica's updated shard, to all.
+    fn all_gather(&mut self, params: &mut Tensor) -> Result<(), TrainError> {
+        let (total, owned) = (params.numel(), self.owned.clone());
+        let shard = self.shard.as_mut_slice();
+        shard[..owned.len()].copy_from_slice(&params.as_slice()[owned.clone()]);
+        shard[owned.len()..].fill(0.0);
+        self.dp.all_gather(shard, self.padded.as_mut_slice())?;
+        params.as_mut_slice().copy_from_slice(&self.padded.as_slice()[..total]);
+        Ok(())
+    }
+
+    /// A moment of the owned floats -> the stage's whole buffer of it (collective).
+    fn gather(&mut self, moment: &Tensor) -> Result<Vec<f32>, TrainError> {
+        let (n, s) = (self.dp.world_size(), self.shard.numel());
+        let mut send = vec![0.0f32; s];
+        send[..moment.numel()].copy_from_slice(moment.as_slice());
+        let mut all = vec![0.0f32; n * s];
+        self.dp.all_gather(&send, &mut all)?;
+        all.truncate(self.total);
+        Ok(all)
+    }
+}
+// ANCHOR_END: sharded_optimizer
 
 /// The ranges of `layout` made of the tensors `counts` keeps, neighbours merged: the squared
 /// norm of each is one sum (so one range, when every tensor counts, is one sum as before).

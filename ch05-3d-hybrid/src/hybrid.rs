@@ -46,6 +46,9 @@ pub struct HybridConfig {
     pub tp: usize,
     /// A deliberate mistake inside the tensor group (tests only: the check must catch it).
     pub fault: Option<Fault>,
+    /// Chapter 6's ZeRO-1 over each data-parallel group: Adam's moments sharded, the
+    /// gradients reduce-scattered and the parameters all-gathered (false: chapter 2's sum).
+    pub shard_optimizer: bool,
 }
 
 impl HybridConfig {
@@ -165,7 +168,10 @@ pub fn run_rank<C: Communicator>(
     // chapter 4's stage, which gathers a pipe of whole-width stages).
     let loop_cfg = TrainConfig { save: None, ..train.clone() };
     let stage_cfg = PipelineConfig { train: loop_cfg.clone(), ..cfg.pipeline.clone() };
-    let mut me = Stage::new(&stage_cfg, pipe, (at.dp, data), parts, dataset, trace)?;
+    let mut me = match cfg.shard_optimizer {
+        false => Stage::new(&stage_cfg, pipe, (at.dp, data), parts, dataset, trace)?,
+        true => Stage::sharding_optimizer(&stage_cfg, pipe, (at.dp, data), parts, dataset, trace)?,
+    };
     let outcome = drive(&loop_cfg, &mut me, rank == 0, &header(cfg, &model))?;
     let stage = me.report()?;
     let gathered = gather(&mut world, cfg, &model, at, &stage)?;

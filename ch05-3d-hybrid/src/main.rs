@@ -163,7 +163,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         timeline: cli.timeline.clone(),
         skip_tied_sum: false,
     };
-    let cfg = HybridConfig { pipeline, tp, fault: None };
+    let cfg = HybridConfig { pipeline, tp, fault: None, shard_optimizer: false };
     let (report, compare) = match ranks {
         Ranks::Threads => {
             let compare = outputs.prepare()?;

@@ -14,5 +14,5 @@ pub mod train;
 pub mod zero;
 
 pub use recompute::Recompute;
-pub use train::{GridShape, ZeroConfig, ZeroError, ZeroRankReport, ZeroReport, train, train_on_grid};
+pub use train::{GridShape, ZeroConfig, ZeroError, ZeroRankReport, ZeroReport, train, train_on_grid, train_pipelined};
 pub use zero::ZeroStage;

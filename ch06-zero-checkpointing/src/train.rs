@@ -14,8 +14,12 @@ use ch01_single_gpu::train::{LoopOutcome, check_config, drive, load_dataset, mod
 use ch01_single_gpu::{TrainConfig, TrainError, TrainReport};
 use ch02_data_parallel::data_parallel::MAX_THREAD_RANKS;
 use ch03_tensor_parallel::tensor_parallel::{TpConfig, TpError, check_tp};
+use ch04_pipeline::PipelineConfig;
 use ch04_pipeline::parts::StageParts;
+use ch04_pipeline::schedule::ScheduleKind;
+use ch04_pipeline::stage::Partition;
 use ch05_3d_hybrid::tp_stage::TpParts;
+use ch05_3d_hybrid::{HybridConfig, HybridError, HybridReport};
 use kernels::comm::CommStats;
 use kernels::comm::Communicator;
 use kernels::comm::grid::{Grid, GroupKind};
@@ -40,11 +44,17 @@ pub struct GridShape {
     /// Tensor-parallel ranks: each holds its shard of every split tensor (chapter 3), and ZeRO
     /// shards that shard over the data-parallel group.
     pub tp: usize,
+    /// Pipeline stages (chapter 4), the micro-batches of each pipe's share of a batch, and
+    /// the schedule: with pp > 1 the run is chapter 5's, with ZeRO-1 over each data-parallel
+    /// group ([`train_pipelined`]).
+    pub pp: usize,
+    pub microbatches: usize,
+    pub schedule: ScheduleKind,
 }
 
 impl Default for GridShape {
     fn default() -> GridShape {
-        GridShape { tp: 1 }
+        GridShape { tp: 1, pp: 1, microbatches: 1, schedule: ScheduleKind::OneFOneB }
     }
 }
 
@@ -72,6 +82,20 @@ pub enum ZeroError {
     Tensor(#[from] TpError),
     #[error("--dp {dp} x --tp {tp} is more ranks than are available ({MAX_THREAD_RANKS} thread ranks on the CPU)")]
     TooManyGridRanks { dp: usize, tp: usize },
+    // ANCHOR: pipeline_refusal
+    #[error(
+        "--zero {0} with --pp > 1 is refused, as DeepSpeed refuses it: a stage's gradients are final only after its last micro-batch's backward, so ZeRO-2 would reduce-scatter every micro-batch's gradients (M times the bytes) or keep them whole until then (no saving), and ZeRO-3 would gather each stage's parameters for every micro-batch's forward and backward (2M gathers a step); use --zero 1, which composes with pipelines"
+    )]
+    PipelineShards(u8),
+    // ANCHOR_END: pipeline_refusal
+    #[error(
+        "--recompute {0} with --pp > 1 is not built: chapter 4's stages keep every micro-batch's activations; use --recompute none with pipelines"
+    )]
+    PipelineRecompute(Recompute),
+    #[error("--microbatches must be 1 without --pp (chapter 6's data-parallel ranks take whole batches), got {0}")]
+    MicrobatchesWithoutPipeline(usize),
+    #[error(transparent)]
+    Hybrid(#[from] HybridError),
     #[error(transparent)]
     Launch(#[from] LaunchError),
     #[error("rank 0 returned no report")]
@@ -233,6 +257,16 @@ pub fn train(cfg: &ZeroConfig) -> Result<ZeroReport, ZeroError> {
 
 /// The same on a dp x tp grid: `dp * tp` thread ranks, ZeRO over each data-parallel group.
 pub fn train_on_grid(cfg: &ZeroConfig, grid: &GridShape) -> Result<ZeroReport, ZeroError> {
+    if grid.pp > 1 {
+        return Err(ZeroError::Train(TrainError::OutOfRange {
+            flag: "--pp",
+            expected: "1 here (train_pipelined runs pipelines)",
+            value: grid.pp.to_string(),
+        }));
+    }
+    if grid.microbatches != 1 {
+        return Err(ZeroError::MicrobatchesWithoutPipeline(grid.microbatches));
+    }
     let stage = check(cfg, grid)?;
     let tp = grid.tp;
     let cfg = &ZeroConfig { train: TrainConfig { device: DeviceRequest::Cpu, ..cfg.train.clone() }, ..cfg.clone() };
@@ -304,3 +338,32 @@ pub fn train_on_grid(cfg: &ZeroConfig, grid: &GridShape) -> Result<ZeroReport, Z
     })
 }
 // ANCHOR_END: train
+
+// ANCHOR: train_pipelined
+/// ZeRO with pipelines: chapter 5's dp x tp x pp run, with ZeRO-1 over each data-parallel
+/// group at `--zero 1` (each stage's replicas reduce-scatter its gradients, update their
+/// shard and all-gather the parameters) and chapter 5 itself at `--zero 0`. Stages 2 and 3
+/// are refused with the reason (`ZeroError::PipelineShards`).
+pub fn train_pipelined(cfg: &ZeroConfig, grid: &GridShape) -> Result<HybridReport, ZeroError> {
+    let stage = ZeroStage::new(cfg.zero).ok_or(ZeroError::BadStage(cfg.zero))?;
+    if stage.shards_gradients() {
+        return Err(ZeroError::PipelineShards(cfg.zero));
+    }
+    if cfg.recompute != Recompute::None {
+        return Err(ZeroError::PipelineRecompute(cfg.recompute));
+    }
+    let pipeline = PipelineConfig {
+        train: cfg.train.clone(),
+        pp: grid.pp,
+        microbatches: grid.microbatches,
+        dp: cfg.dp,
+        schedule: grid.schedule,
+        virtual_stages: 1,
+        partition: Partition::Uniform,
+        timeline: None,
+        skip_tied_sum: false,
+    };
+    let hybrid = HybridConfig { pipeline, tp: grid.tp, fault: None, shard_optimizer: stage.shards_optimizer() };
+    Ok(ch05_3d_hybrid::train(&hybrid)?)
+}
+// ANCHOR_END: train_pipelined

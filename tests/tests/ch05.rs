@@ -33,7 +33,7 @@ fn hybrid_config(cfg: &TrainConfig, (dp, tp, pp): (usize, usize, usize), microba
         timeline: None,
         skip_tied_sum: false,
     };
-    HybridConfig { pipeline, tp, fault: None }
+    HybridConfig { pipeline, tp, fault: None, shard_optimizer: false }
 }
 
 fn hybrid(cfg: &HybridConfig) -> HybridReport {

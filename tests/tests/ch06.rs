@@ -225,7 +225,8 @@ fn every_stage_on_dp_2_x_tp_2_matches_single_device_and_holds_the_shards_formula
     {
         eprintln!("dp 2 x tp 2, zero {stage}, recompute {recompute}");
         let zero_cfg = ZeroConfig { train: cfg.clone(), dp: 2, zero: stage, recompute };
-        let run = ch06_zero_checkpointing::train_on_grid(&zero_cfg, &GridShape { tp: 2 }).unwrap();
+        let run =
+            ch06_zero_checkpointing::train_on_grid(&zero_cfg, &GridShape { tp: 2, ..GridShape::default() }).unwrap();
         assert_matches_ch01(&cfg, &single, &run.report, 1e-5);
         assert_eq!(run.units.iter().map(|u| u.len()).sum::<usize>(), shard.total, "units tile the tp shard");
         assert_eq!(run.ranks.len(), 4);
@@ -249,3 +250,51 @@ fn every_stage_on_dp_2_x_tp_2_matches_single_device_and_holds_the_shards_formula
     }
 }
 // ANCHOR_END: tp_test
+
+// ANCHOR: pp_test
+#[test]
+fn zero_1_with_pipelines_matches_single_device_and_keeps_a_shard_of_each_stages_moments() {
+    use ch04_pipeline::schedule::ScheduleKind;
+    use ch06_zero_checkpointing::{GridShape, train_pipelined};
+    use kernels::Category;
+    let cfg = config();
+    let single = ch01_single_gpu::train(&cfg).unwrap();
+    for (dp, tp, pp) in [(2, 1, 2), (2, 2, 2)] {
+        eprintln!("dp {dp} x tp {tp} x pp {pp}, zero 1");
+        let grid = GridShape { tp, pp, microbatches: 2, schedule: ScheduleKind::OneFOneB };
+        let run =
+            |zero| train_pipelined(&ZeroConfig { train: cfg.clone(), dp, zero, recompute: Recompute::None }, &grid);
+        let (sharded, plain) = (run(1).unwrap(), run(0).unwrap());
+        assert_matches_ch01(&cfg, &single, &sharded.report, 1e-5);
+        for (z, p) in sharded.ranks.iter().zip(&plain.ranks) {
+            // Each stage's buffer of Ψ_s floats, padded to N·S: replica r owns [r·S, (r+1)·S).
+            let (total, r) = (z.stage.layout.total, z.coords.dp);
+            let s = total.div_ceil(dp);
+            let owned = ((r + 1) * s).min(total) - (r * s).min(total);
+            let peak = |rank: &ch05_3d_hybrid::HybridRankReport| rank.stage.memory.peak[&Category::OptimizerState];
+            assert_eq!(peak(p), 8 * total as u64, "rank {}: zero 0 keeps 8 bytes a float of its stage", z.rank);
+            assert_eq!(peak(z), 8 * owned as u64, "rank {}: zero 1 keeps them for its shard only", z.rank);
+            // Reduce-scatter + all-gather move what the all-reduce moved: 2(N-1)/N of the stage.
+            let sent = |rank: &ch05_3d_hybrid::HybridRankReport| rank.stage.dp_comm.total_sent();
+            // (The padding, under N floats, and a few scalars a step aside: losses, the norm.)
+            let ring = |floats: usize| 2 * (dp as u64 - 1) * 4 * floats as u64 / dp as u64 * cfg.steps as u64;
+            for (zero, rank) in [(1, z), (0, p)] {
+                let (low, high) = (ring(total), ring(dp * s) + 256 * cfg.steps as u64);
+                assert!((low..=high).contains(&sent(rank)), "zero {zero}, rank {}: {} vs {low}", rank.rank, sent(rank));
+            }
+        }
+    }
+}
+
+#[test]
+fn zero_2_and_3_with_pipelines_are_refused_with_the_reason() {
+    use ch06_zero_checkpointing::{GridShape, ZeroError, train_pipelined};
+    let grid = GridShape { pp: 2, microbatches: 2, ..GridShape::default() };
+    for zero in [2, 3] {
+        let cfg = ZeroConfig { train: config(), dp: 2, zero, recompute: Recompute::None };
+        let err = train_pipelined(&cfg, &grid).err().expect("refused");
+        assert!(matches!(err, ZeroError::PipelineShards(z) if z == zero), "{err}");
+        assert!(err.to_string().contains("DeepSpeed") && err.to_string().contains("micro-batch"), "{err}");
+    }
+}
+// ANCHOR_END: pp_test
