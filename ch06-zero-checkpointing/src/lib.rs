@@ -14,5 +14,8 @@ pub mod train;
 pub mod zero;
 
 pub use recompute::Recompute;
-pub use train::{GridShape, ZeroConfig, ZeroError, ZeroRankReport, ZeroReport, train, train_on_grid, train_pipelined};
+pub use train::{
+    GridShape, ZeroConfig, ZeroError, ZeroRankReport, ZeroReport, pipelined_config, train, train_on_grid,
+    train_pipelined,
+};
 pub use zero::ZeroStage;

@@ -2,9 +2,13 @@
 //! over the ranks) and activation checkpointing.
 
 use ch01_single_gpu::cli::{CommonArgs, print_summary, run_main};
+use ch04_pipeline::schedule::ScheduleKind;
+use ch05_3d_hybrid::HybridReport;
 use ch06_zero_checkpointing::recompute::ActivationFloats;
 use ch06_zero_checkpointing::zero::predict;
-use ch06_zero_checkpointing::{Recompute, ZeroConfig, ZeroReport, ZeroStage, train};
+use ch06_zero_checkpointing::{
+    GridShape, Recompute, ZeroConfig, ZeroReport, ZeroStage, pipelined_config, train_on_grid, train_pipelined,
+};
 use clap::Parser;
 use kernels::Category;
 use kernels::memory::format_bytes;
@@ -15,8 +19,10 @@ use std::process::ExitCode;
 /// Data parallelism as in chapter 2, but the ranks share one copy of the model state instead of
 /// keeping one each: --zero 1 shards Adam's moments, 2 also the gradients, 3 also the
 /// parameters (each block gathered just before it runs). --recompute trades compute for
-/// activation memory. On the CPU the ranks are threads. With the same seed and global batch,
-/// the losses are chapter 1's.
+/// activation memory. With --tp, ZeRO shards each tensor rank's own parameters over its
+/// data-parallel group (every stage); with --pp, the run is chapter 5's pipeline with ZeRO-1
+/// over each data-parallel group (stages 2 and 3 are refused: see the error). On the CPU the
+/// ranks are threads. With the same seed and global batch, the losses are chapter 1's.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, args_override_self = true)]
 struct Cli {
@@ -32,6 +38,34 @@ struct Cli {
     /// What backward recomputes: none, selective (the attention matrices), full (each block).
     #[arg(long, value_enum, default_value_t = Recompute::None)]
     recompute: Recompute,
+    #[command(flatten)]
+    grid: GridArgs,
+}
+
+/// Chapter 5's grid flags beside --dp.
+#[derive(clap::Args, Debug)]
+struct GridArgs {
+    /// Tensor-parallel ranks; must divide the heads, the MLP width and the padded vocabulary.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// Pipeline stages; at most the model's number of blocks. With more than one, --zero must
+    /// be 0 or 1.
+    #[arg(long, default_value_t = 1)]
+    pp: usize,
+    /// Micro-batches each pipe's share of a batch is split into (with --pp; default 4 there,
+    /// 1 without).
+    #[arg(long)]
+    microbatches: Option<usize>,
+    /// The pipeline schedule (with --pp): gpipe or 1f1b.
+    #[arg(long, value_enum, default_value_t = ScheduleKind::OneFOneB)]
+    schedule: ScheduleKind,
+}
+
+impl GridArgs {
+    fn shape(&self) -> GridShape {
+        let microbatches = self.microbatches.unwrap_or(if self.pp > 1 { 4 } else { 1 });
+        GridShape { tp: self.tp, pp: self.pp, microbatches, schedule: self.schedule }
+    }
 }
 
 // ANCHOR: print_memory
@@ -40,12 +74,14 @@ fn print_zero(r: &ZeroReport) {
     let grad_bytes = 4 * r.units.iter().map(|u| u.padded(r.dp)).sum::<usize>() as u64;
     let padding: usize = r.units.iter().map(|u| u.padded(r.dp) - u.len()).sum();
     println!("zero");
+    let groups = match r.tp {
+        1 => "one data-parallel group".to_string(),
+        tp => format!("x tp {tp}: {tp} data-parallel groups, one per tensor rank"),
+    };
+    println!("  ranks              {} ({groups}), ZeRO stage {}, recompute {}", r.dp, r.zero, r.recompute);
+    let whose = if r.tp > 1 { " of a tensor rank's shard" } else { "" };
     println!(
-        "  ranks              {} (one data-parallel group), ZeRO stage {}, recompute {}",
-        r.dp, r.zero, r.recompute
-    );
-    println!(
-        "  units              {} (embeddings, each block, head), each sharded {} ways; padding {padding} floats",
+        "  units              {} (embeddings, each block, head){whose}, each sharded {} ways; padding {padding} floats",
         r.units.len(),
         r.dp
     );
@@ -109,7 +145,7 @@ fn print_zero(r: &ZeroReport) {
                 .sum::<u64>()
         };
         let now = state(&rank.predicted) + act_bytes(r.activations);
-        let baseline = state(&predict(ZeroStage::NONE, &r.units, r.dp, rank.rank)) + baseline_acts;
+        let baseline = state(&predict(ZeroStage::NONE, &r.units, r.dp, rank.dp_rank)) + baseline_acts;
         let saving = baseline.saturating_sub(now);
         println!(
             "    {:<16} {:>11}   vs {} at --zero 0 --recompute none: saves {} ({:.0}%)",
@@ -123,11 +159,52 @@ fn print_zero(r: &ZeroReport) {
 }
 // ANCHOR_END: print_memory
 
+// ANCHOR: print_pipelined
+/// With pipelines: each rank's optimizer state beside ZeRO-1's formula for its stage (8 bytes
+/// for each of its shard's floats, ⌈Ψ_s/N⌉ or fewer for the last replicas).
+fn print_pipelined(r: &HybridReport, zero: u8) {
+    let g = r.grid;
+    println!("zero");
+    println!(
+        "  grid               dp {} x tp {} x pp {}, ZeRO stage {zero} over each data-parallel group",
+        g.dp, g.tp, g.pp
+    );
+    for rank in r.ranks.iter().filter(|rank| rank.coords.tp == 0) {
+        let (total, at) = (rank.stage.layout.total, rank.coords);
+        let owned = match zero {
+            0 => total,
+            _ => {
+                let s = total.div_ceil(g.dp);
+                ((at.dp + 1) * s).min(total) - (at.dp * s).min(total)
+            }
+        };
+        let held = rank.stage.memory.peak.get(&Category::OptimizerState).copied().unwrap_or(0);
+        println!(
+            "  rank {:<3} (dp {}, pp {}) optimizer state {:>11}   formula: 8 x {owned} floats (stage {} holds Ψ_s = {total})",
+            rank.rank,
+            at.dp,
+            at.pp,
+            format_bytes(held),
+            at.pp
+        );
+    }
+}
+// ANCHOR_END: print_pipelined
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let outputs = cli.common.outputs.clone();
-    let compare = outputs.prepare()?;
+    let grid = cli.grid.shape();
     let cfg = ZeroConfig { train: cli.common.into_config()?, dp: cli.dp, zero: cli.zero, recompute: cli.recompute };
-    let report = train(&cfg)?;
+    if grid.pp > 1 {
+        let hybrid = pipelined_config(&cfg, &grid)?; // ZeRO's refusals, before anything starts
+        let compare = outputs.prepare()?;
+        let report = train_pipelined(&cfg, &grid)?;
+        print_summary(&report.report);
+        print_pipelined(&report, cfg.zero);
+        return outputs.write(&report.run_report(&hybrid), compare);
+    }
+    let compare = outputs.prepare()?;
+    let report = train_on_grid(&cfg, &grid)?;
     print_summary(&report.report);
     print_zero(&report);
     outputs.write(&report.run_report(&cfg), compare)

@@ -15,8 +15,12 @@ impl ZeroReport {
             .iter()
             .map(|r| {
                 let mut rank = RankReport::new(r.rank, r.memory.clone());
-                rank.grid.insert("dp".into(), r.rank);
+                rank.grid.insert("dp".into(), r.dp_rank);
                 rank.comm.insert("dp".into(), r.comm.clone());
+                if self.tp > 1 {
+                    rank.grid.insert("tp".into(), r.tp_rank);
+                    rank.comm.insert("tp".into(), r.tp_comm.clone());
+                }
                 rank.extra.insert("step_comm".into(), json!(r.step_comm));
                 rank.extra.insert("predicted_memory".into(), json!(r.predicted));
                 rank
@@ -24,6 +28,7 @@ impl ZeroReport {
             .collect();
         let mut report = RunReport::from_train_report("ch06-zero-checkpointing", &cfg.train, &self.report, ranks);
         report.extra.insert("dp".into(), json!(self.dp));
+        report.extra.insert("tp".into(), json!(self.tp));
         report.extra.insert("zero".into(), json!(self.zero.number()));
         report.extra.insert("recompute".into(), json!(self.recompute));
         report.extra.insert("activation_floats_per_token".into(), json!(self.activations));

@@ -345,6 +345,11 @@ pub fn train_on_grid(cfg: &ZeroConfig, grid: &GridShape) -> Result<ZeroReport, Z
 /// shard and all-gather the parameters) and chapter 5 itself at `--zero 0`. Stages 2 and 3
 /// are refused with the reason (`ZeroError::PipelineShards`).
 pub fn train_pipelined(cfg: &ZeroConfig, grid: &GridShape) -> Result<HybridReport, ZeroError> {
+    Ok(ch05_3d_hybrid::train(&pipelined_config(cfg, grid)?)?)
+}
+
+/// Chapter 5's configuration of that run, once ZeRO's own refusals are passed.
+pub fn pipelined_config(cfg: &ZeroConfig, grid: &GridShape) -> Result<HybridConfig, ZeroError> {
     let stage = ZeroStage::new(cfg.zero).ok_or(ZeroError::BadStage(cfg.zero))?;
     if stage.shards_gradients() {
         return Err(ZeroError::PipelineShards(cfg.zero));
@@ -363,7 +368,6 @@ pub fn train_pipelined(cfg: &ZeroConfig, grid: &GridShape) -> Result<HybridRepor
         timeline: None,
         skip_tied_sum: false,
     };
-    let hybrid = HybridConfig { pipeline, tp: grid.tp, fault: None, shard_optimizer: stage.shards_optimizer() };
-    Ok(ch05_3d_hybrid::train(&hybrid)?)
+    Ok(HybridConfig { pipeline, tp: grid.tp, fault: None, shard_optimizer: stage.shards_optimizer() })
 }
 // ANCHOR_END: train_pipelined

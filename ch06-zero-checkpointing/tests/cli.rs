@@ -66,9 +66,51 @@ fn bad_input_is_one_line_before_any_rank_starts() {
         (vec!["--dp", "0"], "--dp must be at least 1"),
         (vec!["--recompute", "sometimes"], "invalid value 'sometimes' for '--recompute"),
         (vec!["--zero", "three"], "invalid value 'three' for '--zero"),
+        (vec!["--pp", "2", "--zero", "2"], "--zero 2 with --pp > 1 is refused, as DeepSpeed refuses it"),
+        (vec!["--pp", "2", "--zero", "3", "--tp", "2"], "--zero 3 with --pp > 1 is refused"),
+        (vec!["--pp", "2", "--recompute", "full"], "--recompute full with --pp > 1 is not built"),
+        (vec!["--tp", "3"], "--tp 3 does not divide the model's 4 attention heads"),
+        (vec!["--tp", "0"], "--tp must be at least 1"),
+        (vec!["--pp", "9", "--zero", "1"], "--pp 9 is more stages than the model has blocks"),
+        (vec!["--microbatches", "2"], "--microbatches must be 1 without --pp"),
+        (vec!["--schedule", "sometimes"], "invalid value 'sometimes' for '--schedule"),
     ] {
         let out = output_within(ch06().args(&args), Duration::from_secs(60));
         assert_one_error_line(&out, expected);
         assert!(!String::from_utf8_lossy(&out.stderr).contains("rank 0 failed"), "{args:?}: checked before launch");
     }
+}
+
+#[test]
+fn tensor_and_pipeline_ranks_compose_with_zero() {
+    // dp 2 x tp 2 at ZeRO-2: four ranks, each at its grid point, its ledger at the formula.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.json");
+    let out = output_within(
+        ch06().args(["--dp", "2", "--tp", "2", "--zero", "2", "--report"]).arg(&path),
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("of a tensor rank's shard, each sharded 2 ways"));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let ranks = report["ranks"].as_array().unwrap();
+    assert_eq!((report["tp"].as_u64(), ranks.len()), (Some(2), 4));
+    for (r, rank) in ranks.iter().enumerate() {
+        assert_eq!(
+            (rank["grid"]["tp"].as_u64(), rank["grid"]["dp"].as_u64()),
+            (Some(r as u64 % 2), Some(r as u64 / 2))
+        );
+        let terms = rank["predicted_memory"]["terms"].as_array().unwrap();
+        let formula: u64 =
+            terms.iter().filter(|t| t["category"] == "gradients").map(|t| t["bytes"].as_u64().unwrap()).sum();
+        assert_eq!(rank["memory"]["peak"]["gradients"].as_u64(), Some(formula), "rank {r}");
+    }
+    // dp 2 x pp 2 at ZeRO-1: chapter 5's pipeline, each replica keeping its shard's moments.
+    let out = output_within(
+        ch06().args(["--dp", "2", "--pp", "2", "--microbatches", "2", "--zero", "1"]),
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("dp 2 x tp 1 x pp 2, ZeRO stage 1 over each data-parallel group"), "{stdout}");
 }
