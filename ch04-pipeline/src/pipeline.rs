@@ -825,7 +825,7 @@ impl ShardedOptimizer {
 
 /// The ranges of `layout` made of the tensors `counts` keeps, neighbours merged: the squared
 /// norm of each is one sum (so one range, when every tensor counts, is one sum as before).
-fn norm_ranges(layout: &ParamLayout, counts: impl Fn(&ParamSpec) -> bool) -> Vec<Range<usize>> {
+pub fn norm_ranges(layout: &ParamLayout, counts: impl Fn(&ParamSpec) -> bool) -> Vec<Range<usize>> {
     let mut ranges: Vec<Range<usize>> = Vec::new();
     for spec in layout.specs.iter().filter(|spec| counts(spec)) {
         match ranges.last_mut() {

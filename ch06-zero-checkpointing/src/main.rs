@@ -201,7 +201,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let report = train_pipelined(&cfg, &grid)?;
         print_summary(&report.report);
         print_pipelined(&report, cfg.zero);
-        return outputs.write(&report.run_report(&hybrid), compare);
+        // Chapter 5's report, said to be this chapter's run, with its ZeRO stage.
+        let mut run_report = report.run_report(&hybrid);
+        run_report.chapter = "ch06-zero-checkpointing".into();
+        run_report.extra.insert("zero".into(), serde_json::json!(cfg.zero));
+        return outputs.write(&run_report, compare);
     }
     let compare = outputs.prepare()?;
     let report = train_on_grid(&cfg, &grid)?;

@@ -19,11 +19,12 @@ use ch01_single_gpu::config::ModelConfig;
 use ch01_single_gpu::data::{BatchSampler, Dataset, sequential_batch};
 use ch01_single_gpu::model::{BackwardScratch, Dims, Head, Whole};
 use ch01_single_gpu::optimizer::{Optimizer, squared_norm};
-use ch01_single_gpu::params::{BlockParams, ParamLayout, ParamSpec};
+use ch01_single_gpu::params::{BlockParams, ParamLayout};
 use ch01_single_gpu::schedule::learning_rate;
 use ch01_single_gpu::train::{StartState, StepRecord, TrainSteps, saves_after};
 use ch01_single_gpu::{TrainConfig, TrainError};
 use ch04_pipeline::parts::StageParts;
+use ch04_pipeline::pipeline::norm_ranges;
 use kernels::comm::{CommStats, Communicator, ReduceOp};
 use kernels::ops::grad_norm::clip_scale;
 use kernels::{Category, DType, Device, MemoryLedger, Tensor, TensorError, Trace, View, ViewMut};
@@ -358,18 +359,6 @@ fn head_grads<'a>(layout: &ParamLayout, units: &[Unit], grads: &'a mut Grads) ->
     Head { ln_f_weight, ln_f_bias, wte }
 }
 
-/// The ranges of `layout` made of the tensors `counts` keeps, neighbours merged.
-fn merged_ranges(layout: &ParamLayout, counts: impl Fn(&ParamSpec) -> bool) -> Vec<Range<usize>> {
-    let mut ranges: Vec<Range<usize>> = Vec::new();
-    for spec in layout.specs.iter().filter(|spec| counts(spec)) {
-        match ranges.last_mut() {
-            Some(last) if last.end == spec.offset => last.end = spec.range().end,
-            _ => ranges.push(spec.range()),
-        }
-    }
-    ranges
-}
-
 fn block_of<T>(pieces: Vec<T>) -> BlockParams<T> {
     let mut it = pieces.into_iter();
     BlockParams::from_tensors(|| it.next().unwrap_or_else(|| unreachable!("a block has 12 tensors")))
@@ -442,7 +431,7 @@ impl ZeroRank {
         // Every rank starts from chapter 1's model and keeps its tensor rank's part of it.
         let host = parts.take(&full, &layout, &whole);
         let moments = moments.map(|(m, v)| (parts.take(&full, &layout, &m), parts.take(&full, &layout, &v)));
-        let norm_ranges = merged_ranges(&layout, |spec| parts.counts_in_norm(spec));
+        let norm_ranges = norm_ranges(&layout, |spec| parts.counts_in_norm(spec));
         let filled = |len, category, values: &[f32]| -> Result<Tensor, TrainError> {
             let mut tensor = f32_tensor(len, category, &ledger)?;
             tensor.as_mut_slice()[..values.len()].copy_from_slice(values);

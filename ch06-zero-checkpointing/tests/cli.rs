@@ -106,11 +106,19 @@ fn tensor_and_pipeline_ranks_compose_with_zero() {
         assert_eq!(rank["memory"]["peak"]["gradients"].as_u64(), Some(formula), "rank {r}");
     }
     // dp 2 x pp 2 at ZeRO-1: chapter 5's pipeline, each replica keeping its shard's moments.
+    let path = dir.path().join("pipelined.json");
     let out = output_within(
-        ch06().args(["--dp", "2", "--pp", "2", "--microbatches", "2", "--zero", "1"]),
+        ch06().args(["--dp", "2", "--pp", "2", "--microbatches", "2", "--zero", "1", "--report"]).arg(&path),
         Duration::from_secs(120),
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("dp 2 x tp 1 x pp 2, ZeRO stage 1 over each data-parallel group"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!((report["chapter"].as_str(), report["zero"].as_u64()), (Some("ch06-zero-checkpointing"), Some(1)));
+    let ranks = report["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 4);
+    for rank in ranks {
+        assert!(rank["comm"]["dp"]["sent"]["reduce_scatter"].as_u64().unwrap_or(0) > 0, "ZeRO-1's reduce-scatter");
+    }
 }
