@@ -364,6 +364,10 @@ fn block_of<T>(pieces: Vec<T>) -> BlockParams<T> {
     BlockParams::from_tensors(|| it.next().unwrap_or_else(|| unreachable!("a block has 12 tensors")))
 }
 
+/// What a rank runs over: its data-parallel group (ZeRO's), how it runs the model's parts,
+/// and, with tensor parallelism, its tensor group again (to gather the shards).
+pub type RankGroups = (Box<dyn Communicator>, Box<dyn StageParts>, Option<Box<dyn Communicator>>);
+
 /// One data-parallel rank under ZeRO.
 pub struct ZeroRank {
     pub cfg: TrainConfig,
@@ -412,12 +416,11 @@ impl ZeroRank {
     /// `TpParts` over the tensor group), ZeRO shards this tensor rank's parameters over the
     /// data-parallel group `comm`, and `tp_gather` (the tensor group, a second time) puts the
     /// shards back together for checkpoints and the report.
-    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     pub fn on_shard(
         cfg: &TrainConfig,
         model: ModelConfig,
         (stage, recompute): (ZeroStage, Recompute),
-        (comm, parts, tp_gather): (Box<dyn Communicator>, Box<dyn StageParts>, Option<Box<dyn Communicator>>),
+        (comm, parts, tp_gather): RankGroups,
         (rows, t): (usize, usize),
         run: RunShape,
         dataset: Arc<Dataset>,

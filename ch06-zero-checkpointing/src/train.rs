@@ -2,7 +2,7 @@
 //! activation checkpointing on every rank. On chapter 5's grid (`train_on_grid`), ZeRO shards
 //! each tensor rank's own parameters over its data-parallel group (`--tp`, every stage).
 
-use crate::rank::ZeroRank;
+use crate::rank::{RankGroups, ZeroRank};
 use crate::recompute::{ActivationFloats, Recompute};
 use crate::zero::{Prediction, Unit, ZeroStage, predict};
 use ch01_single_gpu::data::Dataset;
@@ -15,7 +15,6 @@ use ch01_single_gpu::{TrainConfig, TrainError, TrainReport};
 use ch02_data_parallel::data_parallel::MAX_THREAD_RANKS;
 use ch03_tensor_parallel::tensor_parallel::{TpConfig, TpError, check_tp};
 use ch04_pipeline::PipelineConfig;
-use ch04_pipeline::parts::StageParts;
 use ch04_pipeline::schedule::ScheduleKind;
 use ch04_pipeline::stage::Partition;
 use ch05_3d_hybrid::tp_stage::TpParts;
@@ -181,7 +180,7 @@ fn grid_groups(
     mut world: Box<dyn Communicator>,
     model: &ch01_single_gpu::config::ModelConfig,
     tp: usize,
-) -> Result<(Box<dyn Communicator>, Box<dyn StageParts>, Option<Box<dyn Communicator>>), TrainError> {
+) -> Result<RankGroups, TrainError> {
     if tp == 1 {
         return Ok((world, Box::new(Whole), None)); // chapter 2's ranks: the world is the group
     }

@@ -277,9 +277,9 @@ fn zero_1_with_pipelines_matches_single_device_and_keeps_a_shard_of_each_stages_
             // Reduce-scatter + all-gather move what the all-reduce moved: 2(N-1)/N of the stage.
             let sent = |rank: &ch05_3d_hybrid::HybridRankReport| rank.stage.dp_comm.total_sent();
             // (The padding, under N floats, and a few scalars a step aside: losses, the norm.)
-            let ring = |floats: usize| 2 * (dp as u64 - 1) * 4 * floats as u64 / dp as u64 * cfg.steps as u64;
+            let ring = |floats: usize| 2 * (dp as u64 - 1) * 4 * floats as u64 / dp as u64 * cfg.steps;
             for (zero, rank) in [(1, z), (0, p)] {
-                let (low, high) = (ring(total), ring(dp * s) + 256 * cfg.steps as u64);
+                let (low, high) = (ring(total), ring(dp * s) + 256 * cfg.steps);
                 assert!((low..=high).contains(&sent(rank)), "zero {zero}, rank {}: {} vs {low}", rank.rank, sent(rank));
             }
         }
