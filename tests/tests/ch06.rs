@@ -319,3 +319,22 @@ fn zero_2_and_3_with_pipelines_are_refused_with_the_reason() {
     }
 }
 // ANCHOR_END: pp_test
+
+#[test]
+fn a_zero_1_pipeline_checkpoint_holds_every_replicas_moments() {
+    use ch01_single_gpu::schedule::LrSchedule;
+    use ch06_zero_checkpointing::{GridShape, train_pipelined};
+    // Saved after 3 steps of dp 2 x pp 2 under ZeRO-1 (each replica held half of each stage's
+    // moments: the checkpoint must have put them together), resumed by chapter 1 to 6 steps:
+    // chapter 1's uninterrupted run.
+    let dir = tempfile::tempdir().unwrap();
+    let six = TrainConfig { lr_schedule: LrSchedule::Constant, eval_every: 0, batch_size: 8, ..tiny_config(6) };
+    let straight = ch01_single_gpu::train(&six).unwrap();
+    let three = TrainConfig { steps: 3, save: Some(dir.path().to_path_buf()), ..six.clone() };
+    let grid = GridShape { pp: 2, microbatches: 2, ..GridShape::default() };
+    train_pipelined(&ZeroConfig { train: three, dp: 2, zero: 1, recompute: Recompute::None }, &grid).unwrap();
+    let resumed = ch01_single_gpu::train(&TrainConfig { resume: Some(dir.path().to_path_buf()), ..six }).unwrap();
+    scale_tests::assert_close("resumed", &resumed.losses(), &straight.losses()[3..], 1e-5);
+    let worst = resumed.params.iter().zip(&straight.params).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    assert!(worst < 1e-4, "resumed to chapter 1's parameters ({worst})");
+}
