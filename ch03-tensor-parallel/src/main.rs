@@ -38,7 +38,7 @@ fn print_tensor_parallel(r: &TpReport) {
     println!("tensor parallel");
     println!("  ranks              {} x {} (tp x dp; rank = tp_rank + tp x dp_rank)", r.tp, r.dp);
     let per_block = match r.sequence_parallel {
-        true => "2 all-gathers and 2 reduce-scatters of B·T·C per block each way",
+        true => "2 all-gathers and 2 reduce-scatters of B·T·C per block each way, the LayerNorms' gradients",
         false => "2 all-reduces of B·T·C per block each way",
     };
     println!(

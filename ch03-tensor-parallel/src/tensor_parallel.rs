@@ -99,6 +99,8 @@ pub enum TpError {
     Launch(#[from] LaunchError),
     #[error("rank 0 returned no report")]
     NoReport,
+    #[error("could not start a rank's compute threads: {0}")]
+    ThreadPool(#[from] rayon::ThreadPoolBuildError),
 }
 
 /// One rank's account of a run.
@@ -611,10 +613,15 @@ fn report(
 ) -> Result<TrainReport, TrainError> {
     let (cfg, model) = (&me.cfg, &me.model);
     let tokens = (outcome.steps.len() * me.tokens_per_step()) as f64;
+    // Called in the rank's own pool (`threads_per_rank`): rayon's threads are this rank's.
+    let threads = match rayon::current_num_threads() {
+        1 => "1 compute thread".to_string(),
+        n => format!("{n} compute threads"),
+    };
     Ok(TrainReport {
         model: model.clone(),
         tokenizer: cfg.tokenizer,
-        device: format!("{}, {} x {} (tp x dp) thread ranks", Device::Cpu.describe(), me.tp, me.dp),
+        device: format!("cpu, {} x {} (tp x dp) thread ranks, {threads} each", me.tp, me.dp),
         dtype: DType::F32,
         flops_per_token: model.flops_per_token(me.t),
         peak_flops: Device::Cpu.peak_flops(DType::F32),
@@ -679,6 +686,17 @@ fn run_rank(
 }
 // ANCHOR_END: run_rank
 
+// ANCHOR: threads_per_rank
+/// The compute threads each rank's ops may use: the machine's share (rayon's global pool, one
+/// thread per core unless RAYON_NUM_THREADS says otherwise) divided among the ranks, at least
+/// one. Every rank in the global pool would split each matmul as though it had every core to
+/// itself: twice the threads of the cores at 2 ranks, fighting over the caches and the
+/// scheduler. A rank runs in its own pool of this many threads instead.
+pub fn threads_per_rank(ranks: usize) -> usize {
+    (rayon::current_num_threads() / ranks.max(1)).max(1)
+}
+// ANCHOR_END: threads_per_rank
+
 // ANCHOR: train
 /// Trains with `tp` tensor-parallel thread ranks; reports what rank 0 saw (parameters gathered
 /// into chapter 1's layout) and what every rank held and sent.
@@ -687,7 +705,11 @@ pub fn train(cfg: &TpConfig) -> Result<TpReport, TpError> {
     let dataset = Arc::new(load_dataset(&cfg.train.data, &Tokenizer::new(cfg.train.tokenizer))?);
     // Each rank owns what it uses (the launcher's ranks are `'static` threads).
     let rank_cfg = cfg.clone();
-    let results = launch(cfg.tp * cfg.dp, move |comm| run_rank(&rank_cfg, comm, dataset.clone()))?;
+    let threads = threads_per_rank(cfg.tp * cfg.dp);
+    let results = launch(cfg.tp * cfg.dp, move |comm| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+        pool.install(|| run_rank(&rank_cfg, comm, dataset.clone()))
+    })?;
     let mut ranks = Vec::with_capacity(cfg.tp);
     let mut leader = None;
     for (report, rank) in results {

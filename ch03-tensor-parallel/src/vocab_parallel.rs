@@ -64,7 +64,7 @@ pub fn embed_forward(
     t: usize,
     c: usize,
 ) -> Result<(), CommError> {
-    // EXERCISE(ch03-vocab-embedding, points = 5): each row of x is this rank's row of wte for its token (shard.local), or zeros if another rank holds it; sum over the group; then add wpe[position] once
+    // EXERCISE(ch03-vocab-embedding, points = 5): each row of x is this rank's row of wte for its token (shard.local), or zeros if another rank holds it; sum over the group (stream.sum: an all-reduce, or a reduce-scatter when the stream is split by tokens); then add wpe[position] once, to the rows the sum is in (stream.rows)
     // TESTS: -p ch03-tensor-parallel --lib -- vocab_parallel::tests::a_rank_embeds_its_own_tokens_and_zeros_for_the_rest
     // NEEDS: ch03-sum-forward
     for (row, &token) in x.chunks_exact_mut(c).zip(tokens) {
