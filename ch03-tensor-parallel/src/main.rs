@@ -37,14 +37,13 @@ fn print_tensor_parallel(r: &TpReport) {
     let steps = r.report.steps.len().max(1) as u64;
     println!("tensor parallel");
     println!("  ranks              {} x {} (tp x dp; rank = tp_rank + tp x dp_rank)", r.tp, r.dp);
-    let per_block = match r.sequence_parallel {
-        true => "2 all-gathers and 2 reduce-scatters of B·T·C per block each way, the LayerNorms' gradients",
-        false => "2 all-reduces of B·T·C per block each way",
+    let how = match r.sequence_parallel {
+        true => {
+            "2 all-gathers and 2 reduce-scatters of B·T·C per block each way, plus the embedding's and the head's, and the LayerNorms' gradients"
+        }
+        false => "2 all-reduces of B·T·C per block each way, plus the embedding's and the head's",
     };
-    println!(
-        "  sent per step      {} per rank by the formula ({per_block}, plus the embedding's and the head's)",
-        format_bytes(r.bytes_sent_per_step())
-    );
+    println!("  sent per step      {} per rank by the formula ({how})", format_bytes(r.bytes_sent_per_step()));
     if let Some(ms) = r.ranks.first().and_then(|rank| rank.sample_ms_per_token) {
         println!("  sample             generated on the shards, {ms:.1} ms per token");
     }

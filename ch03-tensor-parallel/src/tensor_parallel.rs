@@ -464,11 +464,13 @@ impl TpRank {
     }
 }
 
+// ANCHOR: sums_over_tokens
 /// Whether a replicated tensor's gradient is a sum over the stream's rows: the LayerNorms
 /// (ln_1 and ln_2 of every block, ln_f), which normalise the stream where it lies.
 pub fn sums_over_tokens(spec: &ParamSpec) -> bool {
     spec.placement == Placement::Replicated && spec.name.contains("ln_")
 }
+// ANCHOR_END: sums_over_tokens
 
 impl TpActivations {
     fn new(
@@ -660,7 +662,7 @@ fn run_rank(
         _ => format!(" | data parallel: {dp} replicas of {} rows", me.rows),
     };
     let sequence = match me.stream {
-        Stream::SplitByTokens => format!(", {} tokens of the stream", me.rows * me.t / tp),
+        Stream::SplitByTokens => format!(", the stream of {} of the {} tokens", me.rows * me.t / tp, me.rows * me.t),
         Stream::Replicated => String::new(),
     };
     let header = format!(

@@ -273,7 +273,7 @@ pub fn sum_f64_over_group(group: &mut dyn Communicator, x: f64) -> Result<f64, C
 mod tests {
     use super::*;
     use kernels::Rng;
-    use kernels::comm::thread::launch;
+    use kernels::comm::thread::{ThreadComm, launch};
 
     fn random(len: usize, seed: u64) -> Vec<f32> {
         let mut rng = Rng::new(seed);
@@ -337,60 +337,55 @@ mod tests {
     }
     // ANCHOR_END: transpose_tests
 
+    /// Runs `sides` on 2 and then 4 ranks, over buffers of 3n rows of 5, and asserts that the
+    /// two sides of the adjoint identity (summed over the ranks) agree on every rank.
+    fn assert_adjoint(sides: fn(&mut ThreadComm, usize) -> Result<[f64; 2], CommError>) {
+        for n in [2, 4] {
+            let out = launch(n, move |mut comm| {
+                let [lhs, rhs] = sides(&mut comm, 3 * n * 5)?;
+                let mut sums = vec![lhs as f32, rhs as f32];
+                comm.all_reduce(&mut sums, ReduceOp::Sum)?;
+                Ok::<_, CommError>((sums[0] as f64, sums[1] as f64))
+            })
+            .unwrap();
+            for (lhs, rhs) in out {
+                assert!((lhs - rhs).abs() <= 1e-5 * lhs.abs().max(1.0), "n = {n}: {lhs} vs {rhs}");
+            }
+        }
+    }
+
     /// The sequence-parallel pair, by the same test. Gather: rank r's rows x_r -> the whole
     /// (x_1, ..., x_n) on every rank; its transpose takes y_q (whole, on each rank q) to
     /// rank r's rows of Σ_q y_q, a reduce-scatter.
     #[test]
     fn gather_tokens_backward_is_the_transpose_of_its_forward() {
-        for n in [2, 4] {
-            let (rows, c) = (3 * n, 5);
-            let sides = launch(n, move |mut comm| {
-                let rank = comm.rank();
-                let len = rows * c;
-                let own = own_rows(&comm, len);
-                let mut ax = vec![0.0; len];
-                ax[own.clone()].copy_from_slice(&random(own.len(), 30 + rank as u64));
-                let x = ax[own.clone()].to_vec();
-                GatherTokens::forward(&mut comm, &mut ax)?;
-                let y = random(len, 40 + rank as u64);
-                let mut aty = y.clone();
-                GatherTokens::backward(&mut comm, &mut aty)?;
-                let mut sums = vec![dot(&ax, &y) as f32, dot(&x, &aty[own]) as f32];
-                comm.all_reduce(&mut sums, ReduceOp::Sum)?;
-                Ok::<_, CommError>((sums[0] as f64, sums[1] as f64))
-            })
-            .unwrap();
-            for (lhs, rhs) in sides {
-                assert!((lhs - rhs).abs() <= 1e-5 * lhs.abs().max(1.0), "n = {n}: {lhs} vs {rhs}");
-            }
-        }
+        assert_adjoint(|comm, len| {
+            let (rank, own) = (comm.rank() as u64, own_rows(comm, len));
+            let mut ax = vec![0.0; len];
+            ax[own.clone()].copy_from_slice(&random(own.len(), 30 + rank));
+            let x = ax[own.clone()].to_vec();
+            GatherTokens::forward(comm, &mut ax)?;
+            let y = random(len, 40 + rank);
+            let mut aty = y.clone();
+            GatherTokens::backward(comm, &mut aty)?;
+            Ok([dot(&ax, &y), dot(&x, &aty[own])])
+        });
     }
 
     /// Scatter: partials p_r (whole, on each rank) -> rank r's rows of Σ_q p_q; its transpose
     /// takes g_r (rank r's rows) to the whole (g_1, ..., g_n) on every rank, an all-gather.
     #[test]
     fn scatter_tokens_backward_is_the_transpose_of_its_forward() {
-        for n in [2, 4] {
-            let (rows, c) = (3 * n, 5);
-            let sides = launch(n, move |mut comm| {
-                let rank = comm.rank();
-                let len = rows * c;
-                let own = own_rows(&comm, len);
-                let p = random(len, 50 + rank as u64);
-                let mut ap = p.clone();
-                ScatterTokens::forward(&mut comm, &mut ap)?;
-                let g = random(own.len(), 60 + rank as u64);
-                let mut atg = vec![0.0; len];
-                ScatterTokens::backward(&mut comm, &g, &mut atg)?;
-                let mut sums = vec![dot(&ap[own], &g) as f32, dot(&p, &atg) as f32];
-                comm.all_reduce(&mut sums, ReduceOp::Sum)?;
-                Ok::<_, CommError>((sums[0] as f64, sums[1] as f64))
-            })
-            .unwrap();
-            for (lhs, rhs) in sides {
-                assert!((lhs - rhs).abs() <= 1e-5 * lhs.abs().max(1.0), "n = {n}: {lhs} vs {rhs}");
-            }
-        }
+        assert_adjoint(|comm, len| {
+            let (rank, own) = (comm.rank() as u64, own_rows(comm, len));
+            let p = random(len, 50 + rank);
+            let mut ap = p.clone();
+            ScatterTokens::forward(comm, &mut ap)?;
+            let g = random(own.len(), 60 + rank);
+            let mut atg = vec![0.0; len];
+            ScatterTokens::backward(comm, &g, &mut atg)?;
+            Ok([dot(&ap[own], &g), dot(&p, &atg)])
+        });
     }
 
     #[test]
