@@ -103,13 +103,16 @@ fn a_missing_all_reduce_is_caught() {
 
 // ANCHOR: sequence_parallel_tests
 #[test]
-fn sequence_parallel_matches_single_device_at_tp1_tp2_tp4_and_dp2() {
-    // B·T = 128 tokens: 32, 64 or 128 per rank's stream. With dp 2, each replica has 64.
+fn every_tp_and_dp_layout_matches_single_device_with_and_without_sequence_parallelism() {
+    // B·T = 128 tokens: 32, 64 or 128 per rank's stream. With dp 2, each replica has 64. The
+    // grid without sequence parallelism too (the tests above cover tp 1, 2 and 4 and tp 2 x dp 2
+    // with accumulation).
     let cfg = config();
     let single = ch01(&cfg);
-    for (n, dp) in [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2)] {
-        eprintln!("tp = {n}, dp = {dp}, sequence parallel");
-        let run = run(&cfg, n, dp, true, None);
+    let grid = [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2)];
+    for ((n, dp), sequence_parallel) in grid.into_iter().flat_map(|l| [(l, true), (l, false)]) {
+        eprintln!("tp = {n}, dp = {dp}, sequence parallel {sequence_parallel}");
+        let run = run(&cfg, n, dp, sequence_parallel, None);
         assert_matches_ch01(&cfg, &single, &run.report, PARAMS_RTOL);
         scale_tests::assert_close("loss", &single.losses(), &run.report.losses(), RTOL);
         scale_tests::assert_close("grad norm", &grad_norms(&single), &grad_norms(&run.report), RTOL);
@@ -287,8 +290,8 @@ fn a_gpt2_sized_vocabulary_with_padding_matches_too() {
     let single = ch01(&cfg);
     let wte = single.layout.get("wte.weight").unwrap().clone();
     let padding = wte.offset + single.model.vocab_size * single.model.n_embd..wte.range().end;
-    for (n, sequence_parallel) in [(2, false), (4, false), (2, true), (4, true)] {
-        let run = run(&cfg, n, 1, sequence_parallel, None);
+    for (n, dp, sequence_parallel) in [(2, 1, false), (4, 1, false), (2, 1, true), (4, 1, true), (2, 2, true)] {
+        let run = run(&cfg, n, dp, sequence_parallel, None);
         assert_matches_ch01(&cfg, &single, &run.report, PARAMS_RTOL);
         scale_tests::assert_close("loss", &single.losses(), &run.report.losses(), RTOL);
         scale_tests::assert_close("grad norm", &grad_norms(&single), &grad_norms(&run.report), RTOL);
