@@ -2,7 +2,8 @@
 //! `small` model at its default batch (16 x 128 tokens), chapter 1 on the whole machine, then
 //! `--tp 2` and `--tp 2 --sequence-parallel` on thread ranks sharing it. The three runs take
 //! turns, round after round, so that a machine whose speed drifts (others' work) slows all three
-//! alike; each round's ratio is taken within the round, and the medians are printed.
+//! alike; each round's ratio is taken within the round, and the medians are printed, with each
+//! one's best run (on a shared machine, the nearest to a quiet one).
 //!
 //!     cargo bench -p ch03-tensor-parallel --bench tokens_per_sec
 //!     TP_BENCH_ROUNDS=9 TP_BENCH_STEPS=40 cargo bench -p ch03-tensor-parallel --bench tokens_per_sec
@@ -58,6 +59,8 @@ fn main() {
             (_, [Err(e), _] | [_, Err(e)]) => panic!("tensor parallel failed: {e}"),
         }
     }
+    let best = |i: usize| runs[i].iter().copied().fold(0.0, f64::max);
+    println!("best (the least disturbed run): ch01 {:.0}, tp 2 {:.0}, tp 2 + sp {:.0}", best(0), best(1), best(2));
     let ratios = |i: usize| median(runs[0].iter().zip(&runs[i]).map(|(a, b)| b / a).collect());
     println!(
         "median tokens/s: ch01 {:.0}, tp 2 {:.0}, tp 2 + sp {:.0}",
