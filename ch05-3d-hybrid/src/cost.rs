@@ -25,23 +25,23 @@ pub fn stage_collectives(r: &HybridReport, stage: &StageReport, bt: usize, backw
     if backward {
         all_reduced += 2 * blocks * bt * c + usize::from(last) * bt * c;
     }
-    CollectiveFloats { all_reduced, all_gathered }
+    CollectiveFloats { all_reduced, all_gathered, reduce_scattered: 0 }
 }
 
 /// Bytes a rank of `stage` sends in its tensor group per training step: every micro-batch's
 /// forward and backward, and the norm's f64 (three f32s, all-gathered).
 pub fn tensor_bytes_per_step(r: &HybridReport, stage: &StageReport) -> u64 {
     let n = r.grid.tp;
-    let (reduced, gathered) = ring_bytes_sent(stage_collectives(r, stage, r.rows * r.t, true), n);
+    let micro = ring_bytes_sent(stage_collectives(r, stage, r.rows * r.t, true), n).total();
     let norm = 4 * 3 * (n as u64 - 1);
-    r.plan.micro_per_step as u64 * (reduced + gathered) + norm
+    r.plan.micro_per_step as u64 * micro + norm
 }
 
 /// Bytes a rank of `stage` sends in its tensor group for one evaluation: the forward alone of
 /// --val-batches batches, each in --microbatches micro-batches.
 pub fn tensor_bytes_per_evaluation(r: &HybridReport, stage: &StageReport, val_batches: usize) -> u64 {
-    let (reduced, gathered) = ring_bytes_sent(stage_collectives(r, stage, r.rows * r.t, false), r.grid.tp);
-    (val_batches * r.microbatches) as u64 * (reduced + gathered)
+    let micro = ring_bytes_sent(stage_collectives(r, stage, r.rows * r.t, false), r.grid.tp).total();
+    (val_batches * r.microbatches) as u64 * micro
 }
 // ANCHOR_END: tensor_bytes
 

@@ -121,7 +121,7 @@ pub fn check_hybrid(cfg: &HybridConfig, model: &ModelConfig) -> Result<(), Hybri
         return Err(HybridError::ZeroBubble);
     }
     check(&PipelineConfig { dp: 1, ..p.clone() }, model)?;
-    check_tp(&TpConfig { train: p.train.clone(), tp: cfg.tp, dp: 1, fault: None })?;
+    check_tp(&TpConfig { train: p.train.clone(), tp: cfg.tp, dp: 1, sequence_parallel: false, fault: None })?;
     let (dp, tp, pp) = (p.dp, cfg.tp, p.pp);
     if dp.saturating_mul(tp).saturating_mul(pp) > MAX_THREAD_RANKS {
         return Err(HybridError::TooManyRanks { dp, tp, pp });
