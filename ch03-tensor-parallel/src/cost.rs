@@ -31,9 +31,13 @@ pub fn backward_collectives(model: &ModelConfig, bt: usize) -> CollectiveFloats 
 /// 2(n-1)/n·N of them (a reduce-scatter and an all-gather of N/n-float chunks), an all-gather
 /// of N floats per rank sends (n-1)·N.
 pub fn ring_bytes_sent(f: CollectiveFloats, n: usize) -> (u64, u64) {
-    let all_reduce = 2 * (n - 1) * f.all_reduced / n;
-    let all_gather = (n - 1) * f.all_gathered;
+    let (all_reduce, all_gather) = ring_elements_sent(f, n);
     (4 * all_reduce as u64, 4 * all_gather as u64)
+}
+
+/// The same in elements, for numbers of any size (the planner prices bf16 ones).
+pub fn ring_elements_sent(f: CollectiveFloats, n: usize) -> (usize, usize) {
+    (2 * (n - 1) * f.all_reduced / n, (n - 1) * f.all_gathered)
 }
 
 impl TpReport {
