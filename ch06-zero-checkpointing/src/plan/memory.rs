@@ -147,13 +147,16 @@ pub fn schedule(layout: &Layout, microbatches: usize) -> Schedule {
     Schedule::new(kind, layout.pp, layout.chunks, microbatches)
 }
 
-/// Micro-batch-chunks in flight on each stage: from chapter 4's schedule (one without a pipeline:
-/// gradient accumulation runs one micro-batch at a time).
-pub fn in_flight(layout: &Layout, microbatches: usize) -> Vec<usize> {
-    if layout.pp == 1 {
-        return vec![1];
-    }
-    schedule(layout, microbatches).stages.iter().map(|s| peak_in_flight(s)).collect()
+/// Micro-batch-chunks in flight on stage `s`: from chapter 4's schedule (one without a
+/// pipeline: gradient accumulation runs one micro-batch at a time).
+pub fn in_flight(schedule: &Schedule, s: usize) -> usize {
+    peak_in_flight(&schedule.stages[s])
+}
+
+/// The stages that can need the most: the first (the most micro-batches in flight, the
+/// embeddings, and, from the uniform partition, the most blocks) and the last (the head).
+pub fn fullest_stages(pp: usize) -> Vec<usize> {
+    if pp == 1 { vec![0] } else { vec![0, pp - 1] }
 }
 
 // ANCHOR: memory
@@ -208,12 +211,12 @@ pub fn stage_memory(problem: &Problem, layout: &Layout, s: usize, in_flight: usi
     }
 }
 
-/// The rank that needs the most: every stage's first data-parallel rank (it owns the most real
-/// floats), the largest total.
-pub fn memory(problem: &Problem, layout: &Layout, microbatches: usize) -> Memory {
-    let flights = in_flight(layout, microbatches);
-    (0..layout.pp)
-        .map(|s| stage_memory(problem, layout, s, flights[s.min(flights.len() - 1)], 0))
+/// The rank that needs the most: the first data-parallel rank (it owns the most real floats)
+/// of the fullest stage. `in_flight[s]` is stage s's micro-batch-chunks in flight.
+pub fn memory(problem: &Problem, layout: &Layout, in_flight: impl Fn(usize) -> usize) -> Memory {
+    fullest_stages(layout.pp)
+        .into_iter()
+        .map(|s| stage_memory(problem, layout, s, in_flight(s), 0))
         .max_by(|a, b| a.total().total_cmp(&b.total()))
         .expect("at least one stage")
 }

@@ -122,7 +122,8 @@ pub fn reason(problem: &Problem, layout: &Layout, memory: &Memory) -> String {
 /// One layout evaluated; `price_all` prices it even when it does not fit.
 pub fn evaluate(problem: &Problem, layout: &Layout, timer: &Timer, price_all: bool) -> Plan {
     let microbatches = problem.global_batch / (layout.dp * layout.microbatch_size);
-    let memory = memory(problem, layout, microbatches);
+    let flights = timer.in_flight(layout, microbatches);
+    let memory = memory(problem, layout, |s| flights[s]);
     let fits = memory.total() <= problem.gpu.memory_bytes;
     let time = (fits || price_all).then(|| timer.step(problem, layout, microbatches));
     let reason = (!fits).then(|| reason(problem, layout, &memory));

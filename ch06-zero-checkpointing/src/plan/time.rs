@@ -8,7 +8,7 @@
 //! communication, and the bubble. The data-parallel gradient sync overlaps backward as chapter
 //! 2's buckets do; what does not fit under the compute is exposed.
 
-use super::memory::{activation_floats, schedule, stage_chunks, stage_units};
+use super::memory::{activation_floats, fullest_stages, in_flight, schedule, stage_chunks, stage_units};
 use super::{Layout, Problem};
 use crate::recompute::Recompute;
 use ch01_single_gpu::config::ModelConfig;
@@ -93,9 +93,28 @@ fn recompute_flops_per_block(model: &ModelConfig, seq: usize, mode: Recompute) -
 #[derive(Default)]
 pub struct Timer {
     simulations: RefCell<HashMap<(usize, usize, usize, Vec<(u64, u64)>), (f64, Vec<f64>)>>,
+    flights: RefCell<HashMap<(usize, usize, usize), Vec<usize>>>,
 }
 
 impl Timer {
+    /// Micro-batch-chunks in flight on each of [`fullest_stages`] (others: 0), from the schedule.
+    pub fn in_flight(&self, layout: &Layout, microbatches: usize) -> Vec<usize> {
+        if layout.pp == 1 {
+            return vec![1];
+        }
+        let key = (layout.pp, layout.chunks, microbatches);
+        if let Some(hit) = self.flights.borrow().get(&key) {
+            return hit.clone();
+        }
+        let schedule = schedule(layout, microbatches);
+        let mut flights = vec![0; layout.pp];
+        for s in fullest_stages(layout.pp) {
+            flights[s] = in_flight(&schedule, s);
+        }
+        self.flights.borrow_mut().insert(key, flights.clone());
+        flights
+    }
+
     /// The step time of `layout` with `microbatches` per data-parallel rank.
     pub fn step(&self, problem: &Problem, layout: &Layout, microbatches: usize) -> StepTime {
         let (model, gpu, a) = (&problem.model, &problem.gpu, &problem.assumptions);
@@ -172,7 +191,8 @@ impl Timer {
         let m = microbatches as f64;
 
         // Data parallelism over the parameters of the stage that holds the most.
-        let floats = (0..layout.pp)
+        let floats = fullest_stages(layout.pp)
+            .into_iter()
             .map(|s| stage_units(model, layout, s).iter().map(|u| u.len()).sum::<usize>())
             .max()
             .unwrap_or(0) as f64;
