@@ -138,8 +138,10 @@ pub fn print(problem: &Problem, per_count: &[(usize, Vec<Plan>)], top: usize) {
     }
     let Some((n, plans)) = per_count.first() else { return };
     let fits = plans.iter().filter(|p| p.fits).count();
-    println!("\n{fits} of {} layouts of {n} GPUs fit; the fastest:", plans.len());
-    println!("{HEADER}");
+    match fits {
+        0 => println!("\nnone of the {} layouts of {n} GPUs fits", plans.len()),
+        _ => println!("\n{fits} of {} layouts of {n} GPUs fit; the fastest:\n{HEADER}", plans.len()),
+    }
     let shown = shown(plans, top);
     for p in shown.iter().filter(|p| p.fits) {
         println!("{}", row(problem, p));

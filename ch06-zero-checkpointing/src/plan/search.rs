@@ -108,11 +108,10 @@ pub fn reason(problem: &Problem, layout: &Layout, memory: &Memory) -> String {
     if !activations || layout.pp > 1 {
         tries.push(format!("pp {}", layout.pp * 2));
     }
-    let total = memory.total();
     format!(
-        "{name} {} of {} > {}{}{}",
+        "{name} {}, in all {:.2} GB > {}{}{}",
         gb(largest),
-        gb(total),
+        memory.total() / 1e9,
         gb(problem.gpu.memory_bytes),
         if tries.is_empty() { "" } else { ": try " },
         tries.join(" or ")

@@ -13,7 +13,8 @@ fn draw_error<E: std::fmt::Debug>(e: E) -> anyhow::Error {
 
 fn label(p: &Plan) -> String {
     let l = &p.layout;
-    format!("{},{},{} z{} {}", l.dp, l.tp, l.pp, l.zero.number(), &l.recompute.to_string()[..1])
+    let chunks = if l.chunks > 1 { format!(" v{}", l.chunks) } else { String::new() };
+    format!("{},{},{}{chunks} z{} {}", l.dp, l.tp, l.pp, l.zero.number(), &l.recompute.to_string()[..1])
 }
 
 /// Stacked bars, one per plan: `parts` of each, with their names and colours.
@@ -32,11 +33,13 @@ fn stacked(
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(50)
-        .build_cartesian_2d(0.0..n as f64, 0.0..highest * 1.3)
+        .build_cartesian_2d(0.0..n as f64, 0.0..highest * 1.5)
         .map_err(draw_error)?;
     chart.configure_mesh().disable_x_mesh().x_labels(0).y_desc(unit).draw().map_err(draw_error)?;
     for (i, p) in plans.iter().enumerate() {
-        let (x, y) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
+        // In pixels of the whole document; `area` draws in its own.
+        let ((x, y), (left, top)) = (chart.backend_coord(&(i as f64 + 0.5, 0.0)), area.get_base_pixel());
+        let (x, y) = (x - left, y - top);
         let style = ("sans-serif", 11).into_font().color(&BLACK).pos(plotters::style::text_anchor::Pos::new(
             plotters::style::text_anchor::HPos::Center,
             plotters::style::text_anchor::VPos::Top,
@@ -65,7 +68,8 @@ fn stacked(
     Ok(())
 }
 
-/// The SVG document for `plans` (fastest first). Bars are labelled "dp,tp,pp zZERO RECOMPUTE".
+/// The SVG document for `plans` (fastest first). Bars are labelled "dp,tp,pp [vCHUNKS] zZERO R"
+/// (R: the recompute mode's initial).
 pub fn chart(problem: &Problem, plans: &[&Plan]) -> anyhow::Result<String> {
     let mut svg = String::new();
     {
