@@ -49,6 +49,7 @@ fn the_planners_memory_per_rank_and_category_is_the_ledgers_for_chapter_6s_runs(
             assert_eq!(planned.gradients, ledger(Category::Gradients), "{what}: gradients");
             assert_eq!(planned.optimizer_state, ledger(Category::OptimizerState), "{what}: optimizer state");
             assert_eq!(planned.communication, ledger(Category::Communication), "{what}: communication");
+            assert_eq!(planned.scratch, ledger(Category::Other), "{what}: backward's scratch");
             assert_eq!(
                 planned.activations + planned.pipeline_in_flight,
                 ledger(Category::Activations),

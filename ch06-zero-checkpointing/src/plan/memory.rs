@@ -53,6 +53,11 @@ pub struct Memory {
     pub pipeline_in_flight: f64,
     /// Staging buffers of ZeRO's collectives, and the pipeline's send/receive buffers.
     pub communication: f64,
+    /// Backward's scratch (the ledger's "other"): the activation gradients of the block being
+    /// computed, one set for all blocks, and the projection buffer: 17C floats a token
+    /// (chapter 1's memory page), of which the 12C of the split tensors (d_att_y, d_qkv, d_fc,
+    /// d_fc_gelu) are 1/tp on a tensor-parallel rank.
+    pub scratch: f64,
     /// The same activations (both rows above) without recomputation, for comparison.
     pub activations_without_recompute: f64,
     /// The paper's model-state terms alone (ZeRO's Ψ, Ψ/N terms), for the ZeRO figure.
@@ -69,10 +74,11 @@ impl Memory {
             + self.activations
             + self.pipeline_in_flight
             + self.communication
+            + self.scratch
     }
 
     /// The categories, largest first.
-    pub fn categories(&self) -> [(&'static str, f64); 6] {
+    pub fn categories(&self) -> [(&'static str, f64); 7] {
         let mut all = [
             ("parameters", self.parameters),
             ("gradients", self.gradients),
@@ -80,6 +86,7 @@ impl Memory {
             ("activations", self.activations),
             ("in-flight micro-batches", self.pipeline_in_flight),
             ("communication", self.communication),
+            ("scratch", self.scratch),
         ];
         all.sort_by(|a, b| b.1.total_cmp(&a.1));
         all
@@ -205,6 +212,7 @@ pub fn stage_memory(problem: &Problem, layout: &Layout, s: usize, in_flight: usi
         activations,
         pipeline_in_flight,
         communication: bytes(Category::Communication) + p2p,
+        scratch: (5.0 + 12.0 / layout.tp as f64) * model.n_embd as f64 * tokens * sizes.activation,
         activations_without_recompute: none_one + none_others,
         model_state_theory: theory,
         in_flight,

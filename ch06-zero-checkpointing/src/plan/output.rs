@@ -34,6 +34,7 @@ pub fn json(problem: &Problem, p: &Plan) -> Value {
             "pipeline_in_flight": m.pipeline_in_flight,
             "in_flight_microbatches": m.in_flight,
             "communication": m.communication,
+            "scratch": m.scratch,
             "activations_without_recompute": m.activations_without_recompute,
         },
         "step_seconds": p.time.map(|t| t.step_seconds),
@@ -156,6 +157,7 @@ pub fn print(problem: &Problem, per_count: &[(usize, Vec<Plan>)], top: usize) {
             ("activations", m.activations),
             ("in-flight micro-batches", m.pipeline_in_flight),
             ("communication", m.communication),
+            ("backward scratch", m.scratch),
         ] {
             println!("  {name:<24} {:>9}", gb(bytes));
         }

@@ -83,13 +83,22 @@ pub fn chart(problem: &Problem, plans: &[&Plan]) -> anyhow::Result<String> {
             ("activations", RGBColor(214, 39, 40)),
             ("in flight", RGBColor(148, 103, 189)),
             ("communication", RGBColor(140, 140, 140)),
+            ("scratch", RGBColor(188, 189, 34)),
         ];
         let caption = format!("memory per rank (GB; {} GB each)", problem.gpu.memory_bytes / 1e9);
         stacked(&left, &caption, "GB", plans, &memory, |p| {
             let m = &p.memory;
-            [m.parameters, m.gradients, m.optimizer_state, m.activations, m.pipeline_in_flight, m.communication]
-                .map(|b| b / 1e9)
-                .to_vec()
+            [
+                m.parameters,
+                m.gradients,
+                m.optimizer_state,
+                m.activations,
+                m.pipeline_in_flight,
+                m.communication,
+                m.scratch,
+            ]
+            .map(|b| b / 1e9)
+            .to_vec()
         })?;
         let time = [
             ("compute", RGBColor(31, 119, 180)),
