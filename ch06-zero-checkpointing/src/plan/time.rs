@@ -89,10 +89,14 @@ fn recompute_flops_per_block(model: &ModelConfig, seq: usize, mode: Recompute) -
 }
 // ANCHOR_END: flops
 
-/// Prices layouts; remembers the pipeline simulations it ran (many layouts share one).
+/// A simulation's inputs: pp, chunks, micro-batches, each stage's costs (as bits).
+type SimulationKey = (usize, usize, usize, Vec<(u64, u64)>);
+
+/// Prices layouts; remembers the pipeline simulations it ran (many layouts share one): the
+/// makespan and each stage's busy time.
 #[derive(Default)]
 pub struct Timer {
-    simulations: RefCell<HashMap<(usize, usize, usize, Vec<(u64, u64)>), (f64, Vec<f64>)>>,
+    simulations: RefCell<HashMap<SimulationKey, (f64, Vec<f64>)>>,
     flights: RefCell<HashMap<(usize, usize, usize), Vec<usize>>>,
 }
 
