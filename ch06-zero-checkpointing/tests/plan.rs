@@ -77,13 +77,8 @@ fn the_first_1f1b_stage_keeps_one_micro_batch_per_stage_in_flight() {
     let first = stage_memory(&p, &l, 0, flights[0], 0);
     let one = stage_memory(&p, &l, 0, 1, 0);
     assert_eq!(first.activations, one.activations, "one micro-batch's own");
-    assert_eq!(first.pipeline_in_flight, 3.0 * (one.activations - rest(&p, &l)), "three more micro-batches' blocks");
-}
-
-/// Stage 0's activations that are not its blocks': its input and the recompute buffer.
-fn rest(p: &Problem, l: &Layout) -> f64 {
-    let f = activation_floats(&p.model, p.seq, l.tp, l.recompute);
-    (p.model.n_embd + f.recompute) as f64 * (l.microbatch_size * p.seq) as f64 * p.sizes.activation
+    // Not the last stage and no recompute buffer: a micro-batch is its blocks and its input.
+    assert_eq!(first.pipeline_in_flight, 3.0 * one.activations, "three more micro-batches");
 }
 
 // ANCHOR: megatron

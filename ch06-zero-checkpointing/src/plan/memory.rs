@@ -51,12 +51,14 @@ pub struct Memory {
     pub activations: f64,
     /// The activations of the other micro-batches the schedule keeps in flight on this stage.
     pub pipeline_in_flight: f64,
-    /// Staging buffers of ZeRO's collectives, and the pipeline's send/receive buffers.
+    /// Staging buffers of ZeRO's collectives (a pipeline receives into its slots, counted above
+    /// and below).
     pub communication: f64,
     /// Backward's scratch (the ledger's "other"): the activation gradients of the block being
     /// computed, one set for all blocks, and the projection buffer: 17C floats a token
     /// (chapter 1's memory page), of which the 12C of the split tensors (d_att_y, d_qkv, d_fc,
-    /// d_fc_gelu) are 1/tp on a tensor-parallel rank.
+    /// d_fc_gelu) are 1/tp on a tensor-parallel rank; and a pipeline slot's gradient buffer
+    /// (C a token) for each micro-batch in flight.
     pub scratch: f64,
     /// The same activations (both rows above) without recomputation, for comparison.
     pub activations_without_recompute: f64,
@@ -154,10 +156,17 @@ pub fn schedule(layout: &Layout, microbatches: usize) -> Schedule {
     Schedule::new(kind, layout.pp, layout.chunks, microbatches)
 }
 
-/// Micro-batch-chunks in flight on stage `s`: from chapter 4's schedule (one without a
-/// pipeline: gradient accumulation runs one micro-batch at a time).
+/// Micro-batch-chunks in flight on stage `s`, from chapter 4's schedule: its slots are pooled
+/// per chunk, so the peak of each chunk's instructions, summed.
 pub fn in_flight(schedule: &Schedule, s: usize) -> usize {
-    peak_in_flight(&schedule.stages[s])
+    let instrs = &schedule.stages[s];
+    (0..schedule.chunks)
+        .map(|c| {
+            let of_chunk: Vec<_> =
+                instrs.iter().filter(|i| i.micro().is_some_and(|(_, chunk)| chunk == c)).copied().collect();
+            peak_in_flight(&of_chunk)
+        })
+        .sum()
 }
 
 /// The stages that can need the most: the first (the most micro-batches in flight, the
@@ -188,22 +197,25 @@ pub fn stage_memory(problem: &Problem, layout: &Layout, s: usize, in_flight: usi
     let blocks_per_chunk = stage_chunks(model.n_layer, layout.pp, layout.chunks, s).iter().map(|c| c.len()).max();
     let blocks_per_chunk = blocks_per_chunk.unwrap_or(0) as f64;
     let last = s + 1 == layout.pp;
+    let input = model.n_embd as f64;
     let acts = |mode| {
         let f = activation_floats(model, problem.seq, layout.tp, mode);
-        // Every stage keeps its input; the last adds the head; chapter 3's rest is both.
-        let input = model.n_embd as f64;
-        let rest = if last { f.rest as f64 } else { input };
-        // In flight are (micro-batch, chunk) pairs: one micro-batch is this stage's chunks.
+        // In flight are (micro-batch, chunk) pairs, each with its blocks' activations and its
+        // input (chapter 4's slots); one micro-batch is this stage's chunks. The last stage adds
+        // the head (chapter 3's rest is the input and the head).
+        let head = if last { f.rest as f64 - input } else { 0.0 };
         let mine = in_flight.min(layout.chunks) as f64;
-        let block = blocks_per_chunk * f.per_block as f64;
-        let one = (mine * block + f.recompute as f64 + rest) * tokens;
-        let others = (in_flight as f64 - mine) * block * tokens;
+        let pair = blocks_per_chunk * f.per_block as f64 + input;
+        let one = (mine * pair + f.recompute as f64 + head) * tokens;
+        let others = (in_flight as f64 - mine) * pair * tokens;
         (one * sizes.activation, others * sizes.activation)
     };
     let (activations, pipeline_in_flight) = acts(layout.recompute);
     let (none_one, none_others) = acts(Recompute::None);
-    // A pipeline stage receives an activation and a gradient of a micro-batch at a time.
-    let p2p = if layout.pp > 1 { 2.0 * tokens * model.n_embd as f64 * sizes.activation } else { 0.0 };
+    // Backward's scratch (chapter 1: 17C a token, 12C of it split by tp), and in a pipeline
+    // each slot's gradient buffer (chapter 4), where the next stage's gradient arrives.
+    let slots = if layout.pp > 1 { in_flight as f64 } else { 0.0 };
+    let scratch = ((5.0 + 12.0 / layout.tp as f64) * input + slots * input) * tokens * sizes.activation;
     Memory {
         stage: s,
         parameters: bytes(Category::Parameters),
@@ -211,8 +223,8 @@ pub fn stage_memory(problem: &Problem, layout: &Layout, s: usize, in_flight: usi
         optimizer_state: bytes(Category::OptimizerState),
         activations,
         pipeline_in_flight,
-        communication: bytes(Category::Communication) + p2p,
-        scratch: (5.0 + 12.0 / layout.tp as f64) * model.n_embd as f64 * tokens * sizes.activation,
+        communication: bytes(Category::Communication),
+        scratch,
         activations_without_recompute: none_one + none_others,
         model_state_theory: theory,
         in_flight,
