@@ -152,7 +152,7 @@ pub struct PlanCli {
     /// Fix the sequences per micro-batch instead of searching them.
     #[arg(long)]
     microbatch_size: Option<usize>,
-    /// Evaluate this layout only: dp,tp,pp.
+    /// Evaluate this layout only: dp,tp,pp (on dp·tp·pp GPUs: --gpus is ignored).
     #[arg(long)]
     layout: Option<String>,
     /// Sizes of numbers: bf16 (mixed precision, 2+2+12 bytes a parameter) or f32 (this book's CPU runs).
@@ -264,8 +264,7 @@ fn run(cli: PlanCli) -> anyhow::Result<()> {
         bail!("no layout of {} GPUs divides the model and the batch (try another --gpus or --global-batch)", cli.gpus);
     }
     if let Some(path) = &cli.svg {
-        let top: Vec<&Plan> = per_count.iter().flat_map(|(_, p)| p.iter().filter(|p| p.fits)).collect();
-        let mut top: Vec<&Plan> = top;
+        let mut top: Vec<&Plan> = per_count.iter().flat_map(|(_, p)| p.iter().filter(|p| p.fits)).collect();
         top.sort_by(|a, b| a.step_seconds().total_cmp(&b.step_seconds()));
         top.truncate(cli.top.clamp(1, 8));
         let svg = svg::chart(&problem, &top)?;
