@@ -69,27 +69,26 @@ pub struct Memory {
 }
 
 impl Memory {
-    pub fn total(&self) -> f64 {
-        self.parameters
-            + self.gradients
-            + self.optimizer_state
-            + self.activations
-            + self.pipeline_in_flight
-            + self.communication
-            + self.scratch
-    }
-
-    /// The categories, largest first.
-    pub fn categories(&self) -> [(&'static str, f64); 7] {
-        let mut all = [
+    /// The categories by name, in a fixed order.
+    pub fn named(&self) -> [(&'static str, f64); 7] {
+        [
             ("parameters", self.parameters),
             ("gradients", self.gradients),
             ("optimizer state", self.optimizer_state),
             ("activations", self.activations),
             ("in-flight micro-batches", self.pipeline_in_flight),
             ("communication", self.communication),
-            ("scratch", self.scratch),
-        ];
+            ("backward scratch", self.scratch),
+        ]
+    }
+
+    pub fn total(&self) -> f64 {
+        self.named().iter().map(|(_, bytes)| bytes).sum()
+    }
+
+    /// The categories, largest first.
+    pub fn categories(&self) -> [(&'static str, f64); 7] {
+        let mut all = self.named();
         all.sort_by(|a, b| b.1.total_cmp(&a.1));
         all
     }

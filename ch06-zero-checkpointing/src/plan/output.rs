@@ -150,15 +150,7 @@ pub fn print(problem: &Problem, per_count: &[(usize, Vec<Plan>)], top: usize) {
     if let Some(best) = plans.first().filter(|p| p.fits) {
         let m = &best.memory;
         println!("\nthe fastest, per rank (pipeline stage {} of {}):", m.stage, best.layout.pp);
-        for (name, bytes) in [
-            ("parameters", m.parameters),
-            ("gradients", m.gradients),
-            ("optimizer state", m.optimizer_state),
-            ("activations", m.activations),
-            ("in-flight micro-batches", m.pipeline_in_flight),
-            ("communication", m.communication),
-            ("backward scratch", m.scratch),
-        ] {
+        for (name, bytes) in m.named() {
             println!("  {name:<24} {:>9}", gb(bytes));
         }
         println!(

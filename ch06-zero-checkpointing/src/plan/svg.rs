@@ -33,7 +33,8 @@ fn stacked(
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(50)
-        .build_cartesian_2d(0.0..n as f64, 0.0..highest * 1.5)
+        // Room above the bars for the legend, a row a part.
+        .build_cartesian_2d(0.0..n as f64, 0.0..highest * (1.25 + 0.09 * parts.len() as f64))
         .map_err(draw_error)?;
     chart.configure_mesh().disable_x_mesh().x_labels(0).y_desc(unit).draw().map_err(draw_error)?;
     for (i, p) in plans.iter().enumerate() {
@@ -76,30 +77,20 @@ pub fn chart(problem: &Problem, plans: &[&Plan]) -> anyhow::Result<String> {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(draw_error)?;
         let (left, right) = root.split_horizontally(WIDTH / 2);
-        let memory = [
-            ("parameters", RGBColor(31, 119, 180)),
-            ("gradients", RGBColor(255, 127, 14)),
-            ("optimizer state", RGBColor(44, 160, 44)),
-            ("activations", RGBColor(214, 39, 40)),
-            ("in flight", RGBColor(148, 103, 189)),
-            ("communication", RGBColor(140, 140, 140)),
-            ("scratch", RGBColor(188, 189, 34)),
+        // One colour a category, in `Memory::named`'s order.
+        let colours = [
+            RGBColor(31, 119, 180),
+            RGBColor(255, 127, 14),
+            RGBColor(44, 160, 44),
+            RGBColor(214, 39, 40),
+            RGBColor(148, 103, 189),
+            RGBColor(140, 140, 140),
+            RGBColor(188, 189, 34),
         ];
+        let names = plans.first().map(|p| p.memory.named().map(|(name, _)| name));
+        let memory: Vec<(&str, RGBColor)> = names.into_iter().flatten().zip(colours).collect();
         let caption = format!("memory per rank (GB; {} GB each)", problem.gpu.memory_bytes / 1e9);
-        stacked(&left, &caption, "GB", plans, &memory, |p| {
-            let m = &p.memory;
-            [
-                m.parameters,
-                m.gradients,
-                m.optimizer_state,
-                m.activations,
-                m.pipeline_in_flight,
-                m.communication,
-                m.scratch,
-            ]
-            .map(|b| b / 1e9)
-            .to_vec()
-        })?;
+        stacked(&left, &caption, "GB", plans, &memory, |p| p.memory.named().map(|(_, b)| b / 1e9).to_vec())?;
         let time = [
             ("compute", RGBColor(31, 119, 180)),
             ("exposed communication", RGBColor(255, 127, 14)),
