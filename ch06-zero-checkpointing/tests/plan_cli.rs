@@ -92,3 +92,22 @@ fn a_range_of_gpus_finds_the_fewest_that_fit_and_the_svg_is_written() {
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(text.starts_with("<svg") && text.contains("memory per rank") && text.contains("bubble"));
 }
+
+#[test]
+fn a_hugging_face_config_is_the_preset_of_that_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    let gpt2 = r#"{"model_type": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50257}"#;
+    std::fs::write(&config, gpt2).unwrap();
+    let args = ["--gpus", "2", "--global-batch", "16", "--json", "--top", "3"];
+    let from_file = plan(&[&["--config", config.to_str().unwrap()][..], &args[..]].concat());
+    let from_preset = plan(&[&["--model", "gpt2"][..], &args[..]].concat());
+    assert!(from_file.status.success(), "{}", String::from_utf8_lossy(&from_file.stderr));
+    assert_eq!(from_file.stdout, from_preset.stdout);
+    // The Llama family's key names, at another shape: another plan.
+    let llama = r#"{"num_hidden_layers": 4, "num_attention_heads": 8, "hidden_size": 512, "max_position_embeddings": 256, "vocab_size": 32000}"#;
+    std::fs::write(&config, llama).unwrap();
+    let other = plan(&[&["--config", config.to_str().unwrap()][..], &args[..]].concat());
+    assert!(other.status.success(), "{}", String::from_utf8_lossy(&other.stderr));
+    assert_ne!(other.stdout, from_preset.stdout);
+}
