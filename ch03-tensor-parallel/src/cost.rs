@@ -53,6 +53,32 @@ pub fn step_collectives(model: &ModelConfig, stream: Stream) -> CollectiveFloats
     CollectiveFloats { all_reduced, all_gathered: 0, reduce_scattered: 0 }
 }
 
+/// Elements one rank sends, by collective: for numbers of any size (the planner prices bf16
+/// ones); [`ring_bytes_sent`] for this chapter's f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingElements {
+    pub all_reduce: usize,
+    pub all_gather: usize,
+    pub reduce_scatter: usize,
+}
+
+impl RingElements {
+    pub fn total(&self) -> usize {
+        self.all_reduce + self.all_gather + self.reduce_scatter
+    }
+}
+
+/// What a rank sends for them on a ring of `n`: a reduce-scatter of N elements sends
+/// (n-1)/n·N of them, an all-reduce twice that (a reduce-scatter and an all-gather of
+/// N/n-element chunks), an all-gather of N elements per rank (n-1)·N.
+pub fn ring_elements_sent(f: CollectiveFloats, n: usize) -> RingElements {
+    RingElements {
+        all_reduce: 2 * (n - 1) * f.all_reduced / n,
+        all_gather: (n - 1) * f.all_gathered,
+        reduce_scatter: (n - 1) * f.reduce_scattered / n,
+    }
+}
+
 /// Bytes one rank sends, by collective.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RingBytes {
@@ -67,17 +93,13 @@ impl RingBytes {
     }
 }
 
-/// The bytes a rank sends for them on a ring of `n`: a reduce-scatter of N floats sends
-/// (n-1)/n·N of them, an all-reduce twice that (a reduce-scatter and an all-gather of
-/// N/n-float chunks), an all-gather of N floats per rank (n-1)·N.
+/// The same in bytes of f32.
 pub fn ring_bytes_sent(f: CollectiveFloats, n: usize) -> RingBytes {
-    let reduce_scatter = (n - 1) * f.reduce_scattered / n;
-    let all_reduce = 2 * (n - 1) * f.all_reduced / n;
-    let all_gather = (n - 1) * f.all_gathered;
+    let e = ring_elements_sent(f, n);
     RingBytes {
-        all_reduce: 4 * all_reduce as u64,
-        all_gather: 4 * all_gather as u64,
-        reduce_scatter: 4 * reduce_scatter as u64,
+        all_reduce: 4 * e.all_reduce as u64,
+        all_gather: 4 * e.all_gather as u64,
+        reduce_scatter: 4 * e.reduce_scatter as u64,
     }
 }
 

@@ -134,5 +134,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // `ch06-zero-checkpointing plan ...`: the planner (its own flags).
+    if std::env::args_os().nth(1).is_some_and(|a| a == "plan") {
+        return ch06_zero_checkpointing::plan::main();
+    }
     run_main::<Cli>(run)
 }
