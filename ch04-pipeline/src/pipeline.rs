@@ -93,7 +93,7 @@ pub struct Stage {
     started: Instant,
     record: Option<StepRecord>,
     ledger: MemoryLedger,
-    /// This stage's lane of the run's trace: one span per instruction.
+    /// This stage's lane of the run's trace (the caller's choice): one span per instruction.
     trace: Trace,
 }
 
@@ -194,7 +194,7 @@ impl Stage {
             started: Instant::now(),
             record: None,
             ledger,
-            trace: trace.lane(s as u32, 0),
+            trace,
         })
     }
 

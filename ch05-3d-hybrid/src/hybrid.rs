@@ -151,8 +151,8 @@ pub fn run_rank<C: Communicator>(
     let train = &cfg.pipeline.train;
     let model = model_config(train, Tokenizer::new(train.tokenizer).vocab_size())?;
     let parts = Box::new(TpParts::new(&model, tensor, cfg.fault));
-    // The trace follows the first pipe's tensor rank 0, one lane per stage.
-    let trace = if at.dp == 0 && at.tp == 0 { trace.clone() } else { Trace::disabled() };
+    // A lane per rank: its stage, then its place in the stage (tensor rank, replica).
+    let trace = trace.lane(at.pp as u32, (at.tp + grid.tp * at.dp) as u32);
     let mut me = Stage::new(&cfg.pipeline, pipe, (at.dp, data), parts, dataset, trace)?;
     // Saving needs every rank's share: it is gathered, and saved once the loop is done.
     let loop_cfg = TrainConfig { save: None, ..train.clone() };
@@ -257,12 +257,16 @@ fn finish(
 ) -> Result<HybridReport, HybridError> {
     let Prepared { cfg, model, t, plan, dataset, trace } = run;
     let p = &cfg.pipeline;
-    write_trace(p, &trace)?;
+    let grid = cfg.grid();
+    write_trace(p, &trace, |pp, lane| {
+        let at = Coords { pp: pp as usize, tp: lane as usize % grid.tp, dp: lane as usize / grid.tp };
+        format!("rank {} (dp {}, tp {}, pp {pp})", grid.rank(at), at.dp, at.tp)
+    })?;
     let memory = ranks[0].stage.memory.clone();
     let report = conclude(p, &model, (t, &dataset), gathered, outcome, memory, device)?;
     let (microbatches, rows) = (p.microbatches, p.train.batch_size / (p.dp * p.microbatches));
     let measured_bubble = measured_bubble(&trace, p.pp);
-    Ok(HybridReport { grid: cfg.grid(), plan, microbatches, rows, t, measured_bubble, report, ranks })
+    Ok(HybridReport { grid, plan, microbatches, rows, t, measured_bubble, report, ranks })
 }
 
 // ANCHOR: train
