@@ -83,7 +83,14 @@ fn nproc_per_node_launches_the_grid_as_processes_bit_for_bit() {
     assert!(threads.status.success(), "{}", String::from_utf8_lossy(&threads.stderr));
     let out = output_within(ch05(dir.path(), "procs").args(["--nproc-per-node", "4"]), Duration::from_secs(120));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("4 processes over TCP"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("4 processes over TCP"), "{stdout}");
+    // Rank 0's summary has every process's figures, and the same bytes as on threads.
+    let threads_out = String::from_utf8_lossy(&threads.stdout);
+    let rank_lines =
+        |text: &str| text.lines().filter(|l| l.starts_with("  rank ")).map(String::from).collect::<Vec<_>>();
+    assert_eq!(rank_lines(&stdout).len(), 8, "two lines per rank: bytes and memory");
+    assert_eq!(rank_lines(&stdout), rank_lines(&threads_out));
     let (a, b) = (dir.path().join("threads.jsonl"), dir.path().join("procs.jsonl"));
     assert_eq!(losses(&a), losses(&b), "losses and gradient norms");
     let read = |name: &str| std::fs::read(dir.path().join(name).join("model.safetensors")).unwrap();
