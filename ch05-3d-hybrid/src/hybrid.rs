@@ -167,6 +167,10 @@ pub fn check_launch(cfg: &HybridConfig, nproc: usize) -> Result<(), HybridError>
     Ok(())
 }
 
+/// What rank 0 alone ends a run with: the training loop's outcome, and the model gathered into
+/// chapter 1's layout.
+pub type Leader = (LoopOutcome, Gathered);
+
 // ANCHOR: run_rank
 /// One rank of the grid, on any communicator (thread ranks, or this process's TCP rank): its
 /// three groups cut from the world by the grid, its stage run by chapter 4's interpreter with
@@ -176,7 +180,7 @@ pub fn run_rank<C: Communicator>(
     mut world: C,
     dataset: Arc<Dataset>,
     trace: &Trace,
-) -> Result<(HybridRankReport, StageReport, Option<(LoopOutcome, Gathered)>), HybridError> {
+) -> Result<(HybridRankReport, StageReport, Option<Leader>), HybridError> {
     let (grid, rank) = (cfg.grid(), world.rank());
     let at = grid.coords(rank);
     let mut group = |kind| world.split(&grid.group(kind, rank)).map_err(TrainError::from);
@@ -284,7 +288,7 @@ fn prepare(cfg: &HybridConfig) -> Result<Prepared, HybridError> {
 /// ...and after, on rank 0: the trace written, the checkpoint saved, the report.
 fn finish(
     run: Prepared,
-    (outcome, gathered): (LoopOutcome, Gathered),
+    (outcome, gathered): Leader,
     (ranks, stages): (Vec<HybridRankReport>, Vec<StageReport>),
     device: String,
 ) -> Result<HybridReport, HybridError> {
