@@ -110,3 +110,55 @@ fn a_world_size_that_is_not_the_grid_is_one_line() {
     let out = output_within(cmd.env("MASTER_PORT", &port), Duration::from_secs(60));
     assert_one_error_line(&out, "WORLD_SIZE is 8, but the grid --dp x --tp x --pp has 4 ranks");
 }
+
+#[test]
+fn a_killed_rank_ends_every_other_rank_with_one_line_naming_it() {
+    // A long run; once it trains, rank 2 (stage 1's tensor rank 0) is killed with SIGKILL: its
+    // tensor partner, its pipe and rank 0 must each end within seconds, naming it.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let mut job = Job((0..4)
+        .map(|rank| {
+            let mut cmd = ch05(dir.path(), "long");
+            cmd.args(["--steps", "1000000"]);
+            let rank = rank.to_string();
+            let vars = [("WORLD_SIZE", "4"), ("RANK", &rank), ("LOCAL_RANK", &rank), ("MASTER_ADDR", "127.0.0.1")];
+            cmd.envs(vars).env("MASTER_PORT", &port).stdout(Stdio::null()).stderr(Stdio::piped());
+            cmd.spawn().expect("a rank starts")
+        })
+        .collect());
+    let ranks = &mut job.0;
+    let metrics = dir.path().join("long.jsonl");
+    let started = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 2) {
+        assert!(started.elapsed() < Duration::from_secs(120), "the job never trained");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ranks[2].kill().expect("SIGKILL");
+    let killed = Instant::now();
+    for (rank, child) in ranks.iter_mut().enumerate().filter(|(r, _)| *r != 2) {
+        while child.try_wait().ok().flatten().is_none() {
+            assert!(killed.elapsed() < Duration::from_secs(30), "rank {rank} still runs 30 s after rank 2 was killed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    for (rank, child) in std::mem::take(ranks).into_iter().enumerate().filter(|(r, _)| *r != 2) {
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "rank {rank} exited 0");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(last.starts_with("error: rank 2 failed"), "rank {rank}'s last line: {stderr}");
+    }
+}
+
+/// The processes of a job, killed if a test fails before they end (no run is left behind).
+struct Job(Vec<std::process::Child>);
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
