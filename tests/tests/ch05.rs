@@ -188,8 +188,12 @@ fn checkpoints_are_layout_independent() {
     hybrid(&hybrid_config(&TrainConfig { save: Some(grid_ckpt.clone()), ..two }, (2, 2, 2), 1));
     let from_grid = ch01(&TrainConfig { resume: Some(grid_ckpt.clone()), ..four.clone() });
     assert_matches(&four, &reference, &from_grid);
-    let resumed = hybrid(&hybrid_config(&TrainConfig { resume: Some(grid_ckpt), ..four.clone() }, (1, 2, 2), 2));
-    assert_eq!(resumed.report.steps.first().map(|s| s.step), Some(3));
-    assert_matches(&four, &reference, &resumed.report);
+    // The case: saved by dp 2 x tp 2 x pp 2, resumed by tp 4 x pp 2 (and by 1 x 2 x 2).
+    for (grid, m) in [((1, 4, 2), 1), ((1, 2, 2), 2)] {
+        let resume = TrainConfig { resume: Some(grid_ckpt.clone()), ..four.clone() };
+        let resumed = hybrid(&hybrid_config(&resume, grid, m));
+        assert_eq!(resumed.report.steps.first().map(|s| s.step), Some(3));
+        assert_matches(&four, &reference, &resumed.report);
+    }
 }
 // ANCHOR_END: checkpoint_test
