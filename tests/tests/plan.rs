@@ -1,5 +1,5 @@
 //! The planner's memory per rank against the ledgers of real runs: for layouts the CPU test
-//! suites of chapters 2, 3, 4 and 6 train (f32), the planner's prediction of each rank's peak,
+//! suites of chapters 2 to 6 train (f32), the planner's prediction of each rank's peak,
 //! category by category, is the ledger's to the byte.
 
 use ch01_single_gpu::TrainConfig;
@@ -9,6 +9,7 @@ use ch03_tensor_parallel::TpConfig;
 use ch04_pipeline::schedule::ScheduleKind;
 use ch04_pipeline::stage::Partition;
 use ch04_pipeline::train::PipelineConfig;
+use ch05_3d_hybrid::HybridConfig;
 use ch06_zero_checkpointing::plan::inputs::{Assumptions, gpu};
 use ch06_zero_checkpointing::plan::memory::{Memory, Sizes, in_flight, schedule, stage_memory};
 use ch06_zero_checkpointing::plan::{Layout, Problem};
@@ -124,6 +125,34 @@ fn the_planners_memory_per_rank_and_category_is_the_ledgers_for_chapters_2_3_and
             let planned = stage_memory(&p, &l, stage.stage, in_flight(&sched, stage.stage), 0);
             let what = format!("ch04 pp {pp}, m {microbatches}, chunks {chunks}, dp {dp}, stage {}", stage.stage);
             assert_ledger(&what, &planned, &stage.memory, dp > 1);
+        }
+    }
+}
+
+#[test]
+fn the_planners_memory_per_rank_and_category_is_the_ledgers_for_chapter_5s_grids() {
+    let cfg = TrainConfig { batch_size: 8, n_layer: Some(4), ..tiny_config(1) };
+    for (dp, tp, pp, microbatches) in [(1, 2, 2, 2), (2, 2, 2, 2), (1, 2, 4, 4)] {
+        let pipeline = PipelineConfig {
+            train: cfg.clone(),
+            pp,
+            microbatches,
+            dp,
+            schedule: ScheduleKind::OneFOneB,
+            virtual_stages: 1,
+            partition: Partition::Uniform,
+            timeline: None,
+            skip_tied_sum: false,
+        };
+        let run = ch05_3d_hybrid::train(&HybridConfig { pipeline, tp, fault: None }).unwrap();
+        let p = problem(&run.report.model, &cfg);
+        let l = layout(dp, tp, pp, 8 / dp / microbatches);
+        let sched = schedule(&l, microbatches);
+        for rank in &run.ranks {
+            let s = rank.coords.pp;
+            let planned = stage_memory(&p, &l, s, in_flight(&sched, s), 0);
+            let what = format!("ch05 dp {dp} tp {tp} pp {pp}, m {microbatches}, rank {}", rank.rank);
+            assert_ledger(&what, &planned, &rank.memory, dp > 1);
         }
     }
 }
