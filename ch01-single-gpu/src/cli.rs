@@ -179,8 +179,13 @@ impl CommonArgs {
 /// Parses the command line; a mistake in it is one line on stderr ("error: ... (see --help)")
 /// and exit status 2, like every other bad input, instead of clap's usage block.
 pub fn parse_args<T: clap::Parser>() -> T {
+    parse_args_from(std::env::args_os())
+}
+
+/// As [`parse_args`], from `args` (the program's name first): a subcommand's own flags.
+pub fn parse_args_from<T: clap::Parser>(args: impl IntoIterator<Item = std::ffi::OsString>) -> T {
     use clap::error::ErrorKind;
-    match T::try_parse() {
+    match T::try_parse_from(args) {
         Ok(args) => args,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => e.exit(),
         Err(e) => {

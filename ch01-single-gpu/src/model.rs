@@ -18,6 +18,7 @@ use kernels::dispatch::{
     residual_forward, softmax_cross_entropy_backward, softmax_cross_entropy_forward, zero,
 };
 use kernels::{Category, CudaError, DType, Device, MemoryLedger, Rng, Tensor, TensorError, View, ViewMut};
+use std::ops::Range;
 
 /// What a pass can fail with: reading a result back from a GPU, allocating, or (in a sharded
 /// block) a collective.
@@ -106,6 +107,26 @@ pub trait BlockComm {
     /// Whether this shard adds the output projections' biases. Exactly one shard of a group must,
     /// so that the sum holds each bias once.
     fn adds_output_bias(&self) -> bool;
+
+    // Sequence parallelism (chapter 3) splits the residual stream by tokens. Whole blocks and
+    // plain tensor parallelism keep all of it, and need none of these.
+
+    /// The rows of the B·T tokens whose residual stream this shard holds (the block's input and
+    /// output, the LayerNorms' statistics): all of them, unless the stream is split by tokens.
+    /// The two sums above then leave their result in these rows only.
+    fn stream_rows(&self, bt: usize) -> Range<usize> {
+        0..bt
+    }
+    /// Forward, at a branch's input: `ln` [B·T, C] holds the LayerNorm's output in this shard's
+    /// stream rows; afterwards it must hold every row (an all-gather, when the stream is split).
+    fn gather_branch_input(&mut self, _ln: ViewMut<'_>) -> Result<(), CommError> {
+        Ok(())
+    }
+    /// Backward, at a branch's output: `d_out` is dL/d(the stream rows here); returns dL/d(the
+    /// branch's whole output) [B·T, C], gathered into `buf` when the stream is split.
+    fn gather_branch_output_grad<'a>(&mut self, d_out: View<'a>, _buf: ViewMut<'a>) -> Result<View<'a>, CommError> {
+        Ok(d_out)
+    }
 }
 
 /// A whole block: nothing to sum with, and it adds its own biases.
@@ -216,22 +237,37 @@ impl BlockActivations {
         dtype: DType,
         ledger: &MemoryLedger,
     ) -> Result<BlockActivations, TensorError> {
+        BlockActivations::with_stream_rows(shape, batch, seq, batch * seq, device, dtype, ledger)
+    }
+
+    /// The same, for a shard that holds the residual stream of `stream` of the B·T tokens
+    /// ([`BlockComm::stream_rows`]): the stream after each branch and the LayerNorms'
+    /// statistics have `stream` rows, everything else B·T.
+    pub fn with_stream_rows(
+        shape: BlockShape,
+        batch: usize,
+        seq: usize,
+        stream: usize,
+        device: Device,
+        dtype: DType,
+        ledger: &MemoryLedger,
+    ) -> Result<BlockActivations, TensorError> {
         let a = Alloc { device, dtype, category: Category::Activations, ledger };
-        let (bt, c, w, m) = (batch * seq, shape.n_embd, shape.attn_width(), shape.mlp_hidden);
+        let (bt, c, w, m, s) = (batch * seq, shape.n_embd, shape.attn_width(), shape.mlp_hidden, stream);
         Ok(BlockActivations {
             ln_1: a.t(&[bt, c])?,
-            ln_1_mean: a.stat(&[bt])?,
-            ln_1_rstd: a.stat(&[bt])?,
+            ln_1_mean: a.stat(&[s])?,
+            ln_1_rstd: a.stat(&[s])?,
             qkv: a.t(&[bt, 3 * w])?,
             att: a.t(&[batch, shape.n_head, seq, seq])?,
             att_y: a.t(&[bt, w])?,
-            res_2: a.t(&[bt, c])?,
+            res_2: a.t(&[s, c])?,
             ln_2: a.t(&[bt, c])?,
-            ln_2_mean: a.stat(&[bt])?,
-            ln_2_rstd: a.stat(&[bt])?,
+            ln_2_mean: a.stat(&[s])?,
+            ln_2_rstd: a.stat(&[s])?,
             fc: a.t(&[bt, m])?,
             fc_gelu: a.t(&[bt, m])?,
-            out: a.t(&[bt, c])?,
+            out: a.t(&[s, c])?,
         })
     }
 }
@@ -393,8 +429,13 @@ impl BlockParams<View<'_>> {
         let (bt, c, w, m) = (d.bt(), d.shape.n_embd, d.shape.attn_width(), d.shape.mlp_hidden);
         let a = acts;
         let adds_bias = comm.adds_output_bias();
-        let (mean, rstd) = (a.ln_1_mean.prefix_mut(bt), a.ln_1_rstd.prefix_mut(bt));
-        layernorm_forward(a.ln_1.prefix_mut(bt * c), mean, rstd, x, self.ln_1_weight, self.ln_1_bias, c);
+        // x and the stream hold `s` rows, `mine` of B·T: all of them unless split by tokens.
+        let rows = comm.stream_rows(bt);
+        let (s, mine) = (rows.len(), rows.start * c..rows.end * c);
+        let (mean, rstd) = (a.ln_1_mean.prefix_mut(s), a.ln_1_rstd.prefix_mut(s));
+        let ln_1 = a.ln_1.prefix_mut(bt * c).slice_into(mine.clone());
+        layernorm_forward(ln_1, mean, rstd, x, self.ln_1_weight, self.ln_1_bias, c);
+        comm.gather_branch_input(a.ln_1.prefix_mut(bt * c))?;
         let (ln_1, bias) = (a.ln_1.prefix(bt * c), Some(self.attn_c_attn_bias));
         linear_forward(a.qkv.prefix_mut(bt * 3 * w), ln_1, self.attn_c_attn_weight, bias, bt, c, 3 * w);
         let att = a.att.prefix_mut(d.b * d.shape.n_head * d.t * d.t);
@@ -402,18 +443,19 @@ impl BlockParams<View<'_>> {
         let (att_y, bias) = (a.att_y.prefix(bt * w), adds_bias.then_some(self.attn_c_proj_bias));
         linear_forward(proj.reborrow(), att_y, self.attn_c_proj_weight, bias, bt, w, c);
         comm.sum_branch_output(proj.reborrow())?;
-        residual_forward(a.res_2.prefix_mut(bt * c), x, proj.as_view());
+        residual_forward(a.res_2.prefix_mut(s * c), x, proj.as_view().slice(mine.clone()));
 
-        let (mean, rstd) = (a.ln_2_mean.prefix_mut(bt), a.ln_2_rstd.prefix_mut(bt));
-        let res_2 = a.res_2.prefix(bt * c);
-        layernorm_forward(a.ln_2.prefix_mut(bt * c), mean, rstd, res_2, self.ln_2_weight, self.ln_2_bias, c);
+        let (mean, rstd) = (a.ln_2_mean.prefix_mut(s), a.ln_2_rstd.prefix_mut(s));
+        let (res_2, ln_2) = (a.res_2.prefix(s * c), a.ln_2.prefix_mut(bt * c).slice_into(mine.clone()));
+        layernorm_forward(ln_2, mean, rstd, res_2, self.ln_2_weight, self.ln_2_bias, c);
+        comm.gather_branch_input(a.ln_2.prefix_mut(bt * c))?;
         // fc = ln_2 @ W + b, fc_gelu = gelu(fc): one op, so that a GPU can do both in one matmul.
         let (fc, fc_gelu, ln_2) = (a.fc.prefix_mut(bt * m), a.fc_gelu.prefix_mut(bt * m), a.ln_2.prefix(bt * c));
         linear_gelu_forward(fc_gelu, fc, ln_2, self.mlp_c_fc_weight, self.mlp_c_fc_bias, bt, c, m);
         let (fc_gelu, bias) = (a.fc_gelu.prefix(bt * m), adds_bias.then_some(self.mlp_c_proj_bias));
         linear_forward(proj.reborrow(), fc_gelu, self.mlp_c_proj_weight, bias, bt, m, c);
         comm.sum_branch_output(proj.reborrow())?;
-        residual_forward(a.out.prefix_mut(bt * c), a.res_2.prefix(bt * c), proj.as_view());
+        residual_forward(a.out.prefix_mut(s * c), a.res_2.prefix(s * c), proj.as_view().slice(mine));
         Ok(())
     }
 }
@@ -437,17 +479,20 @@ impl BlockParams<View<'_>> {
     ) -> Result<(), CommError> {
         let (bt, c, w, m) = (d.bt(), d.shape.n_embd, d.shape.attn_width(), d.shape.mlp_hidden);
         let a = acts;
+        let rows = comm.stream_rows(bt); // as in forward: d_out, x and d_x hold `s` rows
+        let (s, mine) = (rows.len(), rows.start * c..rows.end * c);
 
         // out = res_2 + mlp(res_2). A sum passes its gradient to both inputs unchanged
         // (residual_backward): d_out flows straight into d_res_2 through the skip, and is the
         // gradient of the MLP's output, whose backward then adds its share into d_res_2.
-        copy(g.d_res_2.prefix_mut(bt * c), d_out);
+        copy(g.d_res_2.prefix_mut(s * c), d_out);
+        let d_mlp = comm.gather_branch_output_grad(d_out, g.d_ln.prefix_mut(bt * c))?;
         zero(g.d_fc_gelu.prefix_mut(bt * m));
         linear_backward(
             Some(g.d_fc_gelu.prefix_mut(bt * m)),
             grads.mlp_c_proj_weight.reborrow(),
             Some(grads.mlp_c_proj_bias.reborrow()),
-            d_out,
+            d_mlp,
             a.fc_gelu.prefix(bt * m),
             self.mlp_c_proj_weight,
             bt,
@@ -470,26 +515,27 @@ impl BlockParams<View<'_>> {
         );
         comm.sum_branch_input_grad(g.d_ln.prefix_mut(bt * c))?;
         layernorm_backward(
-            g.d_res_2.prefix_mut(bt * c),
+            g.d_res_2.prefix_mut(s * c),
             grads.ln_2_weight.reborrow(),
             grads.ln_2_bias.reborrow(),
-            g.d_ln.prefix(bt * c),
-            a.res_2.prefix(bt * c),
+            g.d_ln.prefix(bt * c).slice(mine.clone()),
+            a.res_2.prefix(s * c),
             self.ln_2_weight,
-            a.ln_2_mean.prefix(bt),
-            a.ln_2_rstd.prefix(bt),
+            a.ln_2_mean.prefix(s),
+            a.ln_2_rstd.prefix(s),
             c,
         );
 
         // res_2 = x + attn(x): the same again for the attention branch.
-        let d_res_2 = g.d_res_2.prefix(bt * c);
+        let d_res_2 = g.d_res_2.prefix(s * c);
         copy(d_x.reborrow(), d_res_2);
+        let d_attn = comm.gather_branch_output_grad(d_res_2, g.d_ln.prefix_mut(bt * c))?;
         zero(g.d_att_y.prefix_mut(bt * w));
         linear_backward(
             Some(g.d_att_y.prefix_mut(bt * w)),
             grads.attn_c_proj_weight.reborrow(),
             Some(grads.attn_c_proj_bias.reborrow()),
-            d_res_2,
+            d_attn,
             a.att_y.prefix(bt * w),
             self.attn_c_proj_weight,
             bt,
@@ -523,11 +569,11 @@ impl BlockParams<View<'_>> {
             d_x,
             grads.ln_1_weight.reborrow(),
             grads.ln_1_bias.reborrow(),
-            g.d_ln.prefix(bt * c),
+            g.d_ln.prefix(bt * c).slice(mine),
             x,
             self.ln_1_weight,
-            a.ln_1_mean.prefix(bt),
-            a.ln_1_rstd.prefix(bt),
+            a.ln_1_mean.prefix(s),
+            a.ln_1_rstd.prefix(s),
             c,
         );
         Ok(())
@@ -597,7 +643,7 @@ pub fn blocks_forward(
     d: Dims,
     comm: &mut dyn BlockComm,
 ) -> Result<(), CommError> {
-    let bt_c = d.bt() * d.shape.n_embd;
+    let bt_c = comm.stream_rows(d.bt()).len() * d.shape.n_embd;
     for (l, block) in blocks.iter().enumerate() {
         let (done, todo) = acts.split_at_mut(l);
         let input = done.last().map_or(x, |prev| prev.out.prefix(bt_c));
@@ -678,7 +724,7 @@ pub fn blocks_backward(
     comm: &mut dyn BlockComm,
     on_block_done: &mut dyn FnMut(usize, &BlockParams<ViewMut<'_>>),
 ) -> Result<(), CommError> {
-    let bt_c = d.bt() * d.shape.n_embd;
+    let bt_c = comm.stream_rows(d.bt()).len() * d.shape.n_embd;
     let [d_a, d_b] = &mut scratch.d_res;
     let (mut d_out, mut d_in) = (d_a, d_b);
     for l in (0..blocks.len()).rev() {

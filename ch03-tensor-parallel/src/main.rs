@@ -26,16 +26,24 @@ struct Cli {
     /// divide --batch-size.
     #[arg(long, default_value_t = 1)]
     dp: usize,
+    /// Split the residual stream (the LayerNorms and the residual adds) by tokens as well:
+    /// all-gathers and reduce-scatters in place of the all-reduces, the same bytes, less
+    /// activation memory. The tokens of a micro-batch (batch / dp x seq_len) must divide by --tp.
+    #[arg(long)]
+    sequence_parallel: bool,
 }
 
 fn print_tensor_parallel(r: &TpReport) {
     let steps = r.report.steps.len().max(1) as u64;
     println!("tensor parallel");
     println!("  ranks              {} x {} (tp x dp; rank = tp_rank + tp x dp_rank)", r.tp, r.dp);
-    println!(
-        "  sent per step      {} per rank by the formula (2 all-reduces of B·T·C per block each way, plus the embedding's and the head's)",
-        format_bytes(r.bytes_sent_per_step())
-    );
+    let how = match r.sequence_parallel {
+        true => {
+            "2 all-gathers and 2 reduce-scatters of B·T·C per block each way, plus the embedding's and the head's, and the LayerNorms' gradients"
+        }
+        false => "2 all-reduces of B·T·C per block each way, plus the embedding's and the head's",
+    };
+    println!("  sent per step      {} per rank by the formula ({how})", format_bytes(r.bytes_sent_per_step()));
     if let Some(ms) = r.ranks.first().and_then(|rank| rank.sample_ms_per_token) {
         println!("  sample             generated on the shards, {ms:.1} ms per token");
     }
@@ -61,7 +69,8 @@ fn print_tensor_parallel(r: &TpReport) {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let outputs = cli.common.outputs.clone();
     let compare = outputs.prepare()?;
-    let cfg = TpConfig { train: cli.common.into_config()?, tp: cli.tp, dp: cli.dp, fault: None };
+    let (tp, dp, sequence_parallel) = (cli.tp, cli.dp, cli.sequence_parallel);
+    let cfg = TpConfig { train: cli.common.into_config()?, tp, dp, sequence_parallel, fault: None };
     let report = train(&cfg)?;
     print_summary(&report.report);
     print_tensor_parallel(&report);

@@ -25,6 +25,7 @@ impl TpReport {
         let mut report = RunReport::from_train_report("ch03-tensor-parallel", &cfg.train, &self.report, ranks);
         report.extra.insert("tp".into(), json!(self.tp));
         report.extra.insert("dp".into(), json!(self.dp));
+        report.extra.insert("sequence_parallel".into(), json!(self.sequence_parallel));
         report.extra.insert("bytes_sent_per_step".into(), json!(self.bytes_sent_per_step()));
         report
     }

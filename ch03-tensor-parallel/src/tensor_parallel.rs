@@ -9,8 +9,14 @@
 //! LayerNorms, wpe, the row-parallel biases) get the same gradient on every rank, because they
 //! are computed from sums that every rank holds identically, so they stay identical without a
 //! collective of their own.
+//!
+//! With `--sequence-parallel` the residual stream is split by tokens as well (`tp_comm::Stream`):
+//! each rank runs the LayerNorms and the residual adds on its B·T/n rows. Then the LayerNorms'
+//! gradients are sums over this rank's tokens only, and must be summed over the group once per
+//! step ([`TpRank::sum_token_split_grads`]); the row-parallel biases and wpe still get the
+//! gradient of every token (their backward reads the gathered output gradient), like the rest.
 
-use crate::tp_comm::{Fault, TpBlockComm, sum_f64_over_group};
+use crate::tp_comm::{Fault, Stream, TpBlockComm, sum_f64_over_group};
 use crate::vocab_parallel::{VocabShard, embed_backward, embed_forward, head_backward, head_forward};
 use ch01_single_gpu::checkpoint::{self, CheckpointContents, RunShape, TrainerState};
 use ch01_single_gpu::config::ModelConfig;
@@ -20,6 +26,7 @@ use ch01_single_gpu::model::{
     blocks_forward,
 };
 use ch01_single_gpu::optimizer::{Optimizer, squared_norm};
+use ch01_single_gpu::params::ParamSpec;
 use ch01_single_gpu::params::{BlockParams, ParamLayout, Part, Placement, ShardError};
 use ch01_single_gpu::sample::{SampleConfig, sample_next};
 use ch01_single_gpu::schedule::learning_rate;
@@ -51,6 +58,9 @@ pub struct TpConfig {
     pub tp: usize,
     /// Data-parallel replicas of the tensor-parallel group (1: none). Must divide the batch.
     pub dp: usize,
+    /// Split the residual stream by tokens too (Korthikanti et al. 2022): the B·T tokens of a
+    /// replica's micro-batch must divide among the `tp` ranks.
+    pub sequence_parallel: bool,
     /// A deliberate mistake (tests only: the check must catch it).
     pub fault: Option<Fault>,
 }
@@ -75,6 +85,10 @@ pub enum TpError {
     Mlp { tp: usize, hidden: usize },
     #[error("--tp {tp} does not divide the padded vocabulary of {vp} rows: each rank holds an equal share of wte")]
     Vocab { tp: usize, vp: usize },
+    #[error(
+        "--sequence-parallel needs the {tokens} tokens of a micro-batch (batch {rows} x seq_len {t}, per replica) divisible by --tp {tp}: each rank holds an equal share of them"
+    )]
+    TokensNotDivisible { tokens: usize, rows: usize, t: usize, tp: usize },
     #[error(transparent)]
     Shard(#[from] ShardError),
     #[error(
@@ -86,6 +100,8 @@ pub enum TpError {
     Launch(#[from] LaunchError),
     #[error("rank 0 returned no report")]
     NoReport,
+    #[error("could not start a rank's compute threads: {0}")]
+    ThreadPool(#[from] rayon::ThreadPoolBuildError),
 }
 
 /// One rank's account of a run.
@@ -110,6 +126,7 @@ pub struct TpRankReport {
 pub struct TpReport {
     pub tp: usize,
     pub dp: usize,
+    pub sequence_parallel: bool,
     /// Tokens per micro-batch of one replica (B·T/dp) and micro-batches per step: what the
     /// formulas need.
     pub tokens: usize,
@@ -120,9 +137,10 @@ pub struct TpReport {
 }
 
 /// What forward saves on a rank: the blocks' activations at the shard's shape, the head's with
-/// this rank's columns of the logits.
+/// this rank's columns of the logits. With the stream split by tokens, what holds the stream
+/// has S = B·T/n rows (`BlockActivations::with_stream_rows`), and so do ln_f's statistics.
 struct TpActivations {
-    embedded: Tensor, // [B, T, C]
+    embedded: Tensor, // [B, T, C]: the partial lookups, then (this rank's rows of) the embedding
     blocks: Vec<BlockActivations>,
     head: HeadActivations,
     proj: Tensor, // [B, T, C]
@@ -160,6 +178,8 @@ struct TpRank {
     /// This replica's index in the data-parallel group, and its rows of each micro-batch.
     replica: usize,
     rows: usize,
+    /// How the residual stream lies on the group (split by tokens under --sequence-parallel).
+    stream: Stream,
     fault: Option<Fault>,
     shape: BlockShape,
     vocab: VocabShard,
@@ -209,6 +229,10 @@ pub fn check_tp(cfg: &TpConfig) -> Result<(), TpError> {
     if !model.padded_vocab_size().is_multiple_of(tp) {
         return Err(TpError::Vocab { tp, vp: model.padded_vocab_size() });
     }
+    let (rows, t) = (cfg.train.batch_size / dp, check_config(&cfg.train, &model)?);
+    if cfg.sequence_parallel && !(rows * t).is_multiple_of(tp) {
+        return Err(TpError::TokensNotDivisible { tokens: rows * t, rows, t, tp });
+    }
     Ok(())
 }
 
@@ -250,7 +274,9 @@ impl TpRank {
 
         let shape = BlockShape::shard(&model, tp);
         let vocab = VocabShard::new(&model, rank, tp);
-        let acts = TpActivations::new(&model, shape, vocab.rows.len(), rows, t, &ledger)?;
+        let stream = if cfg.sequence_parallel { Stream::SplitByTokens } else { Stream::Replicated };
+        let stream_rows = stream.rows(rows * t, &group).len();
+        let acts = TpActivations::new(&model, shape, vocab.rows.len(), rows, t, stream_rows, &ledger)?;
         let scratch = BackwardScratch::new(shape, rows, t, device, DType::F32, &ledger)?;
         let sync = GradSync::new(dp_group, &layout, BUCKET_BYTES, &ledger, Trace::disabled());
         Ok(TpRank {
@@ -264,6 +290,7 @@ impl TpRank {
             dp: cfg.dp,
             replica,
             rows,
+            stream,
             fault: cfg.fault,
             shape,
             vocab,
@@ -292,19 +319,20 @@ impl TpRank {
         b: usize,
         t: usize,
     ) -> Result<Option<f32>, TrainError> {
-        let Self { params, acts, group, layout, vocab, model, .. } = self;
-        let c = model.n_embd;
+        let Self { params, acts, group, layout, vocab, model, stream, .. } = self;
+        let (c, stream) = (model.n_embd, *stream);
         let bt = b * t;
         let p = layout.views(params.view());
         let group: &mut dyn Communicator = group;
         let x = acts.embedded.prefix_mut(bt * c).cpu();
-        embed_forward(group, x, tokens, p.wte.cpu(), p.wpe.cpu(), vocab, t, c)?;
+        embed_forward(group, stream, x, tokens, p.wte.cpu(), p.wpe.cpu(), vocab, t, c)?;
         let d = Dims { b, t, shape: self.shape };
-        let mut comm = TpBlockComm { group, fault: self.fault };
-        let (x, proj) = (acts.embedded.prefix(bt * c), acts.proj.prefix_mut(bt * c));
-        blocks_forward(&p.blocks, x, &mut acts.blocks, proj, d, &mut comm)?;
-        let last = acts.blocks.last().map_or(&acts.embedded, |b| &b.out).prefix(bt * c);
-        Ok(head_forward(comm.group, &p.head(), model, last, &mut acts.head, targets, vocab, bt)?)
+        let mine = stream.rows(bt, group);
+        let mut comm = TpBlockComm { group, stream, fault: self.fault };
+        let x = acts.embedded.prefix(bt * c).slice(mine.start * c..mine.end * c);
+        blocks_forward(&p.blocks, x, &mut acts.blocks, acts.proj.prefix_mut(bt * c), d, &mut comm)?;
+        let last = acts.blocks.last().map_or(x, |b| b.out.prefix(mine.len() * c));
+        Ok(head_forward(comm.group, stream, &p.head(), model, last, &mut acts.head, targets, vocab, bt)?)
     }
 
     /// Accumulates this rank's gradients of dloss · (sum of the token losses of the last forward).
@@ -317,25 +345,32 @@ impl TpRank {
         b: usize,
         on_ready: GradsReady<'_>,
     ) -> Result<(), TrainError> {
-        let Self { params, grads, acts, scratch, group, layout, vocab, model, .. } = self;
-        let (t, c) = (self.t, model.n_embd);
+        let Self { params, grads, acts, scratch, group, layout, vocab, model, stream, .. } = self;
+        let (t, c, stream) = (self.t, model.n_embd, *stream);
         let bt = b * t;
         let p = layout.views(params.view());
         let mut g = layout.views_mut(grads.view_mut());
         let group: &mut dyn Communicator = group;
-        let last = acts.blocks.last().map_or(&acts.embedded, |b| &b.out).prefix(bt * c);
+        let mine = stream.rows(bt, group);
+        let (s, mine) = (mine.len(), mine.start * c..mine.end * c);
+        let x = acts.embedded.prefix(bt * c).slice(mine);
+        let last = acts.blocks.last().map_or(x, |b| b.out.prefix(s * c));
         let head_grads =
             Head { ln_f_weight: g.ln_f_weight.reborrow(), ln_f_bias: g.ln_f_bias.reborrow(), wte: g.wte.reborrow() };
-        let (d_ln, d_x) = (scratch.block.d_ln.prefix_mut(bt * c), scratch.d_res[0].prefix_mut(bt * c));
-        head_backward(group, &p.head(), head_grads, model, last, &mut acts.head, d_ln, d_x, targets, dloss, vocab, bt)?;
+        let (d_ln, d_x) = (scratch.block.d_ln.prefix_mut(bt * c), scratch.d_res[0].prefix_mut(s * c));
+        let head = &mut acts.head;
+        head_backward(group, stream, &p.head(), head_grads, model, last, head, d_ln, d_x, targets, dloss, vocab, bt)?;
         on_ready(Part::Head, &[g.ln_f_weight.as_view(), g.ln_f_bias.as_view()]);
         let d = Dims { b, t, shape: self.shape };
-        let mut comm = TpBlockComm { group, fault: self.fault };
-        let x = acts.embedded.prefix(bt * c);
+        let mut comm = TpBlockComm { group, stream, fault: self.fault };
         let mut block_done = |l: usize, g: &BlockParams<ViewMut<'_>>| on_ready(Part::Block(l), &g.views());
         blocks_backward(&p.blocks, &mut g.blocks, x, &acts.blocks, scratch, d, &mut comm, &mut block_done)?;
+        // dL/d(embedding), whole on every rank (gathered, when split by tokens: ScatterTokens'
+        // backward), for the scatter-add into this rank's rows of wte and into wpe.
+        let [d_mine, d_whole] = &mut scratch.d_res;
+        let d_x = stream.gather_grad(comm.group, d_mine.prefix(s * c), d_whole.prefix_mut(bt * c))?;
         let (dwte, dwpe) = (g.wte.reborrow().cpu(), g.wpe.reborrow().cpu());
-        embed_backward(dwte, dwpe, scratch.d_res[0].prefix(bt * c).cpu(), tokens, vocab, t, c);
+        embed_backward(dwte, dwpe, d_x.cpu(), tokens, vocab, t, c);
         on_ready(Part::Embeddings, &[g.wte.as_view(), g.wpe.as_view()]);
         Ok(())
     }
@@ -361,6 +396,25 @@ impl TpRank {
     }
     // ANCHOR_END: grad_norm
 
+    // ANCHOR: token_split_grads
+    /// Under sequence parallelism, the replicated tensors whose gradient is a sum over the
+    /// stream's rows (each rank's LayerNorms saw only its tokens): all-reduced over the group,
+    /// packed into one buffer. The other replicated tensors (the row-parallel biases, wpe) are
+    /// fed the gathered gradient of every token, and are whole on every rank already.
+    fn sum_token_split_grads(&mut self) -> Result<(), TrainError> {
+        let specs: Vec<ParamSpec> = self.layout.specs.iter().filter(|s| sums_over_tokens(s)).cloned().collect();
+        let grads = self.grads.as_mut_slice();
+        let mut packed: Vec<f32> = specs.iter().flat_map(|s| grads[s.range()].to_vec()).collect();
+        self.group.all_reduce(&mut packed, ReduceOp::Sum)?;
+        let mut at = 0;
+        for spec in &specs {
+            grads[spec.range()].copy_from_slice(&packed[at..at + spec.numel()]);
+            at += spec.numel();
+        }
+        Ok(())
+    }
+    // ANCHOR_END: token_split_grads
+
     /// Every rank's `piece` (a buffer in the shard's layout), put together in chapter 1's layout.
     fn gather(&mut self, piece: &[f32]) -> Result<Vec<f32>, TrainError> {
         let mut all = vec![0.0; self.tp * self.layout.total];
@@ -380,8 +434,10 @@ impl TpRank {
     fn generate(&mut self, prompt: &[u32], cfg: SampleConfig) -> Result<Vec<u32>, TrainError> {
         let (window, width, vocab) = (self.model.block_size, self.vocab.rows.len(), self.model.vocab_size);
         let (ledger, mut rng) = (MemoryLedger::new(), Rng::derive(cfg.seed, "sample"));
-        let acts = TpActivations::new(&self.model, self.shape, width, 1, window, &ledger)?;
+        let acts = TpActivations::new(&self.model, self.shape, width, 1, window, window, &ledger)?;
         let training_acts = std::mem::replace(&mut self.acts, acts);
+        // A context of any length, so the stream is not split by tokens (as Megatron's inference).
+        let training_stream = std::mem::replace(&mut self.stream, Stream::Replicated);
         let (mut tokens, mut logits) = (prompt.to_vec(), vec![0.0f32; width * self.tp]);
         for _ in 0..cfg.tokens {
             let context = tokens[tokens.len().saturating_sub(window)..].to_vec();
@@ -392,6 +448,7 @@ impl TpRank {
             tokens.push(sample_next(&logits[..vocab], cfg.temperature, cfg.top_k, &mut rng));
         }
         self.acts = training_acts;
+        self.stream = training_stream;
         Ok(tokens.split_off(prompt.len()))
     }
     // ANCHOR_END: generate
@@ -409,6 +466,14 @@ impl TpRank {
     }
 }
 
+// ANCHOR: sums_over_tokens
+/// Whether a replicated tensor's gradient is a sum over the stream's rows: the LayerNorms
+/// (ln_1 and ln_2 of every block, ln_f), which normalise the stream where it lies.
+pub fn sums_over_tokens(spec: &ParamSpec) -> bool {
+    spec.placement == Placement::Replicated && spec.name.contains("ln_")
+}
+// ANCHOR_END: sums_over_tokens
+
 impl TpActivations {
     fn new(
         model: &ModelConfig,
@@ -416,18 +481,19 @@ impl TpActivations {
         vocab_rows: usize,
         b: usize,
         t: usize,
+        stream_rows: usize,
         ledger: &MemoryLedger,
     ) -> Result<TpActivations, TensorError> {
-        let (bt, c) = (b * t, model.n_embd);
+        let (bt, c, s) = (b * t, model.n_embd, stream_rows);
         let t_ = |shape: &[usize], category| Tensor::zeros_on(shape, Device::Cpu, DType::F32, category, ledger);
         let act = |shape: &[usize]| t_(shape, Category::Activations);
         let blocks = (0..model.n_layer)
-            .map(|_| BlockActivations::new(shape, b, t, Device::Cpu, DType::F32, ledger))
+            .map(|_| BlockActivations::with_stream_rows(shape, b, t, s, Device::Cpu, DType::F32, ledger))
             .collect::<Result<_, _>>()?;
         let head = HeadActivations {
             ln_f: act(&[bt, c])?,
-            ln_f_mean: act(&[bt])?,
-            ln_f_rstd: act(&[bt])?,
+            ln_f_mean: act(&[s])?,
+            ln_f_rstd: act(&[s])?,
             logits: act(&[bt, vocab_rows])?,
             losses: act(&[bt])?,
         };
@@ -462,6 +528,9 @@ impl TrainSteps for TpRank {
         }
         // The replicas' gradients summed (nothing to do with one replica), the losses averaged.
         sync.finish(self.grads.as_mut_slice())?;
+        if self.stream == Stream::SplitByTokens && self.fault != Some(Fault::SkipLayerNormGradSum) {
+            self.sum_token_split_grads()?;
+        }
         let loss = (loss_sum / accum as f64) as f32;
         let loss = if self.dp == 1 { loss } else { sync.reduce_scalars(vec![loss], ReduceOp::Avg)?[0] };
         self.sync = Some(sync);
@@ -548,10 +617,15 @@ fn report(
 ) -> Result<TrainReport, TrainError> {
     let (cfg, model) = (&me.cfg, &me.model);
     let tokens = (outcome.steps.len() * me.tokens_per_step()) as f64;
+    // Called in the rank's own pool (`threads_per_rank`): rayon's threads are this rank's.
+    let threads = match rayon::current_num_threads() {
+        1 => "1 compute thread".to_string(),
+        n => format!("{n} compute threads"),
+    };
     Ok(TrainReport {
         model: model.clone(),
         tokenizer: cfg.tokenizer,
-        device: format!("{}, {} x {} (tp x dp) thread ranks", Device::Cpu.describe(), me.tp, me.dp),
+        device: format!("cpu, {} x {} (tp x dp) thread ranks, {threads} each", me.tp, me.dp),
         dtype: DType::F32,
         flops_per_token: model.flops_per_token(me.t),
         peak_flops: Device::Cpu.peak_flops(DType::F32),
@@ -590,8 +664,12 @@ fn run_rank(
         1 => String::new(),
         _ => format!(" | data parallel: {dp} replicas of {} rows", me.rows),
     };
+    let sequence = match me.stream {
+        Stream::SplitByTokens => format!(", the stream of {} of the {} tokens", me.rows * me.t / tp, me.rows * me.t),
+        Stream::Replicated => String::new(),
+    };
     let header = format!(
-        "model: {} layers, {} heads, {} dims | tensor parallel: {} ranks, each {} heads, {} MLP units, {} vocabulary rows{replicas}",
+        "model: {} layers, {} heads, {} dims | tensor parallel: {} ranks, each {} heads, {} MLP units, {} vocabulary rows{sequence}{replicas}",
         m.n_layer,
         m.n_head,
         m.n_embd,
@@ -613,6 +691,17 @@ fn run_rank(
 }
 // ANCHOR_END: run_rank
 
+// ANCHOR: threads_per_rank
+/// The compute threads each rank's ops may use: the machine's share (rayon's global pool, one
+/// thread per core unless RAYON_NUM_THREADS says otherwise) divided among the ranks, at least
+/// one. Every rank in the global pool would split each matmul as though it had every core to
+/// itself: twice the threads of the cores at 2 ranks, fighting over the caches and the
+/// scheduler. A rank runs in its own pool of this many threads instead.
+pub fn threads_per_rank(ranks: usize) -> usize {
+    (rayon::current_num_threads() / ranks.max(1)).max(1)
+}
+// ANCHOR_END: threads_per_rank
+
 // ANCHOR: train
 /// Trains with `tp` tensor-parallel thread ranks; reports what rank 0 saw (parameters gathered
 /// into chapter 1's layout) and what every rank held and sent.
@@ -621,7 +710,11 @@ pub fn train(cfg: &TpConfig) -> Result<TpReport, TpError> {
     let dataset = Arc::new(load_dataset(&cfg.train.data, &Tokenizer::new(cfg.train.tokenizer))?);
     // Each rank owns what it uses (the launcher's ranks are `'static` threads).
     let rank_cfg = cfg.clone();
-    let results = launch(cfg.tp * cfg.dp, move |comm| run_rank(&rank_cfg, comm, dataset.clone()))?;
+    let threads = threads_per_rank(cfg.tp * cfg.dp);
+    let results = launch(cfg.tp * cfg.dp, move |comm| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+        pool.install(|| run_rank(&rank_cfg, comm, dataset.clone()))
+    })?;
     let mut ranks = Vec::with_capacity(cfg.tp);
     let mut leader = None;
     for (report, rank) in results {
@@ -630,6 +723,7 @@ pub fn train(cfg: &TpConfig) -> Result<TpReport, TpError> {
     }
     let report = leader.ok_or(TpError::NoReport)?;
     let tokens = cfg.train.batch_size / cfg.dp * cfg.train.seq_len.unwrap_or(report.model.block_size);
-    Ok(TpReport { tp: cfg.tp, dp: cfg.dp, tokens, grad_accum: cfg.train.grad_accum, report, ranks })
+    let sequence_parallel = cfg.sequence_parallel;
+    Ok(TpReport { tp: cfg.tp, dp: cfg.dp, sequence_parallel, tokens, grad_accum: cfg.train.grad_accum, report, ranks })
 }
 // ANCHOR_END: train

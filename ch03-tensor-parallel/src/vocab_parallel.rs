@@ -12,7 +12,7 @@
 //! - The tied weight's two gradients (the head's dlogitsᵀ·x and the embedding's scatter-add) land
 //!   in the same rows of the same shard: rank r's rows of the head are rank r's rows of the table.
 
-use crate::tp_comm::{CopyToShards, SumFromShards, max_over_group};
+use crate::tp_comm::{Stream, max_over_group};
 use ch01_single_gpu::config::ModelConfig;
 use ch01_single_gpu::model::{Head, HeadActivations, lm_head_backward, lm_head_forward};
 use kernels::comm::{CommError, Communicator, ReduceOp};
@@ -50,10 +50,12 @@ impl VocabShard {
 // ANCHOR: embedding
 /// tokens [B, T] -> x [B, T, C] = wte[token] + wpe[position], with this rank's rows of wte
 /// (wte_local [Vp/n, C]): the rank's lookups (zero rows for tokens it does not hold), summed over
-/// the group, then the position embedding (replicated) added once.
+/// the group, then the position embedding (replicated) added once. With the stream split by
+/// tokens, the sum is a reduce-scatter, and only this rank's rows of x are the embedding.
 #[allow(clippy::too_many_arguments)]
 pub fn embed_forward(
     group: &mut dyn Communicator,
+    stream: Stream,
     x: &mut [f32],
     tokens: &[u32],
     wte_local: &[f32],
@@ -62,7 +64,7 @@ pub fn embed_forward(
     t: usize,
     c: usize,
 ) -> Result<(), CommError> {
-    // EXERCISE(ch03-vocab-embedding, points = 5): each row of x is this rank's row of wte for its token (shard.local), or zeros if another rank holds it; sum over the group; then add wpe[position] once
+    // EXERCISE(ch03-vocab-embedding, points = 5): each row of x is this rank's row of wte for its token (shard.local), or zeros if another rank holds it; sum over the group (stream.sum: an all-reduce, or a reduce-scatter when the stream is split by tokens); then add wpe[position] once, to the rows the sum is in (stream.rows)
     // TESTS: -p ch03-tensor-parallel --lib -- vocab_parallel::tests::a_rank_embeds_its_own_tokens_and_zeros_for_the_rest
     // NEEDS: ch03-sum-forward
     for (row, &token) in x.chunks_exact_mut(c).zip(tokens) {
@@ -73,8 +75,9 @@ pub fn embed_forward(
             // WRONG(leaves the rows of tokens it does not hold as they were): `row.fill(0.0)` -> `()`
         }
     }
-    SumFromShards::forward(group, x)?;
-    for (i, row) in x.chunks_exact_mut(c).enumerate() {
+    stream.sum(group, x, false)?;
+    let rows = stream.rows(tokens.len(), group);
+    for (i, row) in x.chunks_exact_mut(c).enumerate().take(rows.end).skip(rows.start) {
         let position = &wpe[(i % t) * c..(i % t + 1) * c];
         row.iter_mut().zip(position).for_each(|(o, p)| *o += p);
     }
@@ -84,7 +87,7 @@ pub fn embed_forward(
 
 /// The lookup's gradient, a scatter-add into this rank's rows: dwte[token] += d_x for the tokens
 /// it holds, and (replicated, so on every rank) dwpe[t] += d_x. d_x [B, T, C] is whole on every
-/// rank. The same order as chapter 1's, so that one rank's sums are chapter 1's bit for bit.
+/// rank (gathered first, when the stream is split by tokens). The same order as chapter 1's, so that one rank's sums are chapter 1's bit for bit.
 pub fn embed_backward(
     dwte_local: &mut [f32],
     dwpe: &mut [f32],
@@ -164,9 +167,12 @@ pub fn cross_entropy_backward(probs: &mut [f32], targets: &[u32], dloss: f32, sh
 /// The head on a shard: x [BT, C] -> ln_f -> logits [BT, Vp/n] of this rank's vocabulary rows
 /// (the output projection is column-parallel by vocabulary, its input replicated) -> the loss.
 /// Returns the mean loss when given targets; `acts.logits` then holds this rank's probabilities.
+/// With the stream split by tokens, x and ln_f's statistics are this rank's rows, and ln_f's
+/// output is gathered before the projection.
 #[allow(clippy::too_many_arguments)]
 pub fn head_forward(
     group: &mut dyn Communicator,
+    stream: Stream,
     p: &Head<View<'_>>,
     cfg: &ModelConfig,
     x: View<'_>,
@@ -176,9 +182,11 @@ pub fn head_forward(
     bt: usize,
 ) -> Result<Option<f32>, CommError> {
     let (c, width) = (cfg.n_embd, shard.rows.len());
-    let (mean, rstd) = (acts.ln_f_mean.prefix_mut(bt), acts.ln_f_rstd.prefix_mut(bt));
-    layernorm_forward(acts.ln_f.prefix_mut(bt * c), mean, rstd, x, p.ln_f_weight, p.ln_f_bias, c);
-    CopyToShards::forward(acts.ln_f.prefix_mut(bt * c).cpu());
+    let rows = stream.rows(bt, group);
+    let (mean, rstd) = (acts.ln_f_mean.prefix_mut(rows.len()), acts.ln_f_rstd.prefix_mut(rows.len()));
+    let ln_f = acts.ln_f.prefix_mut(bt * c).slice_into(rows.start * c..rows.end * c);
+    layernorm_forward(ln_f, mean, rstd, x, p.ln_f_weight, p.ln_f_bias, c);
+    stream.gather(group, acts.ln_f.prefix_mut(bt * c).cpu())?;
     lm_head_forward(acts.logits.prefix_mut(bt * width), acts.ln_f.prefix(bt * c), p.wte, bt, c, width);
     let Some(targets) = targets else { return Ok(None) };
     let (logits, losses) = (acts.logits.prefix_mut(bt * width).cpu(), acts.losses.prefix_mut(bt).cpu());
@@ -189,10 +197,12 @@ pub fn head_forward(
 
 /// The head's backward: dlogits of this rank's columns, its share of dwte, and the sum of the
 /// ranks' shares of dL/d(ln_f) (the copy's backward) before the LayerNorm's backward writes
-/// dL/dx [BT, C] into `d_x`. `d_ln` is [BT, C] scratch.
+/// dL/dx [BT, C] into `d_x` (this rank's rows of it, when the stream is split by tokens; and
+/// ln_f's gradients are then this rank's tokens' share). `d_ln` is [BT, C] scratch.
 #[allow(clippy::too_many_arguments)]
 pub fn head_backward(
     group: &mut dyn Communicator,
+    stream: Stream,
     p: &Head<View<'_>>,
     grads: Head<ViewMut<'_>>,
     cfg: &ModelConfig,
@@ -209,10 +219,12 @@ pub fn head_backward(
     cross_entropy_backward(acts.logits.prefix_mut(bt * width).cpu(), targets, dloss, shard);
     let (dlogits, ln_f) = (acts.logits.prefix(bt * width), acts.ln_f.prefix(bt * c));
     lm_head_backward(d_ln.reborrow(), grads.wte, dlogits, ln_f, p.wte, bt, c, width);
-    CopyToShards::backward(group, d_ln.reborrow().cpu())?;
+    stream.sum(group, d_ln.reborrow().cpu(), true)?;
     zero(d_x.reborrow());
-    let (mean, rstd) = (acts.ln_f_mean.prefix(bt), acts.ln_f_rstd.prefix(bt));
-    layernorm_backward(d_x, grads.ln_f_weight, grads.ln_f_bias, d_ln.as_view(), x, p.ln_f_weight, mean, rstd, c);
+    let rows = stream.rows(bt, group);
+    let (mean, rstd) = (acts.ln_f_mean.prefix(rows.len()), acts.ln_f_rstd.prefix(rows.len()));
+    let d_ln = d_ln.as_view().slice(rows.start * c..rows.end * c);
+    layernorm_backward(d_x, grads.ln_f_weight, grads.ln_f_bias, d_ln, x, p.ln_f_weight, mean, rstd, c);
     Ok(())
 }
 // ANCHOR_END: head
@@ -286,7 +298,7 @@ mod tests {
                     let shard = VocabShard::new(&cfg, rank, 4);
                     let wte_local = &wte[shard.rows.start * c..shard.rows.end * c];
                     let mut x = vec![f32::NAN; tokens.len() * c]; // stale contents must not survive
-                    embed_forward(&mut comm, &mut x, tokens, wte_local, wpe, &shard, t, c)?;
+                    embed_forward(&mut comm, Stream::Replicated, &mut x, tokens, wte_local, wpe, &shard, t, c)?;
                     shares.push((shard, x));
                 }
                 Ok::<_, CommError>(shares)

@@ -39,6 +39,10 @@ fn bad_input_is_one_line_before_any_rank_starts() {
         (vec!["--tp", "3"], "does not divide the model's 4 attention heads"),
         (vec!["--lr", "-1"], "--lr must be a finite number, 0 or more (got -1)"),
         (vec!["--tp", "0"], "--tp must be at least 1"),
+        (
+            vec!["--tp", "2", "--sequence-parallel", "--batch-size", "3", "--seq-len", "5"],
+            "--sequence-parallel needs the 15 tokens of a micro-batch (batch 3 x seq_len 5, per replica) divisible by --tp 2",
+        ),
     ] {
         let out = output_within(ch03().args(&args), Duration::from_secs(60));
         assert_one_error_line(&out, expected);

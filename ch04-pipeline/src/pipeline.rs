@@ -97,7 +97,7 @@ pub struct Stage {
     started: Instant,
     record: Option<StepRecord>,
     ledger: MemoryLedger,
-    /// This stage's lane of the run's trace: one span per instruction.
+    /// This stage's lane of the run's trace (the caller's choice): one span per instruction.
     trace: Trace,
     /// Stage 0 of the first pipe, after a step that saves: every stage's tensors and moments in
     /// chapter 1's layout, and where the run stands, for [`TrainSteps::save`].
@@ -260,7 +260,7 @@ impl Stage {
             started: Instant::now(),
             record: None,
             ledger,
-            trace: trace.lane(s as u32, 0),
+            trace,
             gathered: None,
             sharded,
         })

@@ -176,7 +176,8 @@ pub fn partition(cfg: &PipelineConfig, model: &ModelConfig, t: usize) -> Vec<Ran
 /// The last training step's bubble, from the trace: the share of N x the step's length (from the
 /// first stage's start to the last one's end) that no stage spent in a forward or a backward.
 /// Waiting for messages, the tied sum and the optimizer step all count as idle. `None` when the
-/// run was not traced.
+/// run was not traced. A stage's lane is (s, 0); chapter 5 traces more lanes per stage (its
+/// tensor ranks and replicas), and the first pipe's are the ones measured.
 pub fn measured_bubble(trace: &Trace, n: usize) -> Option<f64> {
     let steps: Vec<(f64, f64)> = (0..n).map(|s| trace.last_span("step", s as u32, 0)).collect::<Option<_>>()?;
     let from = steps.iter().map(|s| s.0).fold(f64::INFINITY, f64::min);
@@ -185,7 +186,7 @@ pub fn measured_bubble(trace: &Trace, n: usize) -> Option<f64> {
     let busy: f64 = trace
         .events()
         .iter()
-        .filter(|e| e.start_us >= from && e.start_us + e.dur_us <= to && computing(&e.name))
+        .filter(|e| e.tid == 0 && e.start_us >= from && e.start_us + e.dur_us <= to && computing(&e.name))
         .map(|e| e.dur_us)
         .sum();
     Some(1.0 - busy / (n as f64 * (to - from)))
@@ -226,7 +227,7 @@ fn run_stage(
         _ => Some(world.split(&grid.group(GroupKind::Data, rank)).map_err(TrainError::from)?),
     };
     // The trace follows the first pipe, one lane per stage.
-    let trace = if replica == 0 { trace.clone() } else { Trace::disabled() };
+    let trace = if replica == 0 { trace.lane(grid.coords(rank).pp as u32, 0) } else { Trace::disabled() };
     let mut me = Stage::new(cfg, pipe, (replica, dp_group), Box::new(Whole), dataset, trace)?;
     let header = me.header();
     // A step that saves gathers every stage's share on rank 0 (stage 0 of the first pipe),
@@ -295,7 +296,7 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
     // Each rank owns what it uses (the launcher's ranks are `'static` threads).
     let (rank_cfg, rank_trace, rank_data) = (cfg.clone(), trace.clone(), dataset.clone());
     let results = launch(cfg.pp * cfg.dp, move |comm| run_stage(&rank_cfg, comm, rank_data.clone(), &rank_trace))?;
-    write_trace(cfg, &trace)?;
+    write_trace(cfg, &trace, |stage, _| format!("stage {stage}"))?;
 
     // ANCHOR: gather
     // Chapter 1's layout, from every stage's share (the tied wte is the same on both holders):
@@ -347,8 +348,13 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
 }
 // ANCHOR_END: train
 
-/// Writes the run's trace (--trace) and the last step's timeline (--timeline), if asked for.
-pub fn write_trace(cfg: &PipelineConfig, trace: &Trace) -> Result<(), TrainError> {
+/// Writes the run's trace (--trace) and the last step's timeline (--timeline), if asked for,
+/// naming the lanes (stage, lane) by `lane_names`.
+pub fn write_trace(
+    cfg: &PipelineConfig,
+    trace: &Trace,
+    lane_names: impl Fn(u32, u32) -> String,
+) -> Result<(), TrainError> {
     if let Some(path) = &cfg.train.trace {
         trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
     }
@@ -357,7 +363,7 @@ pub fn write_trace(cfg: &PipelineConfig, trace: &Trace) -> Result<(), TrainError
         && let (Some((from, _)), Some((_, to))) =
             (trace.last_span("step", 0, 0), trace.last_span("step", cfg.pp as u32 - 1, 0))
     {
-        std::fs::write(path, trace.to_svg(from, to, |stage, _| format!("stage {stage}")))
+        std::fs::write(path, trace.to_svg(from, to, lane_names))
             .map_err(|source| TrainError::Io { path: path.clone(), source })?;
     }
     Ok(())

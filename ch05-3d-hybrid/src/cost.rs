@@ -9,14 +9,13 @@
 //!   across each boundary it touches (chapter 4);
 //! - in its data group of d: the ring all-reduce of its shard's gradients, 2(d-1)/d of them.
 
-use crate::hybrid::HybridReport;
+use crate::hybrid::{HybridRankReport, HybridReport};
 use ch03_tensor_parallel::cost::{CollectiveFloats, ring_bytes_sent};
-use ch04_pipeline::StageReport;
 
 // ANCHOR: tensor_bytes
 /// The floats one rank of stage `stage` puts into its tensor group's collectives for the
 /// forward (and, with `backward`, the backward) of one micro-batch of `bt` tokens.
-pub fn stage_collectives(r: &HybridReport, stage: &StageReport, bt: usize, backward: bool) -> CollectiveFloats {
+pub fn stage_collectives(r: &HybridReport, stage: &HybridRankReport, bt: usize, backward: bool) -> CollectiveFloats {
     let (c, pp) = (r.report.model.n_embd, r.grid.pp);
     let blocks: usize = stage.blocks.iter().map(|b| b.len()).sum();
     let (first, last) = (stage.stage == 0, stage.stage + 1 == pp);
@@ -25,29 +24,29 @@ pub fn stage_collectives(r: &HybridReport, stage: &StageReport, bt: usize, backw
     if backward {
         all_reduced += 2 * blocks * bt * c + usize::from(last) * bt * c;
     }
-    CollectiveFloats { all_reduced, all_gathered }
+    CollectiveFloats { all_reduced, all_gathered, reduce_scattered: 0 }
 }
 
 /// Bytes a rank of `stage` sends in its tensor group per training step: every micro-batch's
 /// forward and backward, and the norm's f64 (three f32s, all-gathered).
-pub fn tensor_bytes_per_step(r: &HybridReport, stage: &StageReport) -> u64 {
+pub fn tensor_bytes_per_step(r: &HybridReport, stage: &HybridRankReport) -> u64 {
     let n = r.grid.tp;
-    let (reduced, gathered) = ring_bytes_sent(stage_collectives(r, stage, r.rows * r.t, true), n);
+    let micro = ring_bytes_sent(stage_collectives(r, stage, r.rows * r.t, true), n).total();
     let norm = 4 * 3 * (n as u64 - 1);
-    r.plan.micro_per_step as u64 * (reduced + gathered) + norm
+    r.plan.micro_per_step as u64 * micro + norm
 }
 
 /// Bytes a rank of `stage` sends in its tensor group for one evaluation: the forward alone of
 /// --val-batches batches, each in --microbatches micro-batches.
-pub fn tensor_bytes_per_evaluation(r: &HybridReport, stage: &StageReport, val_batches: usize) -> u64 {
-    let (reduced, gathered) = ring_bytes_sent(stage_collectives(r, stage, r.rows * r.t, false), r.grid.tp);
-    (val_batches * r.microbatches) as u64 * (reduced + gathered)
+pub fn tensor_bytes_per_evaluation(r: &HybridReport, stage: &HybridRankReport, val_batches: usize) -> u64 {
+    let micro = ring_bytes_sent(stage_collectives(r, stage, r.rows * r.t, false), r.grid.tp).total();
+    (val_batches * r.microbatches) as u64 * micro
 }
 // ANCHOR_END: tensor_bytes
 
 /// Model chunks of `stage` that send their output on (all but the pipe's last) and their input
 /// gradient back (all but the first).
-fn boundaries(r: &HybridReport, stage: &StageReport) -> (usize, usize) {
+fn boundaries(r: &HybridReport, stage: &HybridRankReport) -> (usize, usize) {
     let (chunks, pp) = (stage.blocks.len(), r.grid.pp);
     let forward = (0..chunks).filter(|&k| stage.stage + k * pp + 1 < chunks * pp).count();
     let back = (0..chunks).filter(|&k| stage.stage + k * pp > 0).count();
@@ -56,20 +55,20 @@ fn boundaries(r: &HybridReport, stage: &StageReport) -> (usize, usize) {
 
 /// Bytes a rank of `stage` sends to its pipe's neighbours per step: each micro-batch's
 /// activation (bt·C floats) forward and its gradient back, across every boundary it touches.
-pub fn pipeline_bytes_per_step(r: &HybridReport, stage: &StageReport) -> u64 {
+pub fn pipeline_bytes_per_step(r: &HybridReport, stage: &HybridRankReport) -> u64 {
     let (forward, back) = boundaries(r, stage);
     4 * (r.plan.micro_per_step * (forward + back) * r.rows * r.t * r.report.model.n_embd) as u64
 }
 
 /// The same for one evaluation: activations forward only, --microbatches per batch.
-pub fn pipeline_bytes_per_evaluation(r: &HybridReport, stage: &StageReport, val_batches: usize) -> u64 {
+pub fn pipeline_bytes_per_evaluation(r: &HybridReport, stage: &HybridRankReport, val_batches: usize) -> u64 {
     let (forward, _) = boundaries(r, stage);
     4 * (val_batches * r.microbatches * forward * r.rows * r.t * r.report.model.n_embd) as u64
 }
 
 /// Bytes a rank sends in its data group per step for the gradients: the ring all-reduce of its
 /// stage's shard, 2(d-1)/d of its floats.
-pub fn data_bytes_per_step(r: &HybridReport, stage: &StageReport) -> u64 {
+pub fn data_bytes_per_step(r: &HybridReport, stage: &HybridRankReport) -> u64 {
     let d = r.grid.dp;
-    4 * (2 * (d - 1) * stage.layout.total / d) as u64
+    4 * (2 * (d - 1) * stage.shard_floats / d) as u64
 }

@@ -30,12 +30,15 @@ use ch04_pipeline::stage::copy_by_name;
 use ch04_pipeline::train::{Gathered, PipelinePlan, check, conclude, measured_bubble, plan, write_trace};
 use ch04_pipeline::{PipelineConfig, PipelineError, StageReport};
 use kernels::comm::grid::{Coords, Grid, GroupKind};
-use kernels::comm::process::run_rank as run_process_rank;
+use kernels::comm::process::{all_gather_json, run_rank as run_process_rank};
 use kernels::comm::rendezvous::RendezvousConfig;
 use kernels::comm::thread::{LaunchError, launch};
-use kernels::comm::{Communicator, ReduceOp};
+use kernels::comm::{CommStats, Communicator, ReduceOp};
 use kernels::device::DeviceRequest;
-use kernels::{Category, Trace};
+use kernels::trace::TraceEvent;
+use kernels::{Category, MemoryReport, Trace};
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
 use std::sync::Arc;
 
 #[derive(Clone, Debug)]
@@ -89,13 +92,41 @@ pub enum HybridError {
     NoReport,
 }
 
-/// One rank's account of a run: its place in the grid and its stage's (chapter 4's report,
-/// with the tensor group's traffic as `stage_comm`).
-#[derive(Clone, Debug)]
+/// One rank's account of a run: its place in the grid, its stage, what it held and what each
+/// of its groups carried. Serializable: process ranks send it to rank 0.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HybridRankReport {
     pub rank: usize,
     pub coords: Coords,
-    pub stage: StageReport,
+    /// Its stage, and the blocks of each of its model chunks.
+    pub stage: usize,
+    pub blocks: Vec<Range<usize>>,
+    /// Floats of its shard of the stage's tensors (parameters; as many gradients).
+    pub shard_floats: usize,
+    pub memory: MemoryReport,
+    /// What it sent and received in its tensor group, its pipe and its data group.
+    pub tensor_comm: CommStats,
+    pub pipe_comm: CommStats,
+    pub data_comm: CommStats,
+    /// Micro-batches whose activations it held at once.
+    pub peak_in_flight: usize,
+}
+
+impl HybridRankReport {
+    fn new(rank: usize, coords: Coords, s: &StageReport) -> HybridRankReport {
+        HybridRankReport {
+            rank,
+            coords,
+            stage: s.stage,
+            blocks: s.blocks.clone(),
+            shard_floats: s.layout.total,
+            memory: s.memory.clone(),
+            tensor_comm: s.stage_comm.clone(),
+            pipe_comm: s.comm.clone(),
+            data_comm: s.dp_comm.clone(),
+            peak_in_flight: s.peak_in_flight,
+        }
+    }
 }
 
 pub struct HybridReport {
@@ -109,8 +140,11 @@ pub struct HybridReport {
     pub measured_bubble: Option<f64>,
     /// Chapter 1's report of the run, the parameters gathered into chapter 1's layout.
     pub report: TrainReport,
-    /// Every rank's, in rank order (on processes, this process's only).
+    /// Every rank's, in rank order.
     pub ranks: Vec<HybridRankReport>,
+    /// Every rank's stage with its final tensors, in its own layout, in rank order: on thread
+    /// ranks only (on processes they stay in their processes).
+    pub stages: Vec<StageReport>,
 }
 
 /// The flags checked against each other and the model, once, before any rank starts: chapter
@@ -124,7 +158,7 @@ pub fn check_hybrid(cfg: &HybridConfig, model: &ModelConfig) -> Result<(), Hybri
         return Err(HybridError::ZeroBubble);
     }
     check(&PipelineConfig { dp: 1, ..p.clone() }, model)?;
-    check_tp(&TpConfig { train: p.train.clone(), tp: cfg.tp, dp: 1, fault: None })?;
+    check_tp(&TpConfig { train: p.train.clone(), tp: cfg.tp, dp: 1, sequence_parallel: false, fault: None })?;
     let (dp, tp, pp) = (p.dp, cfg.tp, p.pp);
     if dp.saturating_mul(tp).saturating_mul(pp) > MAX_THREAD_RANKS {
         return Err(HybridError::TooManyRanks { dp, tp, pp });
@@ -144,6 +178,10 @@ pub fn check_launch(cfg: &HybridConfig, nproc: usize) -> Result<(), HybridError>
     Ok(())
 }
 
+/// What rank 0 alone ends a run with: the training loop's outcome, and the model gathered into
+/// chapter 1's layout.
+pub type Leader = (LoopOutcome, Gathered);
+
 // ANCHOR: run_rank
 /// One rank of the grid, on any communicator (thread ranks, or this process's TCP rank): its
 /// three groups cut from the world by the grid, its stage run by chapter 4's interpreter with
@@ -153,7 +191,7 @@ pub fn run_rank<C: Communicator>(
     mut world: C,
     dataset: Arc<Dataset>,
     trace: &Trace,
-) -> Result<(HybridRankReport, Option<(LoopOutcome, Gathered)>), HybridError> {
+) -> Result<(HybridRankReport, StageReport, Option<Leader>), HybridError> {
     let (grid, rank) = (cfg.grid(), world.rank());
     let at = grid.coords(rank);
     let mut group = |kind| world.split(&grid.group(kind, rank)).map_err(TrainError::from);
@@ -162,8 +200,8 @@ pub fn run_rank<C: Communicator>(
     let train = &cfg.pipeline.train;
     let model = model_config(train, Tokenizer::new(train.tokenizer).vocab_size())?;
     let parts = Box::new(TpParts::new(&model, tensor, cfg.fault));
-    // The trace follows the first pipe's tensor rank 0, one lane per stage.
-    let trace = if at.dp == 0 && at.tp == 0 { trace.clone() } else { Trace::disabled() };
+    // A lane per rank: its stage, then its place in the stage (tensor rank, replica).
+    let trace = trace.lane(at.pp as u32, (at.tp + grid.tp * at.dp) as u32);
     // Saving needs every rank's share: it is gathered, and saved once the loop is done (not by
     // chapter 4's stage, which gathers a pipe of whole-width stages).
     let loop_cfg = TrainConfig { save: None, ..train.clone() };
@@ -175,8 +213,7 @@ pub fn run_rank<C: Communicator>(
     let outcome = drive(&loop_cfg, &mut me, rank == 0, &header(cfg, &model))?;
     let stage = me.report()?;
     let gathered = gather(&mut world, cfg, &model, at, &stage)?;
-    let rank_report = HybridRankReport { rank, coords: at, stage };
-    Ok((rank_report, gathered.map(|g| (outcome, g))))
+    Ok((HybridRankReport::new(rank, at, &stage), stage, gathered.map(|g| (outcome, g))))
 }
 // ANCHOR_END: run_rank
 
@@ -267,18 +304,22 @@ fn prepare(cfg: &HybridConfig) -> Result<Prepared, HybridError> {
 /// ...and after, on rank 0: the trace written, the checkpoint saved, the report.
 fn finish(
     run: Prepared,
-    (outcome, gathered): (LoopOutcome, Gathered),
-    ranks: Vec<HybridRankReport>,
+    (outcome, gathered): Leader,
+    (ranks, stages): (Vec<HybridRankReport>, Vec<StageReport>),
     device: String,
 ) -> Result<HybridReport, HybridError> {
     let Prepared { cfg, model, t, plan, dataset, trace } = run;
     let p = &cfg.pipeline;
-    write_trace(p, &trace)?;
-    let memory = ranks[0].stage.memory.clone();
+    let grid = cfg.grid();
+    write_trace(p, &trace, |pp, lane| {
+        let at = Coords { pp: pp as usize, tp: lane as usize % grid.tp, dp: lane as usize / grid.tp };
+        format!("rank {} (dp {}, tp {}, pp {pp})", grid.rank(at), at.dp, at.tp)
+    })?;
+    let memory = ranks[0].memory.clone();
     let report = conclude(p, &model, (t, &dataset), gathered, outcome, memory, device)?;
     let (microbatches, rows) = (p.microbatches, p.train.batch_size / (p.dp * p.microbatches));
     let measured_bubble = measured_bubble(&trace, p.pp);
-    Ok(HybridReport { grid: cfg.grid(), plan, microbatches, rows, t, measured_bubble, report, ranks })
+    Ok(HybridReport { grid, plan, microbatches, rows, t, measured_bubble, report, ranks, stages })
 }
 
 // ANCHOR: train
@@ -290,17 +331,26 @@ pub fn train(cfg: &HybridConfig) -> Result<HybridReport, HybridError> {
     // Each rank owns what it uses (the launcher's ranks are `'static` threads).
     let (rank_cfg, rank_trace, rank_data) = (run.cfg.clone(), run.trace.clone(), run.dataset.clone());
     let results = launch(grid.world_size(), move |comm| run_rank(&rank_cfg, comm, rank_data.clone(), &rank_trace))?;
-    let mut ranks = Vec::with_capacity(results.len());
+    let (mut ranks, mut stages) = (Vec::with_capacity(results.len()), Vec::with_capacity(results.len()));
     let mut leader = None;
-    for (rank, lead) in results {
+    for (rank, stage, lead) in results {
         leader = leader.or(lead);
         ranks.push(rank);
+        stages.push(stage);
     }
     let leader = leader.ok_or(HybridError::NoReport)?;
     let device = format!("cpu ({} thread ranks: dp {} x tp {} x pp {})", grid.world_size(), grid.dp, grid.tp, grid.pp);
-    finish(run, leader, ranks, device)
+    finish(run, leader, (ranks, stages), device)
 }
 // ANCHOR_END: train
+
+/// What a process rank hands rank 0 at the end: its figures and its lanes of the trace.
+#[derive(Serialize, Deserialize)]
+struct ProcessReport {
+    rank: HybridRankReport,
+    events: Vec<TraceEvent>,
+    origin_unix_us: f64,
+}
 
 // ANCHOR: train_process
 /// This process is one rank of the grid (`config`: `WORLD_SIZE`, `RANK`, `MASTER_ADDR`,
@@ -316,15 +366,32 @@ pub fn train_this_process(cfg: &HybridConfig, config: &RendezvousConfig) -> Resu
         return Err(HybridError::WorldSize { world: config.world_size, grid: grid.world_size() });
     }
     let (rank_cfg, dataset, trace) = (&run.cfg, run.dataset.clone(), &run.trace);
-    let (rank, lead) = run_process_rank(config, |world| run_rank(rank_cfg, world, dataset, trace))?;
+    let n = grid.world_size();
+    let (lead, all) = run_process_rank(config, |mut world| {
+        // The reports travel on a group of their own: the training's byte counts stay its own.
+        let mut reports = world.split(&(0..n).collect::<Vec<_>>()).map_err(TrainError::from)?;
+        let (rank, _stage, lead) = run_rank(rank_cfg, world, dataset, trace)?;
+        let origin_unix_us = trace.origin_unix_us().unwrap_or(0.0);
+        let mine = ProcessReport { rank, events: trace.events(), origin_unix_us };
+        let all = all_gather_json(&mut *reports, &mine).map_err(TrainError::from)?;
+        Ok::<_, HybridError>((lead, all))
+    })?;
     let Some(lead) = lead else { return Ok(None) };
+    // Rank 0's trace gets every rank's lanes, its report every rank's figures.
+    let mut ranks = Vec::with_capacity(n);
+    for other in all {
+        if other.rank.rank != 0 {
+            run.trace.merge(other.events, other.origin_unix_us);
+        }
+        ranks.push(other.rank);
+    }
     let device =
         format!("cpu ({} processes over TCP: dp {} x tp {} x pp {})", grid.world_size(), grid.dp, grid.tp, grid.pp);
-    Ok(Some(finish(run, lead, vec![rank], device)?))
+    Ok(Some(finish(run, lead, (ranks, Vec::new()), device)?))
 }
 // ANCHOR_END: train_process
 
 /// Bytes of one rank's memory at its peak, by category (0 where it held none).
 pub fn held(rank: &HybridRankReport, category: Category) -> u64 {
-    rank.stage.memory.at_peak.get(&category).copied().unwrap_or(0)
+    rank.memory.at_peak.get(&category).copied().unwrap_or(0)
 }

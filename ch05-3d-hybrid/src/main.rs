@@ -84,9 +84,9 @@ fn print_grid(r: &HybridReport, val_batches: usize) {
         if evaluations == 1 { "" } else { "s" }
     );
     for rank in &r.ranks {
-        let s = &rank.stage;
-        let tp_sent = s.stage_comm.total_sent();
-        let pp_sent = s.comm.sent.get(&Collective::SendRecv).copied().unwrap_or(0);
+        let s = rank;
+        let tp_sent = s.tensor_comm.total_sent();
+        let pp_sent = s.pipe_comm.sent.get(&Collective::SendRecv).copied().unwrap_or(0);
         let tp_total =
             steps * tensor_bytes_per_step(r, s) + evaluations * tensor_bytes_per_evaluation(r, s, val_batches);
         let pp_total =
@@ -104,7 +104,7 @@ fn print_grid(r: &HybridReport, val_batches: usize) {
             format_bytes(pp_sent),
             format_bytes(pp_total),
             format_bytes(data_bytes_per_step(r, s)),
-            format_bytes(s.dp_comm.total_sent()),
+            format_bytes(s.data_comm.total_sent()),
         );
     }
     println!(
@@ -114,7 +114,7 @@ fn print_grid(r: &HybridReport, val_batches: usize) {
         "    tensor   2(n-1)/n x 4 B x m x (4·L_s·bt·C + bt·C on the first stage + (bt·C + 2·bt) on the last) + gathers"
     );
     println!("    pipeline 4 B x m x bt·C per boundary each way; data 2(d-1)/d x 4 B x the stage's shard (+ the loss)");
-    let (n, m, v) = (r.grid.pp as f64, r.plan.micro_per_step as f64, r.ranks[0].stage.blocks.len() as f64);
+    let (n, m, v) = (r.grid.pp as f64, r.plan.micro_per_step as f64, r.ranks[0].blocks.len() as f64);
     println!(
         "  bubble             {:.1}% simulated (theory (p-1)/(v·m+p-1) = {:.1}%), {:.1}% with the stages' estimated costs{}",
         100.0 * r.plan.bubble,
@@ -127,14 +127,14 @@ fn print_grid(r: &HybridReport, val_batches: usize) {
         println!(
             "  rank {:<2} blocks {} | {} parameters ({} floats: its stage's shard), gradients {}, optimizer {}, activations {}, communication {}, peak {}",
             rank.rank,
-            rank.stage.blocks.iter().map(|b| format!("{b:?}")).collect::<Vec<_>>().join(" + "),
+            rank.blocks.iter().map(|b| format!("{b:?}")).collect::<Vec<_>>().join(" + "),
             format_bytes(held(rank, Category::Parameters)),
-            rank.stage.layout.total,
+            rank.shard_floats,
             format_bytes(held(rank, Category::Gradients)),
             format_bytes(held(rank, Category::OptimizerState)),
             format_bytes(held(rank, Category::Activations)),
             format_bytes(held(rank, Category::Communication)),
-            format_bytes(rank.stage.memory.peak_total),
+            format_bytes(rank.memory.peak_total),
         );
     }
 }

@@ -16,16 +16,16 @@ impl HybridReport {
             .ranks
             .iter()
             .map(|r| {
-                let mut rank = RankReport::new(r.rank, r.stage.memory.clone());
+                let mut rank = RankReport::new(r.rank, r.memory.clone());
                 for (axis, at) in [("dp", r.coords.dp), ("tp", r.coords.tp), ("pp", r.coords.pp)] {
                     rank.grid.insert(axis.into(), at);
                 }
-                rank.comm.insert("tp".into(), r.stage.stage_comm.clone());
-                rank.comm.insert("pp".into(), r.stage.comm.clone());
-                rank.comm.insert("dp".into(), r.stage.dp_comm.clone());
-                let blocks: Vec<[usize; 2]> = r.stage.blocks.iter().map(|b| [b.start, b.end]).collect();
+                rank.comm.insert("tp".into(), r.tensor_comm.clone());
+                rank.comm.insert("pp".into(), r.pipe_comm.clone());
+                rank.comm.insert("dp".into(), r.data_comm.clone());
+                let blocks: Vec<[usize; 2]> = r.blocks.iter().map(|b| [b.start, b.end]).collect();
                 rank.extra.insert("blocks".into(), json!(blocks));
-                rank.extra.insert("peak_in_flight".into(), json!(r.stage.peak_in_flight));
+                rank.extra.insert("peak_in_flight".into(), json!(r.peak_in_flight));
                 rank
             })
             .collect();

@@ -8,7 +8,7 @@ use ch01_single_gpu::TrainError;
 use ch01_single_gpu::config::ModelConfig;
 use ch01_single_gpu::model::{BlockComm, BlockShape, Head, HeadActivations};
 use ch01_single_gpu::params::{ParamLayout, ParamSpec, Placement};
-use ch03_tensor_parallel::tp_comm::{Fault, TpBlockComm, sum_f64_over_group};
+use ch03_tensor_parallel::tp_comm::{Fault, Stream, TpBlockComm, sum_f64_over_group};
 use ch03_tensor_parallel::vocab_parallel::{self, VocabShard};
 use ch04_pipeline::parts::StageParts;
 use kernels::comm::{CommError, CommStats, Communicator};
@@ -31,7 +31,7 @@ impl TpParts {
 
     /// Chapter 3's hook over this stage's group.
     fn hook(&mut self) -> TpBlockComm<'_> {
-        TpBlockComm { group: &mut *self.group, fault: self.fault }
+        TpBlockComm { group: &mut *self.group, stream: Stream::Replicated, fault: self.fault }
     }
 }
 
@@ -70,7 +70,17 @@ impl StageParts for TpParts {
         t: usize,
         c: usize,
     ) -> Result<(), CommError> {
-        vocab_parallel::embed_forward(&mut *self.group, x.cpu(), tokens, wte.cpu(), wpe.cpu(), &self.vocab, t, c)
+        vocab_parallel::embed_forward(
+            &mut *self.group,
+            Stream::Replicated,
+            x.cpu(),
+            tokens,
+            wte.cpu(),
+            wpe.cpu(),
+            &self.vocab,
+            t,
+            c,
+        )
     }
 
     fn embed_backward(
@@ -94,7 +104,17 @@ impl StageParts for TpParts {
         targets: Option<&[u32]>,
         bt: usize,
     ) -> Result<Option<f32>, TrainError> {
-        Ok(vocab_parallel::head_forward(&mut *self.group, head, model, x, acts, targets, &self.vocab, bt)?)
+        Ok(vocab_parallel::head_forward(
+            &mut *self.group,
+            Stream::Replicated,
+            head,
+            model,
+            x,
+            acts,
+            targets,
+            &self.vocab,
+            bt,
+        )?)
     }
 
     fn head_backward(
@@ -113,6 +133,7 @@ impl StageParts for TpParts {
         let group = &mut *self.group;
         Ok(vocab_parallel::head_backward(
             group,
+            Stream::Replicated,
             head,
             grads,
             model,

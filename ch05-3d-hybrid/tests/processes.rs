@@ -83,7 +83,14 @@ fn nproc_per_node_launches_the_grid_as_processes_bit_for_bit() {
     assert!(threads.status.success(), "{}", String::from_utf8_lossy(&threads.stderr));
     let out = output_within(ch05(dir.path(), "procs").args(["--nproc-per-node", "4"]), Duration::from_secs(120));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("4 processes over TCP"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("4 processes over TCP"), "{stdout}");
+    // Rank 0's summary has every process's figures, and the same bytes as on threads.
+    let threads_out = String::from_utf8_lossy(&threads.stdout);
+    let rank_lines =
+        |text: &str| text.lines().filter(|l| l.starts_with("  rank ")).map(String::from).collect::<Vec<_>>();
+    assert_eq!(rank_lines(&stdout).len(), 8, "two lines per rank: bytes and memory");
+    assert_eq!(rank_lines(&stdout), rank_lines(&threads_out));
     let (a, b) = (dir.path().join("threads.jsonl"), dir.path().join("procs.jsonl"));
     assert_eq!(losses(&a), losses(&b), "losses and gradient norms");
     let read = |name: &str| std::fs::read(dir.path().join(name).join("model.safetensors")).unwrap();
@@ -102,4 +109,56 @@ fn a_world_size_that_is_not_the_grid_is_one_line() {
     cmd.envs([("WORLD_SIZE", "8"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")]);
     let out = output_within(cmd.env("MASTER_PORT", &port), Duration::from_secs(60));
     assert_one_error_line(&out, "WORLD_SIZE is 8, but the grid --dp x --tp x --pp has 4 ranks");
+}
+
+#[test]
+fn a_killed_rank_ends_every_other_rank_with_one_line_naming_it() {
+    // A long run; once it trains, rank 2 (stage 1's tensor rank 0) is killed with SIGKILL: its
+    // tensor partner, its pipe and rank 0 must each end within seconds, naming it.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let mut job = Job((0..4)
+        .map(|rank| {
+            let mut cmd = ch05(dir.path(), "long");
+            cmd.args(["--steps", "1000000"]);
+            let rank = rank.to_string();
+            let vars = [("WORLD_SIZE", "4"), ("RANK", &rank), ("LOCAL_RANK", &rank), ("MASTER_ADDR", "127.0.0.1")];
+            cmd.envs(vars).env("MASTER_PORT", &port).stdout(Stdio::null()).stderr(Stdio::piped());
+            cmd.spawn().expect("a rank starts")
+        })
+        .collect());
+    let ranks = &mut job.0;
+    let metrics = dir.path().join("long.jsonl");
+    let started = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 2) {
+        assert!(started.elapsed() < Duration::from_secs(120), "the job never trained");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ranks[2].kill().expect("SIGKILL");
+    let killed = Instant::now();
+    for (rank, child) in ranks.iter_mut().enumerate().filter(|(r, _)| *r != 2) {
+        while child.try_wait().ok().flatten().is_none() {
+            assert!(killed.elapsed() < Duration::from_secs(30), "rank {rank} still runs 30 s after rank 2 was killed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    for (rank, child) in std::mem::take(ranks).into_iter().enumerate().filter(|(r, _)| *r != 2) {
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "rank {rank} exited 0");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(last.starts_with("error: rank 2 failed"), "rank {rank}'s last line: {stderr}");
+    }
+}
+
+/// The processes of a job, killed if a test fails before they end (no run is left behind).
+struct Job(Vec<std::process::Child>);
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

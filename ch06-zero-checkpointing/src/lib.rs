@@ -7,6 +7,7 @@
 //! checkpointing trades compute for the rest of the memory: what forward keeps, backward
 //! recomputes (`recompute.rs`).
 
+pub mod plan;
 pub mod rank;
 pub mod recompute;
 pub mod report;

@@ -170,7 +170,7 @@ fn print_pipelined(r: &HybridReport, zero: u8) {
         g.dp, g.tp, g.pp
     );
     for rank in r.ranks.iter().filter(|rank| rank.coords.tp == 0) {
-        let (total, at) = (rank.stage.layout.total, rank.coords);
+        let (total, at) = (rank.shard_floats, rank.coords);
         let owned = match zero {
             0 => total,
             _ => {
@@ -178,7 +178,7 @@ fn print_pipelined(r: &HybridReport, zero: u8) {
                 ((at.dp + 1) * s).min(total) - (at.dp * s).min(total)
             }
         };
-        let held = rank.stage.memory.peak.get(&Category::OptimizerState).copied().unwrap_or(0);
+        let held = rank.memory.peak.get(&Category::OptimizerState).copied().unwrap_or(0);
         println!(
             "  rank {:<3} (dp {}, pp {}) optimizer state {:>11}   formula: 8 x {owned} floats (stage {} holds Ψ_s = {total})",
             rank.rank,
@@ -215,5 +215,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // `ch06-zero-checkpointing plan ...`: the planner (its own flags).
+    if std::env::args_os().nth(1).is_some_and(|a| a == "plan") {
+        return ch06_zero_checkpointing::plan::main();
+    }
     run_main::<Cli>(run)
 }

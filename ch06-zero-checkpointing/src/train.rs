@@ -151,7 +151,7 @@ fn check(cfg: &ZeroConfig, grid: &GridShape) -> Result<ZeroStage, ZeroError> {
     }
     cfg.train.validate()?;
     // Chapter 3's checks of the split (heads, MLP, vocabulary), and the grid's size.
-    check_tp(&TpConfig { train: cfg.train.clone(), tp: grid.tp, dp: 1, fault: None })?;
+    check_tp(&TpConfig { train: cfg.train.clone(), tp: grid.tp, dp: 1, sequence_parallel: false, fault: None })?;
     if dp.saturating_mul(grid.tp) > MAX_THREAD_RANKS {
         return Err(ZeroError::TooManyGridRanks { dp, tp: grid.tp });
     }

@@ -19,6 +19,7 @@ use ch01_single_gpu::schedule::LrSchedule;
 use ch01_single_gpu::{TrainConfig, TrainReport};
 use ch03_tensor_parallel::cost::{
     CollectiveFloats, activation_floats_per_token, backward_collectives, forward_collectives, ring_bytes_sent,
+    sequence_parallel_activation_floats, step_collectives,
 };
 use ch03_tensor_parallel::tp_comm::Fault;
 use ch03_tensor_parallel::{TpConfig, TpReport};
@@ -35,7 +36,15 @@ fn tp(cfg: &TrainConfig, tp: usize) -> TpReport {
 }
 
 fn tp_dp(cfg: &TrainConfig, tp: usize, dp: usize) -> TpReport {
-    ch03_tensor_parallel::train(&TpConfig { train: cfg.clone(), tp, dp, fault: None }).unwrap()
+    run(cfg, tp, dp, false, None)
+}
+
+fn run(cfg: &TrainConfig, tp: usize, dp: usize, sequence_parallel: bool, fault: Option<Fault>) -> TpReport {
+    ch03_tensor_parallel::train(&TpConfig { train: cfg.clone(), tp, dp, sequence_parallel, fault }).unwrap()
+}
+
+fn grad_norms(r: &TrainReport) -> Vec<f32> {
+    r.steps.iter().map(|s| s.grad_norm).collect()
 }
 
 fn config() -> TrainConfig {
@@ -84,8 +93,7 @@ fn a_missing_all_reduce_is_caught() {
     // loss still falls, and only the gradients below each branch are wrong.
     let cfg = config();
     let single = ch01(&cfg);
-    let fault = Some(Fault::SkipInputGradSum);
-    let broken = ch03_tensor_parallel::train(&TpConfig { train: cfg.clone(), tp: 2, dp: 1, fault }).unwrap();
+    let broken = run(&cfg, 2, 1, false, Some(Fault::SkipInputGradSum));
     let first = [broken.report.losses()[0]];
     scale_tests::assert_close("the first loss, forward's: right", &first, &single.losses()[..1], RTOL);
     let check = std::panic::catch_unwind(|| assert_matches_ch01(&cfg, &single, &broken.report, PARAMS_RTOL));
@@ -93,23 +101,74 @@ fn a_missing_all_reduce_is_caught() {
 }
 // ANCHOR_END: equivalence_tests
 
+// ANCHOR: sequence_parallel_tests
+#[test]
+fn every_tp_and_dp_layout_matches_single_device_with_and_without_sequence_parallelism() {
+    // B·T = 128 tokens: 32, 64 or 128 per rank's stream. With dp 2, each replica has 64. The
+    // grid without sequence parallelism too (the tests above cover tp 1, 2 and 4 and tp 2 x dp 2
+    // with accumulation).
+    let cfg = config();
+    let single = ch01(&cfg);
+    let grid = [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2)];
+    for ((n, dp), sequence_parallel) in grid.into_iter().flat_map(|l| [(l, true), (l, false)]) {
+        eprintln!("tp = {n}, dp = {dp}, sequence parallel {sequence_parallel}");
+        let run = run(&cfg, n, dp, sequence_parallel, None);
+        assert_matches_ch01(&cfg, &single, &run.report, PARAMS_RTOL);
+        scale_tests::assert_close("loss", &single.losses(), &run.report.losses(), RTOL);
+        scale_tests::assert_close("grad norm", &grad_norms(&single), &grad_norms(&run.report), RTOL);
+        if n == 1 && dp == 1 {
+            assert_eq!(run.report.params, single.params, "one rank's stream is all of it: chapter 1, bit for bit");
+        }
+    }
+}
+
+#[test]
+fn forgetting_the_layernorm_gradient_sum_is_caught() {
+    // Each rank's LayerNorms then learn from its own tokens only: the loss still falls, and
+    // forward is right, but the gradient norm (rank 0's share) and the parameters are wrong.
+    let cfg = config();
+    let single = ch01(&cfg);
+    let broken = run(&cfg, 2, 1, true, Some(Fault::SkipLayerNormGradSum));
+    let losses = broken.report.losses();
+    assert!(losses.last() < losses.first(), "the loss still falls: {losses:?}");
+    scale_tests::assert_close("the first loss, forward's: right", &losses[..1], &single.losses()[..1], RTOL);
+    let norms = std::panic::catch_unwind(|| {
+        scale_tests::assert_close("grad norm", &grad_norms(&single), &grad_norms(&broken.report), RTOL)
+    });
+    assert!(norms.is_err(), "the gradient norms must differ");
+    let check = std::panic::catch_unwind(|| assert_matches_ch01(&cfg, &single, &broken.report, PARAMS_RTOL));
+    assert!(check.is_err(), "the check must see the missing sum");
+}
+// ANCHOR_END: sequence_parallel_tests
+
 // ANCHOR: bytes_test
 #[test]
 fn each_rank_sends_what_the_formula_says() {
-    for accum in [1, 2] {
+    for (accum, sequence_parallel) in [(1, false), (2, false), (1, true), (2, true)] {
         let cfg = TrainConfig { grad_accum: accum, ..config() };
         let bt = cfg.batch_size * cfg.seq_len.unwrap_or_default();
         for n in [2, 4] {
-            let run = tp(&cfg, n);
-            let (fwd, bwd) = (forward_collectives(&run.report.model, bt), backward_collectives(&run.report.model, bt));
-            let all_reduce = |f: CollectiveFloats| ring_bytes_sent(f, n).0;
+            let run = run(&cfg, n, 1, sequence_parallel, None);
+            let (model, stream) = (&run.report.model, run.stream());
+            let (fwd, bwd) = (forward_collectives(model, bt, n, stream), backward_collectives(model, bt, n, stream));
+            let bytes = |f: CollectiveFloats| ring_bytes_sent(f, n);
+            let step = bytes(step_collectives(model, stream));
+            // Two evaluations of two batches: forward only.
+            let (steps, evals) = (cfg.steps, 2 * cfg.val_batches as u64);
             for rank in &run.ranks {
-                assert_eq!(rank.sent_in_steps, cfg.steps * run.bytes_sent_per_step(), "tp {n}, rank {}", rank.rank);
-                // All of the all-reduces are the model's: forward and backward of each micro-batch,
-                // and forward of each validation batch (two evaluations of two batches).
-                let evals = 2 * cfg.val_batches as u64;
-                let expected = cfg.steps * accum as u64 * (all_reduce(fwd) + all_reduce(bwd)) + evals * all_reduce(fwd);
-                assert_eq!(rank.comm.sent[&Collective::AllReduce], expected, "tp {n}, rank {}", rank.rank);
+                let what = format!("tp {n}, sequence parallel {sequence_parallel}, accum {accum}, rank {}", rank.rank);
+                assert_eq!(rank.sent_in_steps, steps * run.bytes_sent_per_step(), "{what}");
+                // All of the all-reduces and reduce-scatters are the model's: forward and
+                // backward of each micro-batch, the LayerNorms' gradients of each step, and
+                // forward of each validation batch.
+                let model_bytes = |b: fn(&ch03_tensor_parallel::cost::RingBytes) -> u64| {
+                    steps * accum as u64 * (b(&bytes(fwd)) + b(&bytes(bwd))) + evals * b(&bytes(fwd))
+                };
+                let all_reduce = model_bytes(|b| b.all_reduce) + steps * step.all_reduce;
+                assert_eq!(rank.comm.sent[&Collective::AllReduce], all_reduce, "{what}");
+                let reduce_scatter = rank.comm.sent.get(&Collective::ReduceScatter).copied().unwrap_or(0);
+                assert_eq!(reduce_scatter, model_bytes(|b| b.reduce_scatter), "{what}");
+                assert_eq!(sequence_parallel, reduce_scatter > 0, "{what}: reduce-scatters only with the stream split");
             }
         }
     }
@@ -133,6 +192,28 @@ fn activation_memory_per_rank_is_the_formula() {
         }
     }
 }
+
+// ANCHOR: sequence_parallel_memory_test
+#[test]
+fn activation_memory_per_rank_with_sequence_parallelism_is_the_formula() {
+    let cfg = TrainConfig { eval_every: 0, val_batches: 1, ..tiny_config(1) };
+    let (b, t) = (cfg.batch_size, cfg.seq_len.unwrap_or_default());
+    for n in [1, 2, 4] {
+        let run = run(&cfg, n, 1, true, None);
+        let model = &run.report.model;
+        let floats = sequence_parallel_activation_floats(model, b * t, t, n);
+        if n == 1 {
+            assert_eq!(floats, b * t * activation_floats_per_token(model, t, 1), "one rank: nothing to split");
+        } else {
+            assert!(floats < b * t * activation_floats_per_token(model, t, n), "tp {n}: less than without");
+        }
+        for rank in &run.ranks {
+            let counted = rank.memory.at_peak[&Category::Activations];
+            assert_eq!(counted, 4 * floats as u64, "tp {n}, rank {}", rank.rank);
+        }
+    }
+}
+// ANCHOR_END: sequence_parallel_memory_test
 
 #[test]
 fn a_tp2_checkpoint_is_chapter_1s_and_resumes_under_any_layout() {
@@ -169,10 +250,8 @@ fn the_sample_is_generated_on_the_shards() {
 #[test]
 fn bad_tp_gets_a_clear_error() {
     let err = |cfg: &TrainConfig, n: usize| {
-        ch03_tensor_parallel::train(&TpConfig { train: cfg.clone(), tp: n, dp: 1, fault: None })
-            .err()
-            .unwrap()
-            .to_string()
+        let tp = TpConfig { train: cfg.clone(), tp: n, dp: 1, sequence_parallel: false, fault: None };
+        ch03_tensor_parallel::train(&tp).err().unwrap().to_string()
     };
     let cfg = config();
     assert!(err(&cfg, 0).contains("--tp must be at least 1"));
@@ -181,9 +260,17 @@ fn bad_tp_gets_a_clear_error() {
     let three_heads = TrainConfig { n_head: Some(3), n_embd: Some(96), ..config() };
     let vocab = err(&three_heads, 3);
     assert!(vocab.contains("--tp 3 does not divide the padded vocabulary of 256 rows"), "{vocab}");
-    let dp3 = ch03_tensor_parallel::train(&TpConfig { train: cfg.clone(), tp: 2, dp: 3, fault: None });
-    let dp3 = dp3.err().unwrap().to_string();
+    let dp3 = TpConfig { train: cfg.clone(), tp: 2, dp: 3, sequence_parallel: false, fault: None };
+    let dp3 = ch03_tensor_parallel::train(&dp3).err().unwrap().to_string();
     assert!(dp3.contains("batch of 4 sequences is not divisible by --dp 3"), "{dp3}");
+    // 3 x 5 = 15 tokens do not split 2 ways; without --sequence-parallel they need not.
+    let odd = TrainConfig { batch_size: 3, seq_len: Some(5), ..config() };
+    let sp = TpConfig { train: odd, tp: 2, dp: 1, sequence_parallel: true, fault: None };
+    let sp = ch03_tensor_parallel::train(&sp).err().unwrap().to_string();
+    assert!(
+        sp.contains("the 15 tokens of a micro-batch (batch 3 x seq_len 5, per replica) divisible by --tp 2"),
+        "{sp}"
+    );
     let gpu = TrainConfig { device: kernels::device::DeviceRequest::Cuda(0), ..config() };
     assert!(err(&gpu, 2).contains("threads on the CPU"));
 }
@@ -203,9 +290,11 @@ fn a_gpt2_sized_vocabulary_with_padding_matches_too() {
     let single = ch01(&cfg);
     let wte = single.layout.get("wte.weight").unwrap().clone();
     let padding = wte.offset + single.model.vocab_size * single.model.n_embd..wte.range().end;
-    for n in [2, 4] {
-        let run = tp(&cfg, n);
+    for (n, dp, sequence_parallel) in [(2, 1, false), (4, 1, false), (2, 1, true), (4, 1, true), (2, 2, true)] {
+        let run = run(&cfg, n, dp, sequence_parallel, None);
         assert_matches_ch01(&cfg, &single, &run.report, PARAMS_RTOL);
+        scale_tests::assert_close("loss", &single.losses(), &run.report.losses(), RTOL);
+        scale_tests::assert_close("grad norm", &grad_norms(&single), &grad_norms(&run.report), RTOL);
         assert!(run.report.params[padding.clone()].iter().all(|&p| p == 0.0), "tp {n}: padding rows stay zero");
     }
 }

@@ -85,7 +85,7 @@ fn micro_batches_interleaving_and_accumulation_match_chapter_1() {
         ..hybrid_config(&cfg, (1, 2, 2), 2)
     };
     let run = hybrid(&interleaved);
-    assert_eq!(run.ranks[0].stage.blocks, vec![0..1, 2..3], "stage 0 holds chunks 0 and 2");
+    assert_eq!(run.ranks[0].blocks, vec![0..1, 2..3], "stage 0 holds chunks 0 and 2");
     assert_matches(&cfg, &single, &run.report);
     let accumulating = TrainConfig { grad_accum: 2, ..config() };
     let single = ch01(&accumulating);
@@ -134,14 +134,14 @@ fn each_group_sends_what_its_formula_says() {
         let (steps, evaluations) = (r.report.steps.len() as u64, r.report.val_losses.len() as u64);
         assert_eq!((steps, evaluations), (3, 1));
         for rank in &r.ranks {
-            let s = &rank.stage;
+            let s = rank;
             let tensor = steps * tensor_bytes_per_step(&r, s) + evaluations * tensor_bytes_per_evaluation(&r, s, 1);
-            assert_eq!(s.stage_comm.total_sent(), tensor, "{grid:?}: rank {} in its tensor group", rank.rank);
+            assert_eq!(s.tensor_comm.total_sent(), tensor, "{grid:?}: rank {} in its tensor group", rank.rank);
             let pipe = steps * pipeline_bytes_per_step(&r, s) + evaluations * pipeline_bytes_per_evaluation(&r, s, 1);
-            assert_eq!(s.comm.sent[&Collective::SendRecv], pipe, "{grid:?}: rank {} to its pipe", rank.rank);
+            assert_eq!(s.pipe_comm.sent[&Collective::SendRecv], pipe, "{grid:?}: rank {} to its pipe", rank.rank);
             // The gradients, and a few floats more (the loss, averaged over the replicas).
             let data = steps * data_bytes_per_step(&r, s);
-            let sent = s.dp_comm.total_sent();
+            let sent = s.data_comm.total_sent();
             assert!(
                 sent >= data && sent <= data + 64,
                 "{grid:?}: rank {} sent {sent} to its replicas, {data} by the formula",
@@ -156,16 +156,19 @@ fn each_group_sends_what_its_formula_says() {
 fn replicas_and_the_tied_copies_end_bit_identical() {
     let cfg = config();
     let r = hybrid(&hybrid_config(&cfg, (2, 2, 2), 2));
-    let at = |dp, tp, pp| r.ranks.iter().find(|x| (x.coords.dp, x.coords.tp, x.coords.pp) == (dp, tp, pp)).unwrap();
-    let wte = |x: &ch05_3d_hybrid::HybridRankReport| {
-        let spec = x.stage.layout.get("wte.weight").unwrap();
-        x.stage.params[spec.range()].to_vec()
+    let at = |dp, tp, pp| {
+        let rank = r.ranks.iter().position(|x| (x.coords.dp, x.coords.tp, x.coords.pp) == (dp, tp, pp)).unwrap();
+        &r.stages[rank]
+    };
+    let wte = |s: &ch04_pipeline::StageReport| {
+        let spec = s.layout.get("wte.weight").unwrap();
+        s.params[spec.range()].to_vec()
     };
     for tp in 0..2 {
         // Stage 0 and stage 1 of one pipe hold the same vocabulary rows of the tied embedding.
         assert!(wte(at(0, tp, 0)) == wte(at(0, tp, 1)), "tensor rank {tp}: the tied copies differ");
         for pp in 0..2 {
-            assert!(at(0, tp, pp).stage.params == at(1, tp, pp).stage.params, "tp {tp}, pp {pp}: replicas differ");
+            assert!(at(0, tp, pp).params == at(1, tp, pp).params, "tp {tp}, pp {pp}: replicas differ");
         }
     }
     assert!(wte(at(0, 0, 0)) != wte(at(0, 1, 0)), "the tensor ranks hold different rows");
@@ -185,8 +188,12 @@ fn checkpoints_are_layout_independent() {
     hybrid(&hybrid_config(&TrainConfig { save: Some(grid_ckpt.clone()), ..two }, (2, 2, 2), 1));
     let from_grid = ch01(&TrainConfig { resume: Some(grid_ckpt.clone()), ..four.clone() });
     assert_matches(&four, &reference, &from_grid);
-    let resumed = hybrid(&hybrid_config(&TrainConfig { resume: Some(grid_ckpt), ..four.clone() }, (1, 2, 2), 2));
-    assert_eq!(resumed.report.steps.first().map(|s| s.step), Some(3));
-    assert_matches(&four, &reference, &resumed.report);
+    // The case: saved by dp 2 x tp 2 x pp 2, resumed by tp 4 x pp 2 (and by 1 x 2 x 2).
+    for (grid, m) in [((1, 4, 2), 1), ((1, 2, 2), 2)] {
+        let resume = TrainConfig { resume: Some(grid_ckpt.clone()), ..four.clone() };
+        let resumed = hybrid(&hybrid_config(&resume, grid, m));
+        assert_eq!(resumed.report.steps.first().map(|s| s.step), Some(3));
+        assert_matches(&four, &reference, &resumed.report);
+    }
 }
 // ANCHOR_END: checkpoint_test

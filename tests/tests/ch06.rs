@@ -294,14 +294,14 @@ fn zero_1_with_pipelines_matches_single_device_and_keeps_a_shard_of_each_stages_
         assert_matches_ch01(&cfg, &single, &sharded.report, 2e-5); // chapter 5's tolerance
         for (z, p) in sharded.ranks.iter().zip(&plain.ranks) {
             // Each stage's buffer of Ψ_s floats, padded to N·S: replica r owns [r·S, (r+1)·S).
-            let (total, r) = (z.stage.layout.total, z.coords.dp);
+            let (total, r) = (z.shard_floats, z.coords.dp);
             let s = total.div_ceil(dp);
             let owned = ((r + 1) * s).min(total) - (r * s).min(total);
-            let peak = |rank: &ch05_3d_hybrid::HybridRankReport| rank.stage.memory.peak[&Category::OptimizerState];
+            let peak = |rank: &ch05_3d_hybrid::HybridRankReport| rank.memory.peak[&Category::OptimizerState];
             assert_eq!(peak(p), 8 * total as u64, "rank {}: zero 0 keeps 8 bytes a float of its stage", z.rank);
             assert_eq!(peak(z), 8 * owned as u64, "rank {}: zero 1 keeps them for its shard only", z.rank);
             // Reduce-scatter + all-gather move what the all-reduce moved: 2(N-1)/N of the stage.
-            let sent = |rank: &ch05_3d_hybrid::HybridRankReport| rank.stage.dp_comm.total_sent();
+            let sent = |rank: &ch05_3d_hybrid::HybridRankReport| rank.data_comm.total_sent();
             // (The padding, under N floats, and a few scalars a step aside: losses, the norm.)
             let ring = |floats: usize| 2 * (dp as u64 - 1) * 4 * floats as u64 / dp as u64 * cfg.steps;
             for (zero, rank) in [(1, z), (0, p)] {

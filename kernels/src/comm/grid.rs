@@ -11,10 +11,11 @@
 //! torchtitan and DeepSpeed order their grids the same way.
 
 use super::Rank;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// One rank's place in the grid.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Coords {
     pub dp: usize,
     pub tp: usize,
