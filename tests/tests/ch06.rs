@@ -272,6 +272,18 @@ fn every_stage_and_recompute_on_dp_2_x_tp_2_matches_single_device_and_holds_the_
             }
             let acts = (run.activations.total() * run.tokens_per_rank * 4) as u64;
             assert_eq!(rank.memory.peak[&Category::Activations], acts, "zero {stage}: activations on the shard");
+            // The data-parallel group moves ZeRO's bytes of the shard: 2(N-1)/N of its gradient
+            // at stages 1 and 2, 1.5 times that at stage 3 (and 3 scalars from each rank).
+            use kernels::comm::Collective::{AllGather, ReduceScatter};
+            let n = 2u64;
+            let ring = 2 * (n - 1) * 4 * run.units.iter().map(|u| u.padded(2) as u64).sum::<u64>() / n;
+            let get = |c| rank.step_comm.sent.get(&c).copied().unwrap_or(0);
+            let zero_bytes = (get(ReduceScatter) + get(AllGather)).saturating_sub((n - 1) * 3 * 4);
+            match stage {
+                1 | 2 => assert_eq!(zero_bytes, ring, "zero {stage}, rank {}", rank.rank),
+                3 => assert_eq!(2 * zero_bytes, 3 * ring, "zero 3, rank {}", rank.rank),
+                _ => {}
+            }
         }
     }
 }
