@@ -6,6 +6,11 @@
 //! shards and the memory formulas; `rank.rs`: the rank that trains with them). Activation
 //! checkpointing trades compute for the rest of the memory: what forward keeps, backward
 //! recomputes (`recompute.rs`).
+//!
+//! On chapter 5's grid (`train_on_grid`, `train_pipelined`): with tensor parallelism, ZeRO
+//! shards each tensor rank's own parameters over its data-parallel group, at every stage; with
+//! pipelines, stage 1 runs inside chapter 4's stage (`Stage::sharding_optimizer`), and stages
+//! 2 and 3 are refused with the reason.
 
 pub mod plan;
 pub mod rank;
