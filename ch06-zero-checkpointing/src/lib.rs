@@ -21,7 +21,7 @@ pub mod zero;
 
 pub use recompute::Recompute;
 pub use train::{
-    GridShape, ZeroConfig, ZeroError, ZeroRankReport, ZeroReport, pipelined_config, train, train_on_grid,
-    train_pipelined,
+    GridShape, Ran, ZeroConfig, ZeroError, ZeroRankReport, ZeroReport, check_launch, pipelined_config, train,
+    train_on_grid, train_pipelined, train_this_process,
 };
 pub use zero::ZeroStage;

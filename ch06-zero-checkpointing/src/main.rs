@@ -1,16 +1,19 @@
 //! `ch06-zero-checkpointing`: chapter 2's data parallelism with ZeRO (the model state sharded
 //! over the ranks) and activation checkpointing.
 
-use ch01_single_gpu::cli::{CommonArgs, print_summary, run_main};
+use ch01_single_gpu::cli::{CommonArgs, RunOutputs, print_summary, run_main};
+use ch01_single_gpu::plot::LossCurves;
 use ch04_pipeline::schedule::ScheduleKind;
 use ch05_3d_hybrid::HybridReport;
 use ch06_zero_checkpointing::recompute::ActivationFloats;
 use ch06_zero_checkpointing::zero::predict;
 use ch06_zero_checkpointing::{
-    GridShape, Recompute, ZeroConfig, ZeroReport, ZeroStage, pipelined_config, train_on_grid, train_pipelined,
+    GridShape, Ran, Recompute, ZeroConfig, ZeroReport, ZeroStage, check_launch, pipelined_config, train_on_grid,
+    train_pipelined, train_this_process,
 };
 use clap::Parser;
 use kernels::Category;
+use kernels::comm::process::{Ranks, launch_this_program};
 use kernels::memory::format_bytes;
 use std::process::ExitCode;
 
@@ -22,7 +25,8 @@ use std::process::ExitCode;
 /// activation memory. With --tp, ZeRO shards each tensor rank's own parameters over its
 /// data-parallel group (every stage); with --pp, the run is chapter 5's pipeline with ZeRO-1
 /// over each data-parallel group (stages 2 and 3 are refused: see the error). On the CPU the
-/// ranks are threads. With the same seed and global batch, the losses are chapter 1's.
+/// ranks are threads, or processes with --nproc-per-node (or under torchrun). With the same seed
+/// and global batch, the losses are chapter 1's.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, args_override_self = true)]
 struct Cli {
@@ -40,6 +44,12 @@ struct Cli {
     recompute: Recompute,
     #[command(flatten)]
     grid: GridArgs,
+    /// Run each rank as a process of its own (this program started K times, the ranks talking
+    /// over TCP on 127.0.0.1) instead of a thread; K must be the grid's size (--dp x --tp x
+    /// --pp). Under torchrun or another launcher, leave it out: the environment (WORLD_SIZE,
+    /// RANK, ...) says the ranks are processes.
+    #[arg(long, allow_negative_numbers = true)]
+    nproc_per_node: Option<usize>,
 }
 
 /// Chapter 5's grid flags beside --dp.
@@ -191,27 +201,67 @@ fn print_pipelined(r: &HybridReport, zero: u8) {
 }
 // ANCHOR_END: print_pipelined
 
+// ANCHOR: run
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let ranks = Ranks::from_env(cli.nproc_per_node)?;
     let outputs = cli.common.outputs.clone();
     let grid = cli.grid.shape();
     let cfg = ZeroConfig { train: cli.common.into_config()?, dp: cli.dp, zero: cli.zero, recompute: cli.recompute };
-    if grid.pp > 1 {
-        let hybrid = pipelined_config(&cfg, &grid)?; // ZeRO's refusals, before anything starts
-        let compare = outputs.prepare()?;
-        let report = train_pipelined(&cfg, &grid)?;
-        print_summary(&report.report);
-        print_pipelined(&report, cfg.zero);
-        // Chapter 5's report, said to be this chapter's run, with its ZeRO stage.
-        let mut run_report = report.run_report(&hybrid);
-        run_report.chapter = "ch06-zero-checkpointing".into();
-        run_report.extra.insert("zero".into(), serde_json::json!(cfg.zero));
-        return outputs.write(&run_report, compare);
-    }
-    let compare = outputs.prepare()?;
+    let compare = match ranks {
+        // Bad settings get their one line here, before any process starts.
+        Ranks::Launcher { nproc } => {
+            outputs.prepare()?;
+            check_launch(&cfg, &grid, nproc)?;
+            return Ok(launch_this_program(nproc)?);
+        }
+        // One rank of the job: rank 0 prints and writes for the run; the others only train.
+        Ranks::Process(config) => {
+            let compare = if config.rank == 0 { outputs.prepare()? } else { None };
+            let Some(ran) = train_this_process(&cfg, &grid, &config)? else { return Ok(()) };
+            return match ran {
+                Ran::Grid(report) => print_grid_run(&cfg, &report, &outputs, compare),
+                Ran::Pipelined(report) => print_pipelined_run(&cfg, &grid, &report, &outputs, compare),
+            };
+        }
+        Ranks::Threads if grid.pp > 1 => {
+            pipelined_config(&cfg, &grid)?; // ZeRO's refusals, before anything starts
+            let compare = outputs.prepare()?;
+            let report = train_pipelined(&cfg, &grid)?;
+            return print_pipelined_run(&cfg, &grid, &report, &outputs, compare);
+        }
+        Ranks::Threads => outputs.prepare()?,
+    };
     let report = train_on_grid(&cfg, &grid)?;
+    print_grid_run(&cfg, &report, &outputs, compare)
+}
+// ANCHOR_END: run
+
+fn print_grid_run(
+    cfg: &ZeroConfig,
+    report: &ZeroReport,
+    outputs: &RunOutputs,
+    compare: Option<LossCurves>,
+) -> anyhow::Result<()> {
     print_summary(&report.report);
-    print_zero(&report);
-    outputs.write(&report.run_report(&cfg), compare)
+    print_zero(report);
+    outputs.write(&report.run_report(cfg), compare)
+}
+
+fn print_pipelined_run(
+    cfg: &ZeroConfig,
+    grid: &GridShape,
+    report: &HybridReport,
+    outputs: &RunOutputs,
+    compare: Option<LossCurves>,
+) -> anyhow::Result<()> {
+    let hybrid = pipelined_config(cfg, grid)?;
+    print_summary(&report.report);
+    print_pipelined(report, cfg.zero);
+    // Chapter 5's report, said to be this chapter's run, with its ZeRO stage.
+    let mut run_report = report.run_report(&hybrid);
+    run_report.chapter = "ch06-zero-checkpointing".into();
+    run_report.extra.insert("zero".into(), serde_json::json!(cfg.zero));
+    outputs.write(&run_report, compare)
 }
 
 fn main() -> ExitCode {

@@ -22,9 +22,13 @@ use ch05_3d_hybrid::{HybridConfig, HybridError, HybridReport};
 use kernels::comm::CommStats;
 use kernels::comm::Communicator;
 use kernels::comm::grid::{Grid, GroupKind};
+use kernels::comm::process::{all_gather_json, run_rank as run_process_rank};
+use kernels::comm::rendezvous::RendezvousConfig;
 use kernels::comm::thread::{LaunchError, launch};
 use kernels::device::DeviceRequest;
+use kernels::trace::TraceEvent;
 use kernels::{DType, Device, MemoryReport, Trace, View};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 #[derive(Clone, Debug)]
@@ -95,14 +99,20 @@ pub enum ZeroError {
     MicrobatchesWithoutPipeline(usize),
     #[error(transparent)]
     Hybrid(#[from] HybridError),
+    #[error(
+        "--nproc-per-node {nproc} starts {nproc} ranks, but the grid --dp x --tp x --pp has {grid}: one process per rank"
+    )]
+    NprocNotGrid { nproc: usize, grid: usize },
+    #[error("WORLD_SIZE is {world}, but the grid --dp x --tp x --pp has {grid} ranks: start one process per rank")]
+    WorldSize { world: usize, grid: usize },
     #[error(transparent)]
     Launch(#[from] LaunchError),
     #[error("rank 0 returned no report")]
     NoReport,
 }
 
-/// One rank's account of a run.
-#[derive(Clone, Debug)]
+/// One rank's account of a run. Serializable: process ranks send it to rank 0.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ZeroRankReport {
     /// Its rank in the grid (rank = tp_rank + tp · dp_rank), and its coordinates.
     pub rank: usize,
@@ -197,7 +207,7 @@ fn grid_groups(
 /// One rank: its trainer over the data-parallel group, driven by chapter 1's loop.
 fn run_rank(
     cfg: &ZeroConfig,
-    (stage, tp): (ZeroStage, usize),
+    (stage, tp, processes): (ZeroStage, usize, bool),
     world: Box<dyn Communicator>,
     dataset: Arc<Dataset>,
     trace: &Trace,
@@ -222,8 +232,9 @@ fn run_rank(
         _ => format!(" | tensor parallel: {tp} ranks, {} heads each", m.n_head / tp),
     };
     let header = format!(
-        "device: cpu ({} thread ranks) | dtype: f32 | model: {} layers, {} heads, {} dims, {:.2}M parameters | tokenizer: {:?} | data parallel: {dp} ranks, {rows} rows each{tensor} | ZeRO stage {stage} | recompute {}",
+        "device: cpu ({} {}) | dtype: f32 | model: {} layers, {} heads, {} dims, {:.2}M parameters | tokenizer: {:?} | data parallel: {dp} ranks, {rows} rows each{tensor} | ZeRO stage {stage} | recompute {}",
         dp * tp,
+        if processes { "processes over TCP" } else { "thread ranks" },
         m.n_layer,
         m.n_head,
         m.n_embd,
@@ -256,6 +267,38 @@ pub fn train(cfg: &ZeroConfig) -> Result<ZeroReport, ZeroError> {
 
 /// The same on a dp x tp grid: `dp * tp` thread ranks, ZeRO over each data-parallel group.
 pub fn train_on_grid(cfg: &ZeroConfig, grid: &GridShape) -> Result<ZeroReport, ZeroError> {
+    let run = prepare(cfg, grid)?;
+    let (rank_cfg, rank_trace, dataset) = (run.cfg.clone(), run.trace.clone(), run.dataset.clone());
+    let (stage, tp) = (run.stage, run.tp);
+    let results = launch(run.cfg.dp * tp, move |comm| {
+        run_rank(&rank_cfg, (stage, tp, false), Box::new(comm), dataset.clone(), &rank_trace)
+    })?;
+    let mut ranks = Vec::new();
+    let (mut leader, mut units) = (None, Vec::new());
+    for result in results {
+        leader = leader.or(result.leader);
+        units = result.units;
+        ranks.push(result.report);
+    }
+    let leader = leader.ok_or(ZeroError::NoReport)?;
+    let device = match tp {
+        1 => format!("cpu ({} data-parallel ranks on threads)", run.cfg.dp),
+        _ => format!("cpu ({} thread ranks: dp {} x tp {tp})", run.cfg.dp * tp, run.cfg.dp),
+    };
+    finish(run, leader, (ranks, units), device)
+}
+// ANCHOR_END: train
+
+/// What every run checks and loads before its ranks start, threads or processes.
+struct Prepared {
+    cfg: ZeroConfig,
+    stage: ZeroStage,
+    tp: usize,
+    dataset: Arc<Dataset>,
+    trace: Trace,
+}
+
+fn prepare(cfg: &ZeroConfig, grid: &GridShape) -> Result<Prepared, ZeroError> {
     if grid.pp > 1 {
         return Err(ZeroError::Train(TrainError::OutOfRange {
             flag: "--pp",
@@ -267,29 +310,31 @@ pub fn train_on_grid(cfg: &ZeroConfig, grid: &GridShape) -> Result<ZeroReport, Z
         return Err(ZeroError::MicrobatchesWithoutPipeline(grid.microbatches));
     }
     let stage = check(cfg, grid)?;
-    let tp = grid.tp;
-    let cfg = &ZeroConfig { train: TrainConfig { device: DeviceRequest::Cpu, ..cfg.train.clone() }, ..cfg.clone() };
+    let cfg = ZeroConfig { train: TrainConfig { device: DeviceRequest::Cpu, ..cfg.train.clone() }, ..cfg.clone() };
     let tokenizer = Tokenizer::new(cfg.train.tokenizer);
     let model = model_config(&cfg.train, tokenizer.vocab_size())?;
-    let t = check_config(&cfg.train, &model)?;
+    check_config(&cfg.train, &model)?;
     let dataset = Arc::new(load_dataset(&cfg.train.data, &tokenizer)?);
     let trace = if cfg.train.trace.is_some() { Trace::enabled() } else { Trace::disabled() };
-    let (rank_cfg, rank_trace) = (cfg.clone(), trace.clone());
-    let results = launch(cfg.dp * tp, move |comm| {
-        run_rank(&rank_cfg, (stage, tp), Box::new(comm), dataset.clone(), &rank_trace)
-    })?;
+    Ok(Prepared { cfg, stage, tp: grid.tp, dataset, trace })
+}
+
+/// ...and after, from rank 0's loop and model and every rank's report: the trace written, the
+/// sample drawn, the run's report.
+fn finish(
+    run: Prepared,
+    (LoopOutcome { steps, val_losses, train_seconds }, params): (LoopOutcome, Vec<f32>),
+    (ranks, units): (Vec<ZeroRankReport>, Vec<Unit>),
+    device: String,
+) -> Result<ZeroReport, ZeroError> {
+    let Prepared { cfg, stage, tp, trace, .. } = run;
     if let Some(path) = &cfg.train.trace {
         trace.write_chrome_json(path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
     }
-    let mut ranks = Vec::new();
-    let (mut leader, mut units) = (None, Vec::new());
-    for result in results {
-        leader = leader.or(result.leader);
-        units = result.units;
-        ranks.push(result.report);
-    }
-    let (LoopOutcome { steps, val_losses, train_seconds }, params) = leader.ok_or(ZeroError::NoReport)?;
     let train = &cfg.train;
+    let tokenizer = Tokenizer::new(train.tokenizer);
+    let model = model_config(train, tokenizer.vocab_size())?;
+    let t = check_config(train, &model)?;
     let layout = ch01_single_gpu::params::ParamLayout::new(&model);
     let sample = match train.sample_tokens {
         0 => None,
@@ -306,10 +351,7 @@ pub fn train_on_grid(cfg: &ZeroConfig, grid: &GridShape) -> Result<ZeroReport, Z
     let report = TrainReport {
         model: model.clone(),
         tokenizer: train.tokenizer,
-        device: match tp {
-            1 => format!("cpu ({} data-parallel ranks on threads)", cfg.dp),
-            _ => format!("cpu ({} thread ranks: dp {} x tp {tp})", cfg.dp * tp, cfg.dp),
-        },
+        device,
         dtype: DType::F32,
         flops_per_token: model.flops_per_token(t),
         peak_flops: None,
@@ -336,7 +378,82 @@ pub fn train_on_grid(cfg: &ZeroConfig, grid: &GridShape) -> Result<ZeroReport, Z
         seq_len: t,
     })
 }
-// ANCHOR_END: train
+
+/// `--nproc-per-node K`, before any process starts: the run's own checks, and K the grid's size.
+pub fn check_launch(cfg: &ZeroConfig, grid: &GridShape, nproc: usize) -> Result<(), ZeroError> {
+    if grid.pp > 1 {
+        return Ok(ch05_3d_hybrid::hybrid::check_launch(&pipelined_config(cfg, grid)?, nproc)?);
+    }
+    prepare(cfg, grid)?;
+    let ranks = cfg.dp * grid.tp;
+    if nproc != ranks {
+        return Err(ZeroError::NprocNotGrid { nproc, grid: ranks });
+    }
+    Ok(())
+}
+
+/// What a process rank hands rank 0 at the end: its figures and its lanes of the trace.
+#[derive(Serialize, Deserialize)]
+struct ProcessReport {
+    rank: ZeroRankReport,
+    events: Vec<TraceEvent>,
+    origin_unix_us: f64,
+}
+
+// ANCHOR: train_process
+/// This process is one rank of the grid (`config`: `WORLD_SIZE`, `RANK`, `MASTER_ADDR`,
+/// `MASTER_PORT`, as `--nproc-per-node` or torchrun sets them): the same `run_rank` as a thread
+/// rank's, over TCP, under chapter 2's process runner. Rank 0 returns the run's report, with
+/// every rank's figures; the other ranks return `None`. With `--pp`, chapter 5's process rank.
+pub fn train_this_process(
+    cfg: &ZeroConfig,
+    grid: &GridShape,
+    config: &RendezvousConfig,
+) -> Result<Option<Ran>, ZeroError> {
+    if grid.pp > 1 {
+        let hybrid = pipelined_config(cfg, grid)?;
+        let report = ch05_3d_hybrid::hybrid::train_this_process(&hybrid, config)?;
+        return Ok(report.map(Ran::Pipelined));
+    }
+    let run = prepare(cfg, grid)?;
+    let n = run.cfg.dp * run.tp;
+    // Checked before meeting the other ranks, which would wait for ranks that never come.
+    if config.world_size != n {
+        return Err(ZeroError::WorldSize { world: config.world_size, grid: n });
+    }
+    let (stage, tp) = (run.stage, run.tp);
+    let (rank_cfg, dataset, trace) = (&run.cfg, run.dataset.clone(), &run.trace);
+    let (lead, all) = run_process_rank(config, |mut world| {
+        // The reports travel on a group of their own: the training's byte counts stay its own.
+        let mut reports = world.split(&(0..n).collect::<Vec<_>>()).map_err(TrainError::from)?;
+        let result = run_rank(rank_cfg, (stage, tp, true), Box::new(world), dataset, trace)?;
+        let origin_unix_us = trace.origin_unix_us().unwrap_or(0.0);
+        let mine = ProcessReport { rank: result.report, events: trace.events(), origin_unix_us };
+        let all = all_gather_json(&mut *reports, &mine).map_err(TrainError::from)?;
+        Ok::<_, ZeroError>((result.leader.map(|lead| (lead, result.units)), all))
+    })?;
+    let Some((lead, units)) = lead else { return Ok(None) };
+    // Rank 0's trace gets every rank's lanes, its report every rank's figures.
+    let mut ranks = Vec::with_capacity(n);
+    for other in all {
+        if other.rank.rank != 0 {
+            run.trace.merge(other.events, other.origin_unix_us);
+        }
+        ranks.push(other.rank);
+    }
+    let device = match tp {
+        1 => format!("cpu ({n} data-parallel ranks as processes over TCP)"),
+        _ => format!("cpu ({n} processes over TCP: dp {} x tp {tp})", run.cfg.dp),
+    };
+    Ok(Some(Ran::Grid(finish(run, lead, (ranks, units), device)?)))
+}
+// ANCHOR_END: train_process
+
+/// What rank 0 of a process job ends with: chapter 6's report, or chapter 5's with pipelines.
+pub enum Ran {
+    Grid(ZeroReport),
+    Pipelined(HybridReport),
+}
 
 // ANCHOR: train_pipelined
 /// ZeRO with pipelines: chapter 5's dp x tp x pp run, with ZeRO-1 over each data-parallel

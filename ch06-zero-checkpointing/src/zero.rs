@@ -11,7 +11,7 @@
 
 use ch01_single_gpu::params::{ParamLayout, Part};
 use kernels::Category;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
 /// `--zero`: what is sharded over the data-parallel group (each stage adds one thing).
@@ -144,7 +144,7 @@ pub fn theory(stage: ZeroStage, psi: f64, n: f64, bytes: StateBytes) -> StateMem
 
 /// One named term of a prediction: `theory` marks the paper's terms (the others are what this
 /// implementation keeps on top: padding, gathered units, staging buffers).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Term {
     pub category: Category,
     pub name: String,
@@ -153,7 +153,7 @@ pub struct Term {
 }
 
 /// The peak bytes of each category the ledger must show on one rank, as named terms.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Prediction {
     pub terms: Vec<Term>,
 }
