@@ -106,6 +106,24 @@ fn nproc_per_node_runs_dp_2_x_tp_2_zero_3_as_four_processes_bit_for_bit() {
 }
 
 #[test]
+fn with_pipelines_the_processes_are_chapter_5s_with_zero_1_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = ["--dp", "1", "--pp", "2", "--microbatches", "2", "--zero", "1"];
+    let threads = output_within(&mut ch06(dir.path(), "threads", &grid), Duration::from_secs(60));
+    assert!(threads.status.success(), "{}", String::from_utf8_lossy(&threads.stderr));
+    let out = output_within(ch06(dir.path(), "procs", &grid).args(["--nproc-per-node", "2"]), Duration::from_secs(60));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Both stages' optimizer state beside ZeRO-1's formula, as the threads measured it.
+    assert_eq!(zero_section(&out).len(), 4, "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(zero_section(&out), zero_section(&threads));
+    assert_same_run(dir.path(), 3);
+    // ZeRO's own refusal comes first, before any process starts.
+    let refused = ["--dp", "1", "--pp", "2", "--microbatches", "2", "--zero", "2", "--nproc-per-node", "2"];
+    let out = output_within(&mut ch06(dir.path(), "refused", &refused), Duration::from_secs(30));
+    assert_one_error_line(&out, "--zero 2 with --pp > 1 is refused");
+}
+
+#[test]
 fn a_world_size_that_is_not_the_grid_is_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port().to_string();
