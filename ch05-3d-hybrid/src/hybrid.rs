@@ -157,7 +157,10 @@ pub fn check_hybrid(cfg: &HybridConfig, model: &ModelConfig) -> Result<(), Hybri
     if p.schedule == ScheduleKind::ZbH1 {
         return Err(HybridError::ZeroBubble);
     }
-    check(&PipelineConfig { dp: 1, ..p.clone() }, model)?;
+    // The pipe alone first (dp 1, and batch 0, which skips the batch's split: an error about
+    // it would name dp 1; it is checked with the real --dp below).
+    let pipe_alone = PipelineConfig { dp: 1, train: TrainConfig { batch_size: 0, ..p.train.clone() }, ..p.clone() };
+    check(&pipe_alone, model)?;
     check_tp(&TpConfig { train: p.train.clone(), tp: cfg.tp, dp: 1, sequence_parallel: false, fault: None })?;
     let (dp, tp, pp) = (p.dp, cfg.tp, p.pp);
     if dp.saturating_mul(tp).saturating_mul(pp) > MAX_THREAD_RANKS {

@@ -58,6 +58,9 @@ fn bad_input_is_one_line_before_any_rank_starts() {
             "is 80 ranks, more than are available",
         ),
         (vec!["--dp", "2", "--microbatches", "4"], "does not divide the batch of 4 sequences"),
+        // The message names the real --dp (the pipe's own checks run first, with dp 1).
+        (vec!["--dp", "2", "--microbatches", "3"], "--microbatches 3 x --dp 2 does not divide the batch of 4"),
+        (vec!["--schedule", "zb-h1"], "--schedule zb-h1 is chapter 4's"),
         (vec!["--virtual-stages", "2"], "needs --schedule interleaved"),
         (vec!["--device", "cuda"], "--device cuda"),
     ] {
