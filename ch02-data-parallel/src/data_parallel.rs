@@ -65,7 +65,7 @@ pub enum DpError {
     )]
     WorldSizeMismatch { dp: usize, world: usize },
     #[error(
-        "chapter 2's ranks are threads on the CPU (GPU ranks communicate through NCCL, which chapter 5 uses); run it with --device cpu or auto"
+        "chapter 2's ranks are threads or processes on the CPU (GPU ranks, over NCCL, are not built yet); run it with --device cpu or auto"
     )]
     GpuRanks,
 }

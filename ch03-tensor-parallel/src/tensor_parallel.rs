@@ -92,7 +92,7 @@ pub enum TpError {
     #[error(transparent)]
     Shard(#[from] ShardError),
     #[error(
-        "chapter 3's ranks are threads on the CPU (GPU ranks communicate through NCCL, which chapter 5 uses); run it with --device cpu or auto"
+        "chapter 3's ranks are threads on the CPU (GPU ranks, over NCCL, are not built yet); run it with --device cpu or auto"
     )]
     GpuRanks,
     /// A rank failed: which one, and why.

@@ -63,7 +63,7 @@ pub enum PipelineError {
     )]
     MicrobatchesNotDividing { m: usize, dp: usize, batch: usize },
     #[error(
-        "chapter 4's stages are threads on the CPU (GPU stages communicate through NCCL, which chapter 5 uses); run it with --device cpu or auto"
+        "chapter 4's stages are threads on the CPU (GPU stages, over NCCL, are not built yet); run it with --device cpu or auto"
     )]
     GpuRanks,
     #[error(

@@ -78,7 +78,7 @@ pub enum ZeroError {
     )]
     BatchNotDivisible { batch: usize, dp: usize },
     #[error(
-        "chapter 6's ranks are threads on the CPU (GPU ranks communicate through NCCL, which chapter 5 uses); run it with --device cpu or auto"
+        "chapter 6's ranks are threads or processes on the CPU (GPU ranks, over NCCL, are not built yet); run it with --device cpu or auto"
     )]
     GpuRanks,
     #[error(transparent)]
