@@ -64,7 +64,7 @@ pub fn embed_forward(
     t: usize,
     c: usize,
 ) -> Result<(), CommError> {
-    // EXERCISE(ch03-vocab-embedding, points = 5): each row of x is this rank's row of wte for its token (shard.local), or zeros if another rank holds it; sum over the group (stream.sum: an all-reduce, or a reduce-scatter when the stream is split by tokens); then add wpe[position] once, to the rows the sum is in (stream.rows)
+    // EXERCISE(ch03-vocab-embedding, points = 5): each row of x is this rank's row of wte for its token (shard.local), or zeros if another rank holds it; sum over the group (stream.sum of a Partial: an all-reduce, or a reduce-scatter when the stream is split by tokens); then add wpe[position] once, to the rows the sum is in (stream.rows)
     // TESTS: -p ch03-tensor-parallel --lib -- vocab_parallel::tests::a_rank_embeds_its_own_tokens_and_zeros_for_the_rest
     // NEEDS: ch03-sum-forward
     let mut lookups = Partial::new(x);
@@ -120,9 +120,9 @@ pub fn cross_entropy_forward(
     targets: &[u32],
     shard: &VocabShard,
 ) -> Result<(), CommError> {
-    // EXERCISE(ch03-vocab-cross-entropy, points = 10): per row: the max m over the group (max_over_group) of the real logits; the sum over the group of exp(z - m) and of the target's z - m (one rank holds it, the others add 0); probabilities exp(z - m) / sum with zeros for padding; loss = ln sum - (z_target - m)
+    // EXERCISE(ch03-vocab-cross-entropy, points = 10): per row: the max m over the group (max_over_group) of the real logits; the sum over the group (SumFromShards::forward of a Partial) of exp(z - m) and of the target's z - m (one rank holds it, the others add 0); probabilities exp(z - m) / sum with zeros for padding; loss = ln sum - (z_target - m)
     // TESTS: -p ch03-tensor-parallel --lib -- vocab_parallel::tests::cross_entropy_over_shards_is_the_whole_one
-    // NEEDS: ch02-ring-reduce-scatter ch02-ring-all-gather
+    // NEEDS: ch02-ring-reduce-scatter ch02-ring-all-gather ch03-sum-forward
     let (width, real, bt) = (shard.rows.len(), shard.real, losses.len());
     let local_max: Vec<f32> = logits.chunks_exact(width).map(|row| math::max(&row[..real])).collect();
     let max = max_over_group(group, &local_max)?;
