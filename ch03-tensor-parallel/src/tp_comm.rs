@@ -22,6 +22,11 @@
 //! | [`ScatterTokens`]    | reduce-scatter       | all-gather           |
 //!
 //! [`Stream`] says which pair a run uses.
+//!
+//! The buffers the pairs take and return carry their placement in their type: a [`Partial`]
+//! sum, a [`Replicated`] whole, or rows [`SplitByTokens`], and only the reductions turn a
+//! `Partial` into either of the others. Inside chapter 1's block, over raw views, the types do
+//! not reach: there [`PlacementCheck`] checks at run time, when asked to.
 
 use ch01_single_gpu::model::BlockComm;
 use kernels::comm::ring::chunk;
@@ -306,8 +311,8 @@ impl Stream {
 }
 // ANCHOR_END: sequence_pair
 
-/// A deliberate mistake, for the test that shows the equivalence check can see a missing
-/// collective. Never set outside tests.
+/// A deliberate mistake, for the tests that show the equivalence check and the placement check
+/// can see a missing collective. Never set outside tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
     /// Skip the sum of the branch inputs' gradients (the copy's backward): forward stays right,
