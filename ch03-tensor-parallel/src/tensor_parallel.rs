@@ -16,7 +16,7 @@
 //! step ([`TpRank::sum_token_split_grads`]); the row-parallel biases and wpe still get the
 //! gradient of every token (their backward reads the gathered output gradient), like the rest.
 
-use crate::tp_comm::{Fault, Stream, TpBlockComm, sum_f64_over_group};
+use crate::tp_comm::{Fault, PlacementCheck, Stream, TpBlockComm, sum_f64_over_group};
 use crate::vocab_parallel::{VocabShard, embed_backward, embed_forward, head_backward, head_forward};
 use ch01_single_gpu::checkpoint::{self, CheckpointContents, RunShape, TrainerState};
 use ch01_single_gpu::config::ModelConfig;
@@ -181,6 +181,8 @@ struct TpRank {
     /// How the residual stream lies on the group (split by tokens under --sequence-parallel).
     stream: Stream,
     fault: Option<Fault>,
+    /// Check the block's replicated buffers at every hook (`PlacementCheck`).
+    check_placements: bool,
     shape: BlockShape,
     vocab: VocabShard,
     params: Tensor,
@@ -292,6 +294,7 @@ impl TpRank {
             rows,
             stream,
             fault: cfg.fault,
+            check_placements: false,
             shape,
             vocab,
             params,
@@ -328,7 +331,8 @@ impl TpRank {
         embed_forward(group, stream, x, tokens, p.wte.cpu(), p.wpe.cpu(), vocab, t, c)?;
         let d = Dims { b, t, shape: self.shape };
         let mine = stream.rows(bt, group);
-        let mut comm = TpBlockComm { group, stream, fault: self.fault };
+        let check = self.check_placements.then(PlacementCheck::default);
+        let mut comm = TpBlockComm { group, stream, fault: self.fault, check };
         let x = acts.embedded.prefix(bt * c).slice(mine.start * c..mine.end * c);
         blocks_forward(&p.blocks, x, &mut acts.blocks, acts.proj.prefix_mut(bt * c), d, &mut comm)?;
         let last = acts.blocks.last().map_or(x, |b| b.out.prefix(mine.len() * c));
@@ -362,7 +366,8 @@ impl TpRank {
         head_backward(group, stream, &p.head(), head_grads, model, last, head, d_ln, d_x, targets, dloss, vocab, bt)?;
         on_ready(Part::Head, &[g.ln_f_weight.as_view(), g.ln_f_bias.as_view()]);
         let d = Dims { b, t, shape: self.shape };
-        let mut comm = TpBlockComm { group, stream, fault: self.fault };
+        let check = self.check_placements.then(PlacementCheck::default);
+        let mut comm = TpBlockComm { group, stream, fault: self.fault, check };
         let mut block_done = |l: usize, g: &BlockParams<ViewMut<'_>>| on_ready(Part::Block(l), &g.views());
         blocks_backward(&p.blocks, &mut g.blocks, x, &acts.blocks, scratch, d, &mut comm, &mut block_done)?;
         // dL/d(embedding), whole on every rank (gathered, when split by tokens: ScatterTokens'
@@ -646,6 +651,7 @@ fn report(
 /// fast links, on a cluster).
 fn run_rank(
     cfg: &TpConfig,
+    check_placements: bool,
     mut world: ThreadComm,
     dataset: Arc<Dataset>,
 ) -> Result<(Option<TrainReport>, TpRankReport), TpError> {
@@ -659,6 +665,7 @@ fn run_rank(
     let model = model_config(&cfg.train, Tokenizer::new(cfg.train.tokenizer).vocab_size())?;
     let layout = ParamLayout::new(&model).shard(tp)?;
     let mut me = TpRank::new(cfg, layout, group, dp_group, dataset)?;
+    me.check_placements = check_placements;
     let (m, s) = (&me.model, me.shape);
     let replicas = match dp {
         1 => String::new(),
@@ -706,6 +713,12 @@ pub fn threads_per_rank(ranks: usize) -> usize {
 /// Trains with `tp` tensor-parallel thread ranks; reports what rank 0 saw (parameters gathered
 /// into chapter 1's layout) and what every rank held and sent.
 pub fn train(cfg: &TpConfig) -> Result<TpReport, TpError> {
+    train_checking_placements(cfg, PlacementCheck::enabled_by_env())
+}
+
+/// [`train`], with the run-time placement check of chapter 1's block on or off
+/// ([`PlacementCheck`]; `train` turns it on with `SFS_CHECK_PLACEMENTS=1`).
+pub fn train_checking_placements(cfg: &TpConfig, check_placements: bool) -> Result<TpReport, TpError> {
     check_tp(cfg)?;
     let dataset = Arc::new(load_dataset(&cfg.train.data, &Tokenizer::new(cfg.train.tokenizer))?);
     // Each rank owns what it uses (the launcher's ranks are `'static` threads).
@@ -713,7 +726,7 @@ pub fn train(cfg: &TpConfig) -> Result<TpReport, TpError> {
     let threads = threads_per_rank(cfg.tp * cfg.dp);
     let results = launch(cfg.tp * cfg.dp, move |comm| {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
-        pool.install(|| run_rank(&rank_cfg, comm, dataset.clone()))
+        pool.install(|| run_rank(&rank_cfg, check_placements, comm, dataset.clone()))
     })?;
     let mut ranks = Vec::with_capacity(cfg.tp);
     let mut leader = None;

@@ -22,12 +22,102 @@
 //! | [`ScatterTokens`]    | reduce-scatter       | all-gather           |
 //!
 //! [`Stream`] says which pair a run uses.
+//!
+//! The buffers the pairs take and return carry their placement in their type: a [`Partial`]
+//! sum, a [`Replicated`] whole, or rows [`SplitByTokens`], and only the reductions turn a
+//! `Partial` into either of the others. Inside chapter 1's block, over raw views, the types do
+//! not reach: there [`PlacementCheck`] checks at run time, when asked to.
 
 use ch01_single_gpu::model::BlockComm;
 use kernels::comm::ring::chunk;
 use kernels::comm::{CommError, Communicator, ReduceOp};
 use kernels::{View, ViewMut};
 use std::ops::Range;
+
+// ANCHOR: placements
+/// A buffer of which each rank of the group holds a partial sum: the output of a row-parallel
+/// matmul, a column-parallel layer's share of its input gradient, a vocabulary shard's lookups.
+/// Anyone may declare one; only the sums below read it as anything else, so a partial sum
+/// cannot reach code that wants the whole one without going through a reduction.
+///
+/// A forgotten sum does not compile:
+///
+/// ```compile_fail,E0308
+/// use ch03_tensor_parallel::tp_comm::{Partial, Replicated};
+/// fn layernorm(x: Replicated<'_>) {}
+/// fn after_the_projection(out: &mut [f32]) {
+///     layernorm(Partial::new(out)); // expected `Replicated`, found `Partial`
+/// }
+/// ```
+///
+/// and through the reduction it does:
+///
+/// ```
+/// use ch03_tensor_parallel::tp_comm::{Partial, Replicated, SumFromShards};
+/// use kernels::comm::{CommError, Communicator};
+/// fn layernorm(x: Replicated<'_>) {}
+/// fn after_the_projection(group: &mut dyn Communicator, out: &mut [f32]) -> Result<(), CommError> {
+///     layernorm(SumFromShards::forward(group, Partial::new(out))?);
+///     Ok(())
+/// }
+/// ```
+pub struct Partial<'a>(&'a mut [f32]);
+
+/// A buffer that every rank of the group holds bit for bit the same. Made only by a reduction
+/// over a [`Partial`] (or an all-gather of a [`SplitByTokens`]), or by [`Replicated::computed_alike`].
+pub struct Replicated<'a>(&'a mut [f32]);
+
+/// A [B·T, C] buffer of which each rank holds (and is the only one to hold) its tokens' rows.
+pub struct SplitByTokens<'a>(&'a mut [f32]);
+
+impl<'a> Partial<'a> {
+    /// This rank's contribution to a sum over the group, to be written through `DerefMut`.
+    pub fn new(buf: &'a mut [f32]) -> Partial<'a> {
+        Partial(buf)
+    }
+}
+
+impl<'a> Replicated<'a> {
+    /// A buffer that every rank computed by the same arithmetic from the same inputs (the batch,
+    /// replicated parameters): replicated without a collective.
+    pub fn computed_alike(buf: &'a mut [f32]) -> Replicated<'a> {
+        Replicated(buf)
+    }
+
+    /// Leaves the typed world, into chapter 1's raw views.
+    pub fn into_inner(self) -> &'a mut [f32] {
+        self.0
+    }
+}
+
+impl<'a> SplitByTokens<'a> {
+    /// `buf` [B·T, C], of which this rank's rows (`Stream::rows`) are its tokens'.
+    pub fn new(buf: &'a mut [f32]) -> SplitByTokens<'a> {
+        SplitByTokens(buf)
+    }
+
+    pub fn into_inner(self) -> &'a mut [f32] {
+        self.0
+    }
+}
+
+macro_rules! deref_to_slice {
+    ($($placed:ident),*) => {$(
+        impl std::ops::Deref for $placed<'_> {
+            type Target = [f32];
+            fn deref(&self) -> &[f32] {
+                self.0
+            }
+        }
+        impl std::ops::DerefMut for $placed<'_> {
+            fn deref_mut(&mut self) -> &mut [f32] {
+                self.0
+            }
+        }
+    )*};
+}
+deref_to_slice!(Partial, Replicated, SplitByTokens);
+// ANCHOR_END: placements
 
 // ANCHOR: conjugate_pair
 /// The input of a column-parallel layer: every rank uses all of it. Forward copies (nothing to
@@ -37,16 +127,19 @@ pub struct CopyToShards;
 
 impl CopyToShards {
     /// x -> x on every rank.
-    pub fn forward(_x: &mut [f32]) {}
+    pub fn forward(x: Replicated<'_>) -> Replicated<'_> {
+        x
+    }
 
     /// dL/dx (partial on each rank) -> the sum over the group, on every rank.
-    pub fn backward(group: &mut dyn Communicator, grad: &mut [f32]) -> Result<(), CommError> {
+    pub fn backward<'b>(group: &mut dyn Communicator, Partial(grad): Partial<'b>) -> Result<Replicated<'b>, CommError> {
         // EXERCISE(ch03-copy-backward, points = 5): the transpose of x -> (x, ..., x): every rank's partial gradient summed over the group, in place, on every rank
         // TESTS: -p ch03-tensor-parallel --lib -- tp_comm::tests::copy_backward_is_the_transpose_of_its_forward
         // NEEDS: ch02-ring-reduce-scatter ch02-ring-all-gather
-        group.all_reduce(grad, ReduceOp::Sum)
-        // WRONG(the identity, as forward is): `group.all_reduce(grad, ReduceOp::Sum)` -> `Ok(())`
+        group.all_reduce(grad, ReduceOp::Sum)?;
+        // WRONG(the identity, as forward is): `group.all_reduce(grad, ReduceOp::Sum)?;` -> ``
         // WRONG(the mean of the partials, not their sum): `ReduceOp::Sum` -> `ReduceOp::Avg`
+        Ok(Replicated(grad))
         // END EXERCISE
     }
 }
@@ -58,18 +151,21 @@ pub struct SumFromShards;
 
 impl SumFromShards {
     /// partial -> the sum over the group, on every rank.
-    pub fn forward(group: &mut dyn Communicator, partial: &mut [f32]) -> Result<(), CommError> {
+    pub fn forward<'b>(group: &mut dyn Communicator, Partial(sum): Partial<'b>) -> Result<Replicated<'b>, CommError> {
         // EXERCISE(ch03-sum-forward, points = 5): the ranks' partial sums added over the group, in place, so that every rank holds the whole sum
         // TESTS: -p ch03-tensor-parallel --lib -- tp_comm::tests::sum_backward_is_the_transpose_of_its_forward
         // NEEDS: ch02-ring-reduce-scatter ch02-ring-all-gather
-        group.all_reduce(partial, ReduceOp::Sum)
-        // WRONG(leaves each rank its partial): `group.all_reduce(partial, ReduceOp::Sum)` -> `Ok(())`
+        group.all_reduce(sum, ReduceOp::Sum)?;
+        // WRONG(leaves each rank its partial): `group.all_reduce(sum, ReduceOp::Sum)?;` -> ``
         // WRONG(the mean of the partials, not their sum): `ReduceOp::Sum` -> `ReduceOp::Avg`
+        Ok(Replicated(sum))
         // END EXERCISE
     }
 
     /// dL/d(sum) -> dL/d(partial): the same on every rank.
-    pub fn backward(_grad: &mut [f32]) {}
+    pub fn backward(grad: Replicated<'_>) -> Replicated<'_> {
+        grad
+    }
 }
 // ANCHOR_END: conjugate_pair
 
@@ -88,19 +184,26 @@ pub struct GatherTokens;
 
 impl GatherTokens {
     /// buf [B·T, C]: this rank's rows -> every rank's rows, in place.
-    pub fn forward(group: &mut dyn Communicator, buf: &mut [f32]) -> Result<(), CommError> {
+    pub fn forward<'b>(
+        group: &mut dyn Communicator,
+        SplitByTokens(buf): SplitByTokens<'b>,
+    ) -> Result<Replicated<'b>, CommError> {
         let mine = buf[own_rows(group, buf.len())].to_vec();
-        group.all_gather(&mine, buf)
+        group.all_gather(&mine, buf)?;
+        Ok(Replicated(buf))
     }
 
     /// grad [B·T, C]: this rank's partial gradient of every row -> the sum over the group, in
     /// this rank's rows (the other rows are left as they were, and are not read again).
-    pub fn backward(group: &mut dyn Communicator, grad: &mut [f32]) -> Result<(), CommError> {
+    pub fn backward<'b>(
+        group: &mut dyn Communicator,
+        Partial(grad): Partial<'b>,
+    ) -> Result<SplitByTokens<'b>, CommError> {
         let own = own_rows(group, grad.len());
         let mut mine = vec![0.0; own.len()];
         group.reduce_scatter(grad, &mut mine, ReduceOp::Sum)?;
         grad[own].copy_from_slice(&mine);
-        Ok(())
+        Ok(SplitByTokens(grad))
     }
 }
 
@@ -111,13 +214,18 @@ pub struct ScatterTokens;
 
 impl ScatterTokens {
     /// partial [B·T, C] -> the sum over the group, in this rank's rows.
-    pub fn forward(group: &mut dyn Communicator, partial: &mut [f32]) -> Result<(), CommError> {
+    pub fn forward<'b>(group: &mut dyn Communicator, partial: Partial<'b>) -> Result<SplitByTokens<'b>, CommError> {
         GatherTokens::backward(group, partial)
     }
 
     /// grad (this rank's rows) -> every rank's rows, in `whole` [B·T, C].
-    pub fn backward(group: &mut dyn Communicator, grad: &[f32], whole: &mut [f32]) -> Result<(), CommError> {
-        group.all_gather(grad, whole)
+    pub fn backward<'b>(
+        group: &mut dyn Communicator,
+        grad: &[f32],
+        whole: &'b mut [f32],
+    ) -> Result<Replicated<'b>, CommError> {
+        group.all_gather(grad, whole)?;
+        Ok(Replicated(whole))
     }
 }
 
@@ -130,6 +238,23 @@ pub enum Stream {
     SplitByTokens,
 }
 
+/// A sum over the group, where the stream lies: whole on every rank, or this rank's rows of it.
+/// Which one is known only at run time (`--sequence-parallel`).
+pub enum Summed<'a> {
+    Replicated(Replicated<'a>),
+    SplitByTokens(SplitByTokens<'a>),
+}
+
+impl<'a> Summed<'a> {
+    /// The [B·T, C] buffer, whose stream rows (`Stream::rows`) hold the sum.
+    pub fn into_inner(self) -> &'a mut [f32] {
+        match self {
+            Summed::Replicated(whole) => whole.into_inner(),
+            Summed::SplitByTokens(rows) => rows.into_inner(),
+        }
+    }
+}
+
 impl Stream {
     /// The rows of the B·T tokens whose stream this rank holds.
     pub fn rows(self, bt: usize, group: &dyn Communicator) -> Range<usize> {
@@ -139,28 +264,31 @@ impl Stream {
         }
     }
 
-    /// Forward, into a column-parallel layer: `buf` [B·T, C], filled in this rank's stream rows,
-    /// becomes whole on every rank.
-    pub fn gather(self, group: &mut dyn Communicator, buf: &mut [f32]) -> Result<(), CommError> {
+    /// Forward, into a column-parallel layer: `buf` [B·T, C], filled in this rank's stream rows
+    /// (by the same arithmetic on every rank, when they are all the rows), becomes whole on every
+    /// rank.
+    pub fn gather<'b>(self, group: &mut dyn Communicator, buf: &'b mut [f32]) -> Result<Replicated<'b>, CommError> {
         match self {
-            Stream::Replicated => {
-                CopyToShards::forward(buf);
-                Ok(())
-            }
-            Stream::SplitByTokens => GatherTokens::forward(group, buf),
+            Stream::Replicated => Ok(CopyToShards::forward(Replicated::computed_alike(buf))),
+            Stream::SplitByTokens => GatherTokens::forward(group, SplitByTokens::new(buf)),
         }
     }
 
-    /// Forward, out of a row-parallel layer (`buf` a partial sum), and backward, out of a
-    /// column-parallel one (`buf` a partial gradient): the sum over the group, in this rank's
-    /// stream rows of `buf` [B·T, C].
-    pub fn sum(self, group: &mut dyn Communicator, buf: &mut [f32], backward: bool) -> Result<(), CommError> {
-        match (self, backward) {
-            (Stream::Replicated, false) => SumFromShards::forward(group, buf),
-            (Stream::Replicated, true) => CopyToShards::backward(group, buf),
-            (Stream::SplitByTokens, false) => ScatterTokens::forward(group, buf),
-            (Stream::SplitByTokens, true) => GatherTokens::backward(group, buf),
-        }
+    /// Forward, out of a row-parallel layer (`partial` a partial sum), and backward, out of a
+    /// column-parallel one (`partial` a partial gradient): the sum over the group, in this rank's
+    /// stream rows of the buffer [B·T, C].
+    pub fn sum<'b>(
+        self,
+        group: &mut dyn Communicator,
+        partial: Partial<'b>,
+        backward: bool,
+    ) -> Result<Summed<'b>, CommError> {
+        Ok(match (self, backward) {
+            (Stream::Replicated, false) => Summed::Replicated(SumFromShards::forward(group, partial)?),
+            (Stream::Replicated, true) => Summed::Replicated(CopyToShards::backward(group, partial)?),
+            (Stream::SplitByTokens, false) => Summed::SplitByTokens(ScatterTokens::forward(group, partial)?),
+            (Stream::SplitByTokens, true) => Summed::SplitByTokens(GatherTokens::backward(group, partial)?),
+        })
     }
 
     /// Backward, into a row-parallel layer: dL/d(this rank's stream rows) of its output ->
@@ -175,17 +303,16 @@ impl Stream {
         match self {
             Stream::Replicated => Ok(grad), // SumFromShards::backward: the identity
             Stream::SplitByTokens => {
-                let whole = whole.cpu();
-                ScatterTokens::backward(group, grad.cpu(), whole)?;
-                Ok(View::Cpu(whole))
+                let whole = ScatterTokens::backward(group, grad.cpu(), whole.cpu())?;
+                Ok(View::Cpu(whole.into_inner()))
             }
         }
     }
 }
 // ANCHOR_END: sequence_pair
 
-/// A deliberate mistake, for the test that shows the equivalence check can see a missing
-/// collective. Never set outside tests.
+/// A deliberate mistake, for the tests that show the equivalence check and the placement check
+/// can see a missing collective. Never set outside tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
     /// Skip the sum of the branch inputs' gradients (the copy's backward): forward stays right,
@@ -207,18 +334,29 @@ pub struct TpBlockComm<'a> {
     pub group: &'a mut dyn Communicator,
     pub stream: Stream,
     pub fault: Option<Fault>,
+    /// Whether to check, at each point where the block must leave a buffer replicated, that it
+    /// is ([`PlacementCheck`]); `None` costs nothing.
+    pub check: Option<PlacementCheck>,
 }
 
 impl BlockComm for TpBlockComm<'_> {
     fn sum_branch_output(&mut self, partial: ViewMut<'_>) -> Result<(), CommError> {
-        self.stream.sum(self.group, partial.cpu(), false)
+        let summed = self.stream.sum(self.group, Partial::new(partial.cpu()), false)?;
+        if let (Some(check), Summed::Replicated(sum)) = (&mut self.check, summed) {
+            check.after(self.group, Point::OutputSum, &sum)?;
+        }
+        Ok(())
     }
 
     fn sum_branch_input_grad(&mut self, partial: ViewMut<'_>) -> Result<(), CommError> {
-        if self.fault == Some(Fault::SkipInputGradSum) {
-            return Ok(());
+        let grad = partial.cpu();
+        if self.fault != Some(Fault::SkipInputGradSum) {
+            self.stream.sum(self.group, Partial::new(&mut *grad), true)?;
         }
-        self.stream.sum(self.group, partial.cpu(), true)
+        match &mut self.check {
+            Some(check) if self.stream == Stream::Replicated => check.after(self.group, Point::InputGradSum, grad),
+            _ => Ok(()),
+        }
     }
 
     fn adds_output_bias(&self) -> bool {
@@ -230,7 +368,11 @@ impl BlockComm for TpBlockComm<'_> {
     }
 
     fn gather_branch_input(&mut self, ln: ViewMut<'_>) -> Result<(), CommError> {
-        self.stream.gather(self.group, ln.cpu())
+        let whole = self.stream.gather(self.group, ln.cpu())?;
+        match &mut self.check {
+            Some(check) => check.after(self.group, Point::InputGather, &whole),
+            None => Ok(()),
+        }
     }
 
     fn gather_branch_output_grad<'a>(&mut self, d_out: View<'a>, buf: ViewMut<'a>) -> Result<View<'a>, CommError> {
@@ -238,6 +380,76 @@ impl BlockComm for TpBlockComm<'_> {
     }
 }
 // ANCHOR_END: tp_block_comm
+
+// ANCHOR: placement_check
+/// The environment variable that turns [`PlacementCheck`] on for a run (`=1`).
+pub const CHECK_PLACEMENTS_VAR: &str = "SFS_CHECK_PLACEMENTS";
+
+/// The run-time check of what the types cannot see: inside chapter 1's block, which computes
+/// over raw views, a buffer the hooks must leave replicated (the branch inputs after their
+/// gather, and, when the stream is replicated, each sum) is hashed on every rank, the hashes are
+/// all-gathered, and a rank whose hash differs from rank 0's is an error that names the op. The
+/// hooks are called in the block's order (forward: the attention's gather and sum, then the
+/// MLP's; backward: the MLP's input-gradient sum, then the attention's), which names the op
+/// from a count. Costs an all-gather of 4 floats per point when on.
+#[derive(Clone, Debug, Default)]
+pub struct PlacementCheck {
+    gathers: usize,
+    output_sums: usize,
+    input_grad_sums: usize,
+}
+
+/// The three points of the block the check looks at.
+#[derive(Clone, Copy, Debug)]
+enum Point {
+    InputGather,
+    OutputSum,
+    InputGradSum,
+}
+
+impl PlacementCheck {
+    /// On when [`CHECK_PLACEMENTS_VAR`] is `1` (read once per run, not per call).
+    pub fn enabled_by_env() -> bool {
+        std::env::var_os(CHECK_PLACEMENTS_VAR).is_some_and(|v| v == "1")
+    }
+
+    fn after(&mut self, group: &mut dyn Communicator, point: Point, buf: &[f32]) -> Result<(), CommError> {
+        let (count, op) = match point {
+            Point::InputGather => {
+                (&mut self.gathers, ["the attention's input (ln_1) gather", "the MLP's input (ln_2) gather"])
+            }
+            Point::OutputSum => (&mut self.output_sums, ["the attention's c_proj sum", "the MLP's c_proj sum"]),
+            Point::InputGradSum => (
+                &mut self.input_grad_sums,
+                ["the MLP's c_fc input-gradient sum", "the attention's c_attn input-gradient sum"],
+            ),
+        };
+        let (block, op) = (*count / 2, op[*count % 2]);
+        *count += 1;
+        let pass = match point {
+            Point::InputGradSum => format!("backward, block {block} of this pass counted from its last"),
+            _ => format!("forward, block {block} of this pass"),
+        };
+        let hashes = all_hashes(group, buf)?;
+        match hashes.iter().position(|h| *h != hashes[0]) {
+            None => Ok(()),
+            Some(rank) => Err(CommError::Backend(format!(
+                "after {op} ({pass}), rank {rank} differs from rank 0: a missing all-reduce?"
+            ))),
+        }
+    }
+}
+
+/// Every rank's 64-bit FNV-1a hash of `buf`'s bits, in rank order. Collectives move f32s: a
+/// hash travels as four 16-bit pieces, each an f32 exactly.
+fn all_hashes(group: &mut dyn Communicator, buf: &[f32]) -> Result<Vec<u64>, CommError> {
+    let hash = buf.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ x.to_bits() as u64).wrapping_mul(0x100_0000_01b3));
+    let pieces: Vec<f32> = (0..4).map(|i| ((hash >> (16 * i)) & 0xffff) as f32).collect();
+    let mut all = vec![0.0; 4 * group.world_size()];
+    group.all_gather(&pieces, &mut all)?;
+    Ok(all.chunks_exact(4).map(|p| p.iter().enumerate().fold(0, |h, (i, &x)| h | (x as u64) << (16 * i))).collect())
+}
+// ANCHOR_END: placement_check
 
 // ANCHOR: row_max
 /// The elementwise max over the group of `local` (one value per row), on every rank. An
@@ -297,11 +509,11 @@ mod tests {
                 let x = random(len, 1);
                 let y = random(len, 10 + rank as u64);
                 let mut ax = x.clone();
-                CopyToShards::forward(&mut ax);
+                let ax = CopyToShards::forward(Replicated::computed_alike(&mut ax));
                 let mut total = vec![dot(&ax, &y) as f32];
                 comm.all_reduce(&mut total, ReduceOp::Sum)?; // Σ_r <(A x)_r, y_r>
                 let mut aty = y.clone();
-                CopyToShards::backward(&mut comm, &mut aty)?;
+                let aty = CopyToShards::backward(&mut comm, Partial::new(&mut aty))?;
                 Ok::<_, CommError>((total[0] as f64, dot(&x, &aty)))
             })
             .unwrap();
@@ -322,9 +534,9 @@ mod tests {
                 let x = random(len, 20 + rank as u64);
                 let y = random(len, 2);
                 let mut ax = x.clone();
-                SumFromShards::forward(&mut comm, &mut ax)?;
+                let ax = SumFromShards::forward(&mut comm, Partial::new(&mut ax))?;
                 let mut aty = y.clone();
-                SumFromShards::backward(&mut aty);
+                let aty = SumFromShards::backward(Replicated::computed_alike(&mut aty));
                 let mut total = vec![dot(&x, &aty) as f32];
                 comm.all_reduce(&mut total, ReduceOp::Sum)?; // Σ_r <x_r, (Aᵀ y)_r>
                 Ok::<_, CommError>((dot(&ax, &y), total[0] as f64))
@@ -364,10 +576,10 @@ mod tests {
             let mut ax = vec![0.0; len];
             ax[own.clone()].copy_from_slice(&random(own.len(), 30 + rank));
             let x = ax[own.clone()].to_vec();
-            GatherTokens::forward(comm, &mut ax)?;
+            let ax = GatherTokens::forward(comm, SplitByTokens::new(&mut ax))?;
             let y = random(len, 40 + rank);
             let mut aty = y.clone();
-            GatherTokens::backward(comm, &mut aty)?;
+            let aty = GatherTokens::backward(comm, Partial::new(&mut aty))?;
             Ok([dot(&ax, &y), dot(&x, &aty[own])])
         });
     }
@@ -380,10 +592,10 @@ mod tests {
             let (rank, own) = (comm.rank() as u64, own_rows(comm, len));
             let p = random(len, 50 + rank);
             let mut ap = p.clone();
-            ScatterTokens::forward(comm, &mut ap)?;
+            let ap = ScatterTokens::forward(comm, Partial::new(&mut ap))?;
             let g = random(own.len(), 60 + rank);
             let mut atg = vec![0.0; len];
-            ScatterTokens::backward(comm, &g, &mut atg)?;
+            let atg = ScatterTokens::backward(comm, &g, &mut atg)?;
             Ok([dot(&ap[own], &g), dot(&p, &atg)])
         });
     }

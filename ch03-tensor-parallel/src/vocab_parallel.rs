@@ -12,10 +12,10 @@
 //! - The tied weight's two gradients (the head's dlogitsᵀ·x and the embedding's scatter-add) land
 //!   in the same rows of the same shard: rank r's rows of the head are rank r's rows of the table.
 
-use crate::tp_comm::{Stream, max_over_group};
+use crate::tp_comm::{Partial, Stream, SumFromShards, max_over_group};
 use ch01_single_gpu::config::ModelConfig;
 use ch01_single_gpu::model::{Head, HeadActivations, lm_head_backward, lm_head_forward};
-use kernels::comm::{CommError, Communicator, ReduceOp};
+use kernels::comm::{CommError, Communicator};
 use kernels::dispatch::{layernorm_backward, layernorm_forward, zero};
 use kernels::ops::math;
 use kernels::{View, ViewMut};
@@ -64,10 +64,11 @@ pub fn embed_forward(
     t: usize,
     c: usize,
 ) -> Result<(), CommError> {
-    // EXERCISE(ch03-vocab-embedding, points = 5): each row of x is this rank's row of wte for its token (shard.local), or zeros if another rank holds it; sum over the group (stream.sum: an all-reduce, or a reduce-scatter when the stream is split by tokens); then add wpe[position] once, to the rows the sum is in (stream.rows)
+    // EXERCISE(ch03-vocab-embedding, points = 5): each row of x is this rank's row of wte for its token (shard.local), or zeros if another rank holds it; sum over the group (stream.sum of a Partial: an all-reduce, or a reduce-scatter when the stream is split by tokens); then add wpe[position] once, to the rows the sum is in (stream.rows)
     // TESTS: -p ch03-tensor-parallel --lib -- vocab_parallel::tests::a_rank_embeds_its_own_tokens_and_zeros_for_the_rest
     // NEEDS: ch03-sum-forward
-    for (row, &token) in x.chunks_exact_mut(c).zip(tokens) {
+    let mut lookups = Partial::new(x);
+    for (row, &token) in lookups.chunks_exact_mut(c).zip(tokens) {
         match shard.local(token) {
             Some(i) => row.copy_from_slice(&wte_local[i * c..(i + 1) * c]),
             // WRONG(looks the global id up in the local rows): `&wte_local[i * c..(i + 1) * c]` -> `&wte_local[token as usize * c..(token as usize + 1) * c]`
@@ -75,7 +76,7 @@ pub fn embed_forward(
             // WRONG(leaves the rows of tokens it does not hold as they were): `row.fill(0.0)` -> `()`
         }
     }
-    stream.sum(group, x, false)?;
+    let x = stream.sum(group, lookups, false)?.into_inner();
     let rows = stream.rows(tokens.len(), group);
     for (i, row) in x.chunks_exact_mut(c).enumerate().take(rows.end).skip(rows.start) {
         let position = &wpe[(i % t) * c..(i % t + 1) * c];
@@ -119,29 +120,30 @@ pub fn cross_entropy_forward(
     targets: &[u32],
     shard: &VocabShard,
 ) -> Result<(), CommError> {
-    // EXERCISE(ch03-vocab-cross-entropy, points = 10): per row: the max m over the group (max_over_group) of the real logits; the sum over the group of exp(z - m) and of the target's z - m (one rank holds it, the others add 0); probabilities exp(z - m) / sum with zeros for padding; loss = ln sum - (z_target - m)
+    // EXERCISE(ch03-vocab-cross-entropy, points = 10): per row: the max m over the group (max_over_group) of the real logits; the sum over the group (SumFromShards::forward of a Partial) of exp(z - m) and of the target's z - m (one rank holds it, the others add 0); probabilities exp(z - m) / sum with zeros for padding; loss = ln sum - (z_target - m)
     // TESTS: -p ch03-tensor-parallel --lib -- vocab_parallel::tests::cross_entropy_over_shards_is_the_whole_one
-    // NEEDS: ch02-ring-reduce-scatter ch02-ring-all-gather
+    // NEEDS: ch02-ring-reduce-scatter ch02-ring-all-gather ch03-sum-forward
     let (width, real, bt) = (shard.rows.len(), shard.real, losses.len());
     let local_max: Vec<f32> = logits.chunks_exact(width).map(|row| math::max(&row[..real])).collect();
     let max = max_over_group(group, &local_max)?;
     // WRONG(each rank's own maximum, not the group's): `max_over_group(group, &local_max)?` -> `local_max.clone()`
     // [sum of exponentials | target logit − m], one all-reduce for both.
     let mut sums = vec![0.0f32; 2 * bt];
+    let mut local = Partial::new(&mut sums);
     for (i, (row, &target)) in logits.chunks_exact_mut(width).zip(targets).enumerate() {
-        if let Some(local) = shard.local(target) {
-            sums[bt + i] = row[local] - max[i];
-            // WRONG(the target logit not shifted by the max): `row[local] - max[i]` -> `row[local]`
+        if let Some(target_col) = shard.local(target) {
+            local[bt + i] = row[target_col] - max[i];
+            // WRONG(the target logit not shifted by the max): `row[target_col] - max[i]` -> `row[target_col]`
         }
         for z in &mut row[..real] {
             *z = math::exp(*z - max[i]);
         }
         row[real..].fill(0.0);
         // WRONG(padding columns keep their logits as probabilities): `row[real..].fill(0.0);` -> ``
-        sums[i] = math::sum(&row[..real]);
+        local[i] = math::sum(&row[..real]);
     }
-    group.all_reduce(&mut sums, ReduceOp::Sum)?;
-    // WRONG(no sum over the group: each rank's own sum of exponentials): `group.all_reduce(&mut sums, ReduceOp::Sum)?;` -> ``
+    // A partial sum can only be read through a sum over the group: forgetting it does not compile.
+    let sums = SumFromShards::forward(group, local)?;
     for (i, (row, loss)) in logits.chunks_exact_mut(width).zip(losses.iter_mut()).enumerate() {
         let inv = 1.0 / sums[i];
         row[..real].iter_mut().for_each(|p| *p *= inv);
@@ -219,7 +221,7 @@ pub fn head_backward(
     cross_entropy_backward(acts.logits.prefix_mut(bt * width).cpu(), targets, dloss, shard);
     let (dlogits, ln_f) = (acts.logits.prefix(bt * width), acts.ln_f.prefix(bt * c));
     lm_head_backward(d_ln.reborrow(), grads.wte, dlogits, ln_f, p.wte, bt, c, width);
-    stream.sum(group, d_ln.reborrow().cpu(), true)?;
+    stream.sum(group, Partial::new(d_ln.reborrow().cpu()), true)?;
     zero(d_x.reborrow());
     let rows = stream.rows(bt, group);
     let (mean, rstd) = (acts.ln_f_mean.prefix(rows.len()), acts.ln_f_rstd.prefix(rows.len()));

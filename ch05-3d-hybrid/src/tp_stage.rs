@@ -31,7 +31,7 @@ impl TpParts {
 
     /// Chapter 3's hook over this stage's group.
     fn hook(&mut self) -> TpBlockComm<'_> {
-        TpBlockComm { group: &mut *self.group, stream: Stream::Replicated, fault: self.fault }
+        TpBlockComm { group: &mut *self.group, stream: Stream::Replicated, fault: self.fault, check: None }
     }
 }
 

@@ -298,3 +298,31 @@ fn a_gpt2_sized_vocabulary_with_padding_matches_too() {
         assert!(run.report.params[padding.clone()].iter().all(|&p| p == 0.0), "tp {n}: padding rows stay zero");
     }
 }
+
+// ANCHOR: placement_check_tests
+#[test]
+fn the_placement_check_names_a_skipped_sum_at_the_first_step() {
+    // The same fault as above: with the check on, the run stops in its first backward, at the
+    // first input-gradient sum (the last block's MLP), instead of training on.
+    let cfg = config();
+    let broken =
+        TpConfig { train: cfg.clone(), tp: 2, dp: 1, sequence_parallel: false, fault: Some(Fault::SkipInputGradSum) };
+    let error =
+        ch03_tensor_parallel::tensor_parallel::train_checking_placements(&broken, true).err().map(|e| e.to_string());
+    let error = error.unwrap_or_default();
+    assert!(error.contains("after the MLP's c_fc input-gradient sum (backward, block 0 of this pass"), "{error}");
+    assert!(error.contains("rank 1 differs from rank 0: a missing all-reduce?"), "{error}");
+}
+
+#[test]
+fn the_placement_check_is_silent_and_changes_nothing_on_a_right_run() {
+    let cfg = TrainConfig { steps: 2, ..config() };
+    for sequence_parallel in [false, true] {
+        let right = TpConfig { train: cfg.clone(), tp: 2, dp: 1, sequence_parallel, fault: None };
+        let checked = ch03_tensor_parallel::tensor_parallel::train_checking_placements(&right, true).unwrap();
+        let unchecked = ch03_tensor_parallel::tensor_parallel::train_checking_placements(&right, false).unwrap();
+        assert_eq!(checked.report.params, unchecked.report.params, "sequence parallel {sequence_parallel}");
+        assert_eq!(checked.report.losses(), unchecked.report.losses(), "sequence parallel {sequence_parallel}");
+    }
+}
+// ANCHOR_END: placement_check_tests
