@@ -319,18 +319,9 @@ pub fn train(cfg: &PipelineConfig) -> Result<PipelineReport, PipelineError> {
     }
     let outcome = leader.ok_or(PipelineError::NoReport)?;
     // ANCHOR_END: gather
-    // The checkpoints were written by the loop (`Stage::save`): `conclude` reports, samples, and
-    // does not save again.
-    let concluding = PipelineConfig { train: TrainConfig { save: None, ..cfg.train.clone() }, ..cfg.clone() };
-    let gathered = Gathered {
-        params,
-        adam_m: Vec::new(),
-        adam_v: Vec::new(),
-        step: stages[0].step,
-        sampler: stages[0].sampler.clone(),
-    };
+    // The checkpoints were written by the loop (`Stage::save`): here, only the report.
     let device = format!("cpu ({} pipeline stages on threads)", cfg.pp);
-    let report = conclude(&concluding, &model, (t, &dataset), gathered, outcome, stages[0].memory.clone(), device)?;
+    let report = conclude(cfg, &model, t, params, outcome, stages[0].memory.clone(), device)?;
     Ok(PipelineReport {
         pp: cfg.pp,
         microbatches: cfg.microbatches,
@@ -369,27 +360,37 @@ pub fn write_trace(
     Ok(())
 }
 
-/// The end of a run whose model is `gathered` into chapter 1's layout: the checkpoint (--save),
-/// the text sample, and chapter 1's report of it.
-pub fn conclude(
+/// The checkpoint (--save) of a run whose model was `gathered` into chapter 1's layout after its
+/// loop (chapter 5: its stages are shards, which chapter 4's in-loop gather does not know).
+pub fn save_gathered(
     cfg: &PipelineConfig,
     model: &ModelConfig,
     (t, dataset): (usize, &Dataset),
-    gathered: Gathered,
+    gathered: &Gathered,
+) -> Result<(), PipelineError> {
+    let Some(dir) = &cfg.train.save else { return Ok(()) };
+    let full = ParamLayout::new(model);
+    let run = run_shape(&cfg.train, model, t, dataset);
+    let state = TrainerState { step: gathered.step, sampler: gathered.sampler.clone(), run };
+    let optimizer = Some((&gathered.adam_m[..], &gathered.adam_v[..], &state));
+    let contents = CheckpointContents { cfg: model, layout: &full, params: &gathered.params, optimizer };
+    checkpoint::save(dir, &contents).map_err(TrainError::from)?;
+    Ok(())
+}
+
+/// The end of a run whose parameters are `params` in chapter 1's layout: the text sample, and
+/// chapter 1's report of it.
+pub fn conclude(
+    cfg: &PipelineConfig,
+    model: &ModelConfig,
+    t: usize,
+    params: Vec<f32>,
     outcome: LoopOutcome,
     memory: MemoryReport,
     device: String,
 ) -> Result<TrainReport, PipelineError> {
     let full = ParamLayout::new(model);
-    let Gathered { params, adam_m, adam_v, step, sampler } = gathered;
     let LoopOutcome { steps, val_losses, train_seconds } = outcome;
-    if let Some(dir) = &cfg.train.save {
-        let run = run_shape(&cfg.train, model, t, dataset);
-        let state = TrainerState { step, sampler, run };
-        let optimizer = Some((&adam_m[..], &adam_v[..], &state));
-        let contents = CheckpointContents { cfg: model, layout: &full, params: &params, optimizer };
-        checkpoint::save(dir, &contents).map_err(TrainError::from)?;
-    }
     let train = &cfg.train;
     let tokenizer = Tokenizer::new(train.tokenizer);
     let sample = match train.sample_tokens {

@@ -27,7 +27,9 @@ use ch03_tensor_parallel::tp_comm::Fault;
 use ch04_pipeline::pipeline::Stage;
 use ch04_pipeline::schedule::ScheduleKind;
 use ch04_pipeline::stage::copy_by_name;
-use ch04_pipeline::train::{Gathered, PipelinePlan, check, conclude, measured_bubble, plan, write_trace};
+use ch04_pipeline::train::{
+    Gathered, PipelinePlan, check, conclude, measured_bubble, plan, save_gathered, write_trace,
+};
 use ch04_pipeline::{PipelineConfig, PipelineError, StageReport};
 use kernels::comm::grid::{Coords, Grid, GroupKind};
 use kernels::comm::process::{all_gather_json, run_rank as run_process_rank};
@@ -319,7 +321,8 @@ fn finish(
         format!("rank {} (dp {}, tp {}, pp {pp})", grid.rank(at), at.dp, at.tp)
     })?;
     let memory = ranks[0].memory.clone();
-    let report = conclude(p, &model, (t, &dataset), gathered, outcome, memory, device)?;
+    save_gathered(p, &model, (t, &dataset), &gathered)?;
+    let report = conclude(p, &model, t, gathered.params, outcome, memory, device)?;
     let (microbatches, rows) = (p.microbatches, p.train.batch_size / (p.dp * p.microbatches));
     let measured_bubble = measured_bubble(&trace, p.pp);
     Ok(HybridReport { grid, plan, microbatches, rows, t, measured_bubble, report, ranks, stages })
