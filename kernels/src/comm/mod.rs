@@ -223,6 +223,33 @@ impl Communicator for Box<dyn Communicator> {
     }
 }
 
+/// A message received in `collective` from world rank `from`, checked against what this rank
+/// expects: it was sent in the same collective (`sent`), with `len` values (it has `got`).
+/// Every transport's receive ends here, so the ranks' mistakes read the same on each.
+pub(crate) fn check_received(
+    collective: Collective,
+    from: Rank,
+    sent: Collective,
+    got: usize,
+    len: usize,
+) -> Result<(), CommError> {
+    let invalid = |reason| CommError::InvalidArgument { collective, reason };
+    if sent != collective {
+        return Err(invalid(format!("rank {from} sent a {sent:?} message: the ranks called different collectives")));
+    }
+    if got != len {
+        return Err(invalid(format!(
+            "rank {from} sent {got} values where {len} were expected: the ranks passed buffers of different sizes"
+        )));
+    }
+    Ok(())
+}
+
+/// Bytes of `values` f32s, as the statistics count them.
+pub(crate) fn bytes(values: usize) -> u64 {
+    (values * size_of::<f32>()) as u64
+}
+
 /// A sub-group's member list checked against a group of `n` ranks: where `me` stands in it (its
 /// rank in the new group), or why the list is wrong. Every implementation's `split` starts here.
 pub(crate) fn split_position(ranks: &[Rank], n: usize, me: Rank) -> Result<Rank, CommError> {

@@ -49,8 +49,8 @@
 
 use super::rendezvous::{RendezvousConfig, rendezvous};
 use super::{
-    Collective, CommError, CommStats, Communicator, Rank, ReduceOp, parse_seconds, ring, split_position,
-    timeout_from_env,
+    Collective, CommError, CommStats, Communicator, Rank, ReduceOp, bytes, check_received, parse_seconds, ring,
+    split_position, timeout_from_env,
 };
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Display;
@@ -674,10 +674,6 @@ fn group_id(parent: GroupId, members: &[Rank], occurrence: u64) -> GroupId {
     hash.max(1) // never the world's 0
 }
 
-fn bytes(values: usize) -> u64 {
-    (values * size_of::<f32>()) as u64
-}
-
 /// A communicator's wire for the length of one collective: group ranks in, world ranks out,
 /// every byte counted under that collective.
 pub struct Link<'a> {
@@ -690,21 +686,7 @@ impl Link<'_> {
         let (c, collective) = (&mut *self.comm, self.collective);
         let from_world = c.members[from];
         let frame = c.mesh.inbox.take(c.group, from_world, c.world_rank(), collective, c.timeout)?;
-        let invalid = |reason| CommError::InvalidArgument { collective, reason };
-        if frame.collective != collective {
-            let reason = format!(
-                "rank {from_world} sent a {:?} message: the ranks called different collectives",
-                frame.collective
-            );
-            return Err(invalid(reason));
-        }
-        if frame.data.len() != len {
-            let reason = format!(
-                "rank {from_world} sent {} values where {len} were expected: the ranks passed buffers of different sizes",
-                frame.data.len()
-            );
-            return Err(invalid(reason));
-        }
+        check_received(collective, from_world, frame.collective, frame.data.len(), len)?;
         *c.stats.received.entry(collective).or_default() += bytes(len);
         Ok(frame.data)
     }

@@ -10,7 +10,7 @@
 //! they receive wait on each other. An exchange is [`Communicator::sendrecv`], on both.
 
 use super::mailbox::{GroupId, GroupKey, Message, PostOffice};
-use super::{Collective, CommError, CommStats, Rank, ReduceOp, ring, split_position};
+use super::{Collective, CommError, CommStats, Rank, ReduceOp, bytes, check_received, ring, split_position};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -95,21 +95,7 @@ impl Link<'_> {
         let (c, collective) = (&mut *self.comm, self.collective);
         let from_world = c.members[from];
         let message = c.office.take(c.group, from_world, c.world_rank(), collective, c.timeout)?;
-        let invalid = |reason| CommError::InvalidArgument { collective, reason };
-        if message.collective != collective {
-            let reason = format!(
-                "rank {from_world} sent a {:?} message: the ranks called different collectives",
-                message.collective
-            );
-            return Err(invalid(reason));
-        }
-        if message.data.len() != len {
-            let reason = format!(
-                "rank {from_world} sent {} values where {len} were expected: the ranks passed buffers of different sizes",
-                message.data.len()
-            );
-            return Err(invalid(reason));
-        }
+        check_received(collective, from_world, message.collective, message.data.len(), len)?;
         *c.stats.received.entry(collective).or_default() += bytes(len);
         Ok(message.data)
     }
@@ -119,10 +105,6 @@ impl Link<'_> {
             self.comm.spare.push(buffer);
         }
     }
-}
-
-fn bytes(values: usize) -> u64 {
-    (values * size_of::<f32>()) as u64
 }
 
 impl ring::Wire for Link<'_> {
